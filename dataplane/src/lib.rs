@@ -1,0 +1,7 @@
+//! Tandem dataplane: everything that touches packets and the per-node session
+//! state they create. The session table is the source of every sync delta.
+//!
+//! Never does: network sync, election. Those live in `tandem-cluster`, which
+//! drives this crate through plain method calls.
+
+pub mod session;

@@ -1,0 +1,1124 @@
+//! The session table: one slab of records and FxHash indexes of handles.
+//!
+//! * `fwd`: forward key -> handle; `rev`: reverse (reply, post-NAT) key ->
+//!   handle; `nat`: source-NAT binding (the un-SNAT "DNAT" companion) ->
+//!   handle; `rgs`: owner RG -> member handles (per-RG export, demote,
+//!   promote, reconcile).
+//! * The indexes store only the 4-byte handle; the key lives once, in the
+//!   record, and every index hit compares it. A handle whose slot was reused
+//!   therefore never yields the wrong session, and an index costs ~10 bytes
+//!   per session instead of ~90 for a key->handle map at this size.
+//! * Companions of a session: its reverse entry, its NAT binding entry and
+//!   its port reservation. `insert` takes them all or none; every removal
+//!   (local close, expiry, peer delete, reconcile, replace) goes through
+//!   [`SessionTable::remove`]'s one body, `remove_handle`.
+//!
+//! The table is a pure data structure: it takes `now` as an argument, emits
+//! no I/O and is single-threaded (`&mut self`); the daemon decides where it
+//! lives.
+
+mod index;
+pub mod key;
+pub mod ports;
+pub mod record;
+mod wheel;
+
+#[cfg(test)]
+mod tests;
+
+pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
+pub use record::{
+    Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord, TcpState,
+    Timeouts, reverse_key,
+};
+
+use index::{HandleIndex, Tag};
+use ports::PortAllocator;
+use record::snat_binding_of;
+use rustc_hash::{FxHashMap, FxHashSet};
+use slab::Slab;
+use std::ops::RangeInclusive;
+use tandem_proto::RgId;
+use wheel::{Wheel, WheelEntry};
+
+/// Default session capacity: inserts beyond it are refused and counted.
+pub const DEFAULT_CAPACITY: usize = 1 << 20;
+
+/// A slot in the table. Valid until the session is removed; after that the
+/// slot may hold another session, which [`SessionTable::resolve`] detects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionHandle(pub u32);
+
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    pub capacity: usize,
+    pub timeouts: Timeouts,
+    /// Wheel granularity; sessions expire at most one tick late.
+    pub wheel_tick_ms: u64,
+    pub wheel_buckets: usize,
+}
+
+impl Default for TableConfig {
+    fn default() -> TableConfig {
+        TableConfig {
+            capacity: DEFAULT_CAPACITY,
+            timeouts: Timeouts::default(),
+            wheel_tick_ms: 250,
+            wheel_buckets: 8192,
+        }
+    }
+}
+
+/// Source NAT for a new local session: translate to `addr`, keeping the
+/// original source port when it is free in `ports`, else the next free one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatRequest {
+    pub addr: Addr,
+    pub ports: RangeInclusive<u16>,
+}
+
+/// A session the local dataplane wants to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSession {
+    pub key: SessionKey,
+    pub egress_zone: ZoneId,
+    pub snat: Option<SnatRequest>,
+    /// Destination translation (address, port) of forward packets.
+    pub dnat: Option<(Addr, u16)>,
+    pub ingress_if: InterfaceId,
+    pub egress_if: InterfaceId,
+    pub owner_rg: RgId,
+    pub policy: PolicyId,
+    pub tcp_state: TcpState,
+}
+
+/// A session as the peer describes it: no node-local data (handles,
+/// ifindexes, MACs) and times as ages, so clocks need not agree. This is the
+/// table's side of the wire conversion (`tandem-cluster` maps it to proto).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncedSession {
+    pub key: SessionKey,
+    pub reverse: SessionKey,
+    pub owner_rg: RgId,
+    pub ingress_if: InterfaceId,
+    pub egress_if: InterfaceId,
+    pub policy: PolicyId,
+    pub tcp_state: TcpState,
+    pub timeout_ms: u32,
+    /// Time since creation, at the sender, when it was sent.
+    pub age_ms: u64,
+    /// Time since the last packet, at the sender, when it was sent.
+    pub idle_ms: u64,
+    pub counters: FlowCounters,
+}
+
+impl SessionRecord {
+    /// The one conversion from a record to its peer form.
+    pub fn to_synced(&self, now: Millis) -> SyncedSession {
+        SyncedSession {
+            key: self.key,
+            reverse: self.reverse,
+            owner_rg: self.owner_rg,
+            ingress_if: self.ingress_if,
+            egress_if: self.egress_if,
+            policy: self.policy,
+            tcp_state: self.tcp_state,
+            timeout_ms: self.timeout_ms,
+            age_ms: now.saturating_sub(self.created),
+            idle_ms: now.saturating_sub(self.last_seen),
+            counters: self.counters,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// The table holds `capacity` sessions.
+    Capacity,
+    /// Addresses of mixed families, or a translation to the other family.
+    InvalidKey,
+    ForwardExists,
+    ReverseExists,
+    NatBindingExists,
+    /// No free port in the SNAT range for that address and protocol.
+    PortsExhausted,
+    /// A peer upsert or delete hit a session this node owns (its RG is
+    /// primary here): the local copy is authoritative and is kept.
+    LocalOwnedConflict,
+}
+
+impl InsertError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InsertError::Capacity => "capacity",
+            InsertError::InvalidKey => "invalid-key",
+            InsertError::ForwardExists => "forward-exists",
+            InsertError::ReverseExists => "reverse-exists",
+            InsertError::NatBindingExists => "nat-binding-exists",
+            InsertError::PortsExhausted => "ports-exhausted",
+            InsertError::LocalOwnedConflict => "local-owned-conflict",
+        }
+    }
+}
+
+impl std::fmt::Display for InsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for InsertError {}
+
+/// Why a session left the table (a counter per reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemoveReason {
+    /// The local dataplane closed it (RST, policy change, operator clear).
+    Closed = 0,
+    Expired = 1,
+    /// The owner RG's primary deleted it.
+    PeerDelete = 2,
+    /// A completed bulk did not contain it.
+    Reconciled = 3,
+    /// Superseded by a peer upsert with other keys or NAT.
+    Replaced = 4,
+    Flushed = 5,
+}
+
+impl RemoveReason {
+    pub const ALL: [RemoveReason; 6] = [
+        RemoveReason::Closed,
+        RemoveReason::Expired,
+        RemoveReason::PeerDelete,
+        RemoveReason::Reconciled,
+        RemoveReason::Replaced,
+        RemoveReason::Flushed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoveReason::Closed => "closed",
+            RemoveReason::Expired => "expired",
+            RemoveReason::PeerDelete => "peer-delete",
+            RemoveReason::Reconciled => "reconciled",
+            RemoveReason::Replaced => "replaced",
+            RemoveReason::Flushed => "flushed",
+        }
+    }
+}
+
+/// Monotonic counters; every refusal has a reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableCounters {
+    pub inserted_local: u64,
+    pub inserted_peer: u64,
+    pub updated_peer: u64,
+    pub removed: [u64; RemoveReason::ALL.len()],
+    pub refused_capacity: u64,
+    pub refused_invalid: u64,
+    pub refused_conflict: u64,
+    pub refused_ports_exhausted: u64,
+    pub refused_local_owned: u64,
+    /// Peer-synced sessions evicted because a newer peer session claimed
+    /// their reverse key or NAT binding.
+    pub evicted_by_peer: u64,
+}
+
+impl TableCounters {
+    pub fn removed(&self, r: RemoveReason) -> u64 {
+        self.removed[r as usize]
+    }
+
+    fn refuse(&mut self, e: InsertError) -> InsertError {
+        let c = match e {
+            InsertError::Capacity => &mut self.refused_capacity,
+            InsertError::InvalidKey => &mut self.refused_invalid,
+            InsertError::ForwardExists
+            | InsertError::ReverseExists
+            | InsertError::NatBindingExists => &mut self.refused_conflict,
+            InsertError::PortsExhausted => &mut self.refused_ports_exhausted,
+            InsertError::LocalOwnedConflict => &mut self.refused_local_owned,
+        };
+        *c += 1;
+        e
+    }
+}
+
+/// What a peer upsert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerApply {
+    Inserted,
+    Updated,
+    /// The key existed with other NAT or owner RG; old copy removed first.
+    Replaced,
+}
+
+/// Identifies one bulk transfer; sessions it carries are stamped with it so
+/// the reconcile at its end needs no separate key set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BulkMark(pub u32);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Peer-synced sessions of the RG that were checked.
+    pub examined: u64,
+    pub deleted: u64,
+    /// Sessions with companions among the deleted (NAT binding + port).
+    pub deleted_with_nat: u64,
+}
+
+const HOLE: u32 = u32::MAX;
+
+/// Members of one owner RG. Removal is O(1) by swap-remove, except while an
+/// export cursor walks the list: then removals leave holes so the cursor
+/// never skips a session that moved, and the list is compacted when the
+/// last cursor ends.
+#[derive(Default)]
+struct RgMembers {
+    handles: Vec<u32>,
+    holes: usize,
+    exports: u32,
+}
+
+/// A position in a per-RG export; stable while the table changes underneath
+/// (sessions added after it started are covered by deltas, removed ones by
+/// delete deltas). Must be handed back to [`SessionTable::end_export`].
+#[derive(Debug)]
+#[must_use = "an export cursor must be ended with SessionTable::end_export"]
+pub struct ExportCursor {
+    rg: RgId,
+    pos: usize,
+}
+
+impl ExportCursor {
+    pub fn rg(&self) -> RgId {
+        self.rg
+    }
+}
+
+pub struct SessionTable {
+    slab: Slab<SessionRecord>,
+    fwd: HandleIndex,
+    rev: HandleIndex,
+    nat: HandleIndex,
+    rgs: FxHashMap<RgId, RgMembers>,
+    primary_rgs: FxHashSet<RgId>,
+    ports: PortAllocator,
+    wheel: Wheel,
+    wheel_scratch: Vec<WheelEntry>,
+    cfg: TableConfig,
+    counters: TableCounters,
+}
+
+/// The NAT binding that is a companion of a session: only port-multiplexed
+/// protocols reserve a port and get an un-SNAT entry.
+fn nat_companion(key: &SessionKey, reverse: &SessionKey) -> Option<NatBinding> {
+    snat_binding_of(key, reverse).filter(|_| proto::has_ports(key.proto))
+}
+
+#[inline]
+pub(crate) fn prefetch<T>(r: Option<&T>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(r) = r {
+        // SAFETY: prefetch is a hint; it never faults, even on a bad address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (r as *const T).cast::<i8>(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        SessionTable::new(TableConfig::default())
+    }
+}
+
+impl SessionTable {
+    pub fn new(cfg: TableConfig) -> SessionTable {
+        SessionTable {
+            slab: Slab::new(),
+            fwd: HandleIndex::default(),
+            rev: HandleIndex::default(),
+            nat: HandleIndex::default(),
+            rgs: FxHashMap::default(),
+            primary_rgs: FxHashSet::default(),
+            ports: PortAllocator::default(),
+            wheel: Wheel::new(cfg.wheel_buckets, cfg.wheel_tick_ms),
+            wheel_scratch: Vec::new(),
+            cfg,
+            counters: TableCounters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &TableConfig {
+        &self.cfg
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    pub fn counters(&self) -> &TableCounters {
+        &self.counters
+    }
+
+    /// Sessions owned by `rg` (local and peer-synced).
+    pub fn rg_len(&self, rg: RgId) -> usize {
+        self.rgs.get(&rg).map_or(0, |m| m.handles.len() - m.holes)
+    }
+
+    /// RGs that currently have sessions, sorted.
+    pub fn rgs(&self) -> Vec<RgId> {
+        let mut v: Vec<RgId> = self
+            .rgs
+            .iter()
+            .filter(|(_, m)| m.handles.len() > m.holes)
+            .map(|(rg, _)| *rg)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn is_primary(&self, rg: RgId) -> bool {
+        self.primary_rgs.contains(&rg)
+    }
+
+    pub fn reserved_ports(&self) -> u64 {
+        self.ports.reserved()
+    }
+
+    // ----- lookups -------------------------------------------------------
+
+    #[inline]
+    pub fn lookup_forward(&self, key: &SessionKey) -> Option<SessionHandle> {
+        self.fwd
+            .find(Tag::of(key), |h| self.slab[h as usize].key == *key)
+            .map(SessionHandle)
+    }
+
+    #[inline]
+    pub fn lookup_reverse(&self, key: &SessionKey) -> Option<SessionHandle> {
+        self.rev
+            .find(Tag::of(key), |h| self.slab[h as usize].reverse == *key)
+            .map(SessionHandle)
+    }
+
+    /// The un-SNAT ("DNAT"/"DNATv6") lookup: which session holds this
+    /// translated source endpoint.
+    #[inline]
+    pub fn lookup_nat_binding(&self, b: &NatBinding) -> Option<SessionHandle> {
+        self.nat
+            .find(Tag::of(b), |h| {
+                let r = &self.slab[h as usize];
+                nat_companion(&r.key, &r.reverse).as_ref() == Some(b)
+            })
+            .map(SessionHandle)
+    }
+
+    /// Forward lookups for a burst of packets: candidates are found by tag
+    /// for the whole burst and their records prefetched before any key is
+    /// compared, so the memory latency of one lookup overlaps the others.
+    /// Same results as calling [`SessionTable::lookup_forward`] per key.
+    pub fn lookup_forward_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
+        self.burst(&self.fwd, keys, out, |r| &r.key);
+    }
+
+    /// Reverse-key counterpart of [`SessionTable::lookup_forward_burst`].
+    pub fn lookup_reverse_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
+        self.burst(&self.rev, keys, out, |r| &r.reverse);
+    }
+
+    #[inline]
+    fn burst(
+        &self,
+        index: &HandleIndex,
+        keys: &[SessionKey],
+        out: &mut [Option<SessionHandle>],
+        key_of: impl Fn(&SessionRecord) -> &SessionKey,
+    ) {
+        const BURST: usize = 32;
+        assert_eq!(keys.len(), out.len(), "one output slot per key");
+        for (keys, out) in keys.chunks(BURST).zip(out.chunks_mut(BURST)) {
+            let mut tags = [Tag::default(); BURST];
+            for (k, t) in keys.iter().zip(tags.iter_mut()) {
+                *t = Tag::of(k);
+                index.prefetch(*t);
+            }
+            for (o, t) in out.iter_mut().zip(tags) {
+                *o = index.candidate(t).map(|h| {
+                    prefetch(self.slab.get(h as usize));
+                    SessionHandle(h)
+                });
+            }
+            for ((k, o), t) in keys.iter().zip(out.iter_mut()).zip(tags) {
+                if let Some(SessionHandle(h)) = *o
+                    && key_of(&self.slab[h as usize]) != k
+                {
+                    // A tag collision: rare; take the exact path.
+                    *o = index
+                        .find(t, |h| key_of(&self.slab[h as usize]) == k)
+                        .map(SessionHandle);
+                }
+            }
+        }
+    }
+
+    /// A packet's key in either direction.
+    #[inline]
+    pub fn lookup(&self, key: &SessionKey) -> Option<(SessionHandle, Direction)> {
+        self.lookup_forward(key)
+            .map(|h| (h, Direction::Forward))
+            .or_else(|| self.lookup_reverse(key).map(|h| (h, Direction::Reverse)))
+    }
+
+    pub fn get(&self, h: SessionHandle) -> Option<&SessionRecord> {
+        self.slab.get(h.0 as usize)
+    }
+
+    /// The record behind a handle kept from an earlier lookup, only if the
+    /// slot still holds the session with this forward or reverse key.
+    pub fn resolve(&self, h: SessionHandle, key: &SessionKey) -> Option<&SessionRecord> {
+        self.get(h).filter(|r| r.key == *key || r.reverse == *key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (SessionHandle, &SessionRecord)> {
+        self.slab.iter().map(|(h, r)| (SessionHandle(h as u32), r))
+    }
+
+    /// Every session of one owner RG (local and peer-synced).
+    pub fn export_rg(&self, rg: RgId) -> impl Iterator<Item = &SessionRecord> {
+        self.rgs
+            .get(&rg)
+            .into_iter()
+            .flat_map(|m| m.handles.iter())
+            .filter(|&&h| h != HOLE)
+            .map(|&h| &self.slab[h as usize])
+    }
+
+    // ----- local inserts and updates -------------------------------------
+
+    /// Creates a local session with all its companions, or nothing.
+    pub fn insert(&mut self, s: NewSession, now: Millis) -> Result<SessionHandle, InsertError> {
+        self.try_insert(s, now)
+            .map(|h| {
+                self.counters.inserted_local += 1;
+                h
+            })
+            .map_err(|e| self.counters.refuse(e))
+    }
+
+    fn try_insert(&mut self, s: NewSession, now: Millis) -> Result<SessionHandle, InsertError> {
+        let v4 = s.key.is_v4();
+        let family_ok = s.key.is_consistent()
+            && s.snat.as_ref().is_none_or(|r| r.addr.is_v4() == v4)
+            && s.dnat.is_none_or(|(a, _)| a.is_v4() == v4);
+        if !family_ok {
+            return Err(InsertError::InvalidKey);
+        }
+        if self.slab.len() >= self.cfg.capacity {
+            return Err(InsertError::Capacity);
+        }
+        if self.lookup_forward(&s.key).is_some() {
+            return Err(InsertError::ForwardExists);
+        }
+        // The port reservation is the only side effect before commit; every
+        // failure after it releases it.
+        let mut reserved = None;
+        let snat = match &s.snat {
+            None => None,
+            Some(req) if proto::has_ports(s.key.proto) => {
+                let port = self
+                    .ports
+                    .allocate(
+                        req.addr,
+                        s.key.proto,
+                        req.ports.clone(),
+                        Some(s.key.src_port),
+                    )
+                    .ok_or(InsertError::PortsExhausted)?;
+                reserved = Some(NatBinding {
+                    addr: req.addr,
+                    port,
+                    proto: s.key.proto,
+                });
+                Some((req.addr, port))
+            }
+            Some(req) => Some((req.addr, s.key.src_port)),
+        };
+        let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
+        let conflict = if self.lookup_reverse(&reverse).is_some() {
+            Some(InsertError::ReverseExists)
+        } else if reserved.is_some_and(|b| self.lookup_nat_binding(&b).is_some()) {
+            Some(InsertError::NatBindingExists)
+        } else {
+            None
+        };
+        if let Some(e) = conflict {
+            if let Some(b) = reserved {
+                self.ports.release(b);
+            }
+            return Err(e);
+        }
+        let timeout_ms = self.cfg.timeouts.for_session(s.key.proto, s.tcp_state);
+        let rec = SessionRecord {
+            key: s.key,
+            reverse,
+            created: now,
+            last_seen: now,
+            counters: FlowCounters::default(),
+            policy: s.policy,
+            timeout_ms,
+            ingress_if: s.ingress_if,
+            egress_if: s.egress_if,
+            owner_rg: s.owner_rg,
+            tcp_state: s.tcp_state,
+            origin: Origin::LocalOwned,
+            rg_slot: 0,
+            wheel_due: 0,
+            bulk_mark: 0,
+        };
+        Ok(self.commit(rec, now))
+    }
+
+    /// Links a record whose keys and port reservation were checked into
+    /// every index. Infallible by construction.
+    fn commit(&mut self, mut rec: SessionRecord, now: Millis) -> SessionHandle {
+        let members = self.rgs.entry(rec.owner_rg).or_default();
+        rec.rg_slot = members.handles.len() as u32;
+        let due = self.wheel.due_tick_for(now, rec.expires_at());
+        rec.wheel_due = due;
+        let (key, reverse, owner_rg) = (rec.key, rec.reverse, rec.owner_rg);
+        let binding = nat_companion(&key, &reverse);
+        let h = self.slab.insert(rec) as u32;
+        self.fwd.insert(Tag::of(&key), h);
+        self.rev.insert(Tag::of(&reverse), h);
+        if let Some(b) = binding {
+            self.nat.insert(Tag::of(&b), h);
+        }
+        self.rgs.entry(owner_rg).or_default().handles.push(h);
+        self.wheel.push(key, due);
+        SessionHandle(h)
+    }
+
+    /// Accounts one packet and refreshes the idle timer.
+    #[inline]
+    pub fn touch(&mut self, h: SessionHandle, dir: Direction, bytes: u32, now: Millis) {
+        if let Some(r) = self.slab.get_mut(h.0 as usize) {
+            match dir {
+                Direction::Forward => {
+                    r.counters.fwd_packets += 1;
+                    r.counters.fwd_bytes += u64::from(bytes);
+                }
+                Direction::Reverse => {
+                    r.counters.rev_packets += 1;
+                    r.counters.rev_bytes += u64::from(bytes);
+                }
+            }
+            r.last_seen = r.last_seen.max(now);
+        }
+    }
+
+    /// Moves a TCP session to `state` and applies that state's timeout.
+    pub fn set_tcp_state(&mut self, h: SessionHandle, state: TcpState, now: Millis) {
+        let timeouts = self.cfg.timeouts;
+        let Some(r) = self.slab.get_mut(h.0 as usize) else {
+            return;
+        };
+        r.tcp_state = state;
+        r.timeout_ms = timeouts.for_session(r.key.proto, state);
+        r.last_seen = r.last_seen.max(now);
+        self.reschedule_if_earlier(h.0, now);
+    }
+
+    /// A shorter timeout needs an earlier wheel entry; a longer one is found
+    /// when the current entry pops and re-buckets.
+    fn reschedule_if_earlier(&mut self, h: u32, now: Millis) {
+        let r = &self.slab[h as usize];
+        let due = self.wheel.due_tick_for(now, r.expires_at());
+        if due < r.wheel_due {
+            let key = r.key;
+            self.slab[h as usize].wheel_due = due;
+            self.wheel.push(key, due);
+        }
+    }
+
+    // ----- removal: the one path -----------------------------------------
+
+    /// Removes a session with all its companions.
+    pub fn remove(&mut self, h: SessionHandle, reason: RemoveReason) -> Option<SessionRecord> {
+        self.slab
+            .contains(h.0 as usize)
+            .then(|| self.remove_handle(h.0, reason))
+    }
+
+    /// The single removal body. Order: NAT binding and port, reverse entry,
+    /// forward entry, RG membership, then the slot. Nothing between the
+    /// first and last step can observe a partial session (`&mut self`).
+    fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
+        let (key, reverse, owner_rg, rg_slot) = {
+            let r = &self.slab[h as usize];
+            (r.key, r.reverse, r.owner_rg, r.rg_slot)
+        };
+        if let Some(b) = nat_companion(&key, &reverse) {
+            self.nat.remove(Tag::of(&b), h);
+            self.ports.release(b);
+        }
+        self.rev.remove(Tag::of(&reverse), h);
+        self.fwd.remove(Tag::of(&key), h);
+        self.unlink_rg(owner_rg, rg_slot);
+        self.counters.removed[reason as usize] += 1;
+        self.slab.remove(h as usize)
+    }
+
+    fn unlink_rg(&mut self, rg: RgId, slot: u32) {
+        let Some(m) = self.rgs.get_mut(&rg) else {
+            return;
+        };
+        let slot = slot as usize;
+        if m.exports > 0 {
+            m.handles[slot] = HOLE;
+            m.holes += 1;
+        } else {
+            m.handles.swap_remove(slot);
+            if let Some(&moved) = m.handles.get(slot) {
+                self.slab[moved as usize].rg_slot = slot as u32;
+            }
+        }
+        if m.handles.len() == m.holes && m.exports == 0 {
+            self.rgs.remove(&rg);
+        }
+    }
+
+    /// Removes every session (config reload, shutdown).
+    pub fn flush(&mut self) -> usize {
+        let handles: Vec<u32> = self.slab.iter().map(|(h, _)| h as u32).collect();
+        for &h in &handles {
+            self.remove_handle(h, RemoveReason::Flushed);
+        }
+        self.wheel.clear();
+        handles.len()
+    }
+
+    // ----- expiry --------------------------------------------------------
+
+    /// Removes every session idle past its timeout at `now` (at most one
+    /// wheel tick late), with companions. `on_expired` sees each record
+    /// before it goes, so the caller can emit a delete delta.
+    pub fn expire(&mut self, now: Millis, mut on_expired: impl FnMut(&SessionRecord)) -> usize {
+        let Some((first, last)) = self.wheel.pending_ticks(now) else {
+            return 0;
+        };
+        // After a long pause every bucket is visited once, not every tick.
+        let last_visit = last.min(first + self.wheel.span() - 1);
+        let mut expired = 0;
+        let mut bucket = std::mem::take(&mut self.wheel_scratch);
+        for tick in first..=last_visit {
+            self.wheel.take_bucket(tick, &mut bucket);
+            for e in bucket.drain(..) {
+                let Some(SessionHandle(h)) = self.lookup_forward(&e.key) else {
+                    continue; // session already gone
+                };
+                let r = &self.slab[h as usize];
+                if r.wheel_due != e.due {
+                    continue; // superseded by a newer entry
+                }
+                if u64::from(e.due) > last {
+                    self.wheel.push(e.key, e.due); // a later lap
+                } else if r.expires_at() <= now {
+                    on_expired(r);
+                    self.remove_handle(h, RemoveReason::Expired);
+                    expired += 1;
+                } else {
+                    let due = self.wheel.due_tick_for(now, r.expires_at());
+                    self.slab[h as usize].wheel_due = due;
+                    self.wheel.push(e.key, due);
+                }
+            }
+        }
+        self.wheel_scratch = bucket;
+        self.wheel.set_cursor(last);
+        expired
+    }
+
+    // ----- peer sync -----------------------------------------------------
+
+    /// Applies a session from the primary of its owner RG. A live local
+    /// session of an RG this node is primary for is never overwritten.
+    pub fn apply_peer_upsert(
+        &mut self,
+        s: &SyncedSession,
+        now: Millis,
+        mark: Option<BulkMark>,
+    ) -> Result<PeerApply, InsertError> {
+        let res = self.try_peer_upsert(s, now, mark);
+        match res {
+            Ok(PeerApply::Updated) => self.counters.updated_peer += 1,
+            Ok(_) => self.counters.inserted_peer += 1,
+            Err(e) => {
+                self.counters.refuse(e);
+            }
+        }
+        res
+    }
+
+    fn try_peer_upsert(
+        &mut self,
+        s: &SyncedSession,
+        now: Millis,
+        mark: Option<BulkMark>,
+    ) -> Result<PeerApply, InsertError> {
+        let valid = s.key.is_consistent()
+            && s.reverse.is_consistent()
+            && s.key.is_v4() == s.reverse.is_v4()
+            && s.key.proto == s.reverse.proto;
+        if !valid {
+            return Err(InsertError::InvalidKey);
+        }
+        let created = Millis(now.0.saturating_sub(s.age_ms));
+        let last_seen = Millis(now.0.saturating_sub(s.idle_ms)).max(created);
+        let mut outcome = PeerApply::Inserted;
+        if let Some(SessionHandle(h)) = self.lookup_forward(&s.key) {
+            let r = &mut self.slab[h as usize];
+            if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+                return Err(InsertError::LocalOwnedConflict);
+            }
+            if r.reverse == s.reverse && r.owner_rg == s.owner_rg {
+                r.ingress_if = s.ingress_if;
+                r.egress_if = s.egress_if;
+                r.policy = s.policy;
+                r.tcp_state = s.tcp_state;
+                r.timeout_ms = s.timeout_ms;
+                r.counters = s.counters;
+                r.created = created;
+                r.last_seen = last_seen;
+                r.origin = Origin::PeerSynced;
+                if let Some(m) = mark {
+                    r.bulk_mark = m.0;
+                }
+                self.reschedule_if_earlier(h, now);
+                return Ok(PeerApply::Updated);
+            }
+            self.remove_handle(h, RemoveReason::Replaced);
+            outcome = PeerApply::Replaced;
+        }
+        if self.slab.len() >= self.cfg.capacity {
+            return Err(InsertError::Capacity);
+        }
+        // The peer is authoritative for its RG: a stale synced copy that
+        // still holds this reverse key or binding (a missed delete) yields.
+        self.evict_peer_conflicts(s)?;
+        let binding = nat_companion(&s.key, &s.reverse);
+        if let Some(b) = binding
+            && !self.ports.reserve(b)
+        {
+            return Err(InsertError::NatBindingExists);
+        }
+        self.commit_peer(s, created, last_seen, mark, now);
+        Ok(outcome)
+    }
+
+    fn evict_peer_conflicts(&mut self, s: &SyncedSession) -> Result<(), InsertError> {
+        let by_reverse = self
+            .lookup_reverse(&s.reverse)
+            .map(|h| (h, InsertError::ReverseExists));
+        let by_binding = nat_companion(&s.key, &s.reverse)
+            .and_then(|b| self.lookup_nat_binding(&b))
+            .map(|h| (h, InsertError::NatBindingExists));
+        for (h, err) in [by_reverse, by_binding].into_iter().flatten() {
+            let Some(r) = self.slab.get(h.0 as usize) else {
+                continue; // already evicted via the other index
+            };
+            if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+                return Err(err);
+            }
+            self.remove_handle(h.0, RemoveReason::Replaced);
+            self.counters.evicted_by_peer += 1;
+        }
+        Ok(())
+    }
+
+    fn commit_peer(
+        &mut self,
+        s: &SyncedSession,
+        created: Millis,
+        last_seen: Millis,
+        mark: Option<BulkMark>,
+        now: Millis,
+    ) -> SessionHandle {
+        self.commit(
+            SessionRecord {
+                key: s.key,
+                reverse: s.reverse,
+                created,
+                last_seen,
+                counters: s.counters,
+                policy: s.policy,
+                timeout_ms: s.timeout_ms,
+                ingress_if: s.ingress_if,
+                egress_if: s.egress_if,
+                owner_rg: s.owner_rg,
+                tcp_state: s.tcp_state,
+                origin: Origin::PeerSynced,
+                rg_slot: 0,
+                wheel_due: 0,
+                bulk_mark: mark.map_or(0, |m| m.0),
+            },
+            now,
+        )
+    }
+
+    /// Applies a delete from the primary of the session's owner RG.
+    pub fn apply_peer_delete(&mut self, key: &SessionKey) -> Result<bool, InsertError> {
+        let Some(SessionHandle(h)) = self.lookup_forward(key) else {
+            return Ok(false);
+        };
+        let r = &self.slab[h as usize];
+        if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+            return Err(self.counters.refuse(InsertError::LocalOwnedConflict));
+        }
+        self.remove_handle(h, RemoveReason::PeerDelete);
+        Ok(true)
+    }
+
+    /// Stamps an existing session as carried by bulk `mark` (a bulk entry
+    /// that was superseded by a newer delta still proves the key is live).
+    pub fn mark(&mut self, key: &SessionKey, mark: BulkMark) -> bool {
+        match self.lookup_forward(key) {
+            Some(SessionHandle(h)) => {
+                self.slab[h as usize].bulk_mark = mark.0;
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ----- reconcile -----------------------------------------------------
+
+    /// Deletes, with companions, every peer-synced session of `rg` for which
+    /// `is_current` is false. Touches no other RG and no local session.
+    pub fn reconcile_rg(
+        &mut self,
+        rg: RgId,
+        mut is_current: impl FnMut(&SessionRecord) -> bool,
+    ) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let stale: Vec<u32> = self
+            .export_handles(rg)
+            .filter(|&h| {
+                let r = &self.slab[h as usize];
+                if r.origin != Origin::PeerSynced {
+                    return false;
+                }
+                report.examined += 1;
+                !is_current(r)
+            })
+            .collect();
+        for h in stale {
+            let r = &self.slab[h as usize];
+            if nat_companion(&r.key, &r.reverse).is_some() {
+                report.deleted_with_nat += 1;
+            }
+            self.remove_handle(h, RemoveReason::Reconciled);
+            report.deleted += 1;
+        }
+        report
+    }
+
+    /// Reconcile against an explicit set of keys seen in a bulk.
+    pub fn reconcile_rg_keys(&mut self, rg: RgId, seen: &FxHashSet<SessionKey>) -> ReconcileReport {
+        self.reconcile_rg(rg, |r| seen.contains(&r.key))
+    }
+
+    /// Reconcile against the sessions stamped by bulk `mark`.
+    pub fn reconcile_rg_marked(&mut self, rg: RgId, mark: BulkMark) -> ReconcileReport {
+        self.reconcile_rg(rg, |r| r.bulk_mark == mark.0)
+    }
+
+    fn export_handles(&self, rg: RgId) -> impl Iterator<Item = u32> + '_ {
+        self.rgs
+            .get(&rg)
+            .into_iter()
+            .flat_map(|m| m.handles.iter().copied())
+            .filter(|&h| h != HOLE)
+    }
+
+    // ----- role changes --------------------------------------------------
+
+    /// This node became primary for `rg`: its synced copies become local
+    /// and authoritative. Returns how many sessions changed origin.
+    pub fn promote_rg(&mut self, rg: RgId) -> usize {
+        self.primary_rgs.insert(rg);
+        self.set_rg_origin(rg, Origin::LocalOwned)
+    }
+
+    /// This node stopped being primary for `rg`: its sessions become copies
+    /// that the new primary's deltas may overwrite.
+    pub fn demote_rg(&mut self, rg: RgId) -> usize {
+        self.primary_rgs.remove(&rg);
+        self.set_rg_origin(rg, Origin::PeerSynced)
+    }
+
+    fn set_rg_origin(&mut self, rg: RgId, origin: Origin) -> usize {
+        let Some(m) = self.rgs.get(&rg) else {
+            return 0;
+        };
+        let mut changed = 0;
+        for &h in m.handles.iter().filter(|&&h| h != HOLE) {
+            let r = &mut self.slab[h as usize];
+            if r.origin != origin {
+                r.origin = origin;
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    // ----- streaming export ----------------------------------------------
+
+    /// Starts a stable walk over `rg`'s sessions, in chunks.
+    pub fn begin_export(&mut self, rg: RgId) -> ExportCursor {
+        self.rgs.entry(rg).or_default().exports += 1;
+        ExportCursor { rg, pos: 0 }
+    }
+
+    /// Appends up to `max` sessions to `out` in peer form; false when the
+    /// walk is complete.
+    pub fn export_chunk(
+        &self,
+        cursor: &mut ExportCursor,
+        max: usize,
+        now: Millis,
+        out: &mut Vec<SyncedSession>,
+    ) -> bool {
+        let Some(m) = self.rgs.get(&cursor.rg) else {
+            return false;
+        };
+        let mut taken = 0;
+        while taken < max && cursor.pos < m.handles.len() {
+            let h = m.handles[cursor.pos];
+            cursor.pos += 1;
+            if h != HOLE {
+                out.push(self.slab[h as usize].to_synced(now));
+                taken += 1;
+            }
+        }
+        cursor.pos < m.handles.len()
+    }
+
+    /// Ends a walk; the last one to end compacts the RG's member list.
+    pub fn end_export(&mut self, cursor: ExportCursor) {
+        let Some(m) = self.rgs.get_mut(&cursor.rg) else {
+            return;
+        };
+        m.exports = m.exports.saturating_sub(1);
+        if m.exports > 0 {
+            return;
+        }
+        if m.holes > 0 {
+            m.handles.retain(|&h| h != HOLE);
+            m.holes = 0;
+            for (slot, &h) in m.handles.iter().enumerate() {
+                self.slab[h as usize].rg_slot = slot as u32;
+            }
+        }
+        if m.handles.is_empty() {
+            self.rgs.remove(&cursor.rg);
+        }
+    }
+
+    // ----- self check ----------------------------------------------------
+
+    /// Checks every cross-index invariant: each index entry points at a live
+    /// session holding that key, each session is in every index it belongs
+    /// to, port reservations match NAT sessions, RG lists match owners and
+    /// every session has its live wheel entry. O(n); for tests and the
+    /// operator's `audit` command.
+    pub fn verify_invariants(&self) -> Result<(), String> {
+        let n = self.slab.len();
+        let mut nat_sessions = 0usize;
+        for (h, r) in self.slab.iter() {
+            let h = h as u32;
+            if self.lookup_forward(&r.key) != Some(SessionHandle(h)) {
+                return Err(format!(
+                    "session {h} missing from forward index: {:?}",
+                    r.key
+                ));
+            }
+            if self.lookup_reverse(&r.reverse) != Some(SessionHandle(h)) {
+                return Err(format!(
+                    "session {h} missing from reverse index: {:?}",
+                    r.reverse
+                ));
+            }
+            if let Some(b) = nat_companion(&r.key, &r.reverse) {
+                nat_sessions += 1;
+                if self.lookup_nat_binding(&b) != Some(SessionHandle(h)) {
+                    return Err(format!("session {h} missing from NAT index: {b:?}"));
+                }
+                if !self.ports.is_reserved(b) {
+                    return Err(format!("session {h} holds no port reservation: {b:?}"));
+                }
+            }
+            let m = self
+                .rgs
+                .get(&r.owner_rg)
+                .ok_or_else(|| format!("session {h} owner {} has no member list", r.owner_rg))?;
+            if m.handles.get(r.rg_slot as usize) != Some(&h) {
+                return Err(format!("session {h} not at its slot in {}", r.owner_rg));
+            }
+        }
+        let sizes = [("forward", self.fwd.len()), ("reverse", self.rev.len())];
+        for (name, len) in sizes {
+            if len != n {
+                return Err(format!(
+                    "{name} index has {len} entries for {n} sessions (orphans)"
+                ));
+            }
+        }
+        if self.nat.len() != nat_sessions {
+            return Err(format!(
+                "NAT index has {} entries for {nat_sessions} NAT sessions (orphans)",
+                self.nat.len()
+            ));
+        }
+        if self.ports.reserved() != nat_sessions as u64 {
+            return Err(format!(
+                "{} ports reserved for {nat_sessions} NAT sessions (leak)",
+                self.ports.reserved()
+            ));
+        }
+        let members: usize = self.rgs.values().map(|m| m.handles.len() - m.holes).sum();
+        if members != n {
+            return Err(format!("RG lists hold {members} sessions, table has {n}"));
+        }
+        for (rg, m) in &self.rgs {
+            for &h in m.handles.iter().filter(|&&h| h != HOLE) {
+                let owner = self.slab.get(h as usize).map(|r| r.owner_rg);
+                if owner != Some(*rg) {
+                    return Err(format!("{rg} list holds {h} owned by {owner:?}"));
+                }
+            }
+        }
+        let live: FxHashSet<(SessionKey, u32)> =
+            self.wheel.iter().map(|e| (e.key, e.due)).collect();
+        for (h, r) in self.slab.iter() {
+            if !live.contains(&(r.key, r.wheel_due)) {
+                return Err(format!("session {h} has no live wheel entry"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Timer-wheel entries, live and superseded (bounded by sessions plus
+    /// reschedules since the entries last popped).
+    pub fn wheel_entries(&self) -> usize {
+        self.wheel.len()
+    }
+}

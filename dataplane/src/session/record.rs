@@ -1,0 +1,235 @@
+//! What the table stores per session, and the timeouts that decide its life.
+
+use super::key::{Addr, NatBinding, SessionKey, ZoneId, proto};
+use tandem_proto::RgId;
+
+/// Milliseconds on the caller's monotonic clock. The table never reads a
+/// clock itself, so tests and simulations drive time explicitly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub const fn saturating_sub(self, other: Millis) -> u64 {
+        self.0.saturating_sub(other.0)
+    }
+}
+
+/// A logical interface (reth or local port) by its cluster-wide config index.
+/// Never an ifindex: ifindexes are node-local.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InterfaceId(pub u16);
+
+/// The security policy that permitted the session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyId(pub u32);
+
+/// Who holds the authoritative copy of a session on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Origin {
+    /// Created or taken over here; this node emits its deltas.
+    LocalOwned = 0,
+    /// A copy received from the peer (primary of the owner RG).
+    PeerSynced = 1,
+}
+
+/// TCP connection tracking state (`None` for other protocols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    None = 0,
+    SynSent = 1,
+    SynReceived = 2,
+    Established = 3,
+    FinWait = 4,
+    CloseWait = 5,
+    TimeWait = 6,
+    Closed = 7,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 8] = [
+        TcpState::None,
+        TcpState::SynSent,
+        TcpState::SynReceived,
+        TcpState::Established,
+        TcpState::FinWait,
+        TcpState::CloseWait,
+        TcpState::TimeWait,
+        TcpState::Closed,
+    ];
+
+    /// Decodes the wire value; unknown values are rejected, never guessed.
+    pub fn from_u8(v: u8) -> Option<TcpState> {
+        TcpState::ALL.get(usize::from(v)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::None => "none",
+            TcpState::SynSent => "syn-sent",
+            TcpState::SynReceived => "syn-received",
+            TcpState::Established => "established",
+            TcpState::FinWait => "fin-wait",
+            TcpState::CloseWait => "close-wait",
+            TcpState::TimeWait => "time-wait",
+            TcpState::Closed => "closed",
+        }
+    }
+}
+
+/// Idle timeouts per protocol and TCP state, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_opening_ms: u32,
+    pub tcp_established_ms: u32,
+    pub tcp_closing_ms: u32,
+    pub tcp_time_wait_ms: u32,
+    pub udp_ms: u32,
+    pub icmp_ms: u32,
+    pub other_ms: u32,
+}
+
+impl Default for Timeouts {
+    /// Junos-like defaults: long-lived established TCP, short half-open.
+    fn default() -> Timeouts {
+        Timeouts {
+            tcp_opening_ms: 20_000,
+            tcp_established_ms: 1_800_000,
+            tcp_closing_ms: 30_000,
+            tcp_time_wait_ms: 2_000,
+            udp_ms: 60_000,
+            icmp_ms: 60_000,
+            other_ms: 30_000,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn for_session(&self, proto_num: u8, state: TcpState) -> u32 {
+        match proto_num {
+            proto::TCP => match state {
+                TcpState::Established => self.tcp_established_ms,
+                TcpState::FinWait | TcpState::CloseWait => self.tcp_closing_ms,
+                TcpState::TimeWait | TcpState::Closed => self.tcp_time_wait_ms,
+                TcpState::None | TcpState::SynSent | TcpState::SynReceived => self.tcp_opening_ms,
+            },
+            proto::UDP => self.udp_ms,
+            proto::ICMP | proto::ICMPV6 => self.icmp_ms,
+            _ => self.other_ms,
+        }
+    }
+}
+
+/// Packet and byte counters per direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+}
+
+/// Direction of a packet relative to the session's first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Reverse,
+}
+
+/// The address translation a session applies, derived from its two keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat {
+    /// Translated source (address, port) of forward packets.
+    pub snat: Option<(Addr, u16)>,
+    /// Translated destination (address, port) of forward packets.
+    pub dnat: Option<(Addr, u16)>,
+}
+
+impl Nat {
+    pub const NONE: Nat = Nat {
+        snat: None,
+        dnat: None,
+    };
+}
+
+/// One session. Public fields are read-only from outside the table (the
+/// table hands out `&SessionRecord`); mutations go through table methods so
+/// the indexes stay consistent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// First packet as it arrived (pre-translation, ingress zone).
+    pub key: SessionKey,
+    /// A reply as it will arrive (post-translation, egress zone). NAT is
+    /// encoded here rather than stored twice.
+    pub reverse: SessionKey,
+    pub created: Millis,
+    pub last_seen: Millis,
+    pub counters: FlowCounters,
+    pub policy: PolicyId,
+    pub timeout_ms: u32,
+    pub ingress_if: InterfaceId,
+    pub egress_if: InterfaceId,
+    pub owner_rg: RgId,
+    pub tcp_state: TcpState,
+    pub origin: Origin,
+    /// Position in the owner RG's member list.
+    pub(super) rg_slot: u32,
+    /// Due tick of this session's one live timer-wheel entry.
+    pub(super) wheel_due: u32,
+    /// Bulk mark: the id of the last bulk that carried this session.
+    pub(super) bulk_mark: u32,
+}
+
+impl SessionRecord {
+    pub fn nat(&self) -> Nat {
+        nat_of(&self.key, &self.reverse)
+    }
+
+    /// The source-NAT binding whose port this session reserves, if any.
+    pub fn snat_binding(&self) -> Option<NatBinding> {
+        snat_binding_of(&self.key, &self.reverse)
+    }
+
+    pub fn egress_zone(&self) -> ZoneId {
+        self.reverse.zone
+    }
+
+    pub fn expires_at(&self) -> Millis {
+        Millis(self.last_seen.0 + u64::from(self.timeout_ms))
+    }
+
+    pub fn is_peer_synced(&self) -> bool {
+        self.origin == Origin::PeerSynced
+    }
+}
+
+pub(super) fn nat_of(key: &SessionKey, reverse: &SessionKey) -> Nat {
+    let snat = (reverse.dst != key.src || reverse.dst_port != key.src_port)
+        .then_some((reverse.dst, reverse.dst_port));
+    let dnat = (reverse.src != key.dst || reverse.src_port != key.dst_port)
+        .then_some((reverse.src, reverse.src_port));
+    Nat { snat, dnat }
+}
+
+pub(super) fn snat_binding_of(key: &SessionKey, reverse: &SessionKey) -> Option<NatBinding> {
+    nat_of(key, reverse).snat.map(|(addr, port)| NatBinding {
+        addr,
+        port,
+        proto: key.proto,
+    })
+}
+
+/// The reverse key for a forward key, its egress zone and its translation.
+pub fn reverse_key(key: &SessionKey, egress_zone: ZoneId, nat: Nat) -> SessionKey {
+    let (dst, dst_port) = nat.snat.unwrap_or((key.src, key.src_port));
+    let (src, src_port) = nat.dnat.unwrap_or((key.dst, key.dst_port));
+    SessionKey {
+        src,
+        dst,
+        src_port,
+        dst_port,
+        proto: key.proto,
+        zone: egress_zone,
+    }
+}

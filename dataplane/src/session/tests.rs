@@ -1,0 +1,827 @@
+//! Session-table invariants. Every family-dependent test runs for IPv4 and
+//! IPv6 (`v4::name`, `v6::name`).
+
+use super::*;
+use proptest::prelude::*;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+const TRUST: ZoneId = ZoneId(1);
+const UNTRUST: ZoneId = ZoneId(2);
+const RG1: RgId = RgId(1);
+const RG2: RgId = RgId(2);
+
+trait Family {
+    fn host(n: u32) -> Addr;
+    fn nat_addr() -> Addr;
+}
+
+struct V4;
+struct V6;
+
+impl Family for V4 {
+    fn host(n: u32) -> Addr {
+        Addr::v4(Ipv4Addr::from(0x0a00_0000 | n))
+    }
+    fn nat_addr() -> Addr {
+        Addr::v4(Ipv4Addr::new(198, 51, 100, 1))
+    }
+}
+
+impl Family for V6 {
+    fn host(n: u32) -> Addr {
+        Addr::v6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0,
+            0,
+            0,
+            0,
+            (n >> 16) as u16,
+            n as u16,
+        ))
+    }
+    fn nat_addr() -> Addr {
+        Addr::v6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1))
+    }
+}
+
+fn key<F: Family>(client: u32, sport: u16, server: u32, dport: u16) -> SessionKey {
+    SessionKey::new(
+        F::host(client),
+        sport,
+        F::host(0x10_0000 | server),
+        dport,
+        proto::TCP,
+        TRUST,
+    )
+}
+
+fn snat_session<F: Family>(
+    rg: RgId,
+    client: u32,
+    sport: u16,
+    ports: RangeInclusive<u16>,
+) -> NewSession {
+    NewSession {
+        key: key::<F>(client, sport, 1, 443),
+        egress_zone: UNTRUST,
+        snat: Some(SnatRequest {
+            addr: F::nat_addr(),
+            ports,
+        }),
+        dnat: None,
+        ingress_if: InterfaceId(1),
+        egress_if: InterfaceId(2),
+        owner_rg: rg,
+        policy: PolicyId(7),
+        tcp_state: TcpState::SynSent,
+    }
+}
+
+fn plain_session<F: Family>(rg: RgId, client: u32, sport: u16) -> NewSession {
+    NewSession {
+        snat: None,
+        ..snat_session::<F>(rg, client, sport, 1024..=65535)
+    }
+}
+
+fn dnat_session<F: Family>(rg: RgId, client: u32, sport: u16) -> NewSession {
+    NewSession {
+        key: SessionKey::new(
+            F::host(client),
+            sport,
+            F::nat_addr(),
+            8080,
+            proto::TCP,
+            UNTRUST,
+        ),
+        egress_zone: TRUST,
+        snat: None,
+        dnat: Some((F::host(0x20_0000), 80)),
+        ..plain_session::<F>(rg, client, sport)
+    }
+}
+
+fn now() -> Millis {
+    Millis(1_000_000)
+}
+
+fn small_table(capacity: usize) -> SessionTable {
+    SessionTable::new(TableConfig {
+        capacity,
+        ..TableConfig::default()
+    })
+}
+
+fn ok(t: &SessionTable) {
+    if let Err(e) = t.verify_invariants() {
+        panic!("invariant broken: {e}");
+    }
+}
+
+mod generic {
+    use super::*;
+
+    pub fn delete_removes_all_companions<F: Family>() {
+        let mut t = SessionTable::default();
+        let h = t
+            .insert(snat_session::<F>(RG1, 1, 40000, 1024..=65535), now())
+            .unwrap();
+        let r = t.get(h).unwrap().clone();
+        let b = r.snat_binding().expect("SNAT session has a binding");
+        assert_eq!(b.port, 40000, "original source port kept when free");
+        assert_eq!(t.lookup_reverse(&r.reverse), Some(h));
+        assert_eq!(t.lookup_nat_binding(&b), Some(h));
+        assert_eq!(t.reserved_ports(), 1);
+
+        let removed = t.remove(h, RemoveReason::Closed).unwrap();
+        assert_eq!(removed.key, r.key);
+        assert_eq!(t.lookup_forward(&r.key), None);
+        assert_eq!(t.lookup_reverse(&r.reverse), None);
+        assert_eq!(t.lookup_nat_binding(&b), None);
+        assert_eq!(t.reserved_ports(), 0);
+        assert_eq!(t.rg_len(RG1), 0);
+        assert_eq!(t.counters().removed(RemoveReason::Closed), 1);
+        ok(&t);
+        // The port is free again: the same session can be recreated with it.
+        let h2 = t
+            .insert(snat_session::<F>(RG1, 1, 40000, 1024..=65535), now())
+            .unwrap();
+        assert_eq!(t.get(h2).unwrap().snat_binding().unwrap().port, 40000);
+    }
+
+    pub fn reconcile_deletes_stale_with_dnat_companions<F: Family>() {
+        let mut t = SessionTable::default();
+        let mut synced = Vec::new();
+        for i in 0..10u32 {
+            let s = if i % 2 == 0 {
+                snat_session::<F>(RG1, i, 30000 + i as u16, 1024..=65535)
+            } else {
+                dnat_session::<F>(RG1, i, 30000 + i as u16)
+            };
+            let h = t.insert(s, now()).unwrap();
+            synced.push(t.get(h).unwrap().to_synced(now()));
+        }
+        // Receiver side: all ten arrive from the peer.
+        let mut rx = SessionTable::default();
+        for s in &synced {
+            assert_eq!(
+                rx.apply_peer_upsert(s, now(), None),
+                Ok(PeerApply::Inserted)
+            );
+        }
+        assert_eq!(rx.reserved_ports(), 5);
+        // The bulk carries only the first six.
+        let seen: FxHashSet<SessionKey> = synced[..6].iter().map(|s| s.key).collect();
+        let report = rx.reconcile_rg_keys(RG1, &seen);
+        assert_eq!(
+            report,
+            ReconcileReport {
+                examined: 10,
+                deleted: 4,
+                deleted_with_nat: 2
+            }
+        );
+        for s in &synced[6..] {
+            assert_eq!(rx.lookup_forward(&s.key), None);
+            assert_eq!(rx.lookup_reverse(&s.reverse), None);
+            if let Some(b) = nat_companion(&s.key, &s.reverse) {
+                assert_eq!(
+                    rx.lookup_nat_binding(&b),
+                    None,
+                    "stale NAT binding left behind"
+                );
+            }
+        }
+        assert_eq!(rx.reserved_ports(), 3);
+        assert_eq!(rx.len(), 6);
+        assert_eq!(rx.counters().removed(RemoveReason::Reconciled), 4);
+        ok(&rx);
+    }
+
+    pub fn reconcile_touches_only_its_rg<F: Family>() {
+        let mut rx = SessionTable::default();
+        let mut tx = SessionTable::default();
+        for i in 0..6u32 {
+            let rg = if i < 3 { RG1 } else { RG2 };
+            let h = tx
+                .insert(
+                    snat_session::<F>(rg, i, 20000 + i as u16, 1024..=65535),
+                    now(),
+                )
+                .unwrap();
+            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+                .unwrap();
+        }
+        // A local RG1 session on the receiver is authoritative: untouched.
+        rx.promote_rg(RgId(3));
+        rx.insert(plain_session::<F>(RgId(3), 99, 999), now())
+            .unwrap();
+        // An empty bulk for RG1 deletes RG1's synced sessions only.
+        let report = rx.reconcile_rg_keys(RG1, &FxHashSet::default());
+        assert_eq!(report.deleted, 3);
+        assert_eq!(rx.rg_len(RG1), 0);
+        assert_eq!(rx.rg_len(RG2), 3);
+        assert_eq!(rx.rg_len(RgId(3)), 1);
+        assert_eq!(rx.reserved_ports(), 3);
+        ok(&rx);
+    }
+
+    pub fn stale_handle_never_returns_wrong_session<F: Family>() {
+        let mut t = SessionTable::default();
+        let a = t.insert(plain_session::<F>(RG1, 1, 1111), now()).unwrap();
+        let key_a = t.get(a).unwrap().key;
+        t.remove(a, RemoveReason::Closed).unwrap();
+        let b = t.insert(plain_session::<F>(RG1, 2, 2222), now()).unwrap();
+        assert_eq!(a, b, "slab reuses the freed slot");
+        assert!(
+            t.resolve(a, &key_a).is_none(),
+            "old handle resolves to nothing"
+        );
+        assert_eq!(t.lookup_forward(&key_a), None);
+        let key_b = t.get(b).unwrap().key;
+        assert_eq!(t.resolve(b, &key_b).map(|r| r.key), Some(key_b));
+        ok(&t);
+    }
+
+    pub fn insert_is_atomic_on_port_exhaustion<F: Family>() {
+        let mut t = SessionTable::default();
+        for i in 0..4u32 {
+            t.insert(snat_session::<F>(RG1, i, 5000, 5000..=5003), now())
+                .unwrap();
+        }
+        assert_eq!(t.reserved_ports(), 4);
+        let s = snat_session::<F>(RG1, 9, 5000, 5000..=5003);
+        assert_eq!(t.insert(s.clone(), now()), Err(InsertError::PortsExhausted));
+        assert_eq!(
+            t.lookup_forward(&s.key),
+            None,
+            "no forward entry after refusal"
+        );
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.reserved_ports(), 4);
+        assert_eq!(t.counters().refused_ports_exhausted, 1);
+        ok(&t);
+    }
+
+    pub fn insert_conflict_releases_reserved_port<F: Family>() {
+        let mut t = SessionTable::default();
+        // Session A: plain, its reverse key is (server:443 -> client 1:7000).
+        t.insert(plain_session::<F>(RG1, 1, 7000), now()).unwrap();
+        // Session B from another zone SNATs onto client 1's address and port,
+        // producing the same reverse key: refused, and its port released.
+        let mut b = snat_session::<F>(RG1, 5, 7000, 7000..=7000);
+        b.key.zone = ZoneId(9);
+        b.snat.as_mut().unwrap().addr = F::host(1);
+        assert_eq!(t.insert(b, now()), Err(InsertError::ReverseExists));
+        assert_eq!(t.reserved_ports(), 0);
+        assert_eq!(t.counters().refused_conflict, 1);
+        ok(&t);
+    }
+
+    pub fn expiry_removes_companions<F: Family>() {
+        let mut t = SessionTable::default();
+        let h = t
+            .insert(snat_session::<F>(RG1, 1, 1, 1024..=65535), now())
+            .unwrap();
+        let r = t.get(h).unwrap().clone();
+        let opening = t.config().timeouts.tcp_opening_ms as u64;
+        let mut seen = Vec::new();
+        assert_eq!(
+            t.expire(Millis(now().0 + opening - 1), |r| seen.push(r.key)),
+            0
+        );
+        let late = Millis(now().0 + opening + t.config().wheel_tick_ms);
+        assert_eq!(t.expire(late, |r| seen.push(r.key)), 1);
+        assert_eq!(seen, vec![r.key]);
+        assert_eq!(t.lookup_reverse(&r.reverse), None);
+        assert_eq!(t.reserved_ports(), 0);
+        assert_eq!(t.counters().removed(RemoveReason::Expired), 1);
+        ok(&t);
+    }
+}
+
+macro_rules! family_tests {
+    ($m:ident, $fam:ty) => {
+        mod $m {
+            use super::*;
+
+            #[test]
+            fn delete_removes_all_companions() {
+                generic::delete_removes_all_companions::<$fam>();
+            }
+            #[test]
+            fn reconcile_deletes_stale_with_dnat_companions() {
+                generic::reconcile_deletes_stale_with_dnat_companions::<$fam>();
+            }
+            #[test]
+            fn reconcile_touches_only_its_rg() {
+                generic::reconcile_touches_only_its_rg::<$fam>();
+            }
+            #[test]
+            fn stale_handle_never_returns_wrong_session() {
+                generic::stale_handle_never_returns_wrong_session::<$fam>();
+            }
+            #[test]
+            fn insert_is_atomic_on_port_exhaustion() {
+                generic::insert_is_atomic_on_port_exhaustion::<$fam>();
+            }
+            #[test]
+            fn insert_conflict_releases_reserved_port() {
+                generic::insert_conflict_releases_reserved_port::<$fam>();
+            }
+            #[test]
+            fn expiry_removes_companions() {
+                generic::expiry_removes_companions::<$fam>();
+            }
+        }
+    };
+}
+
+family_tests!(v4, V4);
+family_tests!(v6, V6);
+
+#[test]
+fn nat_is_derived_from_the_two_keys() {
+    let mut t = SessionTable::default();
+    let h = t.insert(dnat_session::<V4>(RG1, 1, 1234), now()).unwrap();
+    let r = t.get(h).unwrap();
+    assert_eq!(
+        r.nat(),
+        Nat {
+            snat: None,
+            dnat: Some((V4::host(0x20_0000), 80))
+        }
+    );
+    assert_eq!(r.snat_binding(), None);
+    assert_eq!(r.reverse.zone, TRUST);
+    assert_eq!(t.lookup(&r.reverse.clone()), Some((h, Direction::Reverse)));
+}
+
+#[test]
+fn mixed_family_insert_is_refused_and_counted() {
+    let mut t = SessionTable::default();
+    let mut s = snat_session::<V4>(RG1, 1, 1, 1024..=65535);
+    s.snat.as_mut().unwrap().addr = V6::nat_addr();
+    assert_eq!(t.insert(s, now()), Err(InsertError::InvalidKey));
+    assert_eq!(t.counters().refused_invalid, 1);
+    assert!(t.is_empty());
+}
+
+#[test]
+fn capacity_refuses_and_counts() {
+    let mut t = small_table(2);
+    t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
+    t.insert(plain_session::<V4>(RG1, 2, 1), now()).unwrap();
+    assert_eq!(
+        t.insert(plain_session::<V4>(RG1, 3, 1), now()),
+        Err(InsertError::Capacity)
+    );
+    assert_eq!(t.counters().refused_capacity, 1);
+    assert_eq!(t.len(), 2);
+}
+
+#[test]
+fn duplicate_forward_key_is_refused() {
+    let mut t = SessionTable::default();
+    t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
+    assert_eq!(
+        t.insert(plain_session::<V4>(RG1, 1, 1), now()),
+        Err(InsertError::ForwardExists)
+    );
+    ok(&t);
+}
+
+#[test]
+fn touch_extends_life_and_counts_both_directions() {
+    let mut t = SessionTable::default();
+    let h = t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
+    t.set_tcp_state(h, TcpState::Established, now());
+    let est = t.config().timeouts.tcp_established_ms as u64;
+    let mid = Millis(now().0 + est - 1000);
+    t.touch(h, Direction::Forward, 100, mid);
+    t.touch(h, Direction::Reverse, 1500, mid);
+    assert_eq!(
+        t.expire(Millis(now().0 + est + 1000), |_| {}),
+        0,
+        "touched session survives"
+    );
+    let r = t.get(h).unwrap();
+    assert_eq!(
+        r.counters,
+        FlowCounters {
+            fwd_packets: 1,
+            fwd_bytes: 100,
+            rev_packets: 1,
+            rev_bytes: 1500
+        }
+    );
+    assert_eq!(t.expire(Millis(mid.0 + est + 1000), |_| {}), 1);
+    ok(&t);
+}
+
+#[test]
+fn shorter_timeout_after_fin_expires_early() {
+    let mut t = SessionTable::default();
+    let h = t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
+    t.set_tcp_state(h, TcpState::Established, now());
+    t.set_tcp_state(h, TcpState::TimeWait, now());
+    let tw = t.config().timeouts.tcp_time_wait_ms as u64;
+    assert_eq!(t.expire(Millis(now().0 + tw + 500), |_| {}), 1);
+    assert!(t.is_empty());
+    // The superseded long entry pops later and is dropped harmlessly.
+    assert_eq!(t.expire(Millis(now().0 + 10_000_000), |_| {}), 0);
+    assert_eq!(t.wheel_entries(), 0);
+}
+
+#[test]
+fn first_expire_with_large_clock_does_not_walk_from_zero() {
+    let mut t = SessionTable::default();
+    let big = Millis(u64::MAX / 4);
+    t.insert(plain_session::<V4>(RG1, 1, 1), big).unwrap();
+    assert_eq!(t.expire(big, |_| {}), 0);
+    assert_eq!(t.expire(Millis(big.0 + 3_600_000), |_| {}), 1);
+}
+
+#[test]
+fn expiry_after_long_pause_visits_each_bucket_once() {
+    let mut t = SessionTable::new(TableConfig {
+        wheel_buckets: 16,
+        wheel_tick_ms: 100,
+        ..TableConfig::default()
+    });
+    for i in 0..50 {
+        t.insert(plain_session::<V4>(RG1, i, 1), now()).unwrap();
+    }
+    assert_eq!(t.expire(Millis(now().0 + 100_000_000), |_| {}), 50);
+    ok(&t);
+}
+
+#[test]
+fn peer_upsert_never_overwrites_live_local_session() {
+    let mut t = SessionTable::default();
+    t.promote_rg(RG1);
+    let h = t
+        .insert(snat_session::<V4>(RG1, 1, 1, 1024..=65535), now())
+        .unwrap();
+    let mut s = t.get(h).unwrap().to_synced(now());
+    s.tcp_state = TcpState::Closed;
+    assert_eq!(
+        t.apply_peer_upsert(&s, now(), None),
+        Err(InsertError::LocalOwnedConflict)
+    );
+    assert_eq!(
+        t.apply_peer_delete(&s.key),
+        Err(InsertError::LocalOwnedConflict)
+    );
+    assert_eq!(t.get(h).unwrap().tcp_state, TcpState::SynSent);
+    assert_eq!(t.counters().refused_local_owned, 2);
+    // Once demoted, the peer's copy wins.
+    assert_eq!(t.demote_rg(RG1), 1);
+    assert_eq!(t.apply_peer_upsert(&s, now(), None), Ok(PeerApply::Updated));
+    assert_eq!(t.get(h).unwrap().tcp_state, TcpState::Closed);
+    ok(&t);
+}
+
+#[test]
+fn peer_upsert_with_new_nat_replaces_companions() {
+    let mut tx = SessionTable::default();
+    let h = tx
+        .insert(snat_session::<V4>(RG1, 1, 1000, 1024..=65535), now())
+        .unwrap();
+    let mut s = tx.get(h).unwrap().to_synced(now());
+    let mut rx = SessionTable::default();
+    rx.apply_peer_upsert(&s, now(), None).unwrap();
+    let old_binding = nat_companion(&s.key, &s.reverse).unwrap();
+    s.reverse.dst_port = 2000;
+    assert_eq!(
+        rx.apply_peer_upsert(&s, now(), None),
+        Ok(PeerApply::Replaced)
+    );
+    assert_eq!(rx.lookup_nat_binding(&old_binding), None);
+    assert_eq!(rx.reserved_ports(), 1);
+    assert_eq!(rx.len(), 1);
+    ok(&rx);
+}
+
+#[test]
+fn peer_upsert_evicts_stale_synced_holder_of_its_binding() {
+    // The peer deleted session A (delete lost) and reused A's NAT port for B.
+    let mut rx = SessionTable::default();
+    let mut tx = SessionTable::default();
+    let a = tx
+        .insert(snat_session::<V4>(RG1, 1, 3000, 3000..=3000), now())
+        .unwrap();
+    rx.apply_peer_upsert(&tx.get(a).unwrap().to_synced(now()), now(), None)
+        .unwrap();
+    tx.remove(a, RemoveReason::Closed);
+    let b = tx
+        .insert(snat_session::<V4>(RG1, 2, 3000, 3000..=3000), now())
+        .unwrap();
+    let sb = tx.get(b).unwrap().to_synced(now());
+    assert_eq!(
+        rx.apply_peer_upsert(&sb, now(), None),
+        Ok(PeerApply::Inserted)
+    );
+    assert_eq!(rx.len(), 1);
+    assert_eq!(rx.counters().evicted_by_peer, 1);
+    ok(&rx);
+}
+
+#[test]
+fn peer_times_are_rebased_from_ages() {
+    let mut tx = SessionTable::default();
+    let h = tx
+        .insert(plain_session::<V4>(RG1, 1, 1), Millis(5_000))
+        .unwrap();
+    tx.touch(h, Direction::Forward, 1, Millis(8_000));
+    let s = tx.get(h).unwrap().to_synced(Millis(9_000));
+    assert_eq!((s.age_ms, s.idle_ms), (4_000, 1_000));
+    let mut rx = SessionTable::default();
+    rx.apply_peer_upsert(&s, Millis(100_000), None).unwrap();
+    let r = rx.get(rx.lookup_forward(&s.key).unwrap()).unwrap();
+    assert_eq!((r.created, r.last_seen), (Millis(96_000), Millis(99_000)));
+}
+
+#[test]
+fn reconcile_by_bulk_mark_keeps_marked_sessions() {
+    let mut tx = SessionTable::default();
+    let mut rx = SessionTable::default();
+    let mut all = Vec::new();
+    for i in 0..4 {
+        let h = tx.insert(plain_session::<V6>(RG1, i, 1), now()).unwrap();
+        all.push(tx.get(h).unwrap().to_synced(now()));
+    }
+    for s in &all {
+        rx.apply_peer_upsert(s, now(), None).unwrap();
+    }
+    let mark = BulkMark(7);
+    rx.apply_peer_upsert(&all[0], now(), Some(mark)).unwrap();
+    assert!(rx.mark(&all[1].key, mark));
+    let r = rx.reconcile_rg_marked(RG1, mark);
+    assert_eq!((r.examined, r.deleted), (4, 2));
+    assert!(rx.lookup_forward(&all[0].key).is_some());
+    assert!(rx.lookup_forward(&all[1].key).is_some());
+}
+
+#[test]
+fn promote_and_demote_flip_only_that_rg() {
+    let mut t = SessionTable::default();
+    let mut tx = SessionTable::default();
+    for (i, rg) in [(1, RG1), (2, RG1), (3, RG2)] {
+        let h = tx.insert(plain_session::<V4>(rg, i, 1), now()).unwrap();
+        t.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+            .unwrap();
+    }
+    assert_eq!(t.promote_rg(RG1), 2);
+    assert!(t.is_primary(RG1));
+    let origins: Vec<(RgId, Origin)> = t.iter().map(|(_, r)| (r.owner_rg, r.origin)).collect();
+    assert!(
+        origins
+            .iter()
+            .all(|&(rg, o)| (rg == RG1) == (o == Origin::LocalOwned))
+    );
+    assert_eq!(t.promote_rg(RG1), 0, "idempotent");
+    assert_eq!(t.demote_rg(RG1), 2);
+    assert!(t.iter().all(|(_, r)| r.origin == Origin::PeerSynced));
+}
+
+#[test]
+fn export_cursor_is_stable_while_sessions_are_removed() {
+    let mut t = SessionTable::default();
+    let hs: Vec<_> = (0..100)
+        .map(|i| t.insert(plain_session::<V4>(RG1, i, 1), now()).unwrap())
+        .collect();
+    let mut cur = t.begin_export(RG1);
+    let mut out = Vec::new();
+    assert!(t.export_chunk(&mut cur, 10, now(), &mut out));
+    // Remove sessions already exported: a swap-remove would move unexported
+    // ones into visited slots; holes prevent that.
+    for h in &hs[..10] {
+        t.remove(*h, RemoveReason::Closed);
+    }
+    ok(&t);
+    while t.export_chunk(&mut cur, 7, now(), &mut out) {}
+    t.end_export(cur);
+    assert_eq!(
+        out.len(),
+        100,
+        "every session present at the start is exported once"
+    );
+    let distinct: FxHashSet<SessionKey> = out.iter().map(|s| s.key).collect();
+    assert_eq!(distinct.len(), 100);
+    assert_eq!(t.rg_len(RG1), 90);
+    ok(&t);
+}
+
+#[test]
+fn export_rg_yields_only_that_rg() {
+    let mut t = SessionTable::default();
+    for i in 0..5 {
+        t.insert(
+            plain_session::<V4>(if i < 2 { RG1 } else { RG2 }, i, 1),
+            now(),
+        )
+        .unwrap();
+    }
+    assert_eq!(t.export_rg(RG1).count(), 2);
+    assert!(t.export_rg(RG2).all(|r| r.owner_rg == RG2));
+    assert_eq!(t.rgs(), vec![RG1, RG2]);
+}
+
+#[test]
+fn flush_empties_everything() {
+    let mut t = SessionTable::default();
+    for i in 0..20 {
+        t.insert(snat_session::<V6>(RG1, i, 1, 1024..=65535), now())
+            .unwrap();
+    }
+    assert_eq!(t.flush(), 20);
+    assert_eq!(t.reserved_ports(), 0);
+    assert!(t.rgs().is_empty());
+    ok(&t);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    InsertSnat {
+        client: u8,
+        port: u8,
+        rg: u8,
+        v6: bool,
+    },
+    InsertDnat {
+        client: u8,
+        port: u8,
+        rg: u8,
+        v6: bool,
+    },
+    Delete(u8),
+    Touch(u8),
+    Advance(u16),
+    PeerUpsert {
+        client: u8,
+        port: u8,
+        rg: u8,
+        nat_port: u8,
+    },
+    PeerDelete {
+        client: u8,
+        port: u8,
+    },
+    Reconcile {
+        rg: u8,
+        keep_mod: u8,
+    },
+    Promote(u8),
+    Demote(u8),
+    ExportWalk {
+        rg: u8,
+        remove_during: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (any::<u8>(), 0u8..8, 1u8..4, any::<bool>()).prop_map(|(client, port, rg, v6)| {
+            Op::InsertSnat {
+                client,
+                port,
+                rg,
+                v6,
+            }
+        }),
+        (any::<u8>(), 0u8..8, 1u8..4, any::<bool>()).prop_map(|(client, port, rg, v6)| {
+            Op::InsertDnat {
+                client,
+                port,
+                rg,
+                v6,
+            }
+        }),
+        any::<u8>().prop_map(Op::Delete),
+        any::<u8>().prop_map(Op::Touch),
+        (0u16..5000).prop_map(Op::Advance),
+        (any::<u8>(), 0u8..8, 1u8..4, 0u8..16).prop_map(|(client, port, rg, nat_port)| {
+            Op::PeerUpsert {
+                client,
+                port,
+                rg,
+                nat_port,
+            }
+        }),
+        (any::<u8>(), 0u8..8).prop_map(|(client, port)| Op::PeerDelete { client, port }),
+        (1u8..4, 1u8..4).prop_map(|(rg, keep_mod)| Op::Reconcile { rg, keep_mod }),
+        (1u8..4).prop_map(Op::Promote),
+        (1u8..4).prop_map(Op::Demote),
+        (1u8..4, any::<u8>()).prop_map(|(rg, remove_during)| Op::ExportWalk { rg, remove_during }),
+    ]
+}
+
+fn nth_handle(t: &SessionTable, n: u8) -> Option<SessionHandle> {
+    let len = t.len();
+    (len > 0)
+        .then(|| t.iter().nth(usize::from(n) % len).map(|(h, _)| h))
+        .flatten()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random insert/delete/expire/reconcile/sync sequences never leave an
+    /// orphan index entry, a leaked port or a session without companions.
+    #[test]
+    fn random_operations_never_leave_orphan_index_entries(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut t = SessionTable::new(TableConfig {
+            capacity: 64,
+            timeouts: Timeouts { tcp_opening_ms: 3_000, ..Timeouts::default() },
+            wheel_tick_ms: 100,
+            wheel_buckets: 16,
+        });
+        let mut clock = now();
+        for op in ops {
+            match op {
+                Op::InsertSnat { client, port, rg, v6 } => {
+                    let s = if v6 {
+                        snat_session::<V6>(RgId(rg.into()), client.into(), port.into(), 100..=103)
+                    } else {
+                        snat_session::<V4>(RgId(rg.into()), client.into(), port.into(), 100..=103)
+                    };
+                    let _ = t.insert(s, clock);
+                }
+                Op::InsertDnat { client, port, rg, v6 } => {
+                    let s = if v6 {
+                        dnat_session::<V6>(RgId(rg.into()), client.into(), port.into())
+                    } else {
+                        dnat_session::<V4>(RgId(rg.into()), client.into(), port.into())
+                    };
+                    let _ = t.insert(s, clock);
+                }
+                Op::Delete(n) => {
+                    if let Some(h) = nth_handle(&t, n) {
+                        prop_assert!(t.remove(h, RemoveReason::Closed).is_some());
+                    }
+                }
+                Op::Touch(n) => {
+                    if let Some(h) = nth_handle(&t, n) {
+                        t.touch(h, Direction::Forward, 60, clock);
+                    }
+                }
+                Op::Advance(ms) => {
+                    clock = Millis(clock.0 + u64::from(ms));
+                    t.expire(clock, |_| {});
+                }
+                Op::PeerUpsert { client, port, rg, nat_port } => {
+                    let k = key::<V4>(client.into(), port.into(), 1, 443);
+                    let s = SyncedSession {
+                        key: k,
+                        reverse: reverse_key(&k, UNTRUST, Nat { snat: Some((V4::nat_addr(), 100 + u16::from(nat_port))), dnat: None }),
+                        owner_rg: RgId(rg.into()),
+                        ingress_if: InterfaceId(1),
+                        egress_if: InterfaceId(2),
+                        policy: PolicyId(1),
+                        tcp_state: TcpState::Established,
+                        timeout_ms: 2_000,
+                        age_ms: 10,
+                        idle_ms: 5,
+                        counters: FlowCounters::default(),
+                    };
+                    let _ = t.apply_peer_upsert(&s, clock, None);
+                }
+                Op::PeerDelete { client, port } => {
+                    let _ = t.apply_peer_delete(&key::<V4>(client.into(), port.into(), 1, 443));
+                }
+                Op::Reconcile { rg, keep_mod } => {
+                    let r = t.reconcile_rg(RgId(rg.into()), |r| r.key.src_port % u16::from(keep_mod) == 0);
+                    prop_assert!(r.deleted <= r.examined);
+                }
+                Op::Promote(rg) => { t.promote_rg(RgId(rg.into())); }
+                Op::Demote(rg) => { t.demote_rg(RgId(rg.into())); }
+                Op::ExportWalk { rg, remove_during } => {
+                    let rg = RgId(rg.into());
+                    let before = t.rg_len(rg);
+                    let mut cur = t.begin_export(rg);
+                    let mut out = Vec::new();
+                    let mut more = t.export_chunk(&mut cur, 3, clock, &mut out);
+                    if let Some(h) = nth_handle(&t, remove_during) {
+                        t.remove(h, RemoveReason::Closed);
+                    }
+                    prop_assert!(t.verify_invariants().is_ok());
+                    while more {
+                        more = t.export_chunk(&mut cur, 3, clock, &mut out);
+                    }
+                    t.end_export(cur);
+                    prop_assert!(out.len() >= before.saturating_sub(1) && out.len() <= before);
+                }
+            }
+            if let Err(e) = t.verify_invariants() {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+        // Everything eventually expires and leaves nothing behind.
+        t.expire(Millis(clock.0 + 10_000_000), |_| {});
+        prop_assert_eq!(t.len(), 0);
+        prop_assert_eq!(t.reserved_ports(), 0);
+        prop_assert!(t.verify_invariants().is_ok());
+    }
+}
