@@ -4,4 +4,5 @@
 //! Never does: network sync, election. Those live in `tandem-cluster`, which
 //! drives this crate through plain method calls.
 
+pub mod alloc;
 pub mod session;

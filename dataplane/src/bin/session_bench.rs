@@ -5,44 +5,19 @@
 //! prints one `{"name":..,"value":..,"unit":..}` object per line.
 
 use rustc_hash::FxHashSet;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+use tandem_dataplane::alloc::{TandemAlloc, live_bytes};
 use tandem_dataplane::session::{
     Addr, BulkMark, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey,
     SessionRecord, SessionTable, SnatRequest, SyncedSession, TableConfig, TcpState, ZoneId, proto,
 };
 use tandem_proto::RgId;
 
-/// Counts live heap bytes so bytes-per-session is measured, not estimated.
-struct CountingAlloc;
-
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
+static GLOBAL: TandemAlloc = TandemAlloc;
 
 const RG1: RgId = RgId(1);
 const NAT_ADDRS: u32 = 32;
@@ -155,6 +130,19 @@ fn ns_per(start: Instant, ops: usize) -> f64 {
     start.elapsed().as_nanos() as f64 / ops as f64
 }
 
+/// Transparent huge pages backing this process (context for the lookup
+/// figures: with 4 KiB pages most random lookups also miss the TLB).
+fn anon_huge_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("AnonHugePages:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 fn fill(n: usize, now: Millis) -> SessionTable {
     let mut t = SessionTable::new(TableConfig {
         capacity: n,
@@ -179,13 +167,14 @@ fn main() {
     let now = Millis(10_000);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
-    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let before = live_bytes();
     let start = Instant::now();
     let mut table = fill(n, now);
     out.emit("insert_ns", ns_per(start, n), "ns");
-    let bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    let bytes = live_bytes() - before;
     out.emit("sessions", n as f64, "count");
     out.emit("bytes_per_session", bytes as f64 / n as f64, "bytes");
+    out.emit("anon_huge_page_mib", anon_huge_mib(), "MiB");
 
     let mut fwd_keys: Vec<SessionKey> = table.iter().map(|(_, r)| r.key).collect();
     let mut rev_keys: Vec<SessionKey> = table.iter().map(|(_, r)| r.reverse).collect();
@@ -230,10 +219,10 @@ fn main() {
     out.emit("lookup_reverse_nat_single_ns", rev_single, "ns");
 
     // Baseline: the obvious std map of key to record, same keys, same order.
-    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let before = live_bytes();
     let baseline: HashMap<SessionKey, SessionRecord> =
         table.iter().map(|(_, r)| (r.key, r.clone())).collect();
-    let baseline_bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    let baseline_bytes = live_bytes() - before;
     let base = median(args.rounds, || {
         let start = Instant::now();
         for k in &fwd_keys {

@@ -453,7 +453,7 @@ impl SessionTable {
             }
             for (o, t) in out.iter_mut().zip(tags) {
                 *o = index.candidate(t).map(|h| {
-                    prefetch(self.slab.get(h as usize));
+                    self.prefetch_key(h, &key_of);
                     SessionHandle(h)
                 });
             }
@@ -468,6 +468,33 @@ impl SessionTable {
                 }
             }
         }
+    }
+
+    /// The record of a handle taken from an index or an RG list, located
+    /// without reading it: `Slab::get` reads the slot's tag, which would
+    /// stall on the very miss a prefetch is meant to hide.
+    #[inline]
+    fn slot_unread(&self, h: u32) -> &SessionRecord {
+        debug_assert!(self.slab.contains(h as usize));
+        // SAFETY: every handle in an index or an RG list names an occupied
+        // slot: `commit` fills the slot before linking it and
+        // `remove_handle` unlinks it before freeing it (checked by
+        // `verify_invariants` and the property test).
+        unsafe { self.slab.get_unchecked(h as usize) }
+    }
+
+    #[inline]
+    fn prefetch_slot(&self, h: u32) {
+        prefetch(Some(self.slot_unread(h)));
+    }
+
+    /// Starts loading the key a burst will compare; both ends, as it may
+    /// straddle cache lines.
+    #[inline]
+    fn prefetch_key(&self, h: u32, key_of: impl Fn(&SessionRecord) -> &SessionKey) {
+        let key = key_of(self.slot_unread(h));
+        prefetch(Some(key));
+        prefetch(Some(&key.zone));
     }
 
     /// A packet's key in either direction.
@@ -507,10 +534,7 @@ impl SessionTable {
     /// Creates a local session with all its companions, or nothing.
     pub fn insert(&mut self, s: NewSession, now: Millis) -> Result<SessionHandle, InsertError> {
         self.try_insert(s, now)
-            .map(|h| {
-                self.counters.inserted_local += 1;
-                h
-            })
+            .inspect(|_| self.counters.inserted_local += 1)
             .map_err(|e| self.counters.refuse(e))
     }
 
@@ -525,11 +549,9 @@ impl SessionTable {
         if self.slab.len() >= self.cfg.capacity {
             return Err(InsertError::Capacity);
         }
-        if self.lookup_forward(&s.key).is_some() {
-            return Err(InsertError::ForwardExists);
-        }
         // The port reservation is the only side effect before commit; every
-        // failure after it releases it.
+        // failure after it releases it. It comes first so that all three
+        // index probes can be started together and their misses overlap.
         let mut reserved = None;
         let snat = match &s.snat {
             None => None,
@@ -553,7 +575,14 @@ impl SessionTable {
             Some(req) => Some((req.addr, s.key.src_port)),
         };
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
-        let conflict = if self.lookup_reverse(&reverse).is_some() {
+        self.fwd.prefetch(Tag::of(&s.key));
+        self.rev.prefetch(Tag::of(&reverse));
+        if let Some(b) = reserved {
+            self.nat.prefetch(Tag::of(&b));
+        }
+        let conflict = if self.lookup_forward(&s.key).is_some() {
+            Some(InsertError::ForwardExists)
+        } else if self.lookup_reverse(&reverse).is_some() {
             Some(InsertError::ReverseExists)
         } else if reserved.is_some_and(|b| self.lookup_nat_binding(&b).is_some()) {
             Some(InsertError::NatBindingExists)
@@ -666,12 +695,28 @@ impl SessionTable {
             let r = &self.slab[h as usize];
             (r.key, r.reverse, r.owner_rg, r.rg_slot)
         };
-        if let Some(b) = nat_companion(&key, &reverse) {
+        let binding = nat_companion(&key, &reverse);
+        let (fwd_tag, rev_tag) = (Tag::of(&key), Tag::of(&reverse));
+        // Start every independent load now so the misses overlap.
+        self.fwd.prefetch(fwd_tag);
+        self.rev.prefetch(rev_tag);
+        if let Some(b) = binding {
+            self.nat.prefetch(Tag::of(&b));
+        }
+        if let Some(m) = self.rgs.get(&owner_rg) {
+            prefetch(m.handles.get(rg_slot as usize));
+            if let Some(&last) = m.handles.last()
+                && last != HOLE
+            {
+                self.prefetch_slot(last);
+            }
+        }
+        if let Some(b) = binding {
             self.nat.remove(Tag::of(&b), h);
             self.ports.release(b);
         }
-        self.rev.remove(Tag::of(&reverse), h);
-        self.fwd.remove(Tag::of(&key), h);
+        self.rev.remove(rev_tag, h);
+        self.fwd.remove(fwd_tag, h);
         self.unlink_rg(owner_rg, rg_slot);
         self.counters.removed[reason as usize] += 1;
         self.slab.remove(h as usize)

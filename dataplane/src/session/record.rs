@@ -156,7 +156,11 @@ impl Nat {
 /// One session. Public fields are read-only from outside the table (the
 /// table hands out `&SessionRecord`); mutations go through table methods so
 /// the indexes stay consistent.
+///
+/// `repr(C)` keeps the two keys at the front, where a burst lookup's
+/// prefetch lands; the compiler would otherwise put the u64 fields first.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub struct SessionRecord {
     /// First packet as it arrived (pre-translation, ingress zone).
     pub key: SessionKey,

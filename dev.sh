@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Tandem's two entry points on a fresh Debian machine (run as root):
+#   ./dev.sh demo   the main job
+#   ./dev.sh test   every check CI runs: fmt, clippy, all tests, bench smoke
+# Both install their own prerequisites first (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Build and test prerequisites. clang/llvm/libelf/zlib/m4/pkg-config build
+# the XDP program and libxdp (see docs/ARCHITECTURE.md); iproute2 builds the
+# network-namespace topologies of the root tests and the lab.
+APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool)
+
+log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
+
+install_prerequisites() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        if [[ $(id -u) -ne 0 ]]; then
+            log "missing packages: ${missing[*]}; run as root or install them with apt-get"
+            exit 1
+        fi
+        log "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        # shellcheck disable=SC1091
+        [[ -f "$HOME/.cargo/env" ]] && . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null || { log "cargo not found: install the Rust toolchain (rustup) first"; exit 1; }
+    rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
+}
+
+run_tests() {
+    log "cargo fmt --check"
+    cargo fmt --all -- --check
+    log "cargo clippy -D warnings"
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    log "cargo test (root-only tests run when root, and say why they skip otherwise)"
+    cargo test --workspace --locked
+    log "bench smoke: session-bench at 100k sessions (checks invariants after every phase)"
+    cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 100000 --rounds 1 --json
+}
+
+run_demo() {
+    log "session-bench at 1M sessions vs a std HashMap baseline (the lab demo replaces this)"
+    cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 1000000
+}
+
+install_prerequisites
+case "${1:-}" in
+    test) run_tests ;;
+    demo) shift; run_demo "$@" ;;
+    *) echo "usage: $0 demo|test" >&2; exit 2 ;;
+esac
