@@ -5,4 +5,5 @@
 //! drives this crate through plain method calls.
 
 pub mod alloc;
+pub mod delta;
 pub mod session;

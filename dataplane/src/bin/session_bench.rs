@@ -251,7 +251,7 @@ fn main() {
         let mut exported = 0usize;
         loop {
             chunk.clear();
-            let more = table.export_chunk(&mut cursor, 1024, now, &mut chunk);
+            let more = table.export_chunk(&mut cursor, 1024, now, &mut chunk, |_| true);
             exported += black_box(&chunk).len();
             if !more {
                 break;

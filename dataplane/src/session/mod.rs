@@ -1033,14 +1033,15 @@ impl SessionTable {
         ExportCursor { rg, pos: 0 }
     }
 
-    /// Appends up to `max` sessions to `out` in peer form; false when the
-    /// walk is complete.
+    /// Appends up to `max` sessions for which `keep` holds to `out` in peer
+    /// form; false when the walk is complete.
     pub fn export_chunk(
         &self,
         cursor: &mut ExportCursor,
         max: usize,
         now: Millis,
         out: &mut Vec<SyncedSession>,
+        keep: impl Fn(&SessionRecord) -> bool,
     ) -> bool {
         let Some(m) = self.rgs.get(&cursor.rg) else {
             return false;
@@ -1050,8 +1051,11 @@ impl SessionTable {
             let h = m.handles[cursor.pos];
             cursor.pos += 1;
             if h != HOLE {
-                out.push(self.slab[h as usize].to_synced(now));
-                taken += 1;
+                let r = &self.slab[h as usize];
+                if keep(r) {
+                    out.push(r.to_synced(now));
+                    taken += 1;
+                }
             }
         }
         cursor.pos < m.handles.len()

@@ -594,14 +594,14 @@ fn export_cursor_is_stable_while_sessions_are_removed() {
         .collect();
     let mut cur = t.begin_export(RG1);
     let mut out = Vec::new();
-    assert!(t.export_chunk(&mut cur, 10, now(), &mut out));
+    assert!(t.export_chunk(&mut cur, 10, now(), &mut out, |_| true));
     // Remove sessions already exported: a swap-remove would move unexported
     // ones into visited slots; holes prevent that.
     for h in &hs[..10] {
         t.remove(*h, RemoveReason::Closed);
     }
     ok(&t);
-    while t.export_chunk(&mut cur, 7, now(), &mut out) {}
+    while t.export_chunk(&mut cur, 7, now(), &mut out, |_| true) {}
     t.end_export(cur);
     assert_eq!(
         out.len(),
@@ -802,13 +802,13 @@ proptest! {
                     let before = t.rg_len(rg);
                     let mut cur = t.begin_export(rg);
                     let mut out = Vec::new();
-                    let mut more = t.export_chunk(&mut cur, 3, clock, &mut out);
+                    let mut more = t.export_chunk(&mut cur, 3, clock, &mut out, |_| true);
                     if let Some(h) = nth_handle(&t, remove_during) {
                         t.remove(h, RemoveReason::Closed);
                     }
                     prop_assert!(t.verify_invariants().is_ok());
                     while more {
-                        more = t.export_chunk(&mut cur, 3, clock, &mut out);
+                        more = t.export_chunk(&mut cur, 3, clock, &mut out, |_| true);
                     }
                     t.end_export(cur);
                     prop_assert!(out.len() >= before.saturating_sub(1) && out.len() <= before);

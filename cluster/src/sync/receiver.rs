@@ -1,0 +1,384 @@
+//! The receiving side of one RG's replication stream, without I/O.
+//!
+//! Applies delta batches and bulk chunks to the local table in stream
+//! order, acknowledges only what is applied, fences older epochs, detects
+//! sequence gaps, stamps every session a bulk (or a delta during it)
+//! carries, and reconciles at `BulkEnd`. A bulk cut off before its end
+//! deletes nothing.
+
+use super::super::stats::{RgSyncStats, add, inc};
+use crate::wire::{WireError, key_from_wire, session_from_wire};
+use std::fmt;
+use std::sync::Arc;
+use tandem_dataplane::session::{BulkMark, Millis, SessionKey, SessionTable, SyncedSession};
+use tandem_proto::pb::{self, envelope::Msg};
+use tandem_proto::{Epoch, RgId};
+
+/// Why a stream must be closed: the peer sent something that is not a
+/// valid continuation of this RG's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RxError {
+    Invalid(WireError),
+    WrongRg { expected: RgId, got: u32 },
+    Unexpected(&'static str),
+}
+
+impl fmt::Display for RxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RxError::Invalid(e) => write!(f, "invalid session: {e}"),
+            RxError::WrongRg { expected, got } => {
+                write!(f, "frame for rg{got} on the {expected} stream")
+            }
+            RxError::Unexpected(what) => write!(f, "unexpected {what}"),
+        }
+    }
+}
+
+impl std::error::Error for RxError {}
+
+struct InBulk {
+    id: u64,
+    mark: BulkMark,
+    received: u64,
+}
+
+enum Op {
+    Upsert(SyncedSession),
+    Delete(SessionKey),
+}
+
+pub struct RgReceiver {
+    rg: RgId,
+    epoch: Epoch,
+    sender_incarnation: u64,
+    /// Next sequence number expected; `None` while not in sync.
+    expected: Option<u64>,
+    bulk: Option<InBulk>,
+    next_mark: u32,
+    bulk_requested: bool,
+    stats: Arc<RgSyncStats>,
+    ops: Vec<Op>,
+}
+
+impl RgReceiver {
+    pub fn new(rg: RgId, stats: Arc<RgSyncStats>) -> RgReceiver {
+        RgReceiver {
+            rg,
+            epoch: Epoch(0),
+            sender_incarnation: 0,
+            expected: None,
+            bulk: None,
+            next_mark: 1,
+            bulk_requested: false,
+            stats,
+            ops: Vec::new(),
+        }
+    }
+
+    pub fn rg(&self) -> RgId {
+        self.rg
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// In sync: every delta up to `expected - 1` is applied and no bulk is
+    /// half-way.
+    pub fn in_sync(&self) -> bool {
+        self.expected.is_some() && self.bulk.is_none()
+    }
+
+    /// What this node reports in its Hello for this RG.
+    pub fn sync_state(&self) -> pb::RgSyncState {
+        let (applied_epoch, applied_seq) = match self.expected {
+            Some(e) if self.bulk.is_none() => (self.epoch.0, e - 1),
+            _ => (0, 0),
+        };
+        pb::RgSyncState {
+            rg: self.rg.0.into(),
+            epoch: self.epoch.0,
+            role: pb::Role::Secondary as i32,
+            applied_epoch,
+            applied_seq,
+            sender_incarnation: self.sender_incarnation,
+        }
+    }
+
+    /// A connection came up; `peer_incarnation` is from the peer's Hello.
+    pub fn on_connect(&mut self, peer_incarnation: u64) {
+        if peer_incarnation != self.sender_incarnation {
+            self.sender_incarnation = peer_incarnation;
+            self.expected = None;
+        }
+        self.bulk_requested = false;
+    }
+
+    /// The stream or connection ended. An unfinished bulk is abandoned and
+    /// deletes nothing.
+    pub fn on_disconnect(&mut self) {
+        self.abort_bulk();
+        self.bulk_requested = false;
+    }
+
+    /// Drops a half-received bulk: nothing is deleted for it, and the stream
+    /// is no longer a known prefix of the sender's (its BulkBegin reset the
+    /// sequence), so the next connection must bulk again.
+    fn abort_bulk(&mut self) {
+        if self.bulk.take().is_some() {
+            inc(&self.stats.bulks_aborted);
+            self.expected = None;
+        }
+    }
+
+    /// Applies one message of this RG's stream. Returns the messages to send
+    /// back on the control stream (acks, bulk acks, bulk requests).
+    pub fn on_message(
+        &mut self,
+        msg: &Msg,
+        table: &mut SessionTable,
+        local_primary: bool,
+        now: Millis,
+    ) -> Result<Vec<Msg>, RxError> {
+        match msg {
+            Msg::DeltaBatch(b) => self.on_batch(b, table, local_primary, now),
+            Msg::BulkBegin(b) => self.on_bulk_begin(b, local_primary),
+            Msg::BulkChunk(c) => self.on_bulk_chunk(c, table, local_primary, now),
+            Msg::BulkEnd(e) => self.on_bulk_end(e, table, local_primary),
+            _ => Err(RxError::Unexpected("control message on an RG stream")),
+        }
+    }
+
+    fn check_rg(&self, rg: u32) -> Result<(), RxError> {
+        if rg == u32::from(self.rg.0) {
+            Ok(())
+        } else {
+            Err(RxError::WrongRg {
+                expected: self.rg,
+                got: rg,
+            })
+        }
+    }
+
+    /// Fencing and ownership: true if a message of `epoch` may be applied.
+    fn admit(&mut self, epoch: u64, local_primary: bool, n: u64) -> bool {
+        if local_primary {
+            add(&self.stats.dropped_not_secondary, n);
+            return false;
+        }
+        if epoch < self.epoch.0 {
+            add(&self.stats.dropped_stale_epoch, n);
+            return false;
+        }
+        if epoch > self.epoch.0 {
+            // A new primary epoch: what came before is not a prefix of it.
+            self.epoch = Epoch(epoch);
+            self.abort_bulk();
+            self.expected = None;
+        }
+        true
+    }
+
+    fn on_batch(
+        &mut self,
+        b: &pb::DeltaBatch,
+        table: &mut SessionTable,
+        local_primary: bool,
+        now: Millis,
+    ) -> Result<Vec<Msg>, RxError> {
+        self.check_rg(b.rg)?;
+        let n = b.deltas.len() as u64;
+        // Validate the whole batch before applying any of it.
+        let mut ops = std::mem::take(&mut self.ops);
+        ops.clear();
+        for d in &b.deltas {
+            ops.push(match &d.op {
+                Some(pb::delta::Op::Upsert(s)) => {
+                    Op::Upsert(session_from_wire(s).map_err(RxError::Invalid)?)
+                }
+                Some(pb::delta::Op::Delete(k)) => {
+                    Op::Delete(key_from_wire(k).map_err(RxError::Invalid)?)
+                }
+                None => {
+                    return Err(RxError::Invalid(WireError(
+                        "delta without operation".into(),
+                    )));
+                }
+            });
+        }
+        if let Some(Op::Upsert(s)) = ops
+            .iter()
+            .find(|o| matches!(o, Op::Upsert(s) if s.owner_rg != self.rg))
+        {
+            return Err(RxError::Invalid(WireError(format!(
+                "session of {} on the {} stream",
+                s.owner_rg, self.rg
+            ))));
+        }
+        if !self.admit(b.epoch, local_primary, n) {
+            self.ops = ops;
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut skip = 0usize;
+        match self.expected {
+            Some(e) if b.first_seq + n <= e => {
+                add(&self.stats.dropped_duplicate, n);
+                self.ops = ops;
+                return Ok(vec![self.ack(e - 1)]);
+            }
+            Some(e) if b.first_seq < e => {
+                skip = (e - b.first_seq) as usize;
+                add(&self.stats.dropped_duplicate, skip as u64);
+            }
+            Some(e) if b.first_seq > e => {
+                inc(&self.stats.gaps);
+                self.expected = None;
+            }
+            _ => {}
+        }
+        let mark = self.bulk.as_ref().map(|x| x.mark);
+        for op in ops.drain(..).skip(skip) {
+            let ok = match op {
+                Op::Upsert(s) => table.apply_peer_upsert(&s, now, mark).is_ok(),
+                Op::Delete(k) => table.apply_peer_delete(&k).is_ok(),
+            };
+            if ok {
+                inc(&self.stats.deltas_applied);
+            } else {
+                inc(&self.stats.dropped_apply_refused);
+            }
+        }
+        self.ops = ops;
+        match &mut self.expected {
+            Some(e) => {
+                *e = b.first_seq + n;
+                out.push(self.ack(b.first_seq + n - 1));
+            }
+            None => out.extend(self.request_bulk("sequence gap")),
+        }
+        Ok(out)
+    }
+
+    fn ack(&self, seq: u64) -> Msg {
+        Msg::Ack(pb::Ack {
+            rg: self.rg.0.into(),
+            epoch: self.epoch.0,
+            seq,
+        })
+    }
+
+    fn request_bulk(&mut self, reason: &str) -> Option<Msg> {
+        if self.bulk_requested || self.bulk.is_some() {
+            return None;
+        }
+        self.bulk_requested = true;
+        inc(&self.stats.bulk_requests_sent);
+        Some(Msg::BulkRequest(pb::BulkRequest {
+            rg: self.rg.0.into(),
+            epoch: self.epoch.0,
+            reason: reason.to_string(),
+        }))
+    }
+
+    fn on_bulk_begin(
+        &mut self,
+        b: &pb::BulkBegin,
+        local_primary: bool,
+    ) -> Result<Vec<Msg>, RxError> {
+        self.check_rg(b.rg)?;
+        if !self.admit(b.epoch, local_primary, 0) {
+            return Ok(Vec::new());
+        }
+        self.abort_bulk();
+        let mark = BulkMark(self.next_mark);
+        self.next_mark = self.next_mark.checked_add(1).unwrap_or(1);
+        self.bulk = Some(InBulk {
+            id: b.bulk_id,
+            mark,
+            received: 0,
+        });
+        self.expected = Some(b.next_seq);
+        self.bulk_requested = false;
+        Ok(Vec::new())
+    }
+
+    fn current_bulk(&self, id: u64, epoch: u64) -> Result<(), RxError> {
+        match &self.bulk {
+            Some(b) if b.id == id && epoch == self.epoch.0 => Ok(()),
+            _ => Err(RxError::Unexpected(
+                "bulk message outside its BulkBegin/BulkEnd",
+            )),
+        }
+    }
+
+    fn on_bulk_chunk(
+        &mut self,
+        c: &pb::BulkChunk,
+        table: &mut SessionTable,
+        local_primary: bool,
+        now: Millis,
+    ) -> Result<Vec<Msg>, RxError> {
+        self.check_rg(c.rg)?;
+        let sessions = c
+            .sessions
+            .iter()
+            .map(session_from_wire)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RxError::Invalid)?;
+        if let Some(s) = sessions.iter().find(|s| s.owner_rg != self.rg) {
+            return Err(RxError::Invalid(WireError(format!(
+                "bulk session of {} in a {} bulk",
+                s.owner_rg, self.rg
+            ))));
+        }
+        if !self.admit(c.epoch, local_primary, sessions.len() as u64) {
+            return Ok(Vec::new());
+        }
+        self.current_bulk(c.bulk_id, c.epoch)?;
+        let bulk = self.bulk.as_mut().expect("checked");
+        bulk.received += sessions.len() as u64;
+        let mark = Some(bulk.mark);
+        for s in &sessions {
+            if table.apply_peer_upsert(s, now, mark).is_ok() {
+                inc(&self.stats.bulk_sessions_applied);
+            } else {
+                inc(&self.stats.dropped_apply_refused);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn on_bulk_end(
+        &mut self,
+        e: &pb::BulkEnd,
+        table: &mut SessionTable,
+        local_primary: bool,
+    ) -> Result<Vec<Msg>, RxError> {
+        self.check_rg(e.rg)?;
+        if !self.admit(e.epoch, local_primary, 0) {
+            return Ok(Vec::new());
+        }
+        self.current_bulk(e.bulk_id, e.epoch)?;
+        let bulk = self.bulk.take().expect("checked");
+        if bulk.received != e.count {
+            inc(&self.stats.bulk_count_mismatch);
+            self.expected = None;
+            return Ok(self
+                .request_bulk("bulk count mismatch")
+                .into_iter()
+                .collect());
+        }
+        let report = table.reconcile_rg_marked(self.rg, bulk.mark);
+        inc(&self.stats.bulks_received);
+        add(&self.stats.reconcile_deleted, report.deleted);
+        Ok(vec![Msg::BulkAck(pb::BulkAck {
+            rg: self.rg.0.into(),
+            epoch: self.epoch.0,
+            bulk_id: bulk.id,
+            applied: bulk.received,
+            reconciled_deleted: report.deleted,
+        })])
+    }
+}
