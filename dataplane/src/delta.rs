@@ -36,10 +36,13 @@ impl QueueStats {
     }
 }
 
+/// The producing end of one RG's queue.
+type RgQueueTx = (mpsc::Sender<SessionKey>, Arc<QueueStats>);
+
 /// The dataplane's end: cheap to clone, never blocks.
 #[derive(Clone, Default)]
 pub struct DeltaProducer {
-    queues: Arc<FxHashMap<RgId, (mpsc::Sender<SessionKey>, Arc<QueueStats>)>>,
+    queues: Arc<FxHashMap<RgId, RgQueueTx>>,
     unknown_rg: Arc<AtomicU64>,
 }
 
