@@ -11,5 +11,6 @@
 
 pub mod stats;
 pub mod sync;
+pub mod testkit;
 pub mod tls;
 pub mod wire;

@@ -28,6 +28,19 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// True once after a drop: the caller owes this RG a bulk export.
+    pub fn take_needs_bulk(&self) -> bool {
+        self.needs_bulk.swap(false, Ordering::AcqRel)
+    }
+
+    /// Resolves when a drop has marked this RG for bulk.
+    pub async fn bulk_wanted(&self) {
+        if self.needs_bulk.load(Ordering::Acquire) {
+            return;
+        }
+        self.bulk_wanted.notified().await;
+    }
+
     fn drop_one(&self) {
         self.dropped_full.fetch_add(1, Ordering::Relaxed);
         if !self.needs_bulk.swap(true, Ordering::AcqRel) {
@@ -111,15 +124,7 @@ impl DeltaConsumer {
 
     /// True once after a drop: the caller owes this RG a bulk export.
     pub fn take_needs_bulk(&self) -> bool {
-        self.stats.needs_bulk.swap(false, Ordering::AcqRel)
-    }
-
-    /// Resolves when a drop has marked this RG for bulk.
-    pub async fn bulk_wanted(&self) {
-        if self.stats.needs_bulk.load(Ordering::Acquire) {
-            return;
-        }
-        self.stats.bulk_wanted.notified().await;
+        self.stats.take_needs_bulk()
     }
 
     /// Keys waiting in the queue.

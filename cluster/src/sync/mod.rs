@@ -1,8 +1,10 @@
 //! Session replication between the two nodes.
 
+mod node;
 mod receiver;
 mod sender;
 
+pub use node::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncNode, SyncSnapshot, SyncStats, close};
 pub use receiver::{RgReceiver, RxError};
 pub use sender::{BatchInfo, ResumePlan, RgSender};
 

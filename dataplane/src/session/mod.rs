@@ -41,6 +41,29 @@ use std::ops::RangeInclusive;
 use tandem_proto::RgId;
 use wheel::{Wheel, WheelEntry};
 
+/// The table as the daemon shares it between the dataplane worker and the
+/// sync layer. Every holder keeps the lock for one burst or one batch.
+pub type SharedTable = std::sync::Arc<std::sync::Mutex<SessionTable>>;
+
+/// Locks a shared table. A panic while holding the lock cannot leave the
+/// table half-updated (every mutation completes before it can observe an
+/// error), so a poisoned lock is taken over rather than propagated.
+pub fn lock(t: &SharedTable) -> std::sync::MutexGuard<'_, SessionTable> {
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where the table's `now` comes from. Every user of one table must read
+/// the same clock; simulations inject their simulated time.
+pub type Clock = std::sync::Arc<dyn Fn() -> Millis + Send + Sync>;
+
+/// Milliseconds since the first call in this process (CLOCK_MONOTONIC).
+pub fn monotonic_clock() -> Clock {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    // Offset so that time 0 is never a valid "last seen".
+    std::sync::Arc::new(move || Millis(start.elapsed().as_millis() as u64 + 1_000))
+}
+
 /// Default session capacity: inserts beyond it are refused and counted.
 pub const DEFAULT_CAPACITY: usize = 1 << 20;
 

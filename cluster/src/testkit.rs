@@ -1,0 +1,236 @@
+//! Two real sync nodes on loopback (real UDP, real QUIC, mutual TLS), for
+//! integration tests and `sync-bench`. Node 0 dials, node 1 accepts.
+
+use crate::sync::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncNode};
+use crate::tls::{self, GeneratedPki, TlsIdentity};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
+use tandem_dataplane::session::{
+    Clock, Millis, NewSession, SessionKey, SessionTable, SharedTable, SyncedSession, TableConfig,
+    lock, monotonic_clock,
+};
+use tandem_proto::{Epoch, NodeId, RgId};
+use tokio::sync::watch;
+
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct TestNode {
+    pub id: NodeId,
+    pub table: SharedTable,
+    pub producer: DeltaProducer,
+    pub roles: watch::Sender<Arc<RoleMap>>,
+    pub handle: Option<SyncHandle>,
+    pub endpoint: quinn::Endpoint,
+    pub clock: Clock,
+    /// Delta consumers, handed to the sync node when it starts.
+    consumers: Option<Vec<DeltaConsumer>>,
+}
+
+impl TestNode {
+    pub fn sync(&self) -> &SyncHandle {
+        self.handle.as_ref().expect("node started")
+    }
+
+    /// Creates a local session and queues its delta, as the dataplane does.
+    pub fn create(&self, s: NewSession) -> SessionKey {
+        let rg = s.owner_rg;
+        let key = {
+            let mut t = lock(&self.table);
+            let h = t.insert(s, (self.clock)()).expect("test session fits");
+            t.get(h).expect("just inserted").key
+        };
+        self.producer.push(rg, key);
+        key
+    }
+
+    /// Closes a local session and queues its delete.
+    pub fn close(&self, key: &SessionKey) {
+        let rg = {
+            let mut t = lock(&self.table);
+            let h = t.lookup_forward(key).expect("session exists");
+            let rg = t.get(h).expect("live").owner_rg;
+            t.remove(h, tandem_dataplane::session::RemoveReason::Closed);
+            rg
+        };
+        self.producer.push(rg, *key);
+    }
+
+    /// The RG's sessions in peer form, sorted, ages zeroed (they differ by
+    /// when each side is read).
+    pub fn rg_sessions(&self, rg: RgId) -> Vec<SyncedSession> {
+        let now = (self.clock)();
+        let t = lock(&self.table);
+        let mut v: Vec<SyncedSession> = t
+            .export_rg(rg)
+            .map(|r| {
+                let mut s = r.to_synced(now);
+                s.age_ms = 0;
+                s.idle_ms = 0;
+                s
+            })
+            .collect();
+        v.sort_by_key(|s| s.key);
+        v
+    }
+
+    pub fn set_roles(&self, roles: &[(RgId, bool, u64)]) {
+        let map: RoleMap = roles
+            .iter()
+            .map(|&(rg, primary, epoch)| {
+                (
+                    rg,
+                    RgRole {
+                        primary,
+                        epoch: Epoch(epoch),
+                    },
+                )
+            })
+            .collect();
+        {
+            let mut t = lock(&self.table);
+            for &(rg, primary, _) in roles {
+                if primary {
+                    t.promote_rg(rg);
+                } else {
+                    t.demote_rg(rg);
+                }
+            }
+        }
+        self.roles.send_replace(Arc::new(map));
+    }
+}
+
+pub struct Pair {
+    pub pki: GeneratedPki,
+    pub nodes: [TestNode; 2],
+    pub cfgs: [SyncConfig; 2],
+    pub ids: [TlsIdentity; 2],
+}
+
+pub const NAMES: [&str; 2] = ["node0", "node1"];
+
+/// A name the cluster CA also certifies but neither node accepts as peer.
+pub const INTRUDER: &str = "node7";
+
+impl Pair {
+    /// Binds two endpoints on 127.0.0.1 with a fresh PKI; nodes are not
+    /// started yet. `rgs` get delta queues of `queue` keys on both nodes.
+    pub fn new(rgs: &[RgId], queue: usize, table: TableConfig) -> Pair {
+        let pki = tls::generate_pki("test", &[NAMES[0], NAMES[1], INTRUDER]).expect("pki");
+        let ids = [0, 1]
+            .map(|i| tls::identity_from_generated(&pki, NAMES[i], NAMES[1 - i]).expect("identity"));
+        let endpoints = [0, 1].map(|i| {
+            let sc = tls::server_config(&ids[i], IDLE_TIMEOUT).expect("server config");
+            quinn::Endpoint::server(sc, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind")
+        });
+        let addrs = [0, 1].map(|i| endpoints[i].local_addr().expect("addr"));
+        let cfgs = [0, 1].map(|i| {
+            let mut c = SyncConfig::new(
+                NodeId(i as u8),
+                NodeId(1 - i as u8),
+                7,
+                addrs[1 - i],
+                NAMES[1 - i],
+            );
+            c.redial_min = Duration::from_millis(20);
+            c.redial_max = Duration::from_millis(200);
+            c
+        });
+        let mut eps = endpoints.into_iter();
+        let nodes = [0u8, 1].map(|i| {
+            let (producer, consumers) = delta_queues(rgs, queue);
+            TestNode {
+                consumers: Some(consumers),
+                id: NodeId(i),
+                table: Arc::new(Mutex::new(SessionTable::new(table.clone()))),
+                producer,
+                roles: watch::channel(Arc::new(RoleMap::new())).0,
+                handle: None,
+                endpoint: eps.next().expect("two endpoints"),
+                clock: monotonic_clock(),
+            }
+        });
+        Pair {
+            pki,
+            nodes,
+            cfgs,
+            ids,
+        }
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let consumers = n.consumers.take().expect("a node starts once");
+        let client = tls::client_config(&self.ids[i], IDLE_TIMEOUT).expect("client config");
+        n.handle = Some(SyncNode::spawn(
+            self.cfgs[i].clone(),
+            n.endpoint.clone(),
+            client,
+            n.table.clone(),
+            consumers,
+            n.roles.subscribe(),
+            n.clock.clone(),
+        ));
+    }
+
+    /// Waits until both nodes hold identical copies of `rg` (or times out).
+    pub async fn converged(&self, rg: RgId, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.nodes[0].rg_sessions(rg) == self.nodes[1].rg_sessions(rg) {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A TCP session `i` of `rg`, SNATed to the RG's pool 198.51.100.<rg>.
+pub fn snat_session(rg: RgId, i: u32) -> NewSession {
+    use tandem_dataplane::session::*;
+    NewSession {
+        key: SessionKey::new(
+            Ipv4Addr::from(0x0a00_0000 | i),
+            1024 + (i % 50_000) as u16,
+            Ipv4Addr::new(203, 0, 113, 1 + (i % 200) as u8),
+            443,
+            proto::TCP,
+            ZoneId(1),
+        ),
+        egress_zone: ZoneId(2),
+        snat: Some(SnatRequest {
+            addr: Ipv4Addr::from(0xc633_6400 | (u32::from(rg.0) << 4) | (i % 16)).into(),
+            ports: 1024..=65535,
+        }),
+        dnat: None,
+        ingress_if: InterfaceId(1),
+        egress_if: InterfaceId(2),
+        owner_rg: rg,
+        policy: PolicyId(1),
+        tcp_state: TcpState::Established,
+    }
+}
+
+/// Time on the table clock, for tests that build sessions by hand.
+pub fn now(n: &TestNode) -> Millis {
+    (n.clock)()
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
