@@ -3,9 +3,7 @@
 //! session from the network is checked field by field and rejected with a
 //! reason, never truncated or guessed.
 
-use bytes::Bytes;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use tandem_dataplane::session::{
     Addr, FlowCounters, InterfaceId, PolicyId, SessionKey, SyncedSession, TcpState, ZoneId,
 };
@@ -26,21 +24,19 @@ fn bad(what: impl Into<String>) -> WireError {
     WireError(what.into())
 }
 
-fn addr_to_wire(a: &Addr) -> Bytes {
-    match a.ip() {
-        std::net::IpAddr::V4(v4) => Bytes::copy_from_slice(&v4.octets()),
-        std::net::IpAddr::V6(v6) => Bytes::copy_from_slice(&v6.octets()),
-    }
+fn addr_to_wire(a: &Addr) -> (u64, u64) {
+    let (hi, lo) = a.0.split_at(8);
+    (
+        u64::from_be_bytes(hi.try_into().expect("8 bytes")),
+        u64::from_be_bytes(lo.try_into().expect("8 bytes")),
+    )
 }
 
-fn addr_from_wire(b: &[u8], field: &str) -> Result<Addr, WireError> {
-    match b.len() {
-        4 => Ok(Addr::v4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
-        16 => Ok(Addr::v6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(b).expect("16 bytes"),
-        ))),
-        n => Err(bad(format!("{field}: address of {n} bytes (want 4 or 16)"))),
-    }
+fn addr_from_wire(hi: u64, lo: u64) -> Addr {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    Addr(b)
 }
 
 fn narrow<T: TryFrom<u32>>(v: u32, field: &str) -> Result<T, WireError> {
@@ -48,9 +44,13 @@ fn narrow<T: TryFrom<u32>>(v: u32, field: &str) -> Result<T, WireError> {
 }
 
 pub fn key_to_wire(k: &SessionKey) -> pb::FlowKey {
+    let (src_hi, src_lo) = addr_to_wire(&k.src);
+    let (dst_hi, dst_lo) = addr_to_wire(&k.dst);
     pb::FlowKey {
-        src: addr_to_wire(&k.src),
-        dst: addr_to_wire(&k.dst),
+        src_hi,
+        src_lo,
+        dst_hi,
+        dst_lo,
         src_port: k.src_port.into(),
         dst_port: k.dst_port.into(),
         proto: k.proto.into(),
@@ -60,8 +60,8 @@ pub fn key_to_wire(k: &SessionKey) -> pb::FlowKey {
 
 pub fn key_from_wire(k: &pb::FlowKey) -> Result<SessionKey, WireError> {
     let key = SessionKey {
-        src: addr_from_wire(&k.src, "key.src")?,
-        dst: addr_from_wire(&k.dst, "key.dst")?,
+        src: addr_from_wire(k.src_hi, k.src_lo),
+        dst: addr_from_wire(k.dst_hi, k.dst_lo),
         src_port: narrow(k.src_port, "key.src_port")?,
         dst_port: narrow(k.dst_port, "key.dst_port")?,
         proto: narrow(k.proto, "key.proto")?,
@@ -135,6 +135,8 @@ pub fn session_from_wire(s: &pb::Session) -> Result<SyncedSession, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use tandem_dataplane::session::Addr;
 
     fn sample(v6: bool) -> SyncedSession {
         let (a, b): (Addr, Addr) = if v6 {
@@ -178,9 +180,16 @@ mod tests {
     }
 
     #[test]
-    fn v4_addresses_are_four_bytes_on_the_wire() {
-        let w = session_to_wire(&sample(false));
-        assert_eq!(w.key.unwrap().src.len(), 4);
+    fn v4_addresses_omit_the_zero_high_half() {
+        use prost::Message;
+        let w = session_to_wire(&sample(false)).key.unwrap();
+        assert_eq!((w.src_hi, w.dst_hi), (0, 0));
+        // tag + fixed64 for each low half, varints for the rest.
+        assert!(
+            w.encoded_len() <= 2 * 9 + 4 * 4,
+            "{} bytes",
+            w.encoded_len()
+        );
     }
 
     #[test]
@@ -197,8 +206,11 @@ mod tests {
         w.tcp_state = 99;
         assert!(session_from_wire(&w).unwrap_err().0.contains("tcp_state"));
         let mut w = session_to_wire(&sample(false));
-        w.reverse.as_mut().unwrap().dst = Bytes::from_static(&[1, 2, 3]);
-        assert!(session_from_wire(&w).unwrap_err().0.contains("3 bytes"));
+        w.reverse.as_mut().unwrap().dst_hi = 0x2001_0db8_0000_0000;
+        assert!(
+            session_from_wire(&w).unwrap_err().0.contains("families"),
+            "a v6 address in a v4 key"
+        );
         let mut w = session_to_wire(&sample(false));
         w.owner_rg = 0;
         assert!(session_from_wire(&w).is_err());

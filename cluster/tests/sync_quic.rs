@@ -358,8 +358,10 @@ async fn malformed_frames_close_the_connection_and_the_node_keeps_working() {
         first_seq: 1,
         deltas: vec![pb::Delta {
             op: Some(pb::delta::Op::Upsert(pb::Session {
+                // A v6 source with a v4 destination.
                 key: Some(pb::FlowKey {
-                    src: bytes::Bytes::from_static(&[1, 2, 3]),
+                    src_hi: 0x2001_0db8_0000_0000,
+                    dst_lo: 0xffff_0a00_0001,
                     ..Default::default()
                 }),
                 ..Default::default()

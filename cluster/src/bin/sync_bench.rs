@@ -204,7 +204,10 @@ async fn tcp_delta_throughput(n: u32) -> f64 {
         }
     });
     let mut out = BytesMut::new();
-    sender.lock().expect("sender").begin_bulk(clock(), &mut out);
+    sender
+        .lock()
+        .expect("sender")
+        .begin_bulk(clock(), 0, &mut out);
     sender.lock().expect("sender").end_bulk(&mut out);
     wr.write_all(&out).await.expect("write");
     let start = Instant::now();

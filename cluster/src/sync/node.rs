@@ -1028,12 +1028,17 @@ async fn run_bulk(
 ) -> Result<(), Close> {
     let stats = shared.stats.rg(rg);
     let mut out = BytesMut::new();
-    guard(sender).begin_bulk((shared.clock)(), &mut out);
-    inc(&stats.bulks_sent);
+    let (cursor, count_hint) = {
+        let mut t = lock(&shared.table);
+        let hint = t.rg_len(rg) as u64;
+        (t.begin_export(rg), hint)
+    };
     let mut export = ExportGuard {
         table: shared.table.clone(),
-        cursor: Some(lock(&shared.table).begin_export(rg)),
+        cursor: Some(cursor),
     };
+    guard(sender).begin_bulk((shared.clock)(), count_hint, &mut out);
+    inc(&stats.bulks_sent);
     loop {
         // Deltas produced meanwhile go first, in stream order, so a delete
         // after a chunk that carried the session is applied after it.

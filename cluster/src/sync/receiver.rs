@@ -37,6 +37,10 @@ impl fmt::Display for RxError {
 
 impl std::error::Error for RxError {}
 
+/// How many operations ahead of the one being applied the table is told
+/// which index slots will be needed (their cache misses then overlap).
+const PREFETCH_AHEAD: usize = 8;
+
 struct InBulk {
     id: u64,
     mark: BulkMark,
@@ -143,7 +147,7 @@ impl RgReceiver {
     ) -> Result<Vec<Msg>, RxError> {
         match msg {
             Msg::DeltaBatch(b) => self.on_batch(b, table, local_primary, now),
-            Msg::BulkBegin(b) => self.on_bulk_begin(b, local_primary),
+            Msg::BulkBegin(b) => self.on_bulk_begin(b, table, local_primary),
             Msg::BulkChunk(c) => self.on_bulk_chunk(c, table, local_primary, now),
             Msg::BulkEnd(e) => self.on_bulk_end(e, table, local_primary),
             _ => Err(RxError::Unexpected("control message on an RG stream")),
@@ -239,17 +243,27 @@ impl RgReceiver {
             _ => {}
         }
         let mark = self.bulk.as_ref().map(|x| x.mark);
-        for op in ops.drain(..).skip(skip) {
-            let ok = match op {
-                Op::Upsert(s) => table.apply_peer_upsert(&s, now, mark).is_ok(),
-                Op::Delete(k) => table.apply_peer_delete(&k).is_ok(),
+        let (mut applied, mut refused) = (0, 0);
+        for i in skip..ops.len() {
+            if let Some(ahead) = ops.get(i + PREFETCH_AHEAD) {
+                match ahead {
+                    Op::Upsert(s) => table.prefetch_for_upsert(s),
+                    Op::Delete(k) => table.prefetch_for_key(k),
+                }
+            }
+            let ok = match &ops[i] {
+                Op::Upsert(s) => table.apply_peer_upsert(s, now, mark).is_ok(),
+                Op::Delete(k) => table.apply_peer_delete(k).is_ok(),
             };
             if ok {
-                inc(&self.stats.deltas_applied);
+                applied += 1;
             } else {
-                inc(&self.stats.dropped_apply_refused);
+                refused += 1;
             }
         }
+        add(&self.stats.deltas_applied, applied);
+        add(&self.stats.dropped_apply_refused, refused);
+        ops.clear();
         self.ops = ops;
         match &mut self.expected {
             Some(e) => {
@@ -285,6 +299,7 @@ impl RgReceiver {
     fn on_bulk_begin(
         &mut self,
         b: &pb::BulkBegin,
+        table: &mut SessionTable,
         local_primary: bool,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(b.rg)?;
@@ -292,6 +307,12 @@ impl RgReceiver {
             return Ok(Vec::new());
         }
         self.abort_bulk();
+        // Room for the whole bulk up front: no repeated growth mid-bulk.
+        table.reserve(
+            usize::try_from(b.count_hint)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(table.rg_len(self.rg)),
+        );
         let mark = BulkMark(self.next_mark);
         self.next_mark = self.next_mark.checked_add(1).unwrap_or(1);
         self.bulk = Some(InBulk {
@@ -340,13 +361,19 @@ impl RgReceiver {
         let bulk = self.bulk.as_mut().expect("checked");
         bulk.received += sessions.len() as u64;
         let mark = Some(bulk.mark);
-        for s in &sessions {
+        let (mut applied, mut refused) = (0, 0);
+        for (i, s) in sessions.iter().enumerate() {
+            if let Some(ahead) = sessions.get(i + PREFETCH_AHEAD) {
+                table.prefetch_for_upsert(ahead);
+            }
             if table.apply_peer_upsert(s, now, mark).is_ok() {
-                inc(&self.stats.bulk_sessions_applied);
+                applied += 1;
             } else {
-                inc(&self.stats.dropped_apply_refused);
+                refused += 1;
             }
         }
+        add(&self.stats.bulk_sessions_applied, applied);
+        add(&self.stats.dropped_apply_refused, refused);
         Ok(Vec::new())
     }
 

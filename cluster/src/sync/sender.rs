@@ -169,11 +169,13 @@ impl RgSender {
         let mut info = BatchInfo::default();
         let mut seen = FxHashSet::default();
         let mut deltas = Vec::with_capacity(keys.len());
-        for key in keys {
+        let mut handles = vec![None; keys.len()];
+        table.lookup_forward_burst(keys, &mut handles);
+        for (key, h) in keys.iter().zip(handles) {
             if !seen.insert(*key) {
                 continue;
             }
-            let op = match table.lookup_forward(key).and_then(|h| table.get(h)) {
+            let op = match h.and_then(|h| table.get(h)) {
                 None => {
                     info.deletes += 1;
                     pb::delta::Op::Delete(key_to_wire(key))
@@ -234,9 +236,10 @@ impl RgSender {
         }
     }
 
-    /// Starts a bulk export: writes BulkBegin. Unacked batches are dropped
-    /// from replay: the bulk carries the current state of every session.
-    pub fn begin_bulk(&mut self, now: Millis, out: &mut BytesMut) -> u64 {
+    /// Starts a bulk export of about `count_hint` sessions: writes
+    /// BulkBegin. Unacked batches are dropped from replay: the bulk carries
+    /// the current state of every session.
+    pub fn begin_bulk(&mut self, now: Millis, count_hint: u64, out: &mut BytesMut) -> u64 {
         let id = self.next_bulk_id;
         self.next_bulk_id += 1;
         self.replay.clear();
@@ -255,6 +258,7 @@ impl RgSender {
                 epoch: self.epoch.0,
                 bulk_id: id,
                 next_seq: self.next_seq,
+                count_hint,
             }),
             out,
         );

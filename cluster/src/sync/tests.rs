@@ -105,7 +105,7 @@ impl Pair {
     /// Bulk-exports the whole RG (optionally with work between chunks).
     fn bulk(&mut self, rg: RgId, mut between: impl FnMut(&mut Pair)) {
         let mut out = BytesMut::new();
-        self.tx.begin_bulk(NOW, &mut out);
+        self.tx.begin_bulk(NOW, 0, &mut out);
         self.wire.extend_from_slice(&out);
         let mut cur = self.primary.begin_export(rg);
         loop {
@@ -216,7 +216,7 @@ fn interrupted_bulk_deletes_nothing_and_next_bulk_converges() {
     }
     // A bulk that is cut off after its first chunk.
     let mut out = BytesMut::new();
-    p.tx.begin_bulk(NOW, &mut out);
+    p.tx.begin_bulk(NOW, 0, &mut out);
     let mut cur = p.primary.begin_export(RG1);
     p.tx.bulk_chunk(&p.primary, &mut cur, 1, NOW, &mut out);
     p.primary.end_export(cur);
@@ -380,7 +380,7 @@ fn stale_epoch_and_own_rg_deltas_are_dropped_and_counted() {
     // The peer moved to epoch 2; an epoch-1 batch arrives late.
     let mut newer = RgSender::new(RG1, Epoch(2), 77, 1 << 20);
     let mut out = BytesMut::new();
-    newer.begin_bulk(NOW, &mut out);
+    newer.begin_bulk(NOW, 0, &mut out);
     let mut dec = FrameDecoder::default();
     dec.push(&out);
     p.rx.on_message(
@@ -458,6 +458,7 @@ fn bulk_count_mismatch_reconciles_nothing() {
             epoch: 1,
             bulk_id: 9,
             next_seq: 4,
+            count_hint: 5,
         }),
         Msg::BulkEnd(pb::BulkEnd {
             rg: 1,

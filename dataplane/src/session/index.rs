@@ -106,6 +106,22 @@ impl HandleIndex {
         self.find(tag, |_| true)
     }
 
+    /// Makes room for `additional` more entries without growing later.
+    pub fn reserve(&mut self, additional: usize) {
+        let need = self.len + additional;
+        let mut bits = self.bits;
+        while need * 4 > (1usize << bits) * 3 {
+            bits += 1;
+        }
+        if bits != self.bits {
+            let old = std::mem::replace(&mut self.slots, vec![VACANT; 1 << bits]);
+            self.bits = bits;
+            for s in old.into_iter().filter(|s| s.handle != EMPTY) {
+                self.place(s);
+            }
+        }
+    }
+
     pub fn insert(&mut self, tag: Tag, handle: u32) {
         debug_assert_ne!(handle, EMPTY, "handle space exhausted");
         if (self.len + 1) * 4 > self.slots.len() * 3 {
@@ -125,11 +141,7 @@ impl HandleIndex {
     }
 
     fn grow(&mut self) {
-        let old = std::mem::replace(&mut self.slots, vec![VACANT; 1 << (self.bits + 1)]);
-        self.bits += 1;
-        for s in old.into_iter().filter(|s| s.handle != EMPTY) {
-            self.place(s);
-        }
+        self.reserve(self.slots.len() * 3 / 4 + 1 - self.len);
     }
 
     /// Removes exactly this handle's entry; false if it was not there.

@@ -79,6 +79,11 @@ pub struct TableConfig {
     /// Wheel granularity; sessions expire at most one tick late.
     pub wheel_tick_ms: u64,
     pub wheel_buckets: usize,
+    /// Allocate and touch the slab and indexes for `capacity` sessions at
+    /// creation: the daemon's memory is then fixed at start, and no insert
+    /// (a bulk from the peer, a SYN flood) ever waits on growth or on the
+    /// kernel zeroing fresh pages. Off for small tables in tests.
+    pub preallocate: bool,
 }
 
 impl Default for TableConfig {
@@ -88,6 +93,7 @@ impl Default for TableConfig {
             timeouts: Timeouts::default(),
             wheel_tick_ms: 250,
             wheel_buckets: 8192,
+            preallocate: false,
         }
     }
 }
@@ -361,6 +367,40 @@ impl Default for SessionTable {
 
 impl SessionTable {
     pub fn new(cfg: TableConfig) -> SessionTable {
+        let mut t = SessionTable::empty(cfg);
+        if t.cfg.preallocate {
+            t.reserve(t.cfg.capacity);
+            t.prefault_slab();
+        }
+        t
+    }
+
+    /// Writes every slab slot once so its pages are resident.
+    fn prefault_slab(&mut self) {
+        let blank = SessionRecord {
+            key: SessionKey::default(),
+            reverse: SessionKey::default(),
+            created: Millis(0),
+            last_seen: Millis(0),
+            counters: FlowCounters::default(),
+            policy: PolicyId(0),
+            timeout_ms: 0,
+            ingress_if: InterfaceId(0),
+            egress_if: InterfaceId(0),
+            owner_rg: RgId(0),
+            tcp_state: TcpState::None,
+            origin: Origin::PeerSynced,
+            rg_slot: 0,
+            wheel_due: 0,
+            bulk_mark: 0,
+        };
+        while self.slab.len() < self.slab.capacity() {
+            self.slab.insert(blank.clone());
+        }
+        self.slab.clear();
+    }
+
+    fn empty(cfg: TableConfig) -> SessionTable {
         SessionTable {
             slab: Slab::new(),
             fwd: HandleIndex::default(),
@@ -550,6 +590,33 @@ impl SessionTable {
             .flat_map(|m| m.handles.iter())
             .filter(|&&h| h != HOLE)
             .map(|&h| &self.slab[h as usize])
+    }
+
+    /// Makes room for `additional` more sessions (up to the capacity bound)
+    /// so a known burst of inserts (a bulk) does not grow and copy the slab
+    /// and indexes repeatedly.
+    pub fn reserve(&mut self, additional: usize) {
+        let additional = additional.min(self.cfg.capacity.saturating_sub(self.slab.len()));
+        self.slab.reserve(additional);
+        self.fwd.reserve(additional);
+        self.rev.reserve(additional);
+    }
+
+    /// Starts loading the index slots `apply_peer_upsert(s)` will probe.
+    /// Issued a few operations ahead, it overlaps their cache misses.
+    #[inline]
+    pub fn prefetch_for_upsert(&self, s: &SyncedSession) {
+        self.fwd.prefetch(Tag::of(&s.key));
+        self.rev.prefetch(Tag::of(&s.reverse));
+        if let Some(b) = nat_companion(&s.key, &s.reverse) {
+            self.nat.prefetch(Tag::of(&b));
+        }
+    }
+
+    /// Starts loading the forward index slot for `key`.
+    #[inline]
+    pub fn prefetch_for_key(&self, key: &SessionKey) {
+        self.fwd.prefetch(Tag::of(key));
     }
 
     // ----- local inserts and updates -------------------------------------

@@ -737,6 +737,7 @@ proptest! {
             timeouts: Timeouts { tcp_opening_ms: 3_000, ..Timeouts::default() },
             wheel_tick_ms: 100,
             wheel_buckets: 16,
+            preallocate: false,
         });
         let mut clock = now();
         for op in ops {
