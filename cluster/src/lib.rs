@@ -9,6 +9,7 @@
 //! Never does: touch packets. It drives the session table through its
 //! methods.
 
+pub mod election;
 pub mod stats;
 pub mod sync;
 pub mod testkit;
