@@ -222,7 +222,7 @@ impl Duo {
                     }
                 }
             }
-            if now.0 % 10 == 0 {
+            if now.0.is_multiple_of(10) {
                 let a = self.nodes[n].tick(now);
                 self.handle(n, a);
             }
