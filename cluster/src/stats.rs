@@ -107,6 +107,12 @@ counters!(
         /// A message on a stream where it does not belong.
         unexpected_messages,
         heartbeats_received,
+        /// Datagrams that were not a single valid heartbeat frame.
+        bad_datagrams,
+        /// Messages for the election dropped because its queue was full.
+        election_dropped,
+        /// Control messages not sent: disconnected or queue full.
+        control_dropped,
         acks_received,
     }
 );

@@ -12,6 +12,9 @@ use tandem_dataplane::session::{
     lock, monotonic_clock,
 };
 use tandem_proto::{Epoch, NodeId, RgId};
+
+/// The role channel a sync node and its election share.
+pub type RoleChannel = watch::Sender<Arc<RoleMap>>;
 use tokio::sync::watch;
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -20,7 +23,7 @@ pub struct TestNode {
     pub id: NodeId,
     pub table: SharedTable,
     pub producer: DeltaProducer,
-    pub roles: watch::Sender<Arc<RoleMap>>,
+    pub roles: RoleChannel,
     pub handle: Option<SyncHandle>,
     pub endpoint: quinn::Endpoint,
     pub clock: Clock,
@@ -172,6 +175,7 @@ impl Pair {
             consumers,
             n.roles.subscribe(),
             n.clock.clone(),
+            None,
         ));
     }
 
@@ -232,5 +236,101 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two full cluster nodes on loopback: sync (QUIC) plus election with UDP
+/// fabric heartbeats (fab0 and fab1 on 127.0.0.1).
+pub struct ClusterPair {
+    pub pair: Pair,
+    pub clusters: [Option<crate::election::driver::ClusterHandle>; 2],
+}
+
+impl ClusterPair {
+    /// Priorities per node for each RG in `rgs`.
+    pub async fn start(rgs: &[(RgId, u16, u16)], preempt: bool) -> ClusterPair {
+        use crate::election::driver::{DriverConfig, FabricPath, HeartbeatKey, spawn};
+        use crate::election::{ElectionConfig, Path, RgConfig};
+        let ids: Vec<RgId> = rgs.iter().map(|r| r.0).collect();
+        let mut pair = Pair::new(&ids, 1 << 16, TableConfig::default());
+        // Fabric sockets: two paths per node.
+        let mut socks = Vec::new();
+        for _ in 0..4 {
+            socks.push(Arc::new(
+                tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .expect("udp"),
+            ));
+        }
+        let addr = |i: usize| socks[i].local_addr().expect("addr");
+        let mut clusters = [None, None];
+        for n in 0..2 {
+            let (sink_tx, sink_rx) = tokio::sync::mpsc::channel(1024);
+            let node = &mut pair.nodes[n];
+            let client = tls::client_config(&pair.ids[n], IDLE_TIMEOUT).expect("client config");
+            let consumers = node.consumers.take().expect("a node starts once");
+            let handle = SyncNode::spawn(
+                pair.cfgs[n].clone(),
+                node.endpoint.clone(),
+                client,
+                node.table.clone(),
+                consumers,
+                node.roles.subscribe(),
+                node.clock.clone(),
+                Some(sink_tx),
+            );
+            node.handle = Some(handle.clone());
+            let election = ElectionConfig {
+                node: NodeId(n as u8),
+                cluster_id: 7,
+                heartbeat_interval_ms: 100,
+                heartbeat_threshold: 3,
+                startup_grace_ms: 1000,
+                transfer_timeout_ms: 1000,
+                rgs: rgs
+                    .iter()
+                    .map(|&(rg, p0, p1)| {
+                        let mut c = RgConfig::new(rg, if n == 0 { p0 } else { p1 });
+                        c.preempt = preempt;
+                        c.hold_down_ms = 500;
+                        c
+                    })
+                    .collect(),
+                incarnation: n as u64 + 1,
+            };
+            let fabric = vec![
+                FabricPath {
+                    path: Path::Fab0,
+                    socket: socks[2 * n].clone(),
+                    peer: addr(2 * (1 - n)),
+                },
+                FabricPath {
+                    path: Path::Fab1,
+                    socket: socks[2 * n + 1].clone(),
+                    peer: addr(2 * (1 - n) + 1),
+                },
+            ];
+            clusters[n] = Some(spawn(
+                DriverConfig {
+                    election,
+                    fabric,
+                    key: HeartbeatKey::new(b"test key"),
+                },
+                handle,
+                node.table.clone(),
+                node.clock.clone(),
+                node.roles.clone(),
+                sink_rx,
+            ));
+        }
+        ClusterPair { pair, clusters }
+    }
+
+    pub fn cluster(&self, n: usize) -> &crate::election::driver::ClusterHandle {
+        self.clusters[n].as_ref().expect("running")
+    }
+
+    pub fn is_primary(&self, n: usize, rg: RgId) -> bool {
+        self.cluster(n).roles().get(&rg).is_some_and(|r| r.primary)
     }
 }

@@ -34,6 +34,7 @@
 //! odd ones), so two primaries can never share an epoch even after a full
 //! partition; every claim takes the next epoch above any seen.
 
+pub mod driver;
 pub mod duo;
 mod rg;
 #[cfg(test)]

@@ -135,6 +135,10 @@ struct Shared {
     bulk_requests: Mutex<FxHashMap<RgId, Arc<Notify>>>,
     connected: watch::Sender<bool>,
     current: Mutex<Option<Connection>>,
+    /// The control writer of the current connection.
+    control: Mutex<Option<mpsc::Sender<Msg>>>,
+    /// Where heartbeats and failover messages from the peer go (election).
+    election_sink: Option<mpsc::Sender<Msg>>,
 }
 
 fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -289,6 +293,28 @@ impl SyncHandle {
         self.shared.bulk_request(rg).notify_one();
     }
 
+    /// Queues a message on the control stream (failover messages). False
+    /// when not connected or the control queue is full (counted).
+    pub fn send_control(&self, msg: Msg) -> bool {
+        let tx = guard(&self.shared.control).clone();
+        let sent = tx.is_some_and(|tx| tx.try_send(msg).is_ok());
+        if !sent {
+            inc(&self.shared.stats.conn.control_dropped);
+        }
+        sent
+    }
+
+    /// Sends one unreliable datagram (a heartbeat) on the connection.
+    pub fn send_datagram(&self, msg: Msg) -> bool {
+        let conn = guard(&self.shared.current).clone();
+        let Some(conn) = conn.filter(|c| c.close_reason().is_none()) else {
+            return false;
+        };
+        let mut out = BytesMut::new();
+        encode_frame(&pb::Envelope { msg: Some(msg) }, &mut out);
+        conn.send_datagram(out.freeze()).is_ok()
+    }
+
     /// Drops the current connection (operator "reset sync"; tests use it to
     /// cut a bulk short). The dialing side reconnects.
     pub fn disconnect(&self) {
@@ -317,6 +343,7 @@ impl SyncNode {
         consumers: Vec<DeltaConsumer>,
         roles: watch::Receiver<Arc<RoleMap>>,
         clock: Clock,
+        election_sink: Option<mpsc::Sender<Msg>>,
     ) -> SyncHandle {
         let consumers = consumers
             .into_iter()
@@ -334,6 +361,8 @@ impl SyncNode {
             bulk_requests: Mutex::default(),
             connected: watch::channel(false).0,
             current: Mutex::default(),
+            control: Mutex::default(),
+            election_sink,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (conns_tx, conns_rx) = mpsc::channel(4);
@@ -581,6 +610,7 @@ async fn run_connection(shared: Arc<Shared>, conn: Connection, dialed: bool) {
     let remote = conn.remote_address();
     *guard(&shared.current) = Some(conn.clone());
     let result = connection_body(&shared, &conn, dialed).await;
+    *guard(&shared.control) = None;
     for r in guard(&shared.receivers).values_mut() {
         r.on_disconnect();
     }
@@ -654,7 +684,9 @@ async fn connection_body(
     info!(peer = %conn.remote_address(), incarnation = peer_hello.incarnation, "peer connected");
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<Msg>(shared.cfg.control_queue);
+    *guard(&shared.control) = Some(ctl_tx.clone());
     let mut tasks: JoinSet<Result<(), Close>> = JoinSet::new();
+    tasks.spawn(read_datagrams(shared.clone(), conn.clone()));
     tasks.spawn(control_writer(ctl_send, ctl_rx));
     tasks.spawn(control_reader(shared.clone(), ctl_recv));
     tasks.spawn(accept_rg_streams(
@@ -751,7 +783,12 @@ async fn control_reader(shared: Arc<Shared>, mut frames: FrameReader) -> Result<
                 info!(%rg, reason = %r.reason, "peer requested a bulk");
                 s.bulk_request(rg).notify_one();
             }
-            Msg::Heartbeat(_) => inc(&s.stats.conn.heartbeats_received),
+            m @ (Msg::Heartbeat(_) | Msg::FailoverRequest(_) | Msg::FailoverResponse(_)) => {
+                if matches!(m, Msg::Heartbeat(_)) {
+                    inc(&s.stats.conn.heartbeats_received);
+                }
+                to_election(s, m);
+            }
             _ => {
                 inc(&s.stats.conn.unexpected_messages);
                 return Err(Close::protocol("unexpected message on the control stream"));
@@ -762,6 +799,37 @@ async fn control_reader(shared: Arc<Shared>, mut frames: FrameReader) -> Result<
         code: close::SHUTDOWN,
         reason: "peer closed the control stream".into(),
     })
+}
+
+/// Hands a message to the election; a full election queue drops and counts
+/// (heartbeats are periodic, failover requests time out and are retried).
+fn to_election(s: &Shared, m: Msg) {
+    if let Some(sink) = &s.election_sink
+        && sink.try_send(m).is_err()
+    {
+        inc(&s.stats.conn.election_dropped);
+    }
+}
+
+/// Heartbeats on the control link arrive as QUIC datagrams.
+async fn read_datagrams(shared: Arc<Shared>, conn: Connection) -> Result<(), Close> {
+    loop {
+        let d = conn.read_datagram().await.map_err(|e| Close {
+            code: close::SHUTDOWN,
+            reason: format!("datagrams: {e}"),
+        })?;
+        let mut dec = FrameDecoder::default();
+        dec.push(&d);
+        match dec.next_frame() {
+            Ok(Some(pb::Envelope {
+                msg: Some(m @ Msg::Heartbeat(_)),
+            })) => {
+                inc(&shared.stats.conn.heartbeats_received);
+                to_election(&shared, m);
+            }
+            Ok(_) | Err(_) => inc(&shared.stats.conn.bad_datagrams),
+        }
+    }
 }
 
 async fn accept_rg_streams(

@@ -1,0 +1,651 @@
+//! The I/O shell of the election: feeds the state machine with heartbeats
+//! (control link as QUIC datagrams, fab0/fab1 as HMAC-authenticated UDP),
+//! time, sync readiness and operator commands, and carries out its
+//! actions: promote/demote the session table, publish roles (watch for the
+//! sync layer, arc-swap for the dataplane and fabric), send failover
+//! messages, answer the operator.
+//!
+//! Time comes from the injected clock and tokio timers; sockets come from
+//! the caller (`DatagramSocket`), so turmoil runs this unchanged.
+
+use super::{Action, ClusterStatus, Election, Path};
+use crate::sync::{RoleMap, SyncHandle};
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use ring::hmac;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tandem_dataplane::session::{Clock, Millis, SharedTable, lock};
+use tandem_proto::pb::{self, envelope::Msg};
+use tandem_proto::{Epoch, FrameDecoder, NodeId, RgId, encode_frame};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+/// A datagram socket (real UDP or simulated).
+pub trait DatagramSocket: Send + Sync + 'static {
+    fn send_to<'a>(
+        &'a self,
+        buf: &'a [u8],
+        to: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>>;
+    fn recv_from<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a>>;
+}
+
+impl DatagramSocket for tokio::net::UdpSocket {
+    fn send_to<'a>(
+        &'a self,
+        buf: &'a [u8],
+        to: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+        Box::pin(tokio::net::UdpSocket::send_to(self, buf, to))
+    }
+    fn recv_from<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a>> {
+        Box::pin(tokio::net::UdpSocket::recv_from(self, buf))
+    }
+}
+
+/// One fabric heartbeat path: a socket bound on this node's fabric address
+/// and the peer's fabric address.
+pub struct FabricPath {
+    pub path: Path,
+    pub socket: Arc<dyn DatagramSocket>,
+    pub peer: SocketAddr,
+}
+
+const TAG_LEN: usize = 32;
+/// Largest heartbeat datagram accepted (a heartbeat with 255 RGs is ~7 KiB).
+const MAX_HEARTBEAT: usize = 16 * 1024;
+
+/// Authenticates fabric heartbeats: `frame || HMAC-SHA256(key, frame)`.
+#[derive(Clone)]
+pub struct HeartbeatKey(hmac::Key);
+
+impl HeartbeatKey {
+    pub fn new(secret: &[u8]) -> HeartbeatKey {
+        HeartbeatKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+
+    fn seal(&self, hb: pb::Heartbeat) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode_frame(
+            &pb::Envelope {
+                msg: Some(Msg::Heartbeat(hb)),
+            },
+            &mut out,
+        );
+        let tag = hmac::sign(&self.0, &out);
+        out.extend_from_slice(tag.as_ref());
+        out.to_vec()
+    }
+
+    fn open(&self, pkt: &[u8]) -> Option<pb::Heartbeat> {
+        let body_len = pkt.len().checked_sub(TAG_LEN)?;
+        let (body, tag) = pkt.split_at(body_len);
+        hmac::verify(&self.0, body, tag).ok()?;
+        let mut dec = FrameDecoder::new(MAX_HEARTBEAT);
+        dec.push(body);
+        match dec.next_frame() {
+            Ok(Some(pb::Envelope {
+                msg: Some(Msg::Heartbeat(hb)),
+            })) if dec.buffered() == 0 => Some(hb),
+            _ => None,
+        }
+    }
+}
+
+/// Counters of the election shell.
+#[derive(Default, Debug)]
+pub struct DriverStats {
+    pub heartbeats_sent: [AtomicU64; 3],
+    pub heartbeats_received: [AtomicU64; 3],
+    /// Fabric datagrams that failed authentication or decoding.
+    pub heartbeats_rejected: AtomicU64,
+    pub heartbeat_send_errors: AtomicU64,
+    pub promotions: AtomicU64,
+    pub demotions: AtomicU64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DriverSnapshot {
+    pub heartbeats_sent: [u64; 3],
+    pub heartbeats_received: [u64; 3],
+    pub heartbeats_rejected: u64,
+    pub heartbeat_send_errors: u64,
+    pub promotions: u64,
+    pub demotions: u64,
+}
+
+impl DriverStats {
+    pub fn snapshot(&self) -> DriverSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DriverSnapshot {
+            heartbeats_sent: [0, 1, 2].map(|i| l(&self.heartbeats_sent[i])),
+            heartbeats_received: [0, 1, 2].map(|i| l(&self.heartbeats_received[i])),
+            heartbeats_rejected: l(&self.heartbeats_rejected),
+            heartbeat_send_errors: l(&self.heartbeat_send_errors),
+            promotions: l(&self.promotions),
+            demotions: l(&self.demotions),
+        }
+    }
+}
+
+/// A role change, for the daemon's side effects (gratuitous ARP/NA, fabric
+/// map, logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleChange {
+    pub rg: RgId,
+    pub primary: bool,
+    pub epoch: Epoch,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EventRecord {
+    pub at_ms: u64,
+    pub rg: Option<u16>,
+    pub text: String,
+}
+
+/// Bound of the event history kept for `show chassis cluster information`.
+const EVENT_HISTORY: usize = 256;
+
+enum Command {
+    Failover {
+        rg: RgId,
+        target: NodeId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Reset {
+        rg: RgId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Status {
+        reply: oneshot::Sender<(ClusterStatus, Vec<EventRecord>)>,
+    },
+    /// Stop without resigning (a crash, as far as the peer can tell).
+    Stop,
+}
+
+/// Operator and daemon access to a running election.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    commands: mpsc::Sender<Command>,
+    roles: Arc<ArcSwap<RoleMap>>,
+    changes: broadcast::Sender<RoleChange>,
+    stats: Arc<DriverStats>,
+}
+
+impl ClusterHandle {
+    /// `request chassis cluster failover redundancy-group N node M`:
+    /// resolves when the transfer committed or was refused/aborted.
+    pub async fn failover(&self, rg: RgId, target: NodeId) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Failover { rg, target, reply })
+            .await
+            .map_err(|_| "election stopped")?;
+        rx.await.map_err(|_| "election stopped".to_string())?
+    }
+
+    pub async fn reset(&self, rg: RgId) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reset { rg, reply })
+            .await
+            .map_err(|_| "election stopped")?;
+        rx.await.map_err(|_| "election stopped".to_string())?
+    }
+
+    pub async fn status(&self) -> Option<(ClusterStatus, Vec<EventRecord>)> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The current role map (lock-free; what the dataplane reads).
+    pub fn roles(&self) -> Arc<RoleMap> {
+        self.roles.load_full()
+    }
+
+    pub fn role_swap(&self) -> Arc<ArcSwap<RoleMap>> {
+        self.roles.clone()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RoleChange> {
+        self.changes.subscribe()
+    }
+
+    pub fn stats(&self) -> DriverSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops the election loop at once: heartbeats cease, roles stay as
+    /// they are (the peer sees a crash).
+    pub async fn stop(&self) {
+        let _ = self.commands.send(Command::Stop).await;
+    }
+}
+
+pub struct DriverConfig {
+    pub election: super::ElectionConfig,
+    pub fabric: Vec<FabricPath>,
+    pub key: HeartbeatKey,
+}
+
+/// A request forwarded to us by the peer's operator, answered when done.
+struct Forwarded {
+    peer_request: u64,
+    rg: RgId,
+}
+
+struct Driver {
+    election: Election,
+    sync: SyncHandle,
+    table: SharedTable,
+    clock: Clock,
+    roles_tx: watch::Sender<Arc<RoleMap>>,
+    roles: Arc<ArcSwap<RoleMap>>,
+    changes: broadcast::Sender<RoleChange>,
+    stats: Arc<DriverStats>,
+    fabric: Vec<FabricPath>,
+    key: HeartbeatKey,
+    events: VecDeque<EventRecord>,
+    /// Local operator requests by our request id.
+    pending: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    /// Operator requests we forwarded to the peer, by our forward id.
+    forwarded_out: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    next_forward: u64,
+    /// Requests the peer forwarded to us, by our request id.
+    forwarded_in: HashMap<u64, Forwarded>,
+}
+
+/// Starts the election. `roles_tx` is the channel the sync node was given;
+/// `control_rx` receives what the sync node routes to the election.
+pub fn spawn(
+    cfg: DriverConfig,
+    sync: SyncHandle,
+    table: SharedTable,
+    clock: Clock,
+    roles_tx: watch::Sender<Arc<RoleMap>>,
+    control_rx: mpsc::Receiver<Msg>,
+) -> ClusterHandle {
+    let (commands, cmd_rx) = mpsc::channel(64);
+    let roles = Arc::new(ArcSwap::from_pointee(RoleMap::new()));
+    let (changes, _) = broadcast::channel(256);
+    let stats = Arc::new(DriverStats::default());
+    let interval = Duration::from_millis(cfg.election.heartbeat_interval_ms.max(1));
+    let mut d = Driver {
+        election: Election::new(cfg.election),
+        sync,
+        table,
+        clock,
+        roles_tx,
+        roles: roles.clone(),
+        changes: changes.clone(),
+        stats: stats.clone(),
+        fabric: cfg.fabric,
+        key: cfg.key,
+        events: VecDeque::new(),
+        pending: HashMap::new(),
+        forwarded_out: HashMap::new(),
+        next_forward: 1,
+        forwarded_in: HashMap::new(),
+    };
+    d.publish();
+    let (fab_tx, fab_rx) = mpsc::channel(1024);
+    for f in &d.fabric {
+        tokio::spawn(recv_fabric(f.socket.clone(), f.path, fab_tx.clone()));
+    }
+    tokio::spawn(async move { d.run(interval, cmd_rx, control_rx, fab_rx).await });
+    ClusterHandle {
+        commands,
+        roles,
+        changes,
+        stats,
+    }
+}
+
+async fn recv_fabric(
+    socket: Arc<dyn DatagramSocket>,
+    path: Path,
+    tx: mpsc::Sender<(Path, Vec<u8>)>,
+) {
+    let mut buf = vec![0u8; MAX_HEARTBEAT + TAG_LEN];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, _)) => {
+                if tx.send((path, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(path = path.name(), error = %e, "fabric heartbeat socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Driver {
+    fn now(&self) -> Millis {
+        (self.clock)()
+    }
+
+    async fn run(
+        &mut self,
+        interval: Duration,
+        mut cmds: mpsc::Receiver<Command>,
+        mut control: mpsc::Receiver<Msg>,
+        mut fabric: mpsc::Receiver<(Path, Vec<u8>)>,
+    ) {
+        let mut hb = tokio::time::interval(interval);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                c = cmds.recv() => match c {
+                    Some(Command::Stop) | None => return,
+                    Some(c) => self.command(c),
+                },
+                Some(m) = control.recv() => self.control(m),
+                Some((path, pkt)) = fabric.recv() => self.fabric(path, &pkt),
+                _ = hb.tick() => self.send_heartbeats().await,
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now();
+        let mut actions = self.election.tick(now);
+        for rg in self
+            .election
+            .config()
+            .rgs
+            .iter()
+            .map(|r| r.rg)
+            .collect::<Vec<_>>()
+        {
+            let primary = self.roles.load().get(&rg).is_some_and(|r| r.primary);
+            let ready = primary || self.sync.rg_in_sync(rg);
+            actions.extend(self.election.on_sync_ready(rg, ready, now));
+        }
+        self.apply(actions);
+    }
+
+    fn control(&mut self, m: Msg) {
+        let now = self.now();
+        let actions = match m {
+            Msg::Heartbeat(hb) => {
+                self.stats.heartbeats_received[Path::Control as usize]
+                    .fetch_add(1, Ordering::Relaxed);
+                self.election.on_heartbeat(&hb, Path::Control, now)
+            }
+            Msg::FailoverRequest(r) if r.phase == pb::FailoverPhase::Forward as i32 => {
+                self.forwarded_request(&r);
+                Vec::new()
+            }
+            Msg::FailoverResponse(r) if r.phase == pb::FailoverPhase::Forward as i32 => {
+                if let Some(reply) = self.forwarded_out.remove(&r.request_id) {
+                    let _ = reply.send(if r.accepted { Ok(()) } else { Err(r.reason) });
+                }
+                Vec::new()
+            }
+            Msg::FailoverRequest(r) => self.election.on_failover_request(&r, now),
+            Msg::FailoverResponse(r) => self.election.on_failover_response(&r, now),
+            _ => Vec::new(),
+        };
+        self.apply(actions);
+    }
+
+    fn fabric(&mut self, path: Path, pkt: &[u8]) {
+        let Some(hb) = self.key.open(pkt) else {
+            self.stats
+                .heartbeats_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.stats.heartbeats_received[path as usize].fetch_add(1, Ordering::Relaxed);
+        let actions = self.election.on_heartbeat(&hb, path, self.now());
+        self.apply(actions);
+    }
+
+    async fn send_heartbeats(&mut self) {
+        let hb = self.election.heartbeat(Path::Control);
+        if self.sync.send_datagram(Msg::Heartbeat(hb)) {
+            self.stats.heartbeats_sent[Path::Control as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        for i in 0..self.fabric.len() {
+            let path = self.fabric[i].path;
+            let pkt = self.key.seal(self.election.heartbeat(path));
+            let f = &self.fabric[i];
+            match f.socket.send_to(&pkt, f.peer).await {
+                Ok(_) => self.stats.heartbeats_sent[path as usize].fetch_add(1, Ordering::Relaxed),
+                Err(_) => self
+                    .stats
+                    .heartbeat_send_errors
+                    .fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        let now = self.now();
+        match c {
+            Command::Failover { rg, target, reply } => {
+                if target == self.election.node() {
+                    match self.election.request_failover(rg, target, now) {
+                        Ok((id, actions)) => {
+                            self.pending.insert(id, reply);
+                            self.apply(actions);
+                        }
+                        Err(r) => {
+                            let _ = reply.send(Err(r.0));
+                        }
+                    }
+                } else {
+                    // Failover is driven by the target: forward.
+                    let id = self.next_forward;
+                    self.next_forward += 1;
+                    let msg = Msg::FailoverRequest(pb::FailoverRequest {
+                        request_id: id,
+                        rg: rg.0.into(),
+                        target_node: target.0.into(),
+                        phase: pb::FailoverPhase::Forward as i32,
+                        epoch: 0,
+                    });
+                    if self.sync.send_control(msg) {
+                        self.forwarded_out.insert(id, reply);
+                    } else {
+                        let _ =
+                            reply.send(Err(format!("cannot reach {target}: control link down")));
+                    }
+                }
+            }
+            Command::Reset { rg, reply } => match self.election.reset_failover(rg, now) {
+                Ok(actions) => {
+                    self.apply(actions);
+                    let _ = reply.send(Ok(()));
+                }
+                Err(r) => {
+                    let _ = reply.send(Err(r.0));
+                }
+            },
+            Command::Status { reply } => {
+                let _ = reply.send((
+                    self.election.status(now),
+                    self.events.iter().cloned().collect(),
+                ));
+            }
+            Command::Stop => {}
+        }
+    }
+
+    fn forwarded_request(&mut self, r: &pb::FailoverRequest) {
+        let now = self.now();
+        let respond = |sync: &SyncHandle, accepted: bool, reason: String| {
+            sync.send_control(Msg::FailoverResponse(pb::FailoverResponse {
+                request_id: r.request_id,
+                rg: r.rg,
+                accepted,
+                reason,
+                phase: pb::FailoverPhase::Forward as i32,
+                epoch: 0,
+            }));
+        };
+        let Ok(rg) = u16::try_from(r.rg).map(RgId) else {
+            respond(&self.sync, false, format!("rg {} out of range", r.rg));
+            return;
+        };
+        match self
+            .election
+            .request_failover(rg, self.election.node(), now)
+        {
+            Ok((id, actions)) => {
+                self.forwarded_in.insert(
+                    id,
+                    Forwarded {
+                        peer_request: r.request_id,
+                        rg,
+                    },
+                );
+                self.apply(actions);
+            }
+            Err(refusal) => respond(&self.sync, false, refusal.0),
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut roles_changed = false;
+        for a in actions {
+            match a {
+                Action::Promote { rg, epoch, reason } => {
+                    // Sessions become authoritative before forwarding starts.
+                    lock(&self.table).promote_rg(rg);
+                    roles_changed = true;
+                    self.stats.promotions.fetch_add(1, Ordering::Relaxed);
+                    info!(%rg, %epoch, %reason, "primary");
+                    self.record(Some(rg), format!("primary in {epoch}: {reason}"));
+                    let _ = self.changes.send(RoleChange {
+                        rg,
+                        primary: true,
+                        epoch,
+                        reason,
+                    });
+                }
+                Action::Demote { rg, epoch, reason } => {
+                    // Publish first so forwarding stops, then demote sessions.
+                    self.publish();
+                    lock(&self.table).demote_rg(rg);
+                    self.stats.demotions.fetch_add(1, Ordering::Relaxed);
+                    info!(%rg, %epoch, %reason, "secondary");
+                    self.record(Some(rg), format!("secondary in {epoch}: {reason}"));
+                    let _ = self.changes.send(RoleChange {
+                        rg,
+                        primary: false,
+                        epoch,
+                        reason,
+                    });
+                }
+                Action::Send(msg) => {
+                    self.sync.send_control(msg);
+                }
+                Action::FailoverDone {
+                    rg,
+                    request_id,
+                    result,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(result.clone());
+                    }
+                    if let Some(f) = self.forwarded_in.remove(&request_id) {
+                        let (accepted, reason) = match &result {
+                            Ok(()) => (true, String::new()),
+                            Err(e) => (false, e.clone()),
+                        };
+                        self.sync
+                            .send_control(Msg::FailoverResponse(pb::FailoverResponse {
+                                request_id: f.peer_request,
+                                rg: f.rg.0.into(),
+                                accepted,
+                                reason,
+                                phase: pb::FailoverPhase::Forward as i32,
+                                epoch: 0,
+                            }));
+                    }
+                    self.record(
+                        Some(rg),
+                        format!("manual failover {request_id}: {result:?}"),
+                    );
+                }
+                Action::Event { rg, text } => {
+                    info!(rg = rg.map(|r| r.0), "{text}");
+                    self.record(rg, text);
+                }
+            }
+        }
+        if roles_changed {
+            self.publish();
+        }
+        // Epoch adoption on secondaries changes the role map too.
+        let current = self.election.roles();
+        if **self.roles.load() != current {
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        let map = Arc::new(self.election.roles());
+        self.roles.store(map.clone());
+        self.roles_tx.send_replace(map);
+    }
+
+    fn record(&mut self, rg: Option<RgId>, text: String) {
+        if self.events.len() == EVENT_HISTORY {
+            self.events.pop_front();
+        }
+        self.events.push_back(EventRecord {
+            at_ms: self.now().0,
+            rg: rg.map(|r| r.0),
+            text,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fabric_heartbeat_with_wrong_key_or_tampering_is_rejected() {
+        let key = HeartbeatKey::new(b"cluster secret");
+        let hb = pb::Heartbeat {
+            node_id: 1,
+            cluster_id: 7,
+            seq: 9,
+            ..Default::default()
+        };
+        let pkt = key.seal(hb.clone());
+        assert_eq!(key.open(&pkt), Some(hb));
+        assert_eq!(HeartbeatKey::new(b"other").open(&pkt), None);
+        let mut bad = pkt.clone();
+        bad[5] ^= 1;
+        assert_eq!(key.open(&bad), None);
+        assert_eq!(key.open(&pkt[..10]), None);
+        assert_eq!(key.open(&[]), None);
+    }
+}
