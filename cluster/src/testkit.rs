@@ -1,7 +1,7 @@
 //! Two real sync nodes on loopback (real UDP, real QUIC, mutual TLS), for
 //! integration tests and `sync-bench`. Node 0 dials, node 1 accepts.
 
-use crate::sync::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncNode};
+use crate::sync::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncIo, SyncNode};
 use crate::tls::{self, GeneratedPki, TlsIdentity};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -169,13 +169,15 @@ impl Pair {
         let client = tls::client_config(&self.ids[i], IDLE_TIMEOUT).expect("client config");
         n.handle = Some(SyncNode::spawn(
             self.cfgs[i].clone(),
-            n.endpoint.clone(),
-            client,
-            n.table.clone(),
-            consumers,
-            n.roles.subscribe(),
-            n.clock.clone(),
-            None,
+            SyncIo {
+                endpoint: n.endpoint.clone(),
+                client,
+                table: n.table.clone(),
+                consumers,
+                roles: n.roles.subscribe(),
+                clock: n.clock.clone(),
+                election_sink: None,
+            },
         ));
     }
 
@@ -271,13 +273,15 @@ impl ClusterPair {
             let consumers = node.consumers.take().expect("a node starts once");
             let handle = SyncNode::spawn(
                 pair.cfgs[n].clone(),
-                node.endpoint.clone(),
-                client,
-                node.table.clone(),
-                consumers,
-                node.roles.subscribe(),
-                node.clock.clone(),
-                Some(sink_tx),
+                SyncIo {
+                    endpoint: node.endpoint.clone(),
+                    client,
+                    table: node.table.clone(),
+                    consumers,
+                    roles: node.roles.subscribe(),
+                    clock: node.clock.clone(),
+                    election_sink: Some(sink_tx),
+                },
             );
             node.handle = Some(handle.clone());
             let election = ElectionConfig {

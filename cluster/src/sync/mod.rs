@@ -4,7 +4,9 @@ mod node;
 mod receiver;
 mod sender;
 
-pub use node::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncNode, SyncSnapshot, SyncStats, close};
+pub use node::{
+    RgRole, RoleMap, SyncConfig, SyncHandle, SyncIo, SyncNode, SyncSnapshot, SyncStats, close,
+};
 pub use receiver::{RgReceiver, RxError};
 pub use sender::{BatchInfo, ResumePlan, RgSender};
 

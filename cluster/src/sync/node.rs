@@ -329,22 +329,37 @@ impl SyncHandle {
     }
 }
 
+/// What a sync node runs on, all provided by the caller so that tests and
+/// simulations can substitute any part.
+pub struct SyncIo {
+    /// Bound to the control-link address, with a server config (real UDP
+    /// or simulated).
+    pub endpoint: quinn::Endpoint,
+    pub client: quinn::ClientConfig,
+    pub table: SharedTable,
+    /// One per RG this node may be primary for.
+    pub consumers: Vec<DeltaConsumer>,
+    pub roles: watch::Receiver<Arc<RoleMap>>,
+    pub clock: Clock,
+    /// Where the peer's heartbeats and failover messages go.
+    pub election_sink: Option<mpsc::Sender<Msg>>,
+}
+
 /// A node's replication service.
 pub struct SyncNode;
 
 impl SyncNode {
-    /// Starts accepting (and, if configured, dialing) on `endpoint`, which
-    /// the caller built with a server config (real UDP or simulated).
-    pub fn spawn(
-        cfg: SyncConfig,
-        endpoint: quinn::Endpoint,
-        client: quinn::ClientConfig,
-        table: SharedTable,
-        consumers: Vec<DeltaConsumer>,
-        roles: watch::Receiver<Arc<RoleMap>>,
-        clock: Clock,
-        election_sink: Option<mpsc::Sender<Msg>>,
-    ) -> SyncHandle {
+    /// Starts accepting (and, if configured, dialing) on the endpoint.
+    pub fn spawn(cfg: SyncConfig, io: SyncIo) -> SyncHandle {
+        let SyncIo {
+            endpoint,
+            client,
+            table,
+            consumers,
+            roles,
+            clock,
+            election_sink,
+        } = io;
         let consumers = consumers
             .into_iter()
             .map(|c| (c.rg(), Arc::new(tokio::sync::Mutex::new(c))))
