@@ -27,31 +27,20 @@ use tandem_proto::{Epoch, FrameDecoder, NodeId, RgId, encode_frame};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+/// A boxed socket operation.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
 /// A datagram socket (real UDP or simulated).
 pub trait DatagramSocket: Send + Sync + 'static {
-    fn send_to<'a>(
-        &'a self,
-        buf: &'a [u8],
-        to: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>>;
-    fn recv_from<'a>(
-        &'a self,
-        buf: &'a mut [u8],
-    ) -> Pin<Box<dyn Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a>>;
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> IoFuture<'a, usize>;
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> IoFuture<'a, (usize, SocketAddr)>;
 }
 
 impl DatagramSocket for tokio::net::UdpSocket {
-    fn send_to<'a>(
-        &'a self,
-        buf: &'a [u8],
-        to: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + 'a>> {
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> IoFuture<'a, usize> {
         Box::pin(tokio::net::UdpSocket::send_to(self, buf, to))
     }
-    fn recv_from<'a>(
-        &'a self,
-        buf: &'a mut [u8],
-    ) -> Pin<Box<dyn Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a>> {
+    fn recv_from<'a>(&'a self, buf: &'a mut [u8]) -> IoFuture<'a, (usize, SocketAddr)> {
         Box::pin(tokio::net::UdpSocket::recv_from(self, buf))
     }
 }
