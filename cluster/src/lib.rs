@@ -15,3 +15,4 @@ pub mod sync;
 pub mod testkit;
 pub mod tls;
 pub mod wire;
+pub mod witness;

@@ -246,12 +246,19 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
 pub struct ClusterPair {
     pub pair: Pair,
     pub clusters: [Option<crate::election::driver::ClusterHandle>; 2],
+    /// The in-process witness (witness mode); abort it to "partition" it.
+    pub witness: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ClusterPair {
     /// Priorities per node for each RG in `rgs`.
     pub async fn start(rgs: &[(RgId, u16, u16)], preempt: bool) -> ClusterPair {
-        use crate::election::driver::{DriverConfig, FabricPath, HeartbeatKey, spawn};
+        Self::start_with(rgs, preempt, false).await
+    }
+
+    /// As `start`, optionally in witness mode with a witness on loopback.
+    pub async fn start_with(rgs: &[(RgId, u16, u16)], preempt: bool, witness: bool) -> ClusterPair {
+        use crate::election::driver::{ClusterKey, DriverConfig, FabricPath, spawn};
         use crate::election::{ElectionConfig, Path, RgConfig};
         let ids: Vec<RgId> = rgs.iter().map(|r| r.0).collect();
         let mut pair = Pair::new(&ids, 1 << 16, TableConfig::default());
@@ -265,6 +272,26 @@ impl ClusterPair {
             ));
         }
         let addr = |i: usize| socks[i].local_addr().expect("addr");
+        let key = ClusterKey::new(b"test key");
+        // Witness mode: one lease socket per node plus the witness's.
+        let mut lease_socks = Vec::new();
+        let mut witness_task = None;
+        if witness {
+            for _ in 0..3 {
+                lease_socks.push(Arc::new(
+                    tokio::net::UdpSocket::bind("127.0.0.1:0")
+                        .await
+                        .expect("udp"),
+                ));
+            }
+            let w: Arc<dyn crate::election::driver::DatagramSocket> = lease_socks[2].clone();
+            witness_task = Some(tokio::spawn(crate::witness::serve(
+                w,
+                key.clone(),
+                7,
+                monotonic_clock(),
+            )));
+        }
         let mut clusters = [None, None];
         for n in 0..2 {
             let (sink_tx, sink_rx) = tokio::sync::mpsc::channel(1024);
@@ -318,7 +345,17 @@ impl ClusterPair {
                 DriverConfig {
                     election,
                     fabric,
-                    key: HeartbeatKey::new(b"test key"),
+                    key: key.clone(),
+                    witness: witness.then(|| {
+                        let sock: Arc<dyn crate::election::driver::DatagramSocket> =
+                            lease_socks[n].clone();
+                        let cfg = crate::witness::WitnessConfig {
+                            witness: lease_socks[2].local_addr().expect("addr"),
+                            peer: lease_socks[1 - n].local_addr().expect("addr"),
+                            lease_ms: 1000,
+                        };
+                        (sock, cfg)
+                    }),
                 },
                 handle,
                 node.table.clone(),
@@ -327,7 +364,11 @@ impl ClusterPair {
                 sink_rx,
             ));
         }
-        ClusterPair { pair, clusters }
+        ClusterPair {
+            pair,
+            clusters,
+            witness: witness_task,
+        }
     }
 
     pub fn cluster(&self, n: usize) -> &crate::election::driver::ClusterHandle {

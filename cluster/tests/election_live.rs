@@ -113,3 +113,48 @@ async fn crashed_primary_is_replaced_and_sessions_survive() {
         "synced sessions already in the table"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_mode_forwards_only_with_a_majority_lease() {
+    let c = ClusterPair::start_with(&[(RG1, 200, 100)], false, true).await;
+    assert!(
+        eventually(WAIT, || c.is_primary(0, RG1)).await,
+        "node0 forwards once it holds a lease"
+    );
+    // Witness gone: node1's vote is still a majority with node0's own.
+    c.witness.as_ref().unwrap().abort();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(c.is_primary(0, RG1), "two of three voters keep the lease");
+    assert!(!c.is_primary(1, RG1));
+    // node0 crashes: node1 has only its own vote (no witness): it must not
+    // forward, even though its election says primary.
+    c.cluster(0).stop().await;
+    c.pair.nodes[0].sync().shutdown();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!c.is_primary(1, RG1), "no majority, no forwarding");
+    let (status, _) = c.cluster(1).status().await.unwrap();
+    assert_eq!(
+        status.rgs[0].state,
+        tandem_cluster::election::RgState::Primary,
+        "election wants it; the lease forbids it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_mode_survivor_takes_over_after_the_lease_expires() {
+    let c = ClusterPair::start_with(&[(RG1, 200, 100)], false, true).await;
+    assert!(eventually(WAIT, || c.is_primary(0, RG1)).await);
+    c.cluster(0).stop().await;
+    c.pair.nodes[0].sync().shutdown();
+    let start = tokio::time::Instant::now();
+    assert!(
+        eventually(WAIT, || c.is_primary(1, RG1)).await,
+        "witness + own vote"
+    );
+    // Detection (~300 ms) plus the dead node's 1 s lease at the voters.
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "took over before the old lease ran out: {:?}",
+        start.elapsed()
+    );
+}

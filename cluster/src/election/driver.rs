@@ -57,38 +57,44 @@ const TAG_LEN: usize = 32;
 /// Largest heartbeat datagram accepted (a heartbeat with 255 RGs is ~7 KiB).
 const MAX_HEARTBEAT: usize = 16 * 1024;
 
-/// Authenticates fabric heartbeats: `frame || HMAC-SHA256(key, frame)`.
+/// Authenticates datagrams between the cluster's parties (fabric
+/// heartbeats, witness leases): `frame || HMAC-SHA256(key, frame)`.
 #[derive(Clone)]
-pub struct HeartbeatKey(hmac::Key);
+pub struct ClusterKey(hmac::Key);
 
-impl HeartbeatKey {
-    pub fn new(secret: &[u8]) -> HeartbeatKey {
-        HeartbeatKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
+impl ClusterKey {
+    pub fn new(secret: &[u8]) -> ClusterKey {
+        ClusterKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
     }
 
-    fn seal(&self, hb: pb::Heartbeat) -> Vec<u8> {
+    pub fn seal_msg(&self, msg: Msg) -> Vec<u8> {
         let mut out = BytesMut::new();
-        encode_frame(
-            &pb::Envelope {
-                msg: Some(Msg::Heartbeat(hb)),
-            },
-            &mut out,
-        );
+        encode_frame(&pb::Envelope { msg: Some(msg) }, &mut out);
         let tag = hmac::sign(&self.0, &out);
         out.extend_from_slice(tag.as_ref());
         out.to_vec()
     }
 
-    fn open(&self, pkt: &[u8]) -> Option<pb::Heartbeat> {
+    /// The message of an authentic datagram holding exactly one frame.
+    pub fn open_msg(&self, pkt: &[u8]) -> Option<Msg> {
         let body_len = pkt.len().checked_sub(TAG_LEN)?;
         let (body, tag) = pkt.split_at(body_len);
         hmac::verify(&self.0, body, tag).ok()?;
         let mut dec = FrameDecoder::new(MAX_HEARTBEAT);
         dec.push(body);
         match dec.next_frame() {
-            Ok(Some(pb::Envelope {
-                msg: Some(Msg::Heartbeat(hb)),
-            })) if dec.buffered() == 0 => Some(hb),
+            Ok(Some(pb::Envelope { msg: Some(m) })) if dec.buffered() == 0 => Some(m),
+            _ => None,
+        }
+    }
+
+    fn seal(&self, hb: pb::Heartbeat) -> Vec<u8> {
+        self.seal_msg(Msg::Heartbeat(hb))
+    }
+
+    fn open(&self, pkt: &[u8]) -> Option<pb::Heartbeat> {
+        match self.open_msg(pkt)? {
+            Msg::Heartbeat(hb) => Some(hb),
             _ => None,
         }
     }
@@ -230,7 +236,9 @@ impl ClusterHandle {
 pub struct DriverConfig {
     pub election: super::ElectionConfig,
     pub fabric: Vec<FabricPath>,
-    pub key: HeartbeatKey,
+    pub key: ClusterKey,
+    /// Witness mode: a socket for lease traffic and where to send it.
+    pub witness: Option<(Arc<dyn DatagramSocket>, crate::witness::WitnessConfig)>,
 }
 
 /// A request forwarded to us by the peer's operator, answered when done.
@@ -249,7 +257,7 @@ struct Driver {
     changes: broadcast::Sender<RoleChange>,
     stats: Arc<DriverStats>,
     fabric: Vec<FabricPath>,
-    key: HeartbeatKey,
+    key: ClusterKey,
     events: VecDeque<EventRecord>,
     /// Local operator requests by our request id.
     pending: HashMap<u64, oneshot::Sender<Result<(), String>>>,
@@ -258,6 +266,15 @@ struct Driver {
     next_forward: u64,
     /// Requests the peer forwarded to us, by our request id.
     forwarded_in: HashMap<u64, Forwarded>,
+    witness: Option<WitnessState>,
+    /// The last reason given for each RG's role, for change notices.
+    reasons: HashMap<RgId, String>,
+}
+
+struct WitnessState {
+    socket: Arc<dyn DatagramSocket>,
+    cfg: crate::witness::WitnessConfig,
+    leases: crate::witness::LeaseClient,
 }
 
 /// Starts the election. `roles_tx` is the channel the sync node was given;
@@ -275,6 +292,15 @@ pub fn spawn(
     let (changes, _) = broadcast::channel(256);
     let stats = Arc::new(DriverStats::default());
     let interval = Duration::from_millis(cfg.election.heartbeat_interval_ms.max(1));
+    let witness = cfg.witness.map(|(socket, wcfg)| WitnessState {
+        leases: crate::witness::LeaseClient::new(
+            cfg.election.node,
+            cfg.election.cluster_id,
+            wcfg.lease_ms,
+        ),
+        socket,
+        cfg: wcfg,
+    });
     let mut d = Driver {
         election: Election::new(cfg.election),
         sync,
@@ -291,11 +317,24 @@ pub fn spawn(
         forwarded_out: HashMap::new(),
         next_forward: 1,
         forwarded_in: HashMap::new(),
+        witness,
+        reasons: HashMap::new(),
     };
     d.publish();
     let (fab_tx, fab_rx) = mpsc::channel(1024);
     for f in &d.fabric {
-        tokio::spawn(recv_fabric(f.socket.clone(), f.path, fab_tx.clone()));
+        tokio::spawn(recv_datagrams(
+            f.socket.clone(),
+            Source::Fabric(f.path),
+            fab_tx.clone(),
+        ));
+    }
+    if let Some(w) = &d.witness {
+        tokio::spawn(recv_datagrams(
+            w.socket.clone(),
+            Source::Lease,
+            fab_tx.clone(),
+        ));
     }
     tokio::spawn(async move { d.run(interval, cmd_rx, control_rx, fab_rx).await });
     ClusterHandle {
@@ -306,21 +345,28 @@ pub fn spawn(
     }
 }
 
-async fn recv_fabric(
+/// Which socket a datagram came in on.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Fabric(Path),
+    Lease,
+}
+
+async fn recv_datagrams(
     socket: Arc<dyn DatagramSocket>,
-    path: Path,
-    tx: mpsc::Sender<(Path, Vec<u8>)>,
+    source: Source,
+    tx: mpsc::Sender<(Source, Vec<u8>)>,
 ) {
     let mut buf = vec![0u8; MAX_HEARTBEAT + TAG_LEN];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, _)) => {
-                if tx.send((path, buf[..n].to_vec())).await.is_err() {
+                if tx.send((source, buf[..n].to_vec())).await.is_err() {
                     return;
                 }
             }
             Err(e) => {
-                warn!(path = path.name(), error = %e, "fabric heartbeat socket");
+                warn!(?source, error = %e, "heartbeat/lease socket");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -337,7 +383,7 @@ impl Driver {
         interval: Duration,
         mut cmds: mpsc::Receiver<Command>,
         mut control: mpsc::Receiver<Msg>,
-        mut fabric: mpsc::Receiver<(Path, Vec<u8>)>,
+        mut datagrams: mpsc::Receiver<(Source, Vec<u8>)>,
     ) {
         let mut hb = tokio::time::interval(interval);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,7 +397,10 @@ impl Driver {
                     Some(c) => self.command(c),
                 },
                 Some(m) = control.recv() => self.control(m),
-                Some((path, pkt)) = fabric.recv() => self.fabric(path, &pkt),
+                Some((source, pkt)) = datagrams.recv() => match source {
+                    Source::Fabric(path) => self.fabric(path, &pkt),
+                    Source::Lease => self.lease_traffic(&pkt),
+                },
                 _ = hb.tick() => self.send_heartbeats().await,
                 _ = tick.tick() => self.tick(),
             }
@@ -374,6 +423,8 @@ impl Driver {
             actions.extend(self.election.on_sync_ready(rg, ready, now));
         }
         self.apply(actions);
+        // A lease can lapse between events.
+        self.publish_if_changed();
     }
 
     fn control(&mut self, m: Msg) {
@@ -413,7 +464,58 @@ impl Driver {
         self.apply(actions);
     }
 
+    /// A lease request from the peer (this node votes) or a reply to ours.
+    fn lease_traffic(&mut self, pkt: &[u8]) {
+        let now = self.now();
+        let Some(w) = self.witness.as_mut() else {
+            return;
+        };
+        match self.key.open_msg(pkt) {
+            Some(Msg::LeaseRequest(req)) => {
+                let reply = w.leases.voter.on_request(&req, now);
+                let pkt = self.key.seal_msg(Msg::LeaseReply(reply));
+                let (socket, peer) = (w.socket.clone(), w.cfg.peer);
+                tokio::spawn(async move {
+                    let _ = socket.send_to(&pkt, peer).await;
+                });
+            }
+            Some(Msg::LeaseReply(reply)) => {
+                w.leases.on_reply(&reply, now);
+                self.publish_if_changed();
+            }
+            _ => {
+                self.stats
+                    .heartbeats_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Witness mode: ask for (or renew) a lease on every RG the election
+    /// wants this node to forward.
+    async fn request_leases(&mut self) {
+        let now = self.now();
+        let Some(w) = self.witness.as_mut() else {
+            return;
+        };
+        let wanted: Vec<(RgId, Epoch)> = self
+            .election
+            .roles()
+            .iter()
+            .filter(|(_, r)| r.primary)
+            .map(|(rg, r)| (*rg, r.epoch))
+            .collect();
+        for (rg, epoch) in wanted {
+            let req = w.leases.request(rg, epoch, now);
+            let pkt = self.key.seal_msg(Msg::LeaseRequest(req));
+            for to in [w.cfg.witness, w.cfg.peer] {
+                let _ = w.socket.send_to(&pkt, to).await;
+            }
+        }
+    }
+
     async fn send_heartbeats(&mut self) {
+        self.request_leases().await;
         let hb = self.election.heartbeat(Path::Control);
         if self.sync.send_datagram(Msg::Heartbeat(hb)) {
             self.stats.heartbeats_sent[Path::Control as usize].fetch_add(1, Ordering::Relaxed);
@@ -538,6 +640,9 @@ impl Driver {
                 }
                 Action::Demote { rg, epoch, reason } => {
                     // Publish first so forwarding stops, then demote sessions.
+                    if let Some(w) = self.witness.as_mut() {
+                        w.leases.release(rg);
+                    }
                     self.publish();
                     lock(&self.table).demote_rg(rg);
                     self.stats.demotions.fetch_add(1, Ordering::Relaxed);
@@ -591,16 +696,45 @@ impl Driver {
             self.publish();
         }
         // Epoch adoption on secondaries changes the role map too.
-        let current = self.election.roles();
-        if **self.roles.load() != current {
+        self.publish_if_changed();
+    }
+
+    /// The roles to publish: the election's, and in witness mode only the
+    /// RGs this node also holds a majority lease for.
+    fn forwarding_roles(&self) -> RoleMap {
+        let now = self.now();
+        let mut roles = self.election.roles();
+        if let Some(w) = &self.witness {
+            for (rg, r) in roles.iter_mut() {
+                r.primary &= w.leases.held(*rg, now);
+            }
+        }
+        roles
+    }
+
+    fn publish_if_changed(&mut self) {
+        if **self.roles.load() != self.forwarding_roles() {
             self.publish();
         }
     }
 
+    /// Publishes the roles and tells subscribers about every RG whose
+    /// forwarding or epoch changed.
     fn publish(&mut self) {
-        let map = Arc::new(self.election.roles());
-        self.roles.store(map.clone());
-        self.roles_tx.send_replace(map);
+        let map = Arc::new(self.forwarding_roles());
+        let old = self.roles.swap(map.clone());
+        self.roles_tx.send_replace(map.clone());
+        for (rg, r) in map.iter() {
+            if old.get(rg) != Some(r) && (r.primary || old.get(rg).is_some_and(|o| o.primary)) {
+                let reason = self.reasons.get(rg).cloned().unwrap_or_default();
+                let _ = self.changes.send(RoleChange {
+                    rg: *rg,
+                    primary: r.primary,
+                    epoch: r.epoch,
+                    reason,
+                });
+            }
+        }
     }
 
     fn record(&mut self, rg: Option<RgId>, text: String) {
@@ -621,7 +755,7 @@ mod tests {
 
     #[test]
     fn fabric_heartbeat_with_wrong_key_or_tampering_is_rejected() {
-        let key = HeartbeatKey::new(b"cluster secret");
+        let key = ClusterKey::new(b"cluster secret");
         let hb = pb::Heartbeat {
             node_id: 1,
             cluster_id: 7,
@@ -630,7 +764,7 @@ mod tests {
         };
         let pkt = key.seal(hb.clone());
         assert_eq!(key.open(&pkt), Some(hb));
-        assert_eq!(HeartbeatKey::new(b"other").open(&pkt), None);
+        assert_eq!(ClusterKey::new(b"other").open(&pkt), None);
         let mut bad = pkt.clone();
         bad[5] ^= 1;
         assert_eq!(key.open(&bad), None);
