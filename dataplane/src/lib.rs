@@ -5,5 +5,9 @@
 //! drives this crate through plain method calls.
 
 pub mod alloc;
+pub mod config;
+pub mod core;
 pub mod delta;
+pub mod frames;
+pub mod packet;
 pub mod session;

@@ -80,3 +80,15 @@ mod tests {
         assert!(RgId(1).is_data());
     }
 }
+
+/// This node's role for one RG, as the election publishes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RgRole {
+    /// This node forwards the RG's traffic.
+    pub primary: bool,
+    /// The RG's current epoch (the owner's, whichever node that is).
+    pub epoch: Epoch,
+}
+
+/// Every configured RG's role.
+pub type RoleMap = std::collections::BTreeMap<RgId, RgRole>;

@@ -8,7 +8,7 @@ pub mod frame;
 pub mod ids;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME, encode_frame};
-pub use ids::{Epoch, NodeId, RgId};
+pub use ids::{Epoch, NodeId, RgId, RgRole, RoleMap};
 
 /// Generated messages (package `tandem.v1`).
 pub mod pb {

@@ -33,16 +33,7 @@ pub mod close {
     pub const IDENTITY: u32 = 4;
 }
 
-/// This node's role for one RG, as election publishes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RgRole {
-    pub primary: bool,
-    pub epoch: Epoch,
-}
-
-/// Every configured RG's role. Published through a `watch` channel; the
-/// sync layer starts and stops RG streams when it changes.
-pub type RoleMap = BTreeMap<RgId, RgRole>;
+pub use tandem_proto::{RgRole, RoleMap};
 
 #[derive(Clone, Debug)]
 pub struct SyncConfig {

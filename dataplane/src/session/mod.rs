@@ -843,8 +843,9 @@ impl SessionTable {
 
     // ----- expiry --------------------------------------------------------
 
-    /// Removes every session idle past its timeout at `now` (at most one
-    /// wheel tick late), with companions. `on_expired` sees each record
+    /// Removes every locally owned session idle past its timeout at `now`
+    /// (at most one wheel tick late), with companions. Peer-synced copies
+    /// never expire here. `on_expired` sees each record
     /// before it goes, so the caller can emit a delete delta.
     pub fn expire(&mut self, now: Millis, mut on_expired: impl FnMut(&SessionRecord)) -> usize {
         let Some((first, last)) = self.wheel.pending_ticks(now) else {
@@ -866,6 +867,16 @@ impl SessionTable {
                 }
                 if u64::from(e.due) > last {
                     self.wheel.push(e.key, e.due); // a later lap
+                } else if r.origin == Origin::PeerSynced {
+                    // The owner decides when a synced copy goes (its delete
+                    // delta, or a reconcile): a copy only restarts its
+                    // timer, so it has a full timeout left if this node
+                    // takes over.
+                    let r = &mut self.slab[h as usize];
+                    r.last_seen = r.last_seen.max(now);
+                    let due = self.wheel.due_tick_for(now, r.expires_at());
+                    r.wheel_due = due;
+                    self.wheel.push(e.key, due);
                 } else if r.expires_at() <= now {
                     on_expired(r);
                     self.remove_handle(h, RemoveReason::Expired);

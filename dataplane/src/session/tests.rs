@@ -435,6 +435,27 @@ fn shorter_timeout_after_fin_expires_early() {
 }
 
 #[test]
+fn peer_synced_sessions_do_not_expire_on_the_secondary() {
+    let mut tx = SessionTable::default();
+    let h = tx.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
+    let s = tx.get(h).unwrap().to_synced(now());
+    let mut rx = SessionTable::default();
+    rx.apply_peer_upsert(&s, now(), None).unwrap();
+    let later = Millis(now().0 + 10 * u64::from(s.timeout_ms));
+    assert_eq!(rx.expire(later, |_| {}), 0);
+    assert_eq!(rx.len(), 1);
+    // After a takeover the copy is local and has a full timeout left.
+    rx.promote_rg(RG1);
+    let r = rx.get(rx.lookup_forward(&s.key).unwrap()).unwrap();
+    assert!(r.expires_at() > later);
+    assert_eq!(
+        rx.expire(Millis(later.0 + u64::from(s.timeout_ms) + 1000), |_| {}),
+        1
+    );
+    ok(&rx);
+}
+
+#[test]
 fn first_expire_with_large_clock_does_not_walk_from_zero() {
     let mut t = SessionTable::default();
     let big = Millis(u64::MAX / 4);
@@ -819,8 +840,13 @@ proptest! {
                 return Err(TestCaseError::fail(e));
             }
         }
-        // Everything eventually expires and leaves nothing behind.
+        // Every local session eventually expires; only peer-synced copies
+        // (removed by their owner's deletes or a reconcile) remain.
         t.expire(Millis(clock.0 + 10_000_000), |_| {});
+        prop_assert!(t.iter().all(|(_, r)| r.is_peer_synced()));
+        for rg in t.rgs() {
+            t.reconcile_rg(rg, |_| false);
+        }
         prop_assert_eq!(t.len(), 0);
         prop_assert_eq!(t.reserved_ports(), 0);
         prop_assert!(t.verify_invariants().is_ok());

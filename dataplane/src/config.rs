@@ -1,0 +1,586 @@
+//! What the dataplane forwards by: interfaces and zones, reths, policies,
+//! NAT rules and static routes. The daemon deserializes these from its TOML
+//! config; `Compiled` is the lookup form the packet core reads.
+
+use crate::packet::Mac;
+use crate::session::{Addr, InterfaceId, PolicyId, ZoneId};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use tandem_proto::RgId;
+
+/// An address with a prefix length ("10.1.0.1/24", "2001:db8::1/64").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: Addr,
+    /// Length in the address's own family (0..=32 for IPv4).
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn is_v4(&self) -> bool {
+        self.addr.is_v4()
+    }
+
+    /// Length in the 128-bit (mapped) space.
+    fn len128(&self) -> u32 {
+        u32::from(self.len) + if self.is_v4() { 96 } else { 0 }
+    }
+
+    pub fn contains(&self, a: &Addr) -> bool {
+        if a.is_v4() != self.is_v4() {
+            return false;
+        }
+        let bits = self.len128();
+        let (x, y) = (u128::from_be_bytes(self.addr.0), u128::from_be_bytes(a.0));
+        bits == 0 || (x ^ y) >> (128 - bits) == 0
+    }
+
+    pub fn host(addr: Addr) -> Prefix {
+        Prefix {
+            addr,
+            len: if addr.is_v4() { 32 } else { 128 },
+        }
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, ""));
+        let ip: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.parse::<u8>()
+                .map_err(|_| format!("bad prefix length {l:?}"))?
+        };
+        if len > max {
+            return Err(format!("prefix length {len} exceeds {max}"));
+        }
+        Ok(Prefix {
+            addr: ip.into(),
+            len,
+        })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Prefix, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<Mac, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    let mut m = [0u8; 6];
+    for (b, p) in m.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    Ok(m)
+}
+
+pub fn format_mac(m: &Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A redundant interface: one member port per node, addresses and a
+/// virtual MAC owned by whichever node is primary for the RG.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RethConfig {
+    pub rg: u16,
+    /// Shared by both nodes; only the primary sends and answers with it.
+    pub vmac: String,
+    pub vips: Vec<Prefix>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceConfig {
+    /// Logical name (`reth1`, `ge-0/0/1`), shown in the CLI.
+    pub name: String,
+    /// The Linux interface this node forwards on (the reth member here).
+    pub device: String,
+    pub zone: String,
+    /// Addresses this node owns on the interface (not failed over).
+    #[serde(default)]
+    pub addresses: Vec<Prefix>,
+    #[serde(default)]
+    pub reth: Option<RethConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Permit,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub from_zone: String,
+    pub to_zone: String,
+    #[serde(default)]
+    pub source: Vec<Prefix>,
+    #[serde(default)]
+    pub destination: Vec<Prefix>,
+    /// "tcp", "udp", "icmp", "icmp6" or empty for any.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Destination ports "80" or "8000-8080"; empty for any.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    pub action: PolicyAction,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatRule {
+    pub name: String,
+    pub from_zone: String,
+    pub to_zone: String,
+    #[serde(default)]
+    pub source: Vec<Prefix>,
+    /// Translate to this address; absent: the egress interface's address
+    /// (its reth VIP of the same family, else its first address).
+    #[serde(default)]
+    pub pool: Option<Prefix>,
+    #[serde(default = "default_port_low")]
+    pub port_low: u16,
+    #[serde(default = "default_port_high")]
+    pub port_high: u16,
+}
+
+fn default_port_low() -> u16 {
+    1024
+}
+fn default_port_high() -> u16 {
+    65535
+}
+
+/// Static destination NAT (a port forward).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnatRule {
+    pub name: String,
+    pub from_zone: String,
+    /// The public address and port clients connect to.
+    pub destination: Prefix,
+    pub protocol: String,
+    pub port: u16,
+    /// Where it goes.
+    pub to_address: Prefix,
+    pub to_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    pub destination: Prefix,
+    pub gateway: Prefix,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneConfig {
+    pub interfaces: Vec<InterfaceConfig>,
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub snat: Vec<SnatRule>,
+    #[serde(default)]
+    pub dnat: Vec<DnatRule>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+// ----- compiled form ---------------------------------------------------------
+
+pub fn proto_number(name: &str) -> Result<u8, String> {
+    match name {
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        "icmp" => Ok(1),
+        "icmp6" | "ipv6-icmp" => Ok(58),
+        n => n.parse().map_err(|_| format!("unknown protocol {n:?}")),
+    }
+}
+
+fn parse_ports(p: &str) -> Result<(u16, u16), String> {
+    let (a, b) = p.split_once('-').unwrap_or((p, p));
+    let lo: u16 = a.trim().parse().map_err(|_| format!("bad port {p:?}"))?;
+    let hi: u16 = b.trim().parse().map_err(|_| format!("bad port {p:?}"))?;
+    if lo > hi {
+        return Err(format!("port range {p:?} is reversed"));
+    }
+    Ok((lo, hi))
+}
+
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub id: InterfaceId,
+    pub name: String,
+    pub device: String,
+    pub zone: ZoneId,
+    /// This node's MAC on the device (filled in by the I/O shell).
+    pub mac: Mac,
+    pub addresses: Vec<Prefix>,
+    pub reth: Option<(RgId, Mac, Vec<Prefix>)>,
+}
+
+impl Iface {
+    pub fn rg(&self) -> Option<RgId> {
+        self.reth.as_ref().map(|r| r.0)
+    }
+
+    /// The source MAC frames leave with: the reth's virtual MAC, else the
+    /// port's own.
+    pub fn tx_mac(&self) -> Mac {
+        self.reth.as_ref().map_or(self.mac, |r| r.1)
+    }
+
+    /// Every prefix configured on the interface (node and virtual).
+    pub fn prefixes(&self) -> impl Iterator<Item = &Prefix> {
+        self.addresses
+            .iter()
+            .chain(self.reth.iter().flat_map(|r| r.2.iter()))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub id: PolicyId,
+    pub name: String,
+    pub from: ZoneId,
+    pub to: ZoneId,
+    pub source: Vec<Prefix>,
+    pub destination: Vec<Prefix>,
+    pub proto: Option<u8>,
+    pub ports: Vec<(u16, u16)>,
+    pub permit: bool,
+}
+
+impl Policy {
+    pub fn matches(&self, src: &Addr, dst: &Addr, proto: u8, dport: u16) -> bool {
+        (self.source.is_empty() || self.source.iter().any(|p| p.contains(src)))
+            && (self.destination.is_empty() || self.destination.iter().any(|p| p.contains(dst)))
+            && self.proto.is_none_or(|p| p == proto)
+            && (self.ports.is_empty()
+                || self
+                    .ports
+                    .iter()
+                    .any(|&(lo, hi)| (lo..=hi).contains(&dport)))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Snat {
+    pub from: ZoneId,
+    pub to: ZoneId,
+    pub source: Vec<Prefix>,
+    pub pool: Option<Addr>,
+    pub ports: (u16, u16),
+}
+
+#[derive(Clone, Debug)]
+pub struct Dnat {
+    pub from: ZoneId,
+    pub addr: Addr,
+    pub proto: u8,
+    pub port: u16,
+    pub to: Addr,
+    pub to_port: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub dest: Prefix,
+    /// None: directly connected.
+    pub gateway: Option<Addr>,
+    pub iface: InterfaceId,
+}
+
+/// The lookup form of a `DataplaneConfig`.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub ifaces: Vec<Iface>,
+    pub zones: Vec<String>,
+    pub policies: Vec<Policy>,
+    pub snat: Vec<Snat>,
+    pub dnat: Vec<Dnat>,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+impl Compiled {
+    pub fn new(cfg: &DataplaneConfig) -> Result<Compiled, String> {
+        let mut zones: Vec<String> = Vec::new();
+        let mut zone = |name: &str| -> ZoneId {
+            let i = zones.iter().position(|z| z == name).unwrap_or_else(|| {
+                zones.push(name.to_string());
+                zones.len() - 1
+            });
+            ZoneId(i as u16 + 1)
+        };
+        let mut ifaces = Vec::new();
+        for (i, c) in cfg.interfaces.iter().enumerate() {
+            let reth = match &c.reth {
+                None => None,
+                Some(r) => {
+                    if r.rg == 0 {
+                        return Err(format!(
+                            "interface {}: reth redundancy-group must be 1 or more",
+                            c.name
+                        ));
+                    }
+                    let vmac = parse_mac(&r.vmac)
+                        .map_err(|e| format!("interface {}: vmac: {e}", c.name))?;
+                    Some((RgId(r.rg), vmac, r.vips.clone()))
+                }
+            };
+            ifaces.push(Iface {
+                id: InterfaceId(i as u16),
+                name: c.name.clone(),
+                device: c.device.clone(),
+                zone: zone(&c.zone),
+                mac: [0; 6],
+                addresses: c.addresses.clone(),
+                reth,
+            });
+        }
+        let known_zone = |z: &str, what: &str, zones: &[String]| -> Result<ZoneId, String> {
+            zones
+                .iter()
+                .position(|n| n == z)
+                .map(|i| ZoneId(i as u16 + 1))
+                .ok_or_else(|| format!("{what}: zone {z:?} has no interface"))
+        };
+        let mut policies = Vec::new();
+        for (i, p) in cfg.policies.iter().enumerate() {
+            let what = format!("policy {}", p.name);
+            policies.push(Policy {
+                id: PolicyId(i as u32 + 1),
+                name: p.name.clone(),
+                from: known_zone(&p.from_zone, &what, &zones)?,
+                to: known_zone(&p.to_zone, &what, &zones)?,
+                source: p.source.clone(),
+                destination: p.destination.clone(),
+                proto: p
+                    .protocol
+                    .as_deref()
+                    .map(proto_number)
+                    .transpose()
+                    .map_err(|e| format!("{what}: {e}"))?,
+                ports: p
+                    .ports
+                    .iter()
+                    .map(|s| parse_ports(s))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("{what}: {e}"))?,
+                permit: p.action == PolicyAction::Permit,
+            });
+        }
+        let mut snat = Vec::new();
+        for r in &cfg.snat {
+            let what = format!("snat rule {}", r.name);
+            if r.port_low > r.port_high || r.port_low == 0 {
+                return Err(format!(
+                    "{what}: port range {}-{} is invalid",
+                    r.port_low, r.port_high
+                ));
+            }
+            snat.push(Snat {
+                from: known_zone(&r.from_zone, &what, &zones)?,
+                to: known_zone(&r.to_zone, &what, &zones)?,
+                source: r.source.clone(),
+                pool: r.pool.map(|p| p.addr),
+                ports: (r.port_low, r.port_high),
+            });
+        }
+        let mut dnat = Vec::new();
+        for r in &cfg.dnat {
+            let what = format!("dnat rule {}", r.name);
+            if r.destination.is_v4() != r.to_address.is_v4() {
+                return Err(format!(
+                    "{what}: destination and to-address are of different families"
+                ));
+            }
+            dnat.push(Dnat {
+                from: known_zone(&r.from_zone, &what, &zones)?,
+                addr: r.destination.addr,
+                proto: proto_number(&r.protocol).map_err(|e| format!("{what}: {e}"))?,
+                port: r.port,
+                to: r.to_address.addr,
+                to_port: r.to_port,
+            });
+        }
+        let mut routes = Vec::new();
+        for ifc in &ifaces {
+            for p in ifc.prefixes() {
+                let net = Prefix {
+                    addr: network(p),
+                    len: p.len,
+                };
+                routes.push(Route {
+                    dest: net,
+                    gateway: None,
+                    iface: ifc.id,
+                });
+            }
+        }
+        for r in &cfg.routes {
+            let gw = r.gateway.addr;
+            let via = routes
+                .iter()
+                .filter(|rt| rt.gateway.is_none() && rt.dest.contains(&gw))
+                .max_by_key(|rt| rt.dest.len)
+                .map(|rt| rt.iface)
+                .ok_or_else(|| {
+                    format!(
+                        "route {}: gateway {gw} is not on a connected subnet",
+                        r.destination
+                    )
+                })?;
+            routes.push(Route {
+                dest: Prefix {
+                    addr: network(&r.destination),
+                    len: r.destination.len,
+                },
+                gateway: Some(gw),
+                iface: via,
+            });
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.dest.len128()));
+        Ok(Compiled {
+            ifaces,
+            zones,
+            policies,
+            snat,
+            dnat,
+            routes,
+        })
+    }
+
+    pub fn zone_name(&self, z: ZoneId) -> &str {
+        self.zones
+            .get(usize::from(z.0).wrapping_sub(1))
+            .map_or("?", String::as_str)
+    }
+
+    pub fn iface(&self, id: InterfaceId) -> Option<&Iface> {
+        self.ifaces.get(usize::from(id.0))
+    }
+
+    pub fn iface_by_device(&self, dev: &str) -> Option<&Iface> {
+        self.ifaces.iter().find(|i| i.device == dev)
+    }
+
+    pub fn route(&self, dst: &Addr) -> Option<&Route> {
+        self.routes.iter().find(|r| r.dest.contains(dst))
+    }
+
+    pub fn policy(
+        &self,
+        from: ZoneId,
+        to: ZoneId,
+        src: &Addr,
+        dst: &Addr,
+        proto: u8,
+        dport: u16,
+    ) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .find(|p| p.from == from && p.to == to && p.matches(src, dst, proto, dport))
+    }
+}
+
+fn network(p: &Prefix) -> Addr {
+    let bits = p.len128();
+    let x = u128::from_be_bytes(p.addr.0);
+    let masked = if bits == 0 {
+        0
+    } else {
+        x & (u128::MAX << (128 - bits))
+    };
+    Addr(masked.to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_parse_contains_and_family() {
+        let p: Prefix = "10.1.0.1/24".parse().unwrap();
+        assert!(p.contains(&"10.1.0.200".parse::<std::net::Ipv4Addr>().unwrap().into()));
+        assert!(!p.contains(&"10.1.1.1".parse::<std::net::Ipv4Addr>().unwrap().into()));
+        let v6: Prefix = "2001:db8:1::1/64".parse().unwrap();
+        assert!(
+            v6.contains(
+                &"2001:db8:1::99"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .into()
+            )
+        );
+        assert!(!v6.contains(&"10.1.0.200".parse::<std::net::Ipv4Addr>().unwrap().into()));
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("nonsense".parse::<Prefix>().is_err());
+        assert_eq!(p.to_string(), "10.1.0.1/24");
+    }
+
+    #[test]
+    fn mac_parse_and_format_round_trip() {
+        let m = parse_mac("02:00:5e:00:01:01").unwrap();
+        assert_eq!(format_mac(&m), "02:00:5e:00:01:01");
+        assert!(parse_mac("02:00:5e:00:01").is_err());
+        assert!(parse_mac("zz:00:5e:00:01:01").is_err());
+    }
+
+    #[test]
+    fn bad_references_are_reported_with_their_rule() {
+        let cfg = DataplaneConfig {
+            interfaces: vec![InterfaceConfig {
+                name: "reth1".into(),
+                device: "eth1".into(),
+                zone: "trust".into(),
+                addresses: vec![],
+                reth: None,
+            }],
+            policies: vec![PolicyConfig {
+                name: "p1".into(),
+                from_zone: "trust".into(),
+                to_zone: "dmz".into(),
+                source: vec![],
+                destination: vec![],
+                protocol: None,
+                ports: vec![],
+                action: PolicyAction::Permit,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            Compiled::new(&cfg).unwrap_err(),
+            "policy p1: zone \"dmz\" has no interface"
+        );
+    }
+}

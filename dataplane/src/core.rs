@@ -1,0 +1,940 @@
+//! The packet core: one frame in, a verdict out. Independent of AF_XDP, so
+//! every rule is unit-tested on crafted frames without root.
+//!
+//! Per frame: Ethernet (untagged), ARP and ICMPv6 neighbor discovery for the
+//! node's and its primary RGs' addresses, IPv4/IPv6 with TCP/UDP/ICMP;
+//! session lookup (forward, reverse, and the embedded header of ICMP
+//! errors); on a miss for a first packet: DNAT, route, zones and policy,
+//! SNAT with a port from the table's allocator, session creation with its
+//! owner RG; NAT rewrite with incremental checksums, TTL, next-hop MAC.
+//! Sessions of an RG this node is not primary for are not forwarded here:
+//! the verdict hands them to the fabric layer. Every drop has a reason and a
+//! counter.
+
+use crate::config::{Compiled, Iface};
+use crate::delta::DeltaProducer;
+use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
+use crate::session::{
+    Addr, Direction, InsertError, InterfaceId, Millis, NewSession, SessionHandle, SessionKey,
+    SharedTable, SnatRequest, TcpState, lock, proto,
+};
+use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tandem_proto::{RgId, RoleMap};
+
+/// Why a frame was dropped. Each has a counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    Malformed,
+    Fragment,
+    VlanTagged,
+    UnsupportedEtherType,
+    NotForUs,
+    ArpNotForUs,
+    LocalDelivery,
+    TtlExceeded,
+    NoRoute,
+    NeighborMiss,
+    NoSession,
+    PolicyDeny,
+    NoPolicy,
+    SessionRefused,
+    PortsExhausted,
+    UnknownInterface,
+    IcmpErrorNoSession,
+    FabricUnavailable,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 18] = [
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::VlanTagged,
+        DropReason::UnsupportedEtherType,
+        DropReason::NotForUs,
+        DropReason::ArpNotForUs,
+        DropReason::LocalDelivery,
+        DropReason::TtlExceeded,
+        DropReason::NoRoute,
+        DropReason::NeighborMiss,
+        DropReason::NoSession,
+        DropReason::PolicyDeny,
+        DropReason::NoPolicy,
+        DropReason::SessionRefused,
+        DropReason::PortsExhausted,
+        DropReason::UnknownInterface,
+        DropReason::IcmpErrorNoSession,
+        DropReason::FabricUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Fragment => "fragment",
+            DropReason::VlanTagged => "vlan-tagged",
+            DropReason::UnsupportedEtherType => "unsupported-ethertype",
+            DropReason::NotForUs => "not-for-us",
+            DropReason::ArpNotForUs => "arp-not-for-us",
+            DropReason::LocalDelivery => "local-delivery",
+            DropReason::TtlExceeded => "ttl-exceeded",
+            DropReason::NoRoute => "no-route",
+            DropReason::NeighborMiss => "neighbor-miss",
+            DropReason::NoSession => "no-session",
+            DropReason::PolicyDeny => "policy-deny",
+            DropReason::NoPolicy => "no-policy",
+            DropReason::SessionRefused => "session-refused",
+            DropReason::PortsExhausted => "ports-exhausted",
+            DropReason::UnknownInterface => "unknown-interface",
+            DropReason::IcmpErrorNoSession => "icmp-error-no-session",
+            DropReason::FabricUnavailable => "fabric-unavailable",
+        }
+    }
+}
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the rewritten frame (first `len` bytes) on `iface`.
+    Tx {
+        iface: InterfaceId,
+        len: usize,
+    },
+    /// The frame was turned into a reply (ARP, NA, echo reply): transmit it
+    /// back out the interface it came in on.
+    Reply {
+        len: usize,
+    },
+    /// This node is not primary for the session's owner RG: the fabric
+    /// layer sends the (unmodified) frame to the owner.
+    Fabric {
+        rg: RgId,
+    },
+    Drop(DropReason),
+}
+
+/// Counters shared with the daemon (metrics, CLI).
+#[derive(Debug)]
+pub struct CoreStats {
+    pub rx: AtomicU64,
+    pub tx: AtomicU64,
+    pub replies: AtomicU64,
+    pub to_fabric: AtomicU64,
+    pub sessions_created: AtomicU64,
+    pub deltas_dropped: AtomicU64,
+    pub drops: [AtomicU64; DropReason::ALL.len()],
+    /// Hits per policy (index = policy id - 1), and default-deny hits.
+    pub policy_hits: Vec<AtomicU64>,
+}
+
+impl CoreStats {
+    fn new(policies: usize) -> CoreStats {
+        CoreStats {
+            rx: AtomicU64::new(0),
+            tx: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
+            to_fabric: AtomicU64::new(0),
+            sessions_created: AtomicU64::new(0),
+            deltas_dropped: AtomicU64::new(0),
+            drops: Default::default(),
+            policy_hits: (0..policies).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Frames the core wants sent besides the verdicts (ARP/NS requests,
+/// gratuitous ARP / unsolicited NA). Bounded: beyond it they are dropped
+/// (resolution is retried by the next packet).
+pub const OUTBOX_LIMIT: usize = 256;
+
+/// What a neighbor entry says and when it was learned.
+#[derive(Clone, Copy, Debug)]
+struct Neighbor {
+    mac: Mac,
+}
+
+pub struct Core {
+    cfg: Arc<Compiled>,
+    table: SharedTable,
+    roles: Arc<ArcSwap<RoleMap>>,
+    deltas: DeltaProducer,
+    neighbors: FxHashMap<(InterfaceId, Addr), Neighbor>,
+    /// Neighbors asked for recently, so a burst asks once (ms of the ask).
+    pending: FxHashMap<(InterfaceId, Addr), Millis>,
+    pub outbox: Vec<(InterfaceId, Vec<u8>)>,
+    pub stats: Arc<CoreStats>,
+}
+
+/// What a lookup of a frame in the table found.
+struct Hit {
+    handle: SessionHandle,
+    dir: Direction,
+}
+
+impl Core {
+    pub fn new(
+        cfg: Arc<Compiled>,
+        table: SharedTable,
+        roles: Arc<ArcSwap<RoleMap>>,
+        deltas: DeltaProducer,
+    ) -> Core {
+        let stats = Arc::new(CoreStats::new(cfg.policies.len()));
+        Core {
+            cfg,
+            table,
+            roles,
+            deltas,
+            neighbors: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            outbox: Vec::new(),
+            stats,
+        }
+    }
+
+    pub fn config(&self) -> &Compiled {
+        &self.cfg
+    }
+
+    /// Adds a static neighbor (tests, or configuration).
+    pub fn add_neighbor(&mut self, iface: InterfaceId, ip: Addr, mac: Mac) {
+        self.neighbors.insert((iface, ip), Neighbor { mac });
+    }
+
+    fn is_primary(&self, rg: RgId) -> bool {
+        self.roles.load().get(&rg).is_some_and(|r| r.primary)
+    }
+
+    fn drop(&self, r: DropReason) -> Verdict {
+        self.stats.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+        Verdict::Drop(r)
+    }
+
+    /// Whether `a` is an address this node answers for on `ifc`: its own,
+    /// or a VIP of a reth whose RG it is primary for.
+    fn owns(&self, ifc: &Iface, a: &Addr) -> bool {
+        ifc.addresses.iter().any(|p| p.addr == *a)
+            || ifc.reth.as_ref().is_some_and(|(rg, _, vips)| {
+                vips.iter().any(|p| p.addr == *a) && self.is_primary(*rg)
+            })
+    }
+
+    fn owned_anywhere(&self, a: &Addr) -> bool {
+        self.cfg
+            .ifaces
+            .iter()
+            .any(|i| i.prefixes().any(|p| p.addr == *a))
+    }
+
+    fn mac_is_ours(&self, ifc: &Iface, mac: &Mac) -> Option<bool> {
+        if *mac == ifc.mac || mac[0] & 1 == 1 {
+            return Some(true);
+        }
+        match &ifc.reth {
+            Some((rg, vmac, _)) if vmac == mac => Some(self.is_primary(*rg)),
+            _ => None,
+        }
+    }
+
+    /// Processes one frame that arrived on `ingress`.
+    pub fn process(&mut self, frame: &mut [u8], ingress: InterfaceId, now: Millis) -> Verdict {
+        self.stats.rx.fetch_add(1, Ordering::Relaxed);
+        let cfg = self.cfg.clone();
+        let Some(ifc) = cfg.iface(ingress) else {
+            return self.drop(DropReason::UnknownInterface);
+        };
+        let eth = match packet::parse_eth(frame) {
+            Ok(e) => e,
+            Err(_) => return self.drop(DropReason::Malformed),
+        };
+        if eth.vlan.is_some() {
+            return self.drop(DropReason::VlanTagged);
+        }
+        let v = match eth.ethertype {
+            packet::ETHERTYPE_ARP => self.arp(frame, ifc),
+            packet::ETHERTYPE_IPV4 | packet::ETHERTYPE_IPV6 => {
+                match self.mac_is_ours(ifc, &eth.dst) {
+                    None => self.drop(DropReason::NotForUs),
+                    Some(false) => {
+                        // Sent to the RG's virtual MAC while the peer owns it.
+                        let rg = ifc.rg().expect("virtual MAC implies a reth");
+                        self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+                        Verdict::Fabric { rg }
+                    }
+                    Some(true) => self.ip(frame, ifc, eth.ethertype, now),
+                }
+            }
+            _ => self.drop(DropReason::UnsupportedEtherType),
+        };
+        match v {
+            Verdict::Tx { .. } => self.stats.tx.fetch_add(1, Ordering::Relaxed),
+            Verdict::Reply { .. } => self.stats.replies.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        v
+    }
+
+    // ----- ARP -----------------------------------------------------------
+
+    fn arp(&mut self, f: &mut [u8], ifc: &Iface) -> Verdict {
+        let Some(a) = f.get(ETH_HLEN..ETH_HLEN + 28) else {
+            return self.drop(DropReason::Malformed);
+        };
+        if a[0..2] != [0, 1] || a[2..4] != [8, 0] || a[4] != 6 || a[5] != 4 {
+            return self.drop(DropReason::Malformed);
+        }
+        let op = u16::from_be_bytes([a[6], a[7]]);
+        let sha: Mac = a[8..14].try_into().expect("6");
+        let spa = Addr::v4(std::net::Ipv4Addr::new(a[14], a[15], a[16], a[17]));
+        let tpa = Addr::v4(std::net::Ipv4Addr::new(a[24], a[25], a[26], a[27]));
+        if ifc.prefixes().any(|p| p.contains(&spa)) && !self.owned_anywhere(&spa) {
+            self.neighbors.insert((ifc.id, spa), Neighbor { mac: sha });
+            self.pending.remove(&(ifc.id, spa));
+        }
+        if op != 1 || !self.owns(ifc, &tpa) {
+            return self.drop(DropReason::ArpNotForUs);
+        }
+        // Turn the request into the reply, in place.
+        let mac = ifc.tx_mac();
+        let tpa_bytes: [u8; 4] = f[ETH_HLEN + 24..ETH_HLEN + 28].try_into().expect("4");
+        let spa_bytes: [u8; 4] = f[ETH_HLEN + 14..ETH_HLEN + 18].try_into().expect("4");
+        packet::set_macs(f, sha, mac);
+        let a = &mut f[ETH_HLEN..ETH_HLEN + 28];
+        a[6..8].copy_from_slice(&2u16.to_be_bytes());
+        a[8..14].copy_from_slice(&mac);
+        a[14..18].copy_from_slice(&tpa_bytes);
+        a[18..24].copy_from_slice(&sha);
+        a[24..28].copy_from_slice(&spa_bytes);
+        Verdict::Reply {
+            len: (ETH_HLEN + 28).max(60).min(f.len()),
+        }
+    }
+
+    // ----- IP ------------------------------------------------------------
+
+    fn ip(&mut self, f: &mut [u8], ifc: &Iface, ethertype: u16, now: Millis) -> Verdict {
+        let parsed = if ethertype == packet::ETHERTYPE_IPV4 {
+            packet::parse_ipv4(f, ETH_HLEN)
+        } else {
+            packet::parse_ipv6(f, ETH_HLEN)
+        };
+        let mut ip = match parsed {
+            Ok(ip) => ip,
+            Err(ParseError::Fragment) => return self.drop(DropReason::Fragment),
+            Err(_) => return self.drop(DropReason::Malformed),
+        };
+        let dst = Addr(ip.dst);
+        // ICMPv6 neighbor discovery addressed to us (or solicited-node
+        // multicast) is answered here.
+        if ip.family == Family::V6 && ip.proto == proto::ICMPV6 {
+            match f.get(ip.l4) {
+                Some(135) => return self.neighbor_solicitation(f, &ip, ifc),
+                Some(136) => {
+                    self.neighbor_advertisement(f, &ip, ifc);
+                    return self.drop(DropReason::ArpNotForUs);
+                }
+                Some(133 | 134) => return self.drop(DropReason::LocalDelivery),
+                _ => {}
+            }
+        }
+        let (sport, dport) = match packet::ports(f, &ip) {
+            Ok(p) => p,
+            Err(_) => return self.drop(DropReason::Malformed),
+        };
+        if (ip.proto == proto::ICMP || ip.proto == proto::ICMPV6) && packet::is_icmp_error(f, &ip) {
+            return self.icmp_error(f, &mut ip, ifc, now);
+        }
+        let key = SessionKey {
+            src: Addr(ip.src),
+            dst,
+            src_port: sport,
+            dst_port: dport,
+            proto: ip.proto,
+            zone: ifc.zone,
+        };
+        let hit = {
+            let t = lock(&self.table);
+            t.lookup(&key).map(|(handle, dir)| Hit { handle, dir })
+        };
+        // Sessions first: replies to a SNAT address (a VIP) are traffic to
+        // forward, not to this node.
+        if hit.is_none() && self.owned_anywhere(&dst) && !self.dnat_matches(&key) {
+            return self.local(f, &ip, ifc);
+        }
+        if ip.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        match hit {
+            Some(h) => self.established(f, &mut ip, h, now),
+            None => self.first_packet(f, &mut ip, ifc, key, now),
+        }
+    }
+
+    fn dnat_matches(&self, key: &SessionKey) -> bool {
+        self.cfg.dnat.iter().any(|d| {
+            d.from == key.zone
+                && d.addr == key.dst
+                && d.proto == key.proto
+                && d.port == key.dst_port
+        })
+    }
+
+    /// Traffic to one of this node's addresses: echo requests are
+    /// answered, the rest is not the dataplane's (control traffic uses the
+    /// kernel's own interfaces).
+    fn local(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface) -> Verdict {
+        let dst = Addr(ip.dst);
+        let echo = match ip.family {
+            Family::V4 => ip.proto == proto::ICMP && f.get(ip.l4) == Some(&8),
+            Family::V6 => ip.proto == proto::ICMPV6 && f.get(ip.l4) == Some(&128),
+        };
+        if !echo || !self.owns(ifc, &dst) {
+            return self.drop(DropReason::LocalDelivery);
+        }
+        let src = ip.src;
+        let mut ip = *ip;
+        // Swap addresses (checksum-neutral for the pseudo-header), set the
+        // reply type, reset TTL.
+        packet::set_addr(f, &mut ip, true, &src);
+        packet::set_addr(f, &mut ip, false, &dst.0);
+        let reply_type = if ip.family == Family::V4 { 0 } else { 129 };
+        let old = packet::be16(f, ip.l4).expect("icmp header");
+        f[ip.l4] = reply_type;
+        let new = packet::be16(f, ip.l4).expect("icmp header");
+        let c = packet::be16(f, ip.l4 + 2).expect("icmp header");
+        packet::put16(f, ip.l4 + 2, packet::csum_replace16(c, old, new));
+        let (dmac, smac) = (packet::mac_at(f, 6).expect("eth"), ifc.tx_mac());
+        packet::set_macs(f, dmac, smac);
+        Verdict::Reply { len: ip.end }
+    }
+
+    fn neighbor_solicitation(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface) -> Verdict {
+        // type 135: 4 bytes header, 4 reserved, 16 target, options.
+        let Some(target) = f
+            .get(ip.l4 + 8..ip.l4 + 24)
+            .map(|t| Addr(t.try_into().expect("16")))
+        else {
+            return self.drop(DropReason::Malformed);
+        };
+        let src = Addr(ip.src);
+        let unspecified = ip.src == [0; 16];
+        if let Some(mac) = nd_link_option(f, ip.l4 + 24, ip.end, 1)
+            && !unspecified
+            && ifc.prefixes().any(|p| p.contains(&src))
+        {
+            self.neighbors.insert((ifc.id, src), Neighbor { mac });
+            self.pending.remove(&(ifc.id, src));
+        }
+        if !self.owns(ifc, &target) || unspecified {
+            return self.drop(DropReason::ArpNotForUs);
+        }
+        let requester = packet::mac_at(f, 6).expect("eth");
+        let len = build_na(f, ifc.tx_mac(), requester, &target, &src, true);
+        Verdict::Reply { len }
+    }
+
+    fn neighbor_advertisement(&mut self, f: &[u8], ip: &Ip, ifc: &Iface) {
+        if let Some(target) = f
+            .get(ip.l4 + 8..ip.l4 + 24)
+            .map(|t| Addr(t.try_into().expect("16")))
+            && let Some(mac) = nd_link_option(f, ip.l4 + 24, ip.end, 2)
+            && ifc.prefixes().any(|p| p.contains(&target))
+            && !self.owned_anywhere(&target)
+        {
+            self.neighbors.insert((ifc.id, target), Neighbor { mac });
+            self.pending.remove(&(ifc.id, target));
+        }
+    }
+
+    // ----- sessions ------------------------------------------------------
+
+    fn established(&mut self, f: &mut [u8], ip: &mut Ip, h: Hit, now: Millis) -> Verdict {
+        let (key, nat, owner, state) = {
+            let t = lock(&self.table);
+            let r = t.get(h.handle).expect("hit is live");
+            (r.key, r.nat(), r.owner_rg, r.tcp_state)
+        };
+        if owner.is_data() && !self.is_primary(owner) {
+            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Fabric { rg: owner };
+        }
+        let flags = packet::tcp_flags(f, ip);
+        let len = (ip.end - ip.l3) as u32;
+        match h.dir {
+            Direction::Forward => {
+                if let Some((a, p)) = nat.snat {
+                    packet::set_addr(f, ip, false, &a.0);
+                    packet::set_port(f, ip, false, p);
+                }
+                if let Some((a, p)) = nat.dnat {
+                    packet::set_addr(f, ip, true, &a.0);
+                    packet::set_port(f, ip, true, p);
+                }
+            }
+            Direction::Reverse => {
+                if nat.snat.is_some() {
+                    packet::set_addr(f, ip, true, &key.src.0);
+                    packet::set_port(f, ip, true, key.src_port);
+                }
+                if nat.dnat.is_some() {
+                    packet::set_addr(f, ip, false, &key.dst.0);
+                    packet::set_port(f, ip, false, key.dst_port);
+                }
+            }
+        }
+        let next = if key.proto == proto::TCP {
+            next_tcp_state(state, h.dir, flags)
+        } else {
+            state
+        };
+        {
+            let mut t = lock(&self.table);
+            t.touch(h.handle, h.dir, len, now);
+            if next != state {
+                t.set_tcp_state(h.handle, next, now);
+            }
+        }
+        if next != state && owner.is_data() && !self.deltas.push(owner, key) {
+            self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.forward(f, ip, now)
+    }
+
+    fn first_packet(
+        &mut self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        key: SessionKey,
+        now: Millis,
+    ) -> Verdict {
+        let flags = packet::tcp_flags(f, ip);
+        // Only a flow's first packet creates a session: a bare SYN, an echo
+        // request, or any UDP / other datagram.
+        let starts = match key.proto {
+            proto::TCP => {
+                flags & (packet::TCP_SYN | packet::TCP_ACK | packet::TCP_RST) == packet::TCP_SYN
+            }
+            proto::ICMP => f.get(ip.l4) == Some(&8),
+            proto::ICMPV6 => f.get(ip.l4) == Some(&128),
+            _ => true,
+        };
+        if !starts {
+            return self.drop(DropReason::NoSession);
+        }
+        let cfg = self.cfg.clone();
+        // Destination NAT first: policy and routing see the real server.
+        let dnat = cfg
+            .dnat
+            .iter()
+            .find(|d| {
+                d.from == ifc.zone
+                    && d.addr == key.dst
+                    && d.proto == key.proto
+                    && d.port == key.dst_port
+            })
+            .map(|d| (d.to, d.to_port));
+        let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
+        let Some(route) = cfg.route(&dst) else {
+            return self.drop(DropReason::NoRoute);
+        };
+        let Some(out) = cfg.iface(route.iface) else {
+            return self.drop(DropReason::NoRoute);
+        };
+        let policy = cfg.policy(ifc.zone, out.zone, &key.src, &dst, key.proto, dport);
+        let Some(policy) = policy else {
+            return self.drop(DropReason::NoPolicy);
+        };
+        self.stats.policy_hits[(policy.id.0 - 1) as usize].fetch_add(1, Ordering::Relaxed);
+        if !policy.permit {
+            return self.drop(DropReason::PolicyDeny);
+        }
+        // The session belongs to the RG of its egress reth (else ingress).
+        let owner = out.rg().or(ifc.rg()).unwrap_or(RgId(0));
+        if owner.is_data() && !self.is_primary(owner) {
+            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Fabric { rg: owner };
+        }
+        let snat = cfg
+            .snat
+            .iter()
+            .find(|r| {
+                r.from == ifc.zone
+                    && r.to == out.zone
+                    && (r.source.is_empty() || r.source.iter().any(|p| p.contains(&key.src)))
+            })
+            .and_then(|r| {
+                let addr = r.pool.or_else(|| egress_address(out, key.src.is_v4()))?;
+                Some(SnatRequest {
+                    addr,
+                    ports: r.ports.0..=r.ports.1,
+                })
+            });
+        let new = NewSession {
+            key,
+            egress_zone: out.zone,
+            snat,
+            dnat,
+            ingress_if: ifc.id,
+            egress_if: out.id,
+            owner_rg: owner,
+            policy: policy.id,
+            tcp_state: if key.proto == proto::TCP {
+                TcpState::SynSent
+            } else {
+                TcpState::None
+            },
+        };
+        let inserted = {
+            let mut t = lock(&self.table);
+            t.insert(new, now)
+                .map(|h| (h, t.get(h).expect("inserted").nat()))
+        };
+        let (handle, nat) = match inserted {
+            Ok(x) => x,
+            Err(InsertError::PortsExhausted) => return self.drop(DropReason::PortsExhausted),
+            Err(_) => return self.drop(DropReason::SessionRefused),
+        };
+        self.stats.sessions_created.fetch_add(1, Ordering::Relaxed);
+        if owner.is_data() && !self.deltas.push(owner, key) {
+            self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((a, p)) = nat.snat {
+            packet::set_addr(f, ip, false, &a.0);
+            packet::set_port(f, ip, false, p);
+        }
+        if let Some((a, p)) = nat.dnat {
+            packet::set_addr(f, ip, true, &a.0);
+            packet::set_port(f, ip, true, p);
+        }
+        lock(&self.table).touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
+        self.forward(f, ip, now)
+    }
+
+    /// An ICMP error about a packet of a session: translate the outer
+    /// destination and the embedded header back, then forward like the
+    /// session's reverse (or forward) traffic.
+    fn icmp_error(&mut self, f: &mut [u8], outer: &mut Ip, ifc: &Iface, now: Millis) -> Verdict {
+        let inner_l3 = outer.l4 + 8;
+        let inner = match outer.family {
+            Family::V4 => packet::parse_ipv4_embedded(f, inner_l3, outer.end),
+            Family::V6 => packet::parse_ipv6_embedded(f, inner_l3, outer.end),
+        };
+        let Some(mut inner) = inner else {
+            return self.drop(DropReason::Malformed);
+        };
+        let Ok((isport, idport)) = packet::ports(f, &inner) else {
+            return self.drop(DropReason::Malformed);
+        };
+        // The embedded packet went the other way: its reversal is what
+        // would have arrived here.
+        let probe = SessionKey {
+            src: Addr(inner.dst),
+            dst: Addr(inner.src),
+            src_port: idport,
+            dst_port: isport,
+            proto: inner.proto,
+            zone: ifc.zone,
+        };
+        let found = {
+            let t = lock(&self.table);
+            t.lookup(&probe).map(|(h, dir)| {
+                let r = t.get(h).expect("live");
+                (dir, r.key, r.nat(), r.owner_rg)
+            })
+        };
+        let Some((dir, key, nat, owner)) = found else {
+            if self.owned_anywhere(&Addr(outer.dst)) {
+                return self.local(f, outer, ifc);
+            }
+            return self.drop(DropReason::IcmpErrorNoSession);
+        };
+        if owner.is_data() && !self.is_primary(owner) {
+            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Fabric { rg: owner };
+        }
+        // The embedded packet is the session's traffic in `dir.opposite`
+        // after translation; restore its pre-translation form, and send the
+        // error to whoever sent it.
+        match dir {
+            Direction::Reverse => {
+                // Error from the far side about a forward packet.
+                if nat.snat.is_some() {
+                    packet::set_embedded_addr(f, &mut inner, false, &key.src.0);
+                    packet::set_embedded_port(f, &inner, false, key.src_port);
+                    packet::set_addr(f, outer, true, &key.src.0);
+                }
+                if let Some((target, _)) = nat.dnat {
+                    packet::set_embedded_addr(f, &mut inner, true, &key.dst.0);
+                    packet::set_embedded_port(f, &inner, true, key.dst_port);
+                    // An error from the real server shows the public address.
+                    if outer.src == target.0 {
+                        packet::set_addr(f, outer, false, &key.dst.0);
+                    }
+                }
+            }
+            Direction::Forward => {
+                // Error from the client side about a reply packet.
+                if let Some((a, p)) = nat.dnat {
+                    packet::set_embedded_addr(f, &mut inner, false, &a.0);
+                    packet::set_embedded_port(f, &inner, false, p);
+                    packet::set_addr(f, outer, true, &a.0);
+                }
+                if let Some((a, p)) = nat.snat {
+                    packet::set_embedded_addr(f, &mut inner, true, &a.0);
+                    packet::set_embedded_port(f, &inner, true, p);
+                    packet::set_addr(f, outer, false, &a.0);
+                }
+            }
+        }
+        packet::fix_icmp_checksum(f, outer);
+        self.forward(f, outer, now)
+    }
+
+    /// Routes the (translated) packet by its destination: egress port,
+    /// next hop, neighbor MAC, TTL.
+    fn forward(&mut self, f: &mut [u8], ip: &Ip, now: Millis) -> Verdict {
+        let cfg = self.cfg.clone();
+        let dst = Addr(ip.dst);
+        let Some(route) = cfg.route(&dst) else {
+            return self.drop(DropReason::NoRoute);
+        };
+        let Some(out) = cfg.iface(route.iface) else {
+            return self.drop(DropReason::NoRoute);
+        };
+        let hop = route.gateway.unwrap_or(dst);
+        let Some(n) = self.neighbors.get(&(out.id, hop)).copied() else {
+            self.resolve(out, hop, now);
+            return self.drop(DropReason::NeighborMiss);
+        };
+        packet::dec_ttl(f, ip);
+        packet::set_macs(f, n.mac, out.tx_mac());
+        Verdict::Tx {
+            iface: out.id,
+            len: ip.end,
+        }
+    }
+
+    /// Asks for `hop`'s MAC (at most every 100 ms per neighbor).
+    fn resolve(&mut self, out: &Iface, hop: Addr, now: Millis) {
+        if self
+            .pending
+            .get(&(out.id, hop))
+            .is_some_and(|t| now.saturating_sub(*t) < 100)
+        {
+            return;
+        }
+        let Some(src) = egress_address(out, hop.is_v4()) else {
+            return;
+        };
+        self.pending.insert((out.id, hop), now);
+        let frame = if hop.is_v4() {
+            build_arp(1, out.tx_mac(), packet::BROADCAST, &src, &hop)
+        } else {
+            build_ns(out.tx_mac(), &src, &hop)
+        };
+        self.queue(out.id, frame);
+    }
+
+    fn queue(&mut self, iface: InterfaceId, frame: Vec<u8>) {
+        if self.outbox.len() < OUTBOX_LIMIT {
+            self.outbox.push((iface, frame));
+        }
+    }
+
+    /// On becoming primary for `rg`: gratuitous ARP for every IPv4 VIP and
+    /// an unsolicited NA for every IPv6 VIP, from the virtual MAC, so the
+    /// segment's switches and hosts move to this node at once.
+    pub fn announce(&mut self, rg: RgId) {
+        let cfg = self.cfg.clone();
+        for ifc in cfg.ifaces.iter().filter(|i| i.rg() == Some(rg)) {
+            let (_, vmac, vips) = ifc.reth.as_ref().expect("reth");
+            for vip in vips {
+                let frame = if vip.is_v4() {
+                    build_arp(1, *vmac, packet::BROADCAST, &vip.addr, &vip.addr)
+                } else {
+                    let mut f = vec![0u8; 86];
+                    let all_nodes =
+                        Addr(std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets());
+                    let len = build_na(
+                        &mut f,
+                        *vmac,
+                        [0x33, 0x33, 0, 0, 0, 1],
+                        &vip.addr,
+                        &all_nodes,
+                        false,
+                    );
+                    f.truncate(len);
+                    f
+                };
+                self.queue(ifc.id, frame);
+            }
+        }
+    }
+
+    /// Expires idle sessions; a delete delta goes out for each locally
+    /// owned one of a data RG.
+    pub fn expire(&mut self, now: Millis) -> usize {
+        let deltas = self.deltas.clone();
+        let stats = self.stats.clone();
+        lock(&self.table).expire(now, |r| {
+            if r.owner_rg.is_data()
+                && r.origin == crate::session::Origin::LocalOwned
+                && !deltas.push(r.owner_rg, r.key)
+            {
+                stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// The table (for tests and the CLI).
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+}
+
+/// The address a node sources from on `out`: the reth's VIP of the family,
+/// else its own.
+fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
+    out.reth
+        .iter()
+        .flat_map(|r| r.2.iter())
+        .chain(out.addresses.iter())
+        .find(|p| p.is_v4() == v4)
+        .map(|p| p.addr)
+}
+
+/// TCP tracking: enough to pick timeouts and keep short-lived states short.
+pub fn next_tcp_state(s: TcpState, dir: Direction, flags: u8) -> TcpState {
+    use TcpState::*;
+    if flags & packet::TCP_RST != 0 {
+        return Closed;
+    }
+    if flags & packet::TCP_FIN != 0 {
+        return match s {
+            FinWait if dir == Direction::Reverse => TimeWait,
+            CloseWait if dir == Direction::Forward => TimeWait,
+            Established | SynReceived => {
+                if dir == Direction::Forward {
+                    FinWait
+                } else {
+                    CloseWait
+                }
+            }
+            other => other,
+        };
+    }
+    match (s, dir) {
+        (SynSent, Direction::Reverse)
+            if flags & packet::TCP_SYN != 0 && flags & packet::TCP_ACK != 0 =>
+        {
+            SynReceived
+        }
+        (SynReceived, Direction::Forward) if flags & packet::TCP_ACK != 0 => Established,
+        (other, _) => other,
+    }
+}
+
+/// Source/target link-layer address option (type 1/2) of an ND message.
+fn nd_link_option(f: &[u8], mut at: usize, end: usize, kind: u8) -> Option<Mac> {
+    while at + 8 <= end {
+        let (t, len) = (f[at], usize::from(f[at + 1]) * 8);
+        if len == 0 {
+            return None;
+        }
+        if t == kind && len >= 8 {
+            return f.get(at + 2..at + 8).map(|m| m.try_into().expect("6"));
+        }
+        at += len;
+    }
+    None
+}
+
+/// An ARP frame (op 1 request, 2 reply), padded to 60 bytes.
+pub fn build_arp(op: u16, sha: Mac, dst: Mac, spa: &Addr, tpa: &Addr) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    packet::set_macs(&mut f, dst, sha);
+    packet::put16(&mut f, 12, packet::ETHERTYPE_ARP);
+    let a = &mut f[ETH_HLEN..ETH_HLEN + 28];
+    a[0..8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 0]);
+    a[6..8].copy_from_slice(&op.to_be_bytes());
+    a[8..14].copy_from_slice(&sha);
+    a[14..18].copy_from_slice(&spa.0[12..16]);
+    a[24..28].copy_from_slice(&tpa.0[12..16]);
+    f
+}
+
+fn ipv6_header(f: &mut [u8], src: &Addr, dst: &Addr, payload: usize) {
+    let h = &mut f[ETH_HLEN..ETH_HLEN + 40];
+    h[0] = 0x60;
+    h[1..4].fill(0);
+    h[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    h[6] = proto::ICMPV6;
+    h[7] = 255;
+    h[8..24].copy_from_slice(&src.0);
+    h[24..40].copy_from_slice(&dst.0);
+}
+
+fn icmp6_checksum(f: &mut [u8], len: usize) {
+    let ip = packet::parse_ipv6(&f[..len], ETH_HLEN).expect("built above");
+    let c = packet::l4_checksum(&f[..len], &ip, ip.l4 + 2);
+    packet::put16(f, ip.l4 + 2, c);
+}
+
+/// A neighbor advertisement for `target` into `f` (which must hold 86
+/// bytes); returns its length.
+fn build_na(
+    f: &mut [u8],
+    mac: Mac,
+    dst_mac: Mac,
+    target: &Addr,
+    dst: &Addr,
+    solicited: bool,
+) -> usize {
+    let len = ETH_HLEN + 40 + 32;
+    if f.len() < len {
+        return 0;
+    }
+    packet::set_macs(f, dst_mac, mac);
+    packet::put16(f, 12, packet::ETHERTYPE_IPV6);
+    ipv6_header(f, target, dst, 32);
+    let m = &mut f[ETH_HLEN + 40..len];
+    m.fill(0);
+    m[0] = 136;
+    m[4] = if solicited { 0x60 } else { 0x20 }; // solicited + override / override
+    m[8..24].copy_from_slice(&target.0);
+    m[24] = 2;
+    m[25] = 1;
+    m[26..32].copy_from_slice(&mac);
+    icmp6_checksum(f, len);
+    len
+}
+
+/// A neighbor solicitation for `target` to its solicited-node address.
+fn build_ns(mac: Mac, src: &Addr, target: &Addr) -> Vec<u8> {
+    let len = ETH_HLEN + 40 + 32;
+    let mut f = vec![0u8; len];
+    let t = target.0;
+    let snm = Addr([
+        0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ]);
+    packet::set_macs(&mut f, [0x33, 0x33, 0xff, t[13], t[14], t[15]], mac);
+    packet::put16(&mut f, 12, packet::ETHERTYPE_IPV6);
+    ipv6_header(&mut f, src, &snm, 32);
+    let m = &mut f[ETH_HLEN + 40..len];
+    m[0] = 135;
+    m[8..24].copy_from_slice(&t);
+    m[24] = 1;
+    m[25] = 1;
+    m[26..32].copy_from_slice(&mac);
+    icmp6_checksum(&mut f, len);
+    f
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

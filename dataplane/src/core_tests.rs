@@ -1,0 +1,801 @@
+//! Packet-core rules on crafted frames.
+
+use super::*;
+use crate::config::{
+    DataplaneConfig, DnatRule, InterfaceConfig, PolicyAction, PolicyConfig, RethConfig, SnatRule,
+};
+use crate::delta::delta_queues;
+use crate::frames::{L4, build, ip_packet, verify_checksums};
+use crate::session::{Origin, SessionTable, TableConfig};
+use proptest::prelude::*;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Mutex;
+use tandem_proto::{Epoch, RgRole};
+
+const RG1: RgId = RgId(1);
+const T: InterfaceId = InterfaceId(0);
+const U: InterfaceId = InterfaceId(1);
+const NODE_MAC_T: Mac = [0xaa, 0, 0, 0, 0, 1];
+const NODE_MAC_U: Mac = [0xaa, 0, 0, 0, 0, 2];
+const VMAC_T: Mac = [0x02, 0, 0x5e, 0, 1, 1];
+const VMAC_U: Mac = [0x02, 0, 0x5e, 0, 1, 2];
+const CLIENT_MAC: Mac = [0xcc, 0, 0, 0, 0, 1];
+const SERVER_MAC: Mac = [0x55, 0, 0, 0, 0, 1];
+const NOW: Millis = Millis(10_000);
+
+fn v4(s: &str) -> Addr {
+    s.parse::<Ipv4Addr>().unwrap().into()
+}
+fn v6(s: &str) -> Addr {
+    s.parse::<Ipv6Addr>().unwrap().into()
+}
+
+fn config() -> DataplaneConfig {
+    let p = |s: &str| s.parse().unwrap();
+    DataplaneConfig {
+        interfaces: vec![
+            InterfaceConfig {
+                name: "reth0".into(),
+                device: "t0".into(),
+                zone: "trust".into(),
+                addresses: vec![],
+                reth: Some(RethConfig {
+                    rg: 1,
+                    vmac: "02:00:5e:00:01:01".into(),
+                    vips: vec![p("10.1.0.1/24"), p("2001:db8:1::1/64")],
+                }),
+            },
+            InterfaceConfig {
+                name: "reth1".into(),
+                device: "u0".into(),
+                zone: "untrust".into(),
+                addresses: vec![],
+                reth: Some(RethConfig {
+                    rg: 1,
+                    vmac: "02:00:5e:00:01:02".into(),
+                    vips: vec![p("192.0.2.1/24"), p("2001:db8:2::1/64")],
+                }),
+            },
+        ],
+        policies: vec![
+            PolicyConfig {
+                name: "web-in".into(),
+                from_zone: "untrust".into(),
+                to_zone: "trust".into(),
+                source: vec![],
+                destination: vec![p("10.1.0.10/32")],
+                protocol: Some("tcp".into()),
+                ports: vec!["80".into()],
+                action: PolicyAction::Permit,
+            },
+            PolicyConfig {
+                name: "no-dns-in".into(),
+                from_zone: "untrust".into(),
+                to_zone: "trust".into(),
+                source: vec![],
+                destination: vec![],
+                protocol: Some("udp".into()),
+                ports: vec!["53".into()],
+                action: PolicyAction::Deny,
+            },
+            PolicyConfig {
+                name: "out".into(),
+                from_zone: "trust".into(),
+                to_zone: "untrust".into(),
+                source: vec![],
+                destination: vec![],
+                protocol: None,
+                ports: vec![],
+                action: PolicyAction::Permit,
+            },
+        ],
+        snat: vec![SnatRule {
+            name: "out".into(),
+            from_zone: "trust".into(),
+            to_zone: "untrust".into(),
+            source: vec![],
+            pool: None,
+            port_low: 1024,
+            port_high: 65535,
+        }],
+        dnat: vec![DnatRule {
+            name: "web".into(),
+            from_zone: "untrust".into(),
+            destination: p("192.0.2.1/32"),
+            protocol: "tcp".into(),
+            port: 8080,
+            to_address: p("10.1.0.10/32"),
+            to_port: 80,
+        }],
+        routes: vec![],
+    }
+}
+
+struct Rig {
+    core: Core,
+    roles: Arc<ArcSwap<RoleMap>>,
+    consumers: Vec<crate::delta::DeltaConsumer>,
+}
+
+fn rig(primary: bool) -> Rig {
+    let mut compiled = Compiled::new(&config()).unwrap();
+    compiled.ifaces[0].mac = NODE_MAC_T;
+    compiled.ifaces[1].mac = NODE_MAC_U;
+    let table = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    if primary {
+        lock(&table).promote_rg(RG1);
+    }
+    let roles = Arc::new(ArcSwap::from_pointee(RoleMap::from([(
+        RG1,
+        RgRole {
+            primary,
+            epoch: Epoch(2),
+        },
+    )])));
+    let (producer, consumers) = delta_queues(&[RG1], 1024);
+    let mut core = Core::new(Arc::new(compiled), table, roles.clone(), producer);
+    core.add_neighbor(T, v4("10.1.0.10"), CLIENT_MAC);
+    core.add_neighbor(U, v4("192.0.2.100"), SERVER_MAC);
+    core.add_neighbor(U, v4("192.0.2.200"), SERVER_MAC);
+    core.add_neighbor(T, v6("2001:db8:1::10"), CLIENT_MAC);
+    core.add_neighbor(U, v6("2001:db8:2::100"), SERVER_MAC);
+    Rig {
+        core,
+        roles,
+        consumers,
+    }
+}
+
+fn tcp(flags: u8, sport: u16, dport: u16) -> L4 {
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+        payload: b"hello".to_vec(),
+    }
+}
+
+fn ip_of(f: &[u8]) -> Ip {
+    let e = packet::parse_eth(f).unwrap();
+    if e.ethertype == packet::ETHERTYPE_IPV4 {
+        packet::parse_ipv4(f, e.l3).unwrap()
+    } else {
+        packet::parse_ipv6(f, e.l3).unwrap()
+    }
+}
+
+fn run(r: &mut Rig, f: &mut [u8], ingress: InterfaceId) -> Verdict {
+    r.core.process(f, ingress, NOW)
+}
+
+#[test]
+fn tcp_handshake_through_snat_and_back() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(
+        run(&mut r, &mut syn, T),
+        Verdict::Tx {
+            iface: U,
+            len: syn.len().min(ip_of(&syn).end)
+        }
+    );
+    let ip = ip_of(&syn);
+    assert_eq!(
+        Addr(ip.src),
+        v4("192.0.2.1"),
+        "source NATed to the egress reth VIP"
+    );
+    assert_eq!(
+        packet::ports(&syn, &ip).unwrap(),
+        (40000, 443),
+        "original port kept when free"
+    );
+    assert_eq!(ip.ttl, 63);
+    assert_eq!(packet::mac_at(&syn, 0).unwrap(), SERVER_MAC);
+    assert_eq!(
+        packet::mac_at(&syn, 6).unwrap(),
+        VMAC_U,
+        "sent from the reth's virtual MAC"
+    );
+    verify_checksums(&syn).unwrap();
+    // SYN-ACK from the server to the NAT address comes back to the client.
+    let mut synack = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("192.0.2.1"),
+        60,
+        &tcp(packet::TCP_SYN | packet::TCP_ACK, 443, 40000),
+    );
+    assert!(matches!(
+        run(&mut r, &mut synack, U),
+        Verdict::Tx { iface: T, .. }
+    ));
+    let ip = ip_of(&synack);
+    assert_eq!(Addr(ip.dst), v4("10.1.0.10"));
+    assert_eq!(packet::ports(&synack, &ip).unwrap(), (443, 40000));
+    verify_checksums(&synack).unwrap();
+    let mut ack = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_ACK, 40000, 443),
+    );
+    assert!(matches!(
+        run(&mut r, &mut ack, T),
+        Verdict::Tx { iface: U, .. }
+    ));
+    let t = lock(r.core.table());
+    let key = SessionKey::new(
+        Ipv4Addr::new(10, 1, 0, 10),
+        40000,
+        Ipv4Addr::new(192, 0, 2, 100),
+        443,
+        6,
+        r.core.config().ifaces[0].zone,
+    );
+    let rec = t.get(t.lookup_forward(&key).unwrap()).unwrap();
+    assert_eq!(rec.tcp_state, TcpState::Established);
+    assert_eq!(rec.owner_rg, RG1);
+    assert_eq!(rec.origin, Origin::LocalOwned);
+    assert_eq!((rec.counters.fwd_packets, rec.counters.rev_packets), (2, 1));
+    drop(t);
+    // Creation and each state change queued a delta for RG1.
+    let mut keys = Vec::new();
+    r.consumers[0].try_recv_many(&mut keys, 10);
+    assert_eq!(keys, vec![key, key, key]);
+}
+
+#[test]
+fn dnat_port_forward_reaches_the_server_and_replies_look_public() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.200"),
+        v4("192.0.2.1"),
+        64,
+        &tcp(packet::TCP_SYN, 5555, 8080),
+    );
+    assert!(
+        matches!(run(&mut r, &mut syn, U), Verdict::Tx { iface: T, .. }),
+        "permitted by web-in after DNAT"
+    );
+    let ip = ip_of(&syn);
+    assert_eq!(Addr(ip.dst), v4("10.1.0.10"));
+    assert_eq!(packet::ports(&syn, &ip).unwrap(), (5555, 80));
+    assert_eq!(Addr(ip.src), v4("192.0.2.200"), "no SNAT inbound");
+    verify_checksums(&syn).unwrap();
+    let mut reply = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.200"),
+        64,
+        &tcp(packet::TCP_SYN | packet::TCP_ACK, 80, 5555),
+    );
+    assert!(matches!(
+        run(&mut r, &mut reply, T),
+        Verdict::Tx { iface: U, .. }
+    ));
+    let ip = ip_of(&reply);
+    assert_eq!(Addr(ip.src), v4("192.0.2.1"));
+    assert_eq!(packet::ports(&reply, &ip).unwrap(), (8080, 5555));
+    verify_checksums(&reply).unwrap();
+    assert_eq!(r.core.stats.policy_hits[0].load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn policy_deny_and_default_deny_drop_and_count() {
+    let mut r = rig(true);
+    let mut dns = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.200"),
+        v4("10.1.0.10"),
+        64,
+        &L4::Udp {
+            sport: 999,
+            dport: 53,
+            payload: vec![1, 2],
+        },
+    );
+    assert_eq!(
+        run(&mut r, &mut dns, U),
+        Verdict::Drop(DropReason::PolicyDeny)
+    );
+    assert_eq!(r.core.stats.policy_hits[1].load(Ordering::Relaxed), 1);
+    let mut ssh = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.200"),
+        v4("10.1.0.10"),
+        64,
+        &tcp(packet::TCP_SYN, 999, 22),
+    );
+    assert_eq!(
+        run(&mut r, &mut ssh, U),
+        Verdict::Drop(DropReason::NoPolicy)
+    );
+    assert_eq!(r.core.stats.dropped(DropReason::PolicyDeny), 1);
+    assert_eq!(r.core.stats.dropped(DropReason::NoPolicy), 1);
+    assert!(
+        lock(r.core.table()).is_empty(),
+        "denied flows create no session"
+    );
+}
+
+#[test]
+fn icmp_error_with_embedded_header_is_translated_back_to_the_client() {
+    let mut r = rig(true);
+    let mut udp = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &L4::Udp {
+            sport: 33000,
+            dport: 9,
+            payload: vec![7; 12],
+        },
+    );
+    assert!(matches!(
+        run(&mut r, &mut udp, T),
+        Verdict::Tx { iface: U, .. }
+    ));
+    let sent = ip_of(&udp);
+    let nat_port = packet::ports(&udp, &sent).unwrap().0;
+    // The server answers "port unreachable", quoting what it received.
+    let quoted = udp[sent.l3..sent.end].to_vec();
+    let mut err = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("192.0.2.1"),
+        64,
+        &L4::IcmpError {
+            kind: 3,
+            code: 3,
+            quoted,
+        },
+    );
+    assert!(matches!(
+        run(&mut r, &mut err, U),
+        Verdict::Tx { iface: T, .. }
+    ));
+    let outer = ip_of(&err);
+    assert_eq!(
+        Addr(outer.dst),
+        v4("10.1.0.10"),
+        "outer destination un-NATed"
+    );
+    let inner = packet::parse_ipv4_embedded(&err, outer.l4 + 8, outer.end).unwrap();
+    assert_eq!(Addr(inner.src), v4("10.1.0.10"), "quoted source un-NATed");
+    assert_eq!(packet::ports(&err, &inner).unwrap(), (33000, 9));
+    assert_ne!(nat_port, 0);
+    verify_checksums(&err).unwrap();
+}
+
+#[test]
+fn icmp_error_without_session_is_dropped() {
+    let mut r = rig(true);
+    let quoted = ip_packet(
+        v4("192.0.2.1"),
+        v4("192.0.2.100"),
+        64,
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: vec![],
+        },
+    );
+    let mut err = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("192.0.2.1"),
+        64,
+        &L4::IcmpError {
+            kind: 3,
+            code: 3,
+            quoted,
+        },
+    );
+    // Addressed to our VIP: it is a local delivery, not forwarded.
+    assert_eq!(
+        run(&mut r, &mut err, U),
+        Verdict::Drop(DropReason::LocalDelivery)
+    );
+    let quoted = ip_packet(
+        v4("198.51.100.7"),
+        v4("192.0.2.100"),
+        64,
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: vec![],
+        },
+    );
+    let mut err = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("10.1.0.10"),
+        64,
+        &L4::IcmpError {
+            kind: 3,
+            code: 3,
+            quoted,
+        },
+    );
+    assert_eq!(
+        run(&mut r, &mut err, U),
+        Verdict::Drop(DropReason::IcmpErrorNoSession)
+    );
+}
+
+#[test]
+fn ipv6_tcp_through_snat_and_back() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v6("2001:db8:1::10"),
+        v6("2001:db8:2::100"),
+        64,
+        &tcp(packet::TCP_SYN, 41000, 80),
+    );
+    assert!(matches!(
+        run(&mut r, &mut syn, T),
+        Verdict::Tx { iface: U, .. }
+    ));
+    let ip = ip_of(&syn);
+    assert_eq!(Addr(ip.src), v6("2001:db8:2::1"));
+    assert_eq!(ip.ttl, 63, "hop limit decremented");
+    verify_checksums(&syn).unwrap();
+    let mut back = build(
+        VMAC_U,
+        SERVER_MAC,
+        v6("2001:db8:2::100"),
+        v6("2001:db8:2::1"),
+        64,
+        &tcp(packet::TCP_SYN | packet::TCP_ACK, 80, 41000),
+    );
+    assert!(matches!(
+        run(&mut r, &mut back, U),
+        Verdict::Tx { iface: T, .. }
+    ));
+    assert_eq!(Addr(ip_of(&back).dst), v6("2001:db8:1::10"));
+    verify_checksums(&back).unwrap();
+}
+
+#[test]
+fn arp_for_a_vip_is_answered_only_by_the_primary() {
+    for primary in [true, false] {
+        let mut r = rig(primary);
+        let mut req = build_arp(
+            1,
+            CLIENT_MAC,
+            packet::BROADCAST,
+            &v4("10.1.0.10"),
+            &v4("10.1.0.1"),
+        );
+        let v = run(&mut r, &mut req, T);
+        if primary {
+            assert_eq!(v, Verdict::Reply { len: 60 });
+            assert_eq!(packet::mac_at(&req, 0).unwrap(), CLIENT_MAC);
+            assert_eq!(
+                &req[ETH_HLEN + 8..ETH_HLEN + 14],
+                &VMAC_T,
+                "answered with the virtual MAC"
+            );
+            assert_eq!(&req[ETH_HLEN + 14..ETH_HLEN + 18], &[10, 1, 0, 1]);
+        } else {
+            assert_eq!(v, Verdict::Drop(DropReason::ArpNotForUs));
+        }
+    }
+}
+
+#[test]
+fn neighbor_solicitation_for_a_vip_gets_an_advertisement() {
+    let mut r = rig(true);
+    let mut ns = build_ns(CLIENT_MAC, &v6("2001:db8:1::10"), &v6("2001:db8:1::1"));
+    let v = run(&mut r, &mut ns, T);
+    let Verdict::Reply { len } = v else {
+        panic!("{v:?}")
+    };
+    ns.truncate(len);
+    assert_eq!(ns[ETH_HLEN + 40], 136);
+    assert_eq!(
+        &ns[ETH_HLEN + 40 + 8..ETH_HLEN + 40 + 24],
+        &v6("2001:db8:1::1").0
+    );
+    verify_checksums(&ns).unwrap();
+}
+
+#[test]
+fn unknown_next_hop_queues_one_arp_request_and_learns_the_reply() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.77"),
+        64,
+        &tcp(packet::TCP_SYN, 40001, 443),
+    );
+    assert_eq!(
+        run(&mut r, &mut syn, T),
+        Verdict::Drop(DropReason::NeighborMiss)
+    );
+    let mut again = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.77"),
+        64,
+        &tcp(packet::TCP_SYN, 40001, 443),
+    );
+    assert_eq!(
+        run(&mut r, &mut again, T),
+        Verdict::Drop(DropReason::NeighborMiss)
+    );
+    assert_eq!(r.core.outbox.len(), 1, "asked once");
+    let (iface, req) = r.core.outbox.pop().unwrap();
+    assert_eq!(iface, U);
+    assert_eq!(&req[ETH_HLEN + 24..ETH_HLEN + 28], &[192, 0, 2, 77]);
+    let mut reply = build_arp(2, [0x77; 6], VMAC_U, &v4("192.0.2.77"), &v4("192.0.2.1"));
+    run(&mut r, &mut reply, U);
+    let mut third = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.77"),
+        64,
+        &tcp(packet::TCP_SYN, 40001, 443),
+    );
+    // The session exists now (created by the first SYN): retransmission.
+    assert!(matches!(
+        run(&mut r, &mut third, T),
+        Verdict::Tx { iface: U, .. }
+    ));
+    assert_eq!(packet::mac_at(&third, 0).unwrap(), [0x77; 6]);
+}
+
+#[test]
+fn sessions_of_a_secondary_rg_go_to_the_fabric() {
+    let mut r = rig(false);
+    // To the virtual MAC while the peer owns it.
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(run(&mut r, &mut syn, T), Verdict::Fabric { rg: RG1 });
+    // To this node's own MAC: the session would belong to RG1 too.
+    let mut syn = build(
+        NODE_MAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(run(&mut r, &mut syn, T), Verdict::Fabric { rg: RG1 });
+    assert!(
+        lock(r.core.table()).is_empty(),
+        "the owner creates sessions, not this node"
+    );
+    r.roles.store(Arc::new(RoleMap::from([(
+        RG1,
+        RgRole {
+            primary: true,
+            epoch: Epoch(3),
+        },
+    )])));
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert!(matches!(run(&mut r, &mut syn, T), Verdict::Tx { .. }));
+}
+
+#[test]
+fn ttl_expiry_and_non_first_packets_are_dropped() {
+    let mut r = rig(true);
+    let mut old = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        1,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(
+        run(&mut r, &mut old, T),
+        Verdict::Drop(DropReason::TtlExceeded)
+    );
+    let mut mid = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_ACK, 40000, 443),
+    );
+    assert_eq!(
+        run(&mut r, &mut mid, T),
+        Verdict::Drop(DropReason::NoSession),
+        "no session from a mid-stream ACK"
+    );
+    let mut stranger = build(
+        [2, 2, 3, 4, 5, 6],
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 1, 2),
+    );
+    assert_eq!(
+        run(&mut r, &mut stranger, T),
+        Verdict::Drop(DropReason::NotForUs)
+    );
+}
+
+#[test]
+fn echo_to_a_vip_is_answered() {
+    let mut r = rig(true);
+    let mut ping = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("10.1.0.1"),
+        64,
+        &L4::Echo {
+            id: 7,
+            seq: 1,
+            reply: false,
+        },
+    );
+    let Verdict::Reply { len } = run(&mut r, &mut ping, T) else {
+        panic!()
+    };
+    ping.truncate(len.max(60));
+    let ip = ip_of(&ping);
+    assert_eq!(
+        (Addr(ip.src), Addr(ip.dst)),
+        (v4("10.1.0.1"), v4("10.1.0.10"))
+    );
+    assert_eq!(ping[ip.l4], 0);
+    verify_checksums(&ping).unwrap();
+}
+
+#[test]
+fn rst_closes_and_expiry_emits_a_delete_delta() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    run(&mut r, &mut syn, T);
+    let mut rst = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("192.0.2.1"),
+        64,
+        &tcp(packet::TCP_RST, 443, 40000),
+    );
+    assert!(matches!(run(&mut r, &mut rst, U), Verdict::Tx { .. }));
+    let mut keys = Vec::new();
+    r.consumers[0].try_recv_many(&mut keys, 10);
+    assert_eq!(keys.len(), 2, "create + state change");
+    assert_eq!(
+        r.core.expire(Millis(NOW.0 + 60_000)),
+        1,
+        "closed sessions go after the short timeout"
+    );
+    keys.clear();
+    r.consumers[0].try_recv_many(&mut keys, 10);
+    assert_eq!(keys.len(), 1, "delete delta");
+    assert!(lock(r.core.table()).is_empty());
+}
+
+#[test]
+fn tcp_state_machine_transitions() {
+    use Direction::*;
+    use TcpState::*;
+    let s = next_tcp_state(SynSent, Reverse, packet::TCP_SYN | packet::TCP_ACK);
+    assert_eq!(s, SynReceived);
+    assert_eq!(next_tcp_state(s, Forward, packet::TCP_ACK), Established);
+    assert_eq!(
+        next_tcp_state(Established, Forward, packet::TCP_FIN | packet::TCP_ACK),
+        FinWait
+    );
+    assert_eq!(
+        next_tcp_state(FinWait, Reverse, packet::TCP_FIN | packet::TCP_ACK),
+        TimeWait
+    );
+    assert_eq!(
+        next_tcp_state(Established, Reverse, packet::TCP_FIN),
+        CloseWait
+    );
+    assert_eq!(
+        next_tcp_state(CloseWait, Forward, packet::TCP_FIN),
+        TimeWait
+    );
+    assert_eq!(
+        next_tcp_state(Established, Reverse, packet::TCP_RST),
+        Closed
+    );
+    assert_eq!(
+        next_tcp_state(SynSent, Forward, packet::TCP_SYN),
+        SynSent,
+        "retransmitted SYN"
+    );
+}
+
+#[test]
+fn announce_sends_garp_and_unsolicited_na_from_the_virtual_mac() {
+    let mut r = rig(true);
+    r.core.announce(RG1);
+    let frames: Vec<_> = r.core.outbox.drain(..).collect();
+    assert_eq!(frames.len(), 4, "two v4 and two v6 VIPs");
+    let garp = &frames[0].1;
+    assert_eq!(packet::mac_at(garp, 6).unwrap(), VMAC_T);
+    assert_eq!(
+        &garp[ETH_HLEN + 14..ETH_HLEN + 18],
+        &garp[ETH_HLEN + 24..ETH_HLEN + 28],
+        "gratuitous: sender = target"
+    );
+    verify_checksums(&frames[1].1).unwrap();
+}
+
+proptest! {
+    /// Nothing panics on any bytes, on any interface.
+    #[test]
+    fn random_frames_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200), iface in 0u16..3) {
+        let mut r = rig(true);
+        let mut f = data.clone();
+        let _ = r.core.process(&mut f, InterfaceId(iface), NOW);
+    }
+
+    /// Valid frames with random bytes flipped never panic, and what is
+    /// forwarded has valid checksums.
+    #[test]
+    fn mutated_frames_never_panic(pos in 0usize..80, val in any::<u8>(), which in 0u8..4) {
+        let mut r = rig(true);
+        let base = match which {
+            0 => build(VMAC_T, CLIENT_MAC, v4("10.1.0.10"), v4("192.0.2.100"), 64, &tcp(packet::TCP_SYN, 40000, 443)),
+            1 => build(VMAC_T, CLIENT_MAC, v6("2001:db8:1::10"), v6("2001:db8:2::100"), 64, &L4::Udp { sport: 1, dport: 2, payload: vec![0; 8] }),
+            2 => build_arp(1, CLIENT_MAC, packet::BROADCAST, &v4("10.1.0.10"), &v4("10.1.0.1")),
+            _ => build(VMAC_U, SERVER_MAC, v4("192.0.2.100"), v4("192.0.2.1"), 64, &L4::IcmpError { kind: 3, code: 1, quoted: ip_packet(v4("192.0.2.1"), v4("192.0.2.100"), 9, &L4::Udp { sport: 5, dport: 6, payload: vec![] }) }),
+        };
+        let mut f = base.clone();
+        if pos < f.len() {
+            f[pos] = val;
+        }
+        let _ = r.core.process(&mut f, if which == 3 { U } else { T }, NOW);
+    }
+}
