@@ -4,10 +4,13 @@
 //! Never does: network sync, election. Those live in `tandem-cluster`, which
 //! drives this crate through plain method calls.
 
+pub mod afxdp;
 pub mod alloc;
 pub mod config;
 pub mod core;
 pub mod delta;
 pub mod frames;
+pub mod os;
 pub mod packet;
 pub mod session;
+pub mod xdp;

@@ -1,0 +1,481 @@
+//! The AF_XDP I/O shell: one socket per dataplane port, all on one UMEM,
+//! so a frame received on one port is transmitted on another without a
+//! copy. One worker thread runs the packet core over batches of frames.
+//!
+//! Bounds: the UMEM holds `frames_per_port` frames per port (4 KiB each).
+//! Each port keeps half of its share in its fill ring; the rest serves
+//! transmissions and frames the core builds (ARP, NA, GARP). When no frame
+//! is free, a built frame is dropped and counted (`tx_no_frame`); when a TX
+//! ring is full the frame is dropped and counted (`tx_ring_full`).
+//!
+//! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
+//! most 32 descriptors per kick, so TX goes out in chunks of 32.
+
+use crate::core::{Core, Verdict};
+use crate::session::{Clock, InterfaceId};
+use crate::xdp::{AttachMode, PortMode, XdpAttachment, XdpCounters};
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tandem_proto::{RgId, RoleMap};
+use tracing::{info, warn};
+use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// Largest batch of frames taken from one RX ring at a time.
+pub const BATCH: usize = 64;
+/// Descriptors per TX kick (the copy-mode transmit limit).
+const KICK: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct PortSpec {
+    pub iface: InterfaceId,
+    pub device: String,
+    pub mode: PortMode,
+}
+
+#[derive(Clone, Debug)]
+pub struct AfXdpConfig {
+    pub frames_per_port: u32,
+    pub attach: AttachMode,
+    /// Try zero-copy first (drivers that support it); veth does not.
+    pub zero_copy: bool,
+}
+
+impl Default for AfXdpConfig {
+    fn default() -> Self {
+        AfXdpConfig {
+            frames_per_port: 4096,
+            attach: AttachMode::Auto,
+            zero_copy: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct AfXdpError(pub String);
+
+impl std::fmt::Display for AfXdpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AfXdpError {}
+
+/// I/O counters of the shell (the core counts forwarding decisions).
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_ring_full: AtomicU64,
+    pub tx_no_frame: AtomicU64,
+    pub fabric_unhandled: AtomicU64,
+    pub wakeup_errors: AtomicU64,
+}
+
+/// What the fabric layer does with a frame the core handed it.
+pub enum FabricAction {
+    /// Transmit `frame` (the encapsulated copy) on `port`.
+    Send {
+        iface: InterfaceId,
+        frame: Vec<u8>,
+    },
+    Drop,
+}
+
+/// The fabric layer's hook into the worker (frames for RGs this node is not
+/// primary for, and frames arriving on fabric ports).
+pub trait FabricHook: Send {
+    /// A frame of `rg` that arrived on `ingress` and must go to the owner.
+    fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction;
+    /// A frame that arrived on fabric port `port`: return the inner frame
+    /// and the interface it should be processed as having arrived on.
+    fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<(InterfaceId, Vec<u8>)>;
+}
+
+/// For nodes without fabric links: every fabric frame is dropped (and
+/// counted by the worker).
+pub struct NoFabric;
+
+impl FabricHook for NoFabric {
+    fn to_owner(&mut self, _: RgId, _: &[u8], _: InterfaceId) -> FabricAction {
+        FabricAction::Drop
+    }
+    fn arrived_on_fabric(&mut self, _: &[u8], _: InterfaceId) -> Option<(InterfaceId, Vec<u8>)> {
+        None
+    }
+}
+
+struct Port {
+    iface: InterfaceId,
+    device: String,
+    mode: PortMode,
+    tx: TxQueue,
+    rx: RxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    pending: Vec<FrameDesc>,
+    in_fill: usize,
+    fill_target: usize,
+}
+
+pub struct AfXdp {
+    umem: Umem,
+    free: Vec<FrameDesc>,
+    ports: Vec<Port>,
+    /// Port index by interface id.
+    by_iface: Vec<Option<usize>>,
+    xdp: XdpAttachment,
+    pub io: Arc<IoStats>,
+}
+
+impl AfXdp {
+    /// Loads the XDP program on every port's device and binds a socket to
+    /// queue 0 of each (one queue per veth; see the module doc).
+    pub fn open(specs: &[PortSpec], cfg: &AfXdpConfig) -> Result<AfXdp, AfXdpError> {
+        if specs.is_empty() {
+            return Err(AfXdpError("no dataplane ports".into()));
+        }
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: &dyn std::fmt::Display| AfXdpError(format!("{what}: {err}"))
+        };
+        let total = cfg.frames_per_port.saturating_mul(specs.len() as u32);
+        let umem_cfg = UmemConfig::builder()
+            .fill_queue_size(QueueSize::new(2048).map_err(|x| e("fill queue size")(&x))?)
+            .comp_queue_size(QueueSize::new(2048).map_err(|x| e("completion queue size")(&x))?)
+            .build()
+            .map_err(|x| e("UMEM config")(&x))?;
+        let (umem, mut free) = Umem::new(
+            umem_cfg,
+            NonZeroU32::new(total).ok_or_else(|| AfXdpError("zero UMEM frames".into()))?,
+            false,
+        )
+        .map_err(|x| e("creating the UMEM (memlock limit? run as root)")(&x))?;
+        let mut indexes = Vec::new();
+        for (slot, s) in specs.iter().enumerate() {
+            let ifindex = crate::os::ifindex(&s.device)
+                .map_err(|x| e(&format!("interface {}", s.device))(&x))?;
+            indexes.push((ifindex, s.mode, slot as u32));
+        }
+        let xdp = XdpAttachment::attach(&indexes, cfg.attach).map_err(|x| AfXdpError(x.0))?;
+        let mut ports = Vec::new();
+        for s in specs {
+            let iface = Interface::new(
+                std::ffi::CString::new(s.device.clone()).map_err(|x| e("device name")(&x))?,
+            );
+            let modes: &[BindFlags] = if cfg.zero_copy {
+                &[BindFlags::XDP_ZEROCOPY, BindFlags::XDP_COPY]
+            } else {
+                &[BindFlags::XDP_COPY]
+            };
+            let mut made = None;
+            let mut last_err = String::new();
+            for m in modes {
+                let sock_cfg = SocketConfig::builder()
+                    .rx_queue_size(QueueSize::new(2048).map_err(|x| e("rx queue size")(&x))?)
+                    .tx_queue_size(QueueSize::new(2048).map_err(|x| e("tx queue size")(&x))?)
+                    .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+                    .bind_flags(*m | BindFlags::XDP_USE_NEED_WAKEUP)
+                    .build();
+                // SAFETY: each (device, queue 0) is bound once, and our own
+                // program is attached (INHIBIT_PROG_LOAD is set).
+                match unsafe { Socket::new(sock_cfg, &umem, &iface, 0) } {
+                    Ok(x) => {
+                        info!(device = %s.device, copy = m.bits() == BindFlags::XDP_COPY.bits(), "AF_XDP socket bound");
+                        made = Some(x);
+                        break;
+                    }
+                    Err(err) => last_err = err.to_string(),
+                }
+            }
+            let (tx, rx, rings) = made
+                .ok_or_else(|| AfXdpError(format!("AF_XDP socket on {}: {last_err}", s.device)))?;
+            let (fq, cq) = rings
+                .ok_or_else(|| AfXdpError(format!("{}: no fill/completion rings", s.device)))?;
+            ports.push(Port {
+                iface: s.iface,
+                device: s.device.clone(),
+                mode: s.mode,
+                tx,
+                rx,
+                fq,
+                cq,
+                pending: Vec::with_capacity(BATCH),
+                in_fill: 0,
+                fill_target: (cfg.frames_per_port / 2) as usize,
+            });
+        }
+        for (slot, p) in ports.iter().enumerate() {
+            xdp.set_socket(slot as u32, p.rx.fd())
+                .map_err(|x| AfXdpError(x.0))?;
+        }
+        let max_iface = specs.iter().map(|s| s.iface.0 as usize).max().unwrap_or(0);
+        let mut by_iface = vec![None; max_iface + 1];
+        for (i, s) in specs.iter().enumerate() {
+            by_iface[s.iface.0 as usize] = Some(i);
+        }
+        free.reverse();
+        let mut this = AfXdp {
+            umem,
+            free,
+            ports,
+            by_iface,
+            xdp,
+            io: Arc::default(),
+        };
+        this.refill();
+        Ok(this)
+    }
+
+    pub fn xdp_counters(&self) -> XdpCounters {
+        self.xdp.counters()
+    }
+
+    fn refill(&mut self) {
+        for p in &mut self.ports {
+            let want = p.fill_target.saturating_sub(p.in_fill).min(self.free.len());
+            if want == 0 {
+                continue;
+            }
+            let at = self.free.len() - want;
+            // SAFETY: the descriptors come from the free pool: no one else
+            // (kernel or user) holds their frames.
+            let n = unsafe { p.fq.produce(&self.free[at..]) };
+            self.free.truncate(self.free.len() - n);
+            p.in_fill += n;
+        }
+    }
+
+    fn queue_tx(&mut self, port: usize, d: FrameDesc) {
+        self.ports[port].pending.push(d);
+    }
+
+    /// Copies a frame the core built into a free UMEM frame and queues it.
+    fn send_built(&mut self, iface: InterfaceId, frame: &[u8]) {
+        let Some(port) = self.port_of(iface) else {
+            return;
+        };
+        let Some(mut d) = self.free.pop() else {
+            self.io.tx_no_frame.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // SAFETY: `d` came from the free pool; its frame is ours alone.
+        let mut data = unsafe { self.umem.data_mut(&mut d) };
+        let mut cur = data.cursor();
+        cur.set_pos(0);
+        if std::io::Write::write_all(&mut cur, frame).is_err() {
+            self.free.push(d);
+            return;
+        }
+        self.queue_tx(port, d);
+    }
+
+    fn port_of(&self, iface: InterfaceId) -> Option<usize> {
+        self.by_iface.get(iface.0 as usize).copied().flatten()
+    }
+
+    fn flush_tx(&mut self) {
+        for i in 0..self.ports.len() {
+            let pending = std::mem::take(&mut self.ports[i].pending);
+            for chunk in pending.chunks(KICK) {
+                let p = &mut self.ports[i];
+                // SAFETY: every queued descriptor's frame is owned by the
+                // worker and not touched again until its completion.
+                let n = match unsafe { p.tx.produce_and_wakeup(chunk) } {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.io.wakeup_errors.fetch_add(1, Ordering::Relaxed);
+                        // SAFETY: as above.
+                        unsafe { p.tx.produce(chunk) }
+                    }
+                };
+                self.io.tx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                if n < chunk.len() {
+                    self.io
+                        .tx_ring_full
+                        .fetch_add((chunk.len() - n) as u64, Ordering::Relaxed);
+                    self.free.extend_from_slice(&chunk[n..]);
+                }
+            }
+            let mut recycled = pending;
+            recycled.clear();
+            self.ports[i].pending = recycled;
+        }
+    }
+
+    fn reap_completions(&mut self, scratch: &mut [FrameDesc]) {
+        for p in &mut self.ports {
+            loop {
+                // SAFETY: completed descriptors are handed back to us.
+                let n = unsafe { p.cq.consume(scratch) };
+                if n == 0 {
+                    break;
+                }
+                self.free.extend_from_slice(&scratch[..n]);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for any port to have frames.
+    fn wait(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = self
+            .ports
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.rx.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd for the duration.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
+    }
+
+    /// Runs the worker until `stop` is set. Expires sessions every 100 ms
+    /// and announces (GARP/NA) every RG that became primary.
+    pub fn run(
+        &mut self,
+        core: &mut Core,
+        roles: &arc_swap::ArcSwap<RoleMap>,
+        fabric: &mut dyn FabricHook,
+        clock: &Clock,
+        stop: &AtomicBool,
+    ) {
+        let mut descs = vec![FrameDesc::default(); BATCH];
+        let mut scratch = vec![FrameDesc::default(); BATCH];
+        let mut last_expire = clock();
+        let mut last_roles = roles.load_full();
+        for (rg, r) in last_roles.iter() {
+            if r.primary {
+                core.announce(*rg);
+            }
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let now = clock();
+            let mut received = 0;
+            for pi in 0..self.ports.len() {
+                // SAFETY: descriptors consumed from RX are ours until we
+                // queue them for TX or fill.
+                let n = unsafe { self.ports[pi].rx.consume(&mut descs) };
+                received += n;
+                self.ports[pi].in_fill -= n.min(self.ports[pi].in_fill);
+                self.io.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                for d in descs.iter_mut().take(n) {
+                    self.handle(pi, d, core, fabric, now);
+                }
+            }
+            for (iface, frame) in std::mem::take(&mut core.outbox) {
+                self.send_built(iface, &frame);
+            }
+            self.flush_tx();
+            self.reap_completions(&mut scratch);
+            self.refill();
+            let current = roles.load_full();
+            if !Arc::ptr_eq(&current, &last_roles) {
+                for (rg, r) in current.iter() {
+                    let was = last_roles
+                        .get(rg)
+                        .is_some_and(|o| o.primary && o.epoch == r.epoch);
+                    if r.primary && !was {
+                        core.announce(*rg);
+                    }
+                }
+                last_roles = current;
+            }
+            if now.saturating_sub(last_expire) >= 100 {
+                core.expire(now);
+                last_expire = now;
+            }
+            if received == 0 && core.outbox.is_empty() {
+                self.wait(Duration::from_millis(1));
+            }
+        }
+        info!(ports = ?self.ports.iter().map(|p| &p.device).collect::<Vec<_>>(), "dataplane worker stopped");
+    }
+
+    fn handle(
+        &mut self,
+        pi: usize,
+        d: &mut FrameDesc,
+        core: &mut Core,
+        fabric: &mut dyn FabricHook,
+        now: crate::session::Millis,
+    ) {
+        let iface = self.ports[pi].iface;
+        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
+        let mut data = unsafe { self.umem.data_mut(d) };
+        if self.ports[pi].mode == PortMode::Fabric {
+            let inner = fabric.arrived_on_fabric(data.contents(), iface);
+            let Some((as_iface, mut frame)) = inner else {
+                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+                self.free.push(*d);
+                return;
+            };
+            self.free.push(*d);
+            return self.handle_built(&mut frame, as_iface, core, now);
+        }
+        let verdict = core.process(data.contents_mut(), iface, now);
+        match verdict {
+            Verdict::Tx { iface: out, len } => {
+                data.cursor().set_pos(len);
+                match self.port_of(out) {
+                    Some(po) => self.queue_tx(po, *d),
+                    None => self.free.push(*d),
+                }
+            }
+            Verdict::Reply { len } => {
+                data.cursor().set_pos(len);
+                self.queue_tx(pi, *d);
+            }
+            Verdict::Fabric { rg } => {
+                let action = fabric.to_owner(rg, data.contents(), iface);
+                self.free.push(*d);
+                match action {
+                    FabricAction::Send { iface: out, frame } => self.send_built(out, &frame),
+                    FabricAction::Drop => {
+                        self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Verdict::Drop(_) => self.free.push(*d),
+        }
+    }
+
+    /// A frame that came over the fabric, processed as if it had arrived on
+    /// `iface`, then sent from a fresh UMEM frame.
+    fn handle_built(
+        &mut self,
+        frame: &mut [u8],
+        iface: InterfaceId,
+        core: &mut Core,
+        now: crate::session::Millis,
+    ) {
+        match core.process(frame, iface, now) {
+            Verdict::Tx { iface: out, len } => self.send_built(out, &frame[..len]),
+            Verdict::Reply { len } => self.send_built(iface, &frame[..len]),
+            Verdict::Fabric { .. } => {
+                // Never back over the fabric (loop guard).
+                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::Drop(_) => {}
+        }
+    }
+}
+
+impl Drop for AfXdp {
+    fn drop(&mut self) {
+        if self.ports.iter().any(|p| p.in_fill > 0) {
+            warn!("dataplane stopped with frames in fill rings (freed with the UMEM)");
+        }
+    }
+}

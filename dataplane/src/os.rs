@@ -1,0 +1,92 @@
+//! Small OS helpers the dataplane needs: interface index and MAC, entering
+//! a network namespace, privilege checks for tests.
+
+use crate::packet::Mac;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// The index of `dev` in the calling thread's network namespace (sysfs
+/// would show the namespace it was mounted in, not the thread's).
+pub fn ifindex(dev: &str) -> io::Result<u32> {
+    let name = std::ffi::CString::new(dev).map_err(io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if i == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {dev:?}"),
+        ));
+    }
+    Ok(i)
+}
+
+/// The MAC address of `dev` in the calling thread's network namespace.
+pub fn mac(dev: &str) -> io::Result<Mac> {
+    if dev.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!("interface name {dev:?} too long")));
+    }
+    // SAFETY: a plain datagram socket used only for the ioctl below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads into `req`, which outlives the call.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err);
+    }
+    // SAFETY: the kernel filled the hwaddr member of the union.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut m = [0u8; 6];
+    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(m)
+}
+
+/// Moves the calling thread into the named network namespace
+/// (`/var/run/netns/<name>`). Threads spawned afterwards inherit it.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let f = fs::File::open(format!("/var/run/netns/{name}"))?;
+    // SAFETY: setns with a valid namespace fd only changes this thread's
+    // network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether this process can create namespaces and load XDP programs: root
+/// with CAP_NET_ADMIN and CAP_SYS_ADMIN / CAP_BPF. Tests that need it skip
+/// with a message otherwise.
+pub fn privileged() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root".into());
+    }
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    if eff & CAP_NET_ADMIN == 0 || eff & CAP_SYS_ADMIN == 0 {
+        return Err("root without CAP_NET_ADMIN/CAP_SYS_ADMIN".into());
+    }
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        return Err("iproute2 (`ip`) not installed".into());
+    }
+    Ok(())
+}

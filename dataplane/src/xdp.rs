@@ -1,0 +1,191 @@
+//! Loading and attaching the XDP program (libbpf-rs skeleton).
+//!
+//! Attach detaches whatever program a crashed run left on the interfaces
+//! first; dropping the attachment detaches ours. Native (driver) mode is
+//! tried first, generic (skb) mode is the fallback.
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, Xdp, XdpFlags};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd};
+use tracing::{info, warn};
+
+mod skel {
+    #![allow(clippy::all, dead_code, unsafe_op_in_unsafe_fn, non_camel_case_types)]
+    include!(concat!(env!("OUT_DIR"), "/tandem.skel.rs"));
+}
+
+use skel::{TandemSkel, TandemSkelBuilder};
+
+/// What the program does with an interface's frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortMode {
+    /// IPv4, IPv6 and ARP to the dataplane.
+    Data = 1,
+    /// Only fabric-encapsulated frames to the dataplane.
+    Fabric = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native if the driver supports it, else generic.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug)]
+pub struct XdpError(pub String);
+
+impl std::fmt::Display for XdpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for XdpError {}
+
+fn err(what: &str) -> impl FnOnce(libbpf_rs::Error) -> XdpError + '_ {
+    move |e| XdpError(format!("{what}: {e}"))
+}
+
+/// Frames the program redirected / passed, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct XdpCounters {
+    pub redirected: u64,
+    pub passed_not_ours: u64,
+    pub passed_unknown_interface: u64,
+    pub too_short: u64,
+}
+
+/// The loaded program, attached to a set of interfaces.
+pub struct XdpAttachment {
+    skel: TandemSkel<'static>,
+    attached: Vec<(i32, u32)>,
+}
+
+impl XdpAttachment {
+    /// Loads the program and attaches it to each `(ifindex, mode, slot)`.
+    pub fn attach(
+        ports: &[(u32, PortMode, u32)],
+        mode: AttachMode,
+    ) -> Result<XdpAttachment, XdpError> {
+        // The skeleton borrows its open object for as long as it lives; the
+        // daemon loads once, so the object is simply kept for the process.
+        let obj = Box::leak(Box::new(MaybeUninit::uninit()));
+        let open = TandemSkelBuilder::default()
+            .open(obj)
+            .map_err(err("opening the XDP object"))?;
+        let skel = open
+            .load()
+            .map_err(err("loading the XDP program (root, BTF)"))?;
+        let mut this = XdpAttachment {
+            skel,
+            attached: Vec::new(),
+        };
+        for &(ifindex, m, slot) in ports {
+            let value = (slot << 8) | m as u32;
+            this.skel
+                .maps
+                .if_mode
+                .update(&ifindex.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
+                .map_err(err("writing if_mode"))?;
+            this.attach_one(ifindex as i32, mode)?;
+        }
+        Ok(this)
+    }
+
+    fn attach_one(&mut self, ifindex: i32, mode: AttachMode) -> Result<(), XdpError> {
+        let xdp = Xdp::new(self.skel.progs.xdp_tandem.as_fd());
+        // A program left by a crashed run would make the attach fail.
+        for f in [XdpFlags::DRV_MODE, XdpFlags::SKB_MODE] {
+            let _ = xdp.detach(ifindex, f);
+        }
+        let tries: &[XdpFlags] = match mode {
+            AttachMode::Auto => &[XdpFlags::DRV_MODE, XdpFlags::SKB_MODE],
+            AttachMode::Native => &[XdpFlags::DRV_MODE],
+            AttachMode::Generic => &[XdpFlags::SKB_MODE],
+        };
+        let mut last = None;
+        for f in tries {
+            match xdp.attach(ifindex, XdpFlags::from_bits_truncate(f.bits())) {
+                Ok(()) => {
+                    info!(
+                        ifindex,
+                        mode = if f.bits() == XdpFlags::DRV_MODE.bits() {
+                            "native"
+                        } else {
+                            "generic"
+                        },
+                        "XDP attached"
+                    );
+                    self.attached.push((ifindex, f.bits()));
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(XdpError(format!(
+            "attaching XDP to ifindex {ifindex}: {}",
+            last.map_or("no mode".into(), |e| e.to_string())
+        )))
+    }
+
+    /// Puts an AF_XDP socket into the program's map at `slot`.
+    pub fn set_socket(&self, slot: u32, fd: &impl AsRawFd) -> Result<(), XdpError> {
+        let fd = fd.as_raw_fd() as u32;
+        self.skel
+            .maps
+            .xsks
+            .update(&slot.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(err("writing xsks"))
+    }
+
+    pub fn counters(&self) -> XdpCounters {
+        let read = |i: u32| -> u64 {
+            self.skel
+                .maps
+                .counters
+                .lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .map_or(0, |per_cpu| {
+                    per_cpu
+                        .iter()
+                        .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
+                        .sum()
+                })
+        };
+        XdpCounters {
+            redirected: read(0),
+            passed_not_ours: read(1),
+            passed_unknown_interface: read(2),
+            too_short: read(3),
+        }
+    }
+}
+
+impl Drop for XdpAttachment {
+    fn drop(&mut self) {
+        let xdp = Xdp::new(self.skel.progs.xdp_tandem.as_fd());
+        for &(ifindex, bits) in &self.attached {
+            if let Err(e) = xdp.detach(ifindex, XdpFlags::from_bits_truncate(bits)) {
+                warn!(ifindex, error = %e, "detaching XDP");
+            }
+        }
+    }
+}
+
+/// Detaches any XDP program from `ifindex` (crash recovery, `lab down`).
+pub fn detach_all(ifindex: u32) {
+    // Any program fd works for a detach by flags; load ours to get one.
+    let obj = Box::leak(Box::new(MaybeUninit::uninit()));
+    let Ok(open) = TandemSkelBuilder::default().open(obj) else {
+        return;
+    };
+    let Ok(skel) = open.load() else { return };
+    let xdp = Xdp::new(skel.progs.xdp_tandem.as_fd());
+    for f in [XdpFlags::DRV_MODE, XdpFlags::SKB_MODE] {
+        let _ = xdp.detach(ifindex as i32, f);
+    }
+}
