@@ -1,3 +1,458 @@
-fn main() {
-    println!("tandem {}", env!("CARGO_PKG_VERSION"));
+//! `tandem`: the chassis-cluster daemon, its CLI and the network-namespace
+//! lab.
+//!
+//! ```text
+//! tandem node --config FILE
+//! tandem config check FILE
+//! tandem show chassis cluster status|statistics|interfaces|information [--json]
+//! tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json]
+//! tandem request chassis cluster failover redundancy-group N node M
+//! tandem request chassis cluster failover reset redundancy-group N
+//! tandem witness --listen ADDR --key-file FILE --cluster-id N
+//! tandem lab up|down|demo [--json]
+//! ```
+//! Show and request commands talk to the node's control socket
+//! (`--socket PATH`, default /run/tandem/tandem.sock).
+
+mod config;
+mod control;
+mod daemon;
+mod lab;
+mod views;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tandem_dataplane::alloc::TandemAlloc;
+use tandem_proto::pb;
+
+#[global_allocator]
+static GLOBAL: TandemAlloc = TandemAlloc;
+
+const USAGE: &str = "usage:
+  tandem node --config FILE
+  tandem config check FILE
+  tandem show chassis cluster status|statistics|interfaces|information [--json] [--socket PATH]
+  tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
+  tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
+  tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
+  tandem witness --listen ADDR --key-file FILE --cluster-id N
+  tandem lab up|down|demo [--json]";
+
+/// Options that may appear anywhere on the command line.
+struct Opts {
+    json: bool,
+    socket: PathBuf,
+    words: Vec<String>,
+    flags: std::collections::HashMap<String, String>,
+    peer_diff: bool,
+}
+
+fn parse_opts() -> Result<Opts, String> {
+    let mut o = Opts {
+        json: false,
+        socket: daemon::default_socket(),
+        words: Vec::new(),
+        flags: Default::default(),
+        peer_diff: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => o.json = true,
+            "--peer-diff" => o.peer_diff = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            f if f.starts_with("--") => {
+                let v = it.next().ok_or_else(|| format!("{f} needs a value"))?;
+                if f == "--socket" {
+                    o.socket = PathBuf::from(&v);
+                }
+                o.flags.insert(f.trim_start_matches("--").to_string(), v);
+            }
+            _ => o.words.push(a),
+        }
+    }
+    Ok(o)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let words: Vec<&str> = opts.words.iter().map(String::as_str).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result: Result<(), String> = match words.as_slice() {
+        ["node"] => {
+            init_tracing();
+            let Some(path) = opts.flags.get("config") else {
+                eprintln!("tandem node needs --config FILE");
+                return ExitCode::from(2);
+            };
+            match config::NodeConfig::load(path.as_ref()) {
+                Ok(cfg) => rt.block_on(daemon::run(cfg)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        ["config", "check", file] => match config::NodeConfig::load(file.as_ref()) {
+            Ok(cfg) => {
+                println!(
+                    "{file}: OK (node{}, cluster {}, {} redundancy groups, {} interfaces)",
+                    cfg.node.id,
+                    cfg.node.cluster_id,
+                    cfg.redundancy_group.len(),
+                    cfg.dataplane.interfaces.len()
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        ["show", "chassis", "cluster", what] => rt.block_on(show_cluster(&opts, what)),
+        ["show", "security", "flow", "session", rest @ ..] => {
+            rt.block_on(show_sessions(&opts, rest))
+        }
+        [
+            "request",
+            "chassis",
+            "cluster",
+            "failover",
+            "redundancy-group",
+            rg,
+            "node",
+            n,
+        ] => rt.block_on(request_failover(&opts, rg, Some(n))),
+        [
+            "request",
+            "chassis",
+            "cluster",
+            "failover",
+            "reset",
+            "redundancy-group",
+            rg,
+        ] => rt.block_on(request_failover(&opts, rg, None)),
+        ["witness"] => {
+            init_tracing();
+            rt.block_on(witness(&opts))
+        }
+        ["lab", cmd] => {
+            init_tracing();
+            lab::main(cmd, opts.json, &rt)
+        }
+        _ => Err(USAGE.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn req(cmd: pb::control_request::Cmd) -> pb::ControlRequest {
+    pb::ControlRequest { cmd: Some(cmd) }
+}
+
+async fn one(opts: &Opts, r: pb::ControlRequest) -> Result<Value, String> {
+    let mut out = String::new();
+    control::request(&opts.socket, r, |j| out.push_str(j)).await?;
+    serde_json::from_str(&out).map_err(|e| format!("bad reply: {e}"))
+}
+
+async fn show_cluster(opts: &Opts, what: &str) -> Result<(), String> {
+    use pb::control_request::Cmd;
+    let cmd = match what {
+        "status" => Cmd::Status(pb::Empty {}),
+        "statistics" => Cmd::Statistics(pb::Empty {}),
+        "interfaces" => Cmd::Interfaces(pb::Empty {}),
+        "information" => Cmd::Information(pb::Empty {}),
+        _ => return Err(USAGE.into()),
+    };
+    let v = one(opts, req(cmd)).await?;
+    if opts.json {
+        println!("{v}");
+    } else {
+        match what {
+            "status" => print!("{}", format_status(&v)),
+            _ => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        }
+    }
+    Ok(())
+}
+
+/// Human form of `show chassis cluster status`, in the SRX layout.
+pub fn format_status(v: &Value) -> String {
+    let mut s = String::new();
+    use std::fmt::Write;
+    let _ = writeln!(
+        s,
+        "Cluster ID: {}    Node: node{}    Peer: {}",
+        v["cluster_id"],
+        v["node"],
+        v["peer_reason"].as_str().unwrap_or("?")
+    );
+    let paths: Vec<String> = v["paths"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["path"].as_str().unwrap_or("?").to_lowercase(),
+                if p["up"] == true { "up" } else { "down" }
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "Heartbeat paths: {}    Sync: {}",
+        paths.join(", "),
+        if v["sync_connected"] == true {
+            "connected"
+        } else {
+            "down"
+        }
+    );
+    if let Some(e) = v["dataplane_error"].as_str() {
+        let _ = writeln!(s, "DATAPLANE ERROR: {e}");
+    }
+    let _ = writeln!(s);
+    for rg in v["rgs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "Redundancy group: {}   Failover count: {}   Epoch: {}",
+            rg["rg"], rg["failovers"], rg["epoch"]
+        );
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<9} {:<15} {:<8} {:<7} {}",
+            "Node", "Priority", "Status", "Preempt", "Manual", "Sessions"
+        );
+        let manual = rg["manual"]
+            .as_u64()
+            .map_or("no".to_string(), |n| format!("node{n}"));
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<9} {:<15} {:<8} {:<7} {}",
+            format!("node{}", v["node"]),
+            format!("{}/{}", rg["effective_priority"], rg["priority"]),
+            rg["state"].as_str().unwrap_or("?").to_lowercase(),
+            if rg["preempt"] == true { "yes" } else { "no" },
+            manual,
+            rg["sessions"],
+        );
+        if let Some(ps) = rg["peer_state"].as_str() {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<9} {:<15}",
+                format!("node{}", 1 - v["node"].as_u64().unwrap_or(0)),
+                rg["peer_priority"],
+                ps
+            );
+        }
+        let _ = writeln!(s, "  Reason: {}", rg["reason"].as_str().unwrap_or(""));
+        let blockers = |k: &str| -> String {
+            let b: Vec<&str> = rg[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if b.is_empty() {
+                "yes".into()
+            } else {
+                format!("no ({})", b.join("; "))
+            }
+        };
+        let _ = writeln!(s, "  Takeover ready: {}", blockers("takeover_blockers"));
+        let _ = writeln!(s, "  Transfer ready: {}", blockers("transfer_blockers"));
+        let _ = writeln!(
+            s,
+            "  Sessions in sync: {}",
+            if rg["in_sync"] == true { "yes" } else { "no" }
+        );
+        let _ = writeln!(s);
+    }
+    s
+}
+
+async fn show_sessions(opts: &Opts, rest: &[&str]) -> Result<(), String> {
+    let rg = match rest {
+        [] => 0,
+        ["redundancy-group", n] => n
+            .parse::<u32>()
+            .map_err(|_| format!("bad redundancy group {n:?}"))?,
+        _ => return Err(USAGE.into()),
+    };
+    if opts.peer_diff {
+        return peer_diff(opts, rg).await;
+    }
+    let q = req(pb::control_request::Cmd::Sessions(pb::SessionQuery {
+        rg,
+        peer_diff: false,
+    }));
+    let json = opts.json;
+    control::request(&opts.socket, q, |chunk| {
+        for line in chunk.lines() {
+            if json {
+                println!("{line}");
+            } else if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if v.get("source").is_some() {
+                    println!(
+                        "rg{} {} {} -> {} [{}] snat {} dnat {} {} {} pkts {}/{}",
+                        v["rg"],
+                        v["proto"].as_str().unwrap_or(""),
+                        v["source"].as_str().unwrap_or(""),
+                        v["destination"].as_str().unwrap_or(""),
+                        v["state"].as_str().unwrap_or(""),
+                        v["snat"].as_str().unwrap_or("-"),
+                        v["dnat"].as_str().unwrap_or("-"),
+                        v["origin"].as_str().unwrap_or(""),
+                        v["policy"].as_str().unwrap_or(""),
+                        v["packets"][0],
+                        v["packets"][1],
+                    );
+                } else {
+                    println!("{line}");
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Compares this node's export of an RG with the peer's (both sockets
+/// reachable from here, as in the lab): sessions only on one side, and
+/// sessions whose NAT or state differ.
+async fn peer_diff(opts: &Opts, rg: u32) -> Result<(), String> {
+    let Some(peer) = opts.flags.get("peer-socket") else {
+        return Err("--peer-diff needs --peer-socket PATH (the peer node's control socket)".into());
+    };
+    async fn collect(
+        path: &std::path::Path,
+        rg: u32,
+    ) -> Result<std::collections::BTreeMap<String, Value>, String> {
+        let mut m = std::collections::BTreeMap::new();
+        let q = req(pb::control_request::Cmd::Sessions(pb::SessionQuery {
+            rg,
+            peer_diff: false,
+        }));
+        control::request(path, q, |chunk| {
+            for line in chunk.lines() {
+                if let Ok(v) = serde_json::from_str::<Value>(line)
+                    && v.get("source").is_some()
+                {
+                    let k = format!(
+                        "{} {} {} {}",
+                        v["proto"], v["source"], v["destination"], v["ingress_zone"]
+                    );
+                    m.insert(k, v);
+                }
+            }
+        })
+        .await?;
+        Ok(m)
+    }
+    let mine = collect(&opts.socket, rg).await?;
+    let theirs = collect(PathBuf::from(peer).as_path(), rg).await?;
+    let only_here: Vec<&String> = mine.keys().filter(|k| !theirs.contains_key(*k)).collect();
+    let only_peer: Vec<&String> = theirs.keys().filter(|k| !mine.contains_key(*k)).collect();
+    let differ: Vec<&String> = mine
+        .iter()
+        .filter(|(k, v)| {
+            theirs.get(*k).is_some_and(|t| {
+                t["snat"] != v["snat"] || t["dnat"] != v["dnat"] || t["state"] != v["state"]
+            })
+        })
+        .map(|(k, _)| k)
+        .collect();
+    let report = serde_json::json!({
+        "rg": rg,
+        "local_sessions": mine.len(),
+        "peer_sessions": theirs.len(),
+        "only_local": only_here,
+        "only_peer": only_peer,
+        "differ": differ,
+        "identical": only_here.is_empty() && only_peer.is_empty() && differ.is_empty(),
+    });
+    if opts.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn request_failover(opts: &Opts, rg: &str, node: Option<&str>) -> Result<(), String> {
+    let rg: u32 = rg
+        .parse()
+        .map_err(|_| format!("bad redundancy group {rg:?}"))?;
+    let cmd = match node {
+        Some(n) => {
+            let node: u32 = n.parse().map_err(|_| format!("bad node {n:?}"))?;
+            pb::control_request::Cmd::Failover(pb::FailoverCommand { rg, node })
+        }
+        None => pb::control_request::Cmd::Reset(pb::ResetCommand { rg }),
+    };
+    let v = one(opts, req(cmd)).await?;
+    if opts.json {
+        println!("{v}");
+    } else {
+        match node {
+            Some(n) => println!("redundancy group {rg}: failover to node{n} committed"),
+            None => println!("redundancy group {rg}: manual failover reset"),
+        }
+    }
+    Ok(())
+}
+
+async fn witness(opts: &Opts) -> Result<(), String> {
+    let listen: std::net::SocketAddr = opts
+        .flags
+        .get("listen")
+        .ok_or("tandem witness needs --listen ADDR")?
+        .parse()
+        .map_err(|e| format!("--listen: {e}"))?;
+    let key_file = opts
+        .flags
+        .get("key-file")
+        .ok_or("tandem witness needs --key-file FILE")?;
+    let key = std::fs::read(key_file).map_err(|e| format!("{key_file}: {e}"))?;
+    let cluster_id: u32 = opts
+        .flags
+        .get("cluster-id")
+        .ok_or("tandem witness needs --cluster-id N")?
+        .parse()
+        .map_err(|e| format!("--cluster-id: {e}"))?;
+    let sock = tokio::net::UdpSocket::bind(listen)
+        .await
+        .map_err(|e| format!("{listen}: {e}"))?;
+    tracing::info!(%listen, cluster_id, "witness running");
+    tandem_cluster::witness::serve(
+        std::sync::Arc::new(sock),
+        tandem_cluster::election::driver::ClusterKey::new(&key),
+        cluster_id,
+        tandem_dataplane::session::monotonic_clock(),
+    )
+    .await;
+    Err("witness socket failed".into())
 }

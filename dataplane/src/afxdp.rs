@@ -93,7 +93,11 @@ pub trait FabricHook: Send {
     fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction;
     /// A frame that arrived on fabric port `port`: return the inner frame
     /// and the interface it should be processed as having arrived on.
-    fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<(InterfaceId, Vec<u8>)>;
+    fn arrived_on_fabric(
+        &mut self,
+        frame: &[u8],
+        port: InterfaceId,
+    ) -> Option<(InterfaceId, Vec<u8>)>;
 }
 
 /// For nodes without fabric links: every fabric frame is dropped (and

@@ -171,6 +171,11 @@ enum Command {
     },
     /// Stop without resigning (a crash, as far as the peer can tell).
     Stop,
+    /// A monitored interface's raw link state.
+    Monitor { name: String, up: bool },
+    /// Give up every RG at once (graceful shutdown): the peer sees this
+    /// node ineligible in the next heartbeat, sent immediately.
+    Resign { reply: oneshot::Sender<()> },
 }
 
 /// Operator and daemon access to a running election.
@@ -230,6 +235,25 @@ impl ClusterHandle {
     /// they are (the peer sees a crash).
     pub async fn stop(&self) {
         let _ = self.commands.send(Command::Stop).await;
+    }
+
+    /// Reports a monitored interface's link state (dampened inside).
+    pub async fn monitor(&self, name: &str, up: bool) {
+        let _ = self
+            .commands
+            .send(Command::Monitor {
+                name: name.to_string(),
+                up,
+            })
+            .await;
+    }
+
+    /// Hands every RG to the peer now (graceful shutdown).
+    pub async fn resign(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Resign { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
@@ -394,6 +418,11 @@ impl Driver {
                 biased;
                 c = cmds.recv() => match c {
                     Some(Command::Stop) | None => return,
+                    Some(Command::Resign { reply }) => {
+                        self.resign();
+                        self.send_heartbeats().await;
+                        let _ = reply.send(());
+                    }
                     Some(c) => self.command(c),
                 },
                 Some(m) = control.recv() => self.control(m),
@@ -582,7 +611,20 @@ impl Driver {
                     self.events.iter().cloned().collect(),
                 ));
             }
-            Command::Stop => {}
+            Command::Monitor { name, up } => {
+                let actions = self.election.on_monitor(&name, up, now);
+                self.apply(actions);
+            }
+            Command::Stop | Command::Resign { .. } => {}
+        }
+    }
+
+    fn resign(&mut self) {
+        let now = self.now();
+        let rgs: Vec<RgId> = self.election.config().rgs.iter().map(|r| r.rg).collect();
+        for rg in rgs {
+            let actions = self.election.set_disabled(rg, true, now);
+            self.apply(actions);
         }
     }
 

@@ -141,6 +141,13 @@ pub struct SyncedSession {
     pub counters: FlowCounters,
 }
 
+impl SyncedSession {
+    /// The translation this session applies (derived from its two keys).
+    pub fn nat(&self) -> Nat {
+        record::nat_of(&self.key, &self.reverse)
+    }
+}
+
 impl SessionRecord {
     /// The one conversion from a record to its peer form.
     pub fn to_synced(&self, now: Millis) -> SyncedSession {

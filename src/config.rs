@@ -1,0 +1,415 @@
+//! The node configuration file (TOML) and its validation.
+//!
+//! `tandem config check FILE` reports syntax and type errors with line and
+//! column (from the TOML parser) and semantic errors with the field path
+//! (`redundancy_group[0].priority`), and the line where that table starts.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tandem_dataplane::config::{Compiled, DataplaneConfig};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub control: ControlSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub heartbeat: HeartbeatSection,
+    #[serde(default)]
+    pub fabric: Vec<FabricSection>,
+    pub redundancy_group: Vec<RgSection>,
+    #[serde(default)]
+    pub witness: Option<WitnessSection>,
+    #[serde(default)]
+    pub sessions: SessionSection,
+    pub dataplane: DataplaneConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// 0 or 1.
+    pub id: u8,
+    pub cluster_id: u32,
+    /// The control API socket.
+    pub socket: PathBuf,
+    /// Prometheus endpoint (a loopback address).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// QUIC on the control link: this node's address and the peer's.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// Name on the peer's certificate.
+    pub peer_name: String,
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_idle_ms() -> u64 {
+    3000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSection {
+    pub interval_ms: u64,
+    pub threshold: u32,
+    pub startup_grace_ms: u64,
+    /// File with the secret that authenticates fabric heartbeats and
+    /// witness leases (same on both nodes and the witness).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        HeartbeatSection {
+            interval_ms: 100,
+            threshold: 3,
+            startup_grace_ms: 2000,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricSection {
+    /// "fab0" or "fab1".
+    pub name: String,
+    /// The Linux interface of this node's fabric link.
+    pub device: String,
+    /// Heartbeat UDP: this node's fabric address and the peer's.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSection {
+    pub interface: String,
+    pub weight: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RgSection {
+    pub id: u16,
+    /// Priority of node0 and node1 (1..=255; 0 disables the RG on a node).
+    pub priority: [u16; 2],
+    #[serde(default)]
+    pub preempt: bool,
+    #[serde(default = "default_hold_down")]
+    pub hold_down_ms: u64,
+    #[serde(default)]
+    pub monitor: Vec<MonitorSection>,
+}
+
+fn default_hold_down() -> u64 {
+    1000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSection {
+    pub address: SocketAddr,
+    /// This node's lease socket; the peer's.
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    #[serde(default = "default_lease")]
+    pub lease_ms: u32,
+}
+
+fn default_lease() -> u32 {
+    1000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSection {
+    pub capacity: usize,
+    pub preallocate: bool,
+    /// Per-RG delta queue bound (keys).
+    pub delta_queue: usize,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        SessionSection {
+            capacity: 1 << 20,
+            preallocate: true,
+            delta_queue: 65_536,
+        }
+    }
+}
+
+/// A configuration error with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                field: None,
+                message: e.message().to_string(),
+            }
+        })?;
+        cfg.validate().map_err(|(field, message)| ConfigError {
+            file: path.to_path_buf(),
+            line: line_of(text, &field),
+            field: Some(field),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks: each error names the field.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, m: String| Err((f.to_string(), m));
+        if self.node.id > 1 {
+            return bad("node.id", format!("{} is not 0 or 1", self.node.id));
+        }
+        if let Some(m) = self.node.metrics
+            && !m.ip().is_loopback()
+        {
+            return bad("node.metrics", format!("{m} is not a loopback address"));
+        }
+        if self.heartbeat.interval_ms == 0 || self.heartbeat.threshold == 0 {
+            return bad(
+                "heartbeat",
+                "interval_ms and threshold must be positive".into(),
+            );
+        }
+        let mut fabrics = std::collections::BTreeSet::new();
+        for (i, f) in self.fabric.iter().enumerate() {
+            if f.name != "fab0" && f.name != "fab1" {
+                return bad(
+                    &format!("fabric[{i}].name"),
+                    format!("{:?} is not fab0 or fab1", f.name),
+                );
+            }
+            if !fabrics.insert(f.name.clone()) {
+                return bad(
+                    &format!("fabric[{i}].name"),
+                    format!("{} configured twice", f.name),
+                );
+            }
+        }
+        if self.redundancy_group.is_empty() {
+            return bad(
+                "redundancy_group",
+                "at least one redundancy group is required".into(),
+            );
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, rg) in self.redundancy_group.iter().enumerate() {
+            let at = |f: &str| format!("redundancy_group[{i}].{f}");
+            if rg.id == 0 {
+                return bad(
+                    &at("id"),
+                    "RG0 is the control group; data RGs start at 1".into(),
+                );
+            }
+            if !ids.insert(rg.id) {
+                return bad(
+                    &at("id"),
+                    format!("redundancy group {} configured twice", rg.id),
+                );
+            }
+            if let Some(p) = rg.priority.iter().find(|&&p| p > 255) {
+                return bad(&at("priority"), format!("{p} exceeds 255"));
+            }
+            for (j, m) in rg.monitor.iter().enumerate() {
+                if m.weight == 0 {
+                    return bad(
+                        &at(&format!("monitor[{j}].weight")),
+                        "weight 0 has no effect".into(),
+                    );
+                }
+            }
+        }
+        let compiled = Compiled::new(&self.dataplane).map_err(|e| ("dataplane".to_string(), e))?;
+        for (i, ifc) in compiled.ifaces.iter().enumerate() {
+            if let Some(rg) = ifc.rg()
+                && !ids.contains(&rg.0)
+            {
+                return bad(
+                    &format!("dataplane.interfaces[{i}].reth.rg"),
+                    format!("redundancy group {} is not configured", rg.0),
+                );
+            }
+        }
+        if self.sessions.capacity == 0 || self.sessions.delta_queue == 0 {
+            return bad(
+                "sessions",
+                "capacity and delta_queue must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn rgs(&self) -> Vec<tandem_proto::RgId> {
+        self.redundancy_group
+            .iter()
+            .map(|r| tandem_proto::RgId(r.id))
+            .collect()
+    }
+}
+
+/// The line where the TOML table holding `field` starts: for
+/// `dataplane.interfaces[1].reth.rg`, the second `[[dataplane.interfaces]]`
+/// header; for `heartbeat.threshold`, `[heartbeat]`.
+fn line_of(text: &str, field: &str) -> Option<usize> {
+    let mut name = String::new();
+    let mut index = None;
+    for part in field.split('.') {
+        let (p, i) = match part.split_once('[') {
+            Some((p, rest)) => (p, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        if !name.is_empty() {
+            name.push('.');
+        }
+        name.push_str(p);
+        if i.is_some() {
+            index = i;
+            break;
+        }
+    }
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l == format!("[[{name}]]") {
+            if index.is_none_or(|n| n == seen) {
+                return Some(i + 1);
+            }
+            seen += 1;
+        } else if l == format!("[{name}]") && index.is_none() {
+            return Some(i + 1);
+        }
+    }
+    // A field of a table given by its first component only.
+    let head = name.split('.').next()?;
+    (head != name).then(|| line_of(text, head)).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const SAMPLE: &str = include_str!("lab/node0.toml");
+
+    #[test]
+    fn lab_config_is_valid() {
+        let cfg = NodeConfig::parse(SAMPLE, Path::new("node0.toml")).unwrap();
+        assert_eq!(cfg.node.id, 0);
+        assert_eq!(cfg.rgs().len(), 1);
+    }
+
+    #[test]
+    fn unknown_field_is_reported_with_its_line() {
+        let text = SAMPLE.replace("cluster_id = 1", "cluster_id = 1\nclusterid = 2");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert!(e.message.contains("unknown field `clusterid`"), "{e}");
+        let want = text
+            .lines()
+            .position(|l| l.starts_with("clusterid"))
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(want));
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_its_line() {
+        let text = SAMPLE.replace("cluster_id = 1", "cluster_id = \"one\"");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        let want = text
+            .lines()
+            .position(|l| l.starts_with("cluster_id"))
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(want), "{e}");
+    }
+
+    #[test]
+    fn semantic_error_names_the_field_and_its_table() {
+        let text = SAMPLE.replace("id = 1\npriority", "id = 0\npriority");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("redundancy_group[0].id"), "{e}");
+        let want = text
+            .lines()
+            .position(|l| l.trim() == "[[redundancy_group]]")
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(want));
+    }
+
+    #[test]
+    fn reth_of_an_unconfigured_rg_is_refused_at_its_interface() {
+        let text = SAMPLE.replace("rg = 1", "rg = 7");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("redundancy group 7 is not configured"),
+            "{e}"
+        );
+        assert_eq!(e.field.as_deref(), Some("dataplane.interfaces[0].reth.rg"));
+        let want = text
+            .lines()
+            .position(|l| l.trim() == "[[dataplane.interfaces]]")
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(want));
+    }
+}

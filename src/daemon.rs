@@ -1,0 +1,358 @@
+//! `tandem node`: wires the session table, the AF_XDP dataplane, the QUIC
+//! sync, the election and the control API together.
+//!
+//! Threads: the tokio runtime (sync, election, control API, metrics,
+//! monitors) and one dataplane worker. Shutdown (SIGTERM/SIGINT): resign
+//! every RG (the peer takes over at its next heartbeat, not after the
+//! detection timeout), stop the worker, detach XDP.
+
+use crate::config::NodeConfig;
+use crate::control;
+use crate::views;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_cluster::election::driver::{
+    ClusterHandle, ClusterKey, DatagramSocket, DriverConfig, FabricPath, spawn,
+};
+use tandem_cluster::election::{ElectionConfig, MonitorConfig, Path as HbPath, RgConfig};
+use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
+use tandem_cluster::tls::{self, TlsIdentity};
+use tandem_cluster::witness::WitnessConfig;
+use tandem_dataplane::afxdp::{AfXdp, AfXdpConfig, IoStats, NoFabric, PortSpec};
+use tandem_dataplane::config::Compiled;
+use tandem_dataplane::core::{Core, CoreStats};
+use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
+use tandem_dataplane::os;
+use tandem_dataplane::session::{Clock, SessionTable, SharedTable, TableConfig, monotonic_clock};
+use tandem_dataplane::xdp::{PortMode, XdpCounters};
+use tandem_proto::{NodeId, RgId, RoleMap};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Everything the control API and metrics read.
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub compiled: Arc<Compiled>,
+    pub table: SharedTable,
+    pub sync: SyncHandle,
+    pub cluster: ClusterHandle,
+    pub clock: Clock,
+    pub core: Mutex<Option<Arc<CoreStats>>>,
+    pub io: Mutex<Option<Arc<IoStats>>>,
+    pub xdp: Mutex<XdpCounters>,
+    pub dataplane_error: Mutex<Option<String>>,
+    pub started_ms: u64,
+}
+
+fn read_key(cfg: &NodeConfig) -> Result<ClusterKey, String> {
+    match &cfg.heartbeat.key_file {
+        Some(p) => std::fs::read(p)
+            .map(|k| ClusterKey::new(&k))
+            .map_err(|e| format!("heartbeat key {}: {e}", p.display())),
+        None => {
+            warn!(
+                "no heartbeat.key_file: fabric heartbeats are authenticated with a key derived from the cluster id only"
+            );
+            Ok(ClusterKey::new(
+                format!("tandem-cluster-{}", cfg.node.cluster_id).as_bytes(),
+            ))
+        }
+    }
+}
+
+fn election_config(cfg: &NodeConfig) -> ElectionConfig {
+    let me = usize::from(cfg.node.id);
+    ElectionConfig {
+        node: NodeId(cfg.node.id),
+        cluster_id: cfg.node.cluster_id,
+        heartbeat_interval_ms: cfg.heartbeat.interval_ms,
+        heartbeat_threshold: cfg.heartbeat.threshold,
+        startup_grace_ms: cfg.heartbeat.startup_grace_ms,
+        transfer_timeout_ms: 1000,
+        rgs: cfg
+            .redundancy_group
+            .iter()
+            .map(|r| {
+                let mut c = RgConfig::new(RgId(r.id), r.priority[me]);
+                c.preempt = r.preempt;
+                c.hold_down_ms = r.hold_down_ms;
+                c.monitors = r
+                    .monitor
+                    .iter()
+                    .map(|m| MonitorConfig {
+                        name: m.interface.clone(),
+                        weight: m.weight,
+                    })
+                    .collect();
+                c
+            })
+            .collect(),
+        incarnation: rand::random(),
+    }
+}
+
+/// Runs the node until a termination signal.
+pub async fn run(cfg: NodeConfig) -> Result<(), String> {
+    let compiled = Arc::new(Compiled::new(&cfg.dataplane)?);
+    let clock = monotonic_clock();
+    let table: SharedTable = Arc::new(Mutex::new(SessionTable::new(TableConfig {
+        capacity: cfg.sessions.capacity,
+        preallocate: cfg.sessions.preallocate,
+        ..TableConfig::default()
+    })));
+    let (producer, consumers) = delta_queues(&cfg.rgs(), cfg.sessions.delta_queue);
+    let (sync, cluster) = start_cluster(&cfg, table.clone(), consumers, clock.clone()).await?;
+    let node = Arc::new(Node {
+        compiled: compiled.clone(),
+        table: table.clone(),
+        sync: sync.clone(),
+        cluster: cluster.clone(),
+        clock: clock.clone(),
+        core: Mutex::new(None),
+        io: Mutex::new(None),
+        xdp: Mutex::new(XdpCounters::default()),
+        dataplane_error: Mutex::new(None),
+        started_ms: clock().0,
+        cfg,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = start_dataplane(node.clone(), producer, stop.clone());
+    tokio::spawn(watch_monitors(node.clone()));
+    let socket = node.cfg.node.socket.clone();
+    let listener =
+        control::bind(&socket).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+    tokio::spawn(control::serve(listener, node.clone()));
+    if let Some(addr) = node.cfg.node.metrics {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tokio::spawn(views::serve_metrics(l, node.clone()));
+            }
+            Err(e) => warn!(%addr, error = %e, "metrics endpoint"),
+        }
+    }
+    info!(node = node.cfg.node.id, socket = %socket.display(), "tandem node running");
+    wait_for_signal().await;
+    info!("shutting down: resigning every RG");
+    cluster.resign().await;
+    tokio::time::sleep(Duration::from_millis(2 * node.cfg.heartbeat.interval_ms)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    sync.shutdown();
+    let _ = std::fs::remove_file(&socket);
+    info!("stopped");
+    Ok(())
+}
+
+async fn start_cluster(
+    cfg: &NodeConfig,
+    table: SharedTable,
+    consumers: Vec<DeltaConsumer>,
+    clock: Clock,
+) -> Result<(SyncHandle, ClusterHandle), String> {
+    let id = TlsIdentity::load(
+        &cfg.tls.ca,
+        &cfg.tls.cert,
+        &cfg.tls.key,
+        &cfg.control.peer_name,
+    )
+    .map_err(|e| e.to_string())?;
+    let idle = Duration::from_millis(cfg.control.idle_timeout_ms);
+    let server = tls::server_config(&id, idle).map_err(|e| e.to_string())?;
+    let client = tls::client_config(&id, idle).map_err(|e| e.to_string())?;
+    let endpoint = quinn::Endpoint::server(server, cfg.control.local)
+        .map_err(|e| format!("QUIC endpoint on {}: {e}", cfg.control.local))?;
+    let (roles_tx, roles_rx) = watch::channel(Arc::new(RoleMap::new()));
+    let (sink_tx, sink_rx) = mpsc::channel(1024);
+    let me = NodeId(cfg.node.id);
+    let sync = SyncNode::spawn(
+        SyncConfig::new(
+            me,
+            me.peer(),
+            cfg.node.cluster_id,
+            cfg.control.peer,
+            &cfg.control.peer_name,
+        ),
+        SyncIo {
+            endpoint,
+            client,
+            table: table.clone(),
+            consumers,
+            roles: roles_rx,
+            clock: clock.clone(),
+            election_sink: Some(sink_tx),
+        },
+    );
+    let key = read_key(cfg)?;
+    let mut fabric = Vec::new();
+    for f in &cfg.fabric {
+        let sock = tokio::net::UdpSocket::bind(f.local)
+            .await
+            .map_err(|e| format!("fabric {} heartbeat socket {}: {e}", f.name, f.local))?;
+        let path = if f.name == "fab0" {
+            HbPath::Fab0
+        } else {
+            HbPath::Fab1
+        };
+        fabric.push(FabricPath {
+            path,
+            socket: Arc::new(sock),
+            peer: f.peer,
+        });
+    }
+    let witness = match &cfg.witness {
+        None => None,
+        Some(w) => {
+            let sock = tokio::net::UdpSocket::bind(w.local)
+                .await
+                .map_err(|e| format!("witness lease socket {}: {e}", w.local))?;
+            let sock: Arc<dyn DatagramSocket> = Arc::new(sock);
+            Some((
+                sock,
+                WitnessConfig {
+                    witness: w.address,
+                    peer: w.peer,
+                    lease_ms: w.lease_ms,
+                },
+            ))
+        }
+    };
+    let cluster = spawn(
+        DriverConfig {
+            election: election_config(cfg),
+            fabric,
+            key,
+            witness,
+        },
+        sync.clone(),
+        table,
+        clock,
+        roles_tx,
+        sink_rx,
+    );
+    Ok((sync, cluster))
+}
+
+/// The dataplane worker thread: binds AF_XDP on every data interface and
+/// forwards until `stop`. A failure is logged and shown in the status (the
+/// cluster keeps running so the peer is not left alone with a dead link).
+fn start_dataplane(
+    node: Arc<Node>,
+    producer: DeltaProducer,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            let mut compiled = (*node.compiled).clone();
+            for i in &mut compiled.ifaces {
+                match os::mac(&i.device) {
+                    Ok(m) => i.mac = m,
+                    Err(e) => {
+                        let msg = format!("interface {} ({}): {e}", i.name, i.device);
+                        error!("{msg}");
+                        *node.dataplane_error.lock().expect("lock") = Some(msg);
+                        return;
+                    }
+                }
+            }
+            let ports: Vec<PortSpec> = compiled
+                .ifaces
+                .iter()
+                .map(|i| PortSpec {
+                    iface: i.id,
+                    device: i.device.clone(),
+                    mode: PortMode::Data,
+                })
+                .collect();
+            let roles = node.cluster.role_swap();
+            let mut core = Core::new(
+                Arc::new(compiled),
+                node.table.clone(),
+                roles.clone(),
+                producer,
+            );
+            *node.core.lock().expect("lock") = Some(core.stats.clone());
+            let mut io = match AfXdp::open(&ports, &AfXdpConfig::default()) {
+                Ok(io) => io,
+                Err(e) => {
+                    error!(error = %e, "dataplane");
+                    *node.dataplane_error.lock().expect("lock") = Some(e.0);
+                    return;
+                }
+            };
+            *node.io.lock().expect("lock") = Some(io.io.clone());
+            let counters_node = node.clone();
+            let counters_stop = stop.clone();
+            // XDP counters are read from the worker's maps once a second.
+            let (tx, rx) = std::sync::mpsc::channel::<XdpCounters>();
+            std::thread::spawn(move || {
+                while !counters_stop.load(Ordering::Relaxed) {
+                    if let Ok(c) = rx.recv_timeout(Duration::from_secs(2)) {
+                        *counters_node.xdp.lock().expect("lock") = c;
+                    }
+                }
+            });
+            let clock = node.clock.clone();
+            let stop_inner = stop.clone();
+            let ticker = {
+                let tx = tx.clone();
+                move |io: &AfXdp| {
+                    let _ = tx.send(io.xdp_counters());
+                }
+            };
+            ticker(&io);
+            io.run(&mut core, &roles, &mut NoFabric, &clock, &stop_inner);
+            ticker(&io);
+        })
+        .expect("spawn dataplane thread")
+}
+
+/// Polls the link state of every monitored interface (100 ms) and reports
+/// changes to the election (which dampens them).
+async fn watch_monitors(node: Arc<Node>) {
+    let names: Vec<String> = node
+        .cfg
+        .redundancy_group
+        .iter()
+        .flat_map(|r| r.monitor.iter().map(|m| m.interface.clone()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut last: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        for n in &names {
+            let up = link_up(n);
+            if last.insert(n.clone(), up) != Some(up) {
+                node.cluster.monitor(n, up).await;
+            }
+        }
+    }
+}
+
+/// Operational state from sysfs (the daemon runs in its namespace).
+pub fn link_up(dev: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/operstate")).is_ok_and(|s| {
+        let s = s.trim();
+        s == "up" || s == "unknown"
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        biased;
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Where a node's files are by default (the lab overrides with its config).
+pub fn default_socket() -> PathBuf {
+    PathBuf::from("/run/tandem/tandem.sock")
+}

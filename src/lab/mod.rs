@@ -1,0 +1,597 @@
+//! `tandem lab`: a chassis-cluster pair in network namespaces.
+//!
+//! ```text
+//!  tl-client            tl-sw (bridges)                 tl-server
+//!  c0 10.1.0.10 ── br-trust ──┬── t0 [tl-n0] u0 ──┬── br-untrust ── s0 192.0.2.100
+//!                             └── t0 [tl-n1] u0 ──┘
+//!  tl-n0 ─ ctl 10.255.0.0/30 ─ tl-n1 (QUIC sync, heartbeat datagrams)
+//!  tl-n0 ─ fab0 10.254.0.0/30 ─ tl-n1, fab1 10.254.1.0/30 (fabric heartbeats)
+//! ```
+//! reth0 (trust, VIP 10.1.0.1) and reth1 (untrust, VIP 192.0.2.1) belong to
+//! RG1. The client's flows to the server are source-NATed to 192.0.2.1;
+//! 192.0.2.1:8080 is port-forwarded to the client's port 80.
+//!
+//! `up` builds it and starts both daemons (embedded configs, fresh PKI),
+//! `down` removes exactly the namespaces and files it created (the XDP
+//! programs go with their interfaces), `demo` runs traffic through a manual
+//! failover, a crash of the primary and its rejoin, and reports.
+
+mod traffic;
+
+use crate::control;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tandem_proto::pb;
+use tokio::runtime::Runtime;
+use traffic::Traffic;
+
+pub const DIR: &str = "/run/tandem-lab";
+pub const NS: [&str; 5] = ["tl-client", "tl-server", "tl-sw", "tl-n0", "tl-n1"];
+const NODE_NS: [&str; 2] = ["tl-n0", "tl-n1"];
+const CONFIGS: [&str; 2] = [include_str!("node0.toml"), include_str!("node1.toml")];
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ns_exists(n: &str) -> bool {
+    Path::new(&format!("/var/run/netns/{n}")).exists()
+}
+
+fn socket(n: usize) -> PathBuf {
+    PathBuf::from(format!("{DIR}/node{n}.sock"))
+}
+
+/// Progress output (stderr, so `--json` stdout stays machine-readable).
+fn step(msg: &str) {
+    eprintln!("[lab] {msg}");
+}
+
+pub fn main(cmd: &str, json: bool, rt: &Runtime) -> Result<(), String> {
+    tandem_dataplane::os::privileged().map_err(|e| format!("the lab needs root: {e}"))?;
+    match cmd {
+        "up" => {
+            install_cleanup(rt);
+            up(rt)?;
+            let st = rt.block_on(status(0))?;
+            print!("{}", crate::format_status(&st));
+            step(&format!(
+                "lab is up; sockets {DIR}/node0.sock and node1.sock; `tandem lab down` removes it"
+            ));
+            Ok(())
+        }
+        "down" => {
+            down();
+            step("lab removed");
+            Ok(())
+        }
+        "demo" => {
+            install_cleanup(rt);
+            let r = demo(rt, json);
+            down();
+            r
+        }
+        _ => Err("usage: tandem lab up|down|demo [--json]".into()),
+    }
+}
+
+/// On SIGINT/SIGTERM: remove the lab and exit, so an interrupted run
+/// leaves no namespaces, daemons or XDP programs behind.
+fn install_cleanup(rt: &Runtime) {
+    rt.spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("[lab] interrupted: removing the lab");
+        down();
+        std::process::exit(130);
+    });
+}
+
+/// Stops the daemons and removes the namespaces and files of the lab.
+pub fn down() {
+    for n in 0..2 {
+        let pid_file = format!("{DIR}/node{n}.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    for n in NS {
+        if ns_exists(n) {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+    let _ = std::fs::remove_dir_all(DIR);
+}
+
+fn build_topology() -> Result<(), String> {
+    for n in NS {
+        sh(&["ip", "netns", "add", n])?;
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+    }
+    sh(&[
+        "ip", "-n", "tl-sw", "link", "add", "br-trust", "type", "bridge",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        "tl-sw",
+        "link",
+        "add",
+        "br-untrust",
+        "type",
+        "bridge",
+    ])?;
+    // (namespace, device, switch-side device, bridge)
+    let attach = [
+        ("tl-client", "c0", "sw-c", "br-trust"),
+        ("tl-n0", "t0", "sw-n0t", "br-trust"),
+        ("tl-n1", "t0", "sw-n1t", "br-trust"),
+        ("tl-server", "s0", "sw-s", "br-untrust"),
+        ("tl-n0", "u0", "sw-n0u", "br-untrust"),
+        ("tl-n1", "u0", "sw-n1u", "br-untrust"),
+    ];
+    for (ns, dev, sw, br) in attach {
+        sh(&[
+            "ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", sw, "netns",
+            "tl-sw",
+        ])?;
+        sh(&["ip", "-n", "tl-sw", "link", "set", sw, "master", br, "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        // The dataplane rewrites packets: checksums must be complete.
+        sh(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])?;
+    }
+    for br in ["br-trust", "br-untrust"] {
+        sh(&["ip", "-n", "tl-sw", "link", "set", br, "up"])?;
+    }
+    // Node-to-node links: control, fab0, fab1.
+    for (dev, net) in [
+        ("ctl", "10.255.0"),
+        ("fab0", "10.254.0"),
+        ("fab1", "10.254.1"),
+    ] {
+        sh(&[
+            "ip", "link", "add", dev, "netns", "tl-n0", "type", "veth", "peer", "name", dev,
+            "netns", "tl-n1",
+        ])?;
+        for (i, ns) in NODE_NS.iter().enumerate() {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{net}.{}/30", i + 1),
+                "dev",
+                dev,
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+    }
+    // Reth members carry no kernel addresses; keep IPv6 autoconfiguration
+    // off them.
+    for ns in NODE_NS {
+        for dev in ["t0", "u0"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=1"),
+            ])?;
+        }
+    }
+    sh(&[
+        "ip",
+        "-n",
+        "tl-client",
+        "addr",
+        "add",
+        "10.1.0.10/24",
+        "dev",
+        "c0",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        "tl-client",
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.1.0.1",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        "tl-server",
+        "addr",
+        "add",
+        "192.0.2.100/24",
+        "dev",
+        "s0",
+    ])?;
+    Ok(())
+}
+
+fn write_files() -> Result<(), String> {
+    std::fs::create_dir_all(format!("{DIR}/pki")).map_err(|e| e.to_string())?;
+    let pki =
+        tandem_cluster::tls::generate_pki("lab", &["node0", "node1"]).map_err(|e| e.to_string())?;
+    tandem_cluster::tls::write_pki(Path::new(&format!("{DIR}/pki")), &pki)
+        .map_err(|e| e.to_string())?;
+    let key: [u8; 32] = rand::random();
+    std::fs::write(format!("{DIR}/heartbeat.key"), key).map_err(|e| e.to_string())?;
+    for (n, cfg) in CONFIGS.iter().enumerate() {
+        std::fs::write(format!("{DIR}/node{n}.toml"), cfg).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Starts node `n`'s daemon in its namespace, logging to `node<n>.log`.
+pub fn start_node(n: usize) -> Result<u32, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(format!("{DIR}/node{n}.log")).map_err(|e| e.to_string())?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new("ip")
+        .args(["netns", "exec", NODE_NS[n]])
+        .arg(&exe)
+        .args(["node", "--config", &format!("{DIR}/node{n}.toml")])
+        .env("TANDEM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting node{n}: {e}"))?;
+    let pid = child.id();
+    std::fs::write(format!("{DIR}/node{n}.pid"), pid.to_string()).map_err(|e| e.to_string())?;
+    Ok(pid)
+}
+
+pub fn kill_node(n: usize) {
+    if let Some(pid) = std::fs::read_to_string(format!("{DIR}/node{n}.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        // SAFETY: signalling the daemon we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn node_log_tail(n: usize) -> String {
+    let s = std::fs::read_to_string(format!("{DIR}/node{n}.log")).unwrap_or_default();
+    s.lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub async fn status(n: usize) -> Result<Value, String> {
+    let mut out = String::new();
+    control::request(
+        &socket(n),
+        pb::ControlRequest {
+            cmd: Some(pb::control_request::Cmd::Status(pb::Empty {})),
+        },
+        |j| out.push_str(j),
+    )
+    .await?;
+    serde_json::from_str(&out).map_err(|e| e.to_string())
+}
+
+pub async fn statistics(n: usize) -> Result<Value, String> {
+    let mut out = String::new();
+    control::request(
+        &socket(n),
+        pb::ControlRequest {
+            cmd: Some(pb::control_request::Cmd::Statistics(pb::Empty {})),
+        },
+        |j| out.push_str(j),
+    )
+    .await?;
+    serde_json::from_str(&out).map_err(|e| e.to_string())
+}
+
+fn rg1(v: &Value) -> &Value {
+    &v["rgs"][0]
+}
+
+fn is_primary(v: &Value) -> bool {
+    rg1(v)["state"] == "Primary"
+}
+
+/// Polls until `cond(node0 status, node1 status)` or the timeout.
+fn wait_for(
+    rt: &Runtime,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(Option<&Value>, Option<&Value>) -> bool,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let a = rt.block_on(status(0)).ok();
+        let b = rt.block_on(status(1)).ok();
+        if cond(a.as_ref(), b.as_ref()) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "timed out waiting for {what}\n--- node0 log ---\n{}\n--- node1 log ---\n{}",
+                node_log_tail(0),
+                node_log_tail(1)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn up(rt: &Runtime) -> Result<(), String> {
+    if NS.iter().any(|n| ns_exists(n)) || Path::new(DIR).exists() {
+        step("removing a previous lab");
+        down();
+    }
+    step("building namespaces: client, server, switch, node0, node1");
+    build_topology()?;
+    step("generating the cluster CA, node certificates and heartbeat key");
+    write_files()?;
+    step("starting node0 and node1 (AF_XDP on t0/u0, QUIC on ctl)");
+    for n in 0..2 {
+        start_node(n)?;
+    }
+    step("waiting for the election and the first bulk sync");
+    wait_for(
+        rt,
+        "a primary and a synced secondary",
+        Duration::from_secs(40),
+        |a, b| match (a, b) {
+            (Some(a), Some(b)) => {
+                a["peer_alive"] == true
+                    && b["peer_alive"] == true
+                    && (is_primary(a) != is_primary(b))
+                    && (rg1(a)["in_sync"] == true || rg1(b)["in_sync"] == true)
+            }
+            _ => false,
+        },
+    )
+}
+
+/// One line of the report.
+struct Figure {
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+fn demo(rt: &Runtime, json: bool) -> Result<(), String> {
+    up(rt)?;
+    let st = rt.block_on(status(0))?;
+    if !json {
+        print!("{}", crate::format_status(&st));
+    }
+    let primary0 = is_primary(&st);
+    let (first, second) = if primary0 { (0usize, 1usize) } else { (1, 0) };
+    step(&format!("node{first} is primary for RG1"));
+    step(
+        "starting traffic: 4 TCP streams and 1000 UDP probes/s through SNAT, 1 TCP stream through the DNAT port-forward, 3000 short UDP flows",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = Traffic::start(stop.clone())?;
+    std::thread::sleep(Duration::from_secs(3));
+    traffic.check_flowing("before failover")?;
+    let mut report = Vec::new();
+    let synced = synced_sessions(rt, second)?;
+    step(&format!("{synced} sessions synced to node{second}"));
+    report.push(Figure {
+        name: "sessions_synced",
+        value: synced as f64,
+        unit: "count",
+    });
+
+    // Manual failover of RG1 to the secondary.
+    step(&format!(
+        "request chassis cluster failover redundancy-group 1 node {second}"
+    ));
+    let t1 = Instant::now();
+    let cmd = pb::ControlRequest {
+        cmd: Some(pb::control_request::Cmd::Failover(pb::FailoverCommand {
+            rg: 1,
+            node: second as u32,
+        })),
+    };
+    rt.block_on(control::request(&socket(first), cmd, |_| {}))?;
+    let decided = t1.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    traffic.check_flowing("after the manual failover")?;
+    let manual_gap = traffic.largest_gap_since(t1);
+    step(&format!(
+        "manual failover committed in {} ms; largest probe gap {manual_gap:.1} ms",
+        decided.as_millis()
+    ));
+    report.push(Figure {
+        name: "manual_failover_decision_ms",
+        value: decided.as_secs_f64() * 1e3,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "manual_failover_gap_ms",
+        value: manual_gap,
+        unit: "ms",
+    });
+    let synced = synced_sessions(rt, first)?;
+    report.push(Figure {
+        name: "sessions_synced_before_crash",
+        value: synced as f64,
+        unit: "count",
+    });
+
+    // Crash of the new primary.
+    step(&format!(
+        "killing node{second}'s daemon (SIGKILL) while it is primary"
+    ));
+    let t2 = Instant::now();
+    kill_node(second);
+    wait_for(
+        rt,
+        "the survivor to take over",
+        Duration::from_secs(10),
+        |a, b| {
+            let s = if first == 0 { a } else { b };
+            s.is_some_and(is_primary)
+        },
+    )?;
+    let takeover = t2.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    traffic.check_flowing("after the crash")?;
+    let crash_gap = traffic.largest_gap_since(t2);
+    step(&format!(
+        "node{first} took over in {} ms; largest probe gap {crash_gap:.1} ms",
+        takeover.as_millis()
+    ));
+    report.push(Figure {
+        name: "crash_takeover_ms",
+        value: takeover.as_secs_f64() * 1e3,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "crash_failover_gap_ms",
+        value: crash_gap,
+        unit: "ms",
+    });
+
+    // Rejoin: the restarted node imports the RG by bulk.
+    step(&format!(
+        "restarting node{second}: it rejoins as secondary and imports the sessions"
+    ));
+    let bulks_before = bulks_acked(rt, first);
+    start_node(second)?;
+    let t3 = Instant::now();
+    wait_for(
+        rt,
+        "the rejoining node to be in sync",
+        Duration::from_secs(30),
+        |a, b| {
+            let s = if second == 0 { a } else { b };
+            s.is_some_and(|s| rg1(s)["in_sync"] == true)
+        },
+    )?;
+    let rejoin = t3.elapsed();
+    let bulk_ms = rt
+        .block_on(statistics(first))
+        .ok()
+        .and_then(|v| rg_sync_stat(&v, "last_bulk_ms"))
+        .filter(|_| bulks_acked(rt, first) > bulks_before)
+        .unwrap_or(0);
+    step(&format!(
+        "node{second} in sync {} ms after restart (bulk {bulk_ms} ms)",
+        rejoin.as_millis()
+    ));
+    report.push(Figure {
+        name: "rejoin_bulk_ms",
+        value: bulk_ms as f64,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "rejoin_in_sync_ms",
+        value: rejoin.as_secs_f64() * 1e3,
+        unit: "ms",
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let result = traffic.finish();
+    report.push(Figure {
+        name: "tcp_connections_survived_pct",
+        value: result.survived_pct,
+        unit: "%",
+    });
+    report.push(Figure {
+        name: "tcp_connections",
+        value: result.connections as f64,
+        unit: "count",
+    });
+    report.push(Figure {
+        name: "udp_probes_sent",
+        value: result.probes_sent as f64,
+        unit: "count",
+    });
+    report.push(Figure {
+        name: "udp_probes_lost",
+        value: result.probes_lost as f64,
+        unit: "count",
+    });
+    for f in &report {
+        if json {
+            println!(
+                "{{\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\"}}",
+                f.name, f.value, f.unit
+            );
+        }
+    }
+    if !json {
+        println!("\nTandem chassis-cluster demo report");
+        for f in &report {
+            println!("  {:<32} {:>10.1} {}", f.name, f.value, f.unit);
+        }
+        for line in &result.notes {
+            println!("  note: {line}");
+        }
+    }
+    if result.survived_pct < 100.0 {
+        return Err(format!(
+            "only {:.0}% of TCP connections survived",
+            result.survived_pct
+        ));
+    }
+    Ok(())
+}
+
+fn synced_sessions(rt: &Runtime, n: usize) -> Result<u64, String> {
+    let st = rt.block_on(status(n))?;
+    Ok(rg1(&st)["sessions"].as_u64().unwrap_or(0))
+}
+
+fn rg_sync_stat(stats: &Value, key: &str) -> Option<u64> {
+    stats["sync"]["rgs"]
+        .as_array()?
+        .iter()
+        .find(|x| x[0] == 1)
+        .and_then(|x| x[1][key].as_u64())
+}
+
+fn bulks_acked(rt: &Runtime, n: usize) -> u64 {
+    rt.block_on(statistics(n))
+        .ok()
+        .and_then(|v| rg_sync_stat(&v, "bulks_acked"))
+        .unwrap_or(0)
+}

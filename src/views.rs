@@ -1,0 +1,313 @@
+//! What the show commands and the metrics endpoint report, as JSON (the
+//! CLI formats it for humans) and Prometheus text.
+
+use crate::daemon::{Node, link_up};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tandem_dataplane::config::{Compiled, format_mac};
+use tandem_dataplane::core::DropReason;
+use tandem_dataplane::session::{Origin, RemoveReason, SyncedSession, lock, proto};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "icmp6".into(),
+        n => n.to_string(),
+    }
+}
+
+/// One session as `show security flow session` prints it.
+pub fn session_json(s: &SyncedSession, origin: Option<Origin>, cfg: &Compiled) -> Value {
+    let nat = s.nat();
+    let ep = |a: &tandem_dataplane::session::Addr, p: u16| format!("{a}:{p}");
+    let iface = |i: tandem_dataplane::session::InterfaceId| {
+        cfg.iface(i).map_or("?".to_string(), |x| x.name.clone())
+    };
+    json!({
+        "rg": s.owner_rg.0,
+        "proto": proto_name(s.key.proto),
+        "source": ep(&s.key.src, s.key.src_port),
+        "destination": ep(&s.key.dst, s.key.dst_port),
+        "ingress_zone": cfg.zone_name(s.key.zone),
+        "egress_zone": cfg.zone_name(s.reverse.zone),
+        "snat": nat.snat.map(|(a, p)| ep(&a, p)),
+        "dnat": nat.dnat.map(|(a, p)| ep(&a, p)),
+        "state": s.tcp_state.name(),
+        "origin": match origin { Some(Origin::LocalOwned) => "local", Some(Origin::PeerSynced) => "peer-synced", None => "gone" },
+        "ingress_interface": iface(s.ingress_if),
+        "egress_interface": iface(s.egress_if),
+        "policy": cfg.policies.get((s.policy.0 as usize).wrapping_sub(1)).map(|p| p.name.clone()),
+        "age_ms": s.age_ms,
+        "idle_ms": s.idle_ms,
+        "timeout_ms": s.timeout_ms,
+        "packets": [s.counters.fwd_packets, s.counters.rev_packets],
+        "bytes": [s.counters.fwd_bytes, s.counters.rev_bytes],
+    })
+}
+
+pub async fn status(node: &Node) -> Value {
+    let (st, _) = node
+        .cluster
+        .status()
+        .await
+        .unwrap_or_else(|| (empty_status(node), Vec::new()));
+    let sessions: Vec<(u16, usize)> = {
+        let t = lock(&node.table);
+        node.cfg
+            .rgs()
+            .iter()
+            .map(|rg| (rg.0, t.rg_len(*rg)))
+            .collect()
+    };
+    let mut v = serde_json::to_value(&st).unwrap_or(Value::Null);
+    if let Some(rgs) = v.get_mut("rgs").and_then(Value::as_array_mut) {
+        for rg in rgs {
+            let id = rg["rg"].as_u64().unwrap_or(0) as u16;
+            let n = sessions
+                .iter()
+                .find(|(r, _)| *r == id)
+                .map_or(0, |(_, n)| *n);
+            rg["sessions"] = json!(n);
+            rg["in_sync"] = json!(node.sync.rg_in_sync(tandem_proto::RgId(id)));
+        }
+    }
+    v["cluster_id"] = json!(node.cfg.node.cluster_id);
+    v["sync_connected"] = json!(node.sync.is_connected());
+    v["dataplane_error"] = json!(node.dataplane_error.lock().expect("lock").clone());
+    v["uptime_ms"] = json!((node.clock)().0.saturating_sub(node.started_ms));
+    v
+}
+
+fn empty_status(node: &Node) -> tandem_cluster::election::ClusterStatus {
+    tandem_cluster::election::ClusterStatus {
+        node: node.cfg.node.id,
+        peer_alive: false,
+        peer_reason: "election not running".into(),
+        in_startup_grace: false,
+        paths: Vec::new(),
+        rgs: Vec::new(),
+    }
+}
+
+pub fn statistics(node: &Node) -> Value {
+    let sync = node.sync.snapshot();
+    let driver = node.cluster.stats();
+    let table = lock(&node.table).counters().clone();
+    let removed: serde_json::Map<String, Value> = RemoveReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(table.removed(*r))))
+        .collect();
+    let core = node.core.lock().expect("lock").clone();
+    let dataplane = core.map(|c| {
+        let drops: serde_json::Map<String, Value> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), json!(c.dropped(*r))))
+            .collect();
+        let policies: Vec<Value> = node
+            .compiled
+            .policies
+            .iter()
+            .zip(&c.policy_hits)
+            .map(|(p, h)| json!({"policy": p.name, "hits": h.load(Ordering::Relaxed)}))
+            .collect();
+        json!({
+            "rx": c.rx.load(Ordering::Relaxed),
+            "tx": c.tx.load(Ordering::Relaxed),
+            "replies": c.replies.load(Ordering::Relaxed),
+            "to_fabric": c.to_fabric.load(Ordering::Relaxed),
+            "sessions_created": c.sessions_created.load(Ordering::Relaxed),
+            "deltas_dropped": c.deltas_dropped.load(Ordering::Relaxed),
+            "drops": drops,
+            "policies": policies,
+        })
+    });
+    let io = node.io.lock().expect("lock").clone().map(|io| {
+        json!({
+            "rx_frames": io.rx_frames.load(Ordering::Relaxed),
+            "tx_frames": io.tx_frames.load(Ordering::Relaxed),
+            "tx_ring_full": io.tx_ring_full.load(Ordering::Relaxed),
+            "tx_no_frame": io.tx_no_frame.load(Ordering::Relaxed),
+            "fabric_unhandled": io.fabric_unhandled.load(Ordering::Relaxed),
+        })
+    });
+    json!({
+        "heartbeats": driver,
+        "sync": sync,
+        "sessions": {
+            "inserted_local": table.inserted_local,
+            "inserted_peer": table.inserted_peer,
+            "updated_peer": table.updated_peer,
+            "removed": removed,
+            "refused_capacity": table.refused_capacity,
+            "refused_conflict": table.refused_conflict,
+            "refused_ports_exhausted": table.refused_ports_exhausted,
+            "refused_local_owned": table.refused_local_owned,
+            "evicted_by_peer": table.evicted_by_peer,
+        },
+        "dataplane": dataplane,
+        "io": io,
+        "xdp": *node.xdp.lock().expect("lock"),
+    })
+}
+
+pub async fn interfaces(node: &Node) -> Value {
+    let roles = node.cluster.roles();
+    let (st, _) = node
+        .cluster
+        .status()
+        .await
+        .unwrap_or_else(|| (empty_status(node), Vec::new()));
+    let data: Vec<Value> = node
+        .compiled
+        .ifaces
+        .iter()
+        .map(|i| {
+            let rg = i.rg();
+            json!({
+                "name": i.name,
+                "device": i.device,
+                "zone": node.compiled.zone_name(i.zone),
+                "link_up": link_up(&i.device),
+                "redundancy_group": rg.map(|r| r.0),
+                "vmac": i.reth.as_ref().map(|r| format_mac(&r.1)),
+                "addresses": i.prefixes().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "forwarding": rg.is_none_or(|r| roles.get(&r).is_some_and(|x| x.primary)),
+            })
+        })
+        .collect();
+    let fabric: Vec<Value> = node
+        .cfg
+        .fabric
+        .iter()
+        .map(|f| {
+            let path = st.paths.iter().find(|p| p.path.name() == f.name);
+            json!({
+                "name": f.name,
+                "device": f.device,
+                "link_up": link_up(&f.device),
+                "heartbeat_up": path.is_some_and(|p| p.up),
+                "last_heard_ms_ago": path.and_then(|p| p.last_heard_ms_ago),
+            })
+        })
+        .collect();
+    let control = st.paths.iter().find(|p| p.path.name() == "control");
+    json!({
+        "control_link": {
+            "local": node.cfg.control.local.to_string(),
+            "peer": node.cfg.control.peer.to_string(),
+            "sync_connected": node.sync.is_connected(),
+            "heartbeat_up": control.is_some_and(|p| p.up),
+        },
+        "fabric": fabric,
+        "interfaces": data,
+    })
+}
+
+pub async fn information(node: &Node) -> Value {
+    let (st, events) = node
+        .cluster
+        .status()
+        .await
+        .unwrap_or_else(|| (empty_status(node), Vec::new()));
+    json!({"status": st, "events": events})
+}
+
+/// Minimal HTTP/1.0 endpoint serving Prometheus text on any path.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, node: Arc<Node>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await;
+            let body = metrics(&node).await;
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+pub async fn metrics(node: &Node) -> String {
+    let mut m = String::new();
+    let st = status(node).await;
+    let stats = statistics(node);
+    let mut line = |name: &str, labels: &str, v: u64| {
+        let _ = writeln!(m, "tandem_{name}{{{labels}}} {v}");
+    };
+    for rg in st["rgs"].as_array().into_iter().flatten() {
+        let l = format!("rg=\"{}\"", rg["rg"]);
+        let primary = u64::from(rg["state"] == "Primary" || rg["state"] == "SecondaryHold");
+        line("rg_primary", &l, primary);
+        line("rg_epoch", &l, rg["epoch"].as_u64().unwrap_or(0));
+        line("rg_sessions", &l, rg["sessions"].as_u64().unwrap_or(0));
+        line("rg_in_sync", &l, u64::from(rg["in_sync"] == true));
+    }
+    line("peer_alive", "", u64::from(st["peer_alive"] == true));
+    for (rg, s) in stats["sync"]["rgs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| Some((x.get(0)?, x.get(1)?)))
+    {
+        for (k, v) in s.as_object().into_iter().flatten() {
+            line(
+                &format!("sync_{k}"),
+                &format!("rg=\"{rg}\""),
+                v.as_u64().unwrap_or(0),
+            );
+        }
+    }
+    for (k, v) in stats["sync"]["conn"].as_object().into_iter().flatten() {
+        line(&format!("conn_{k}"), "", v.as_u64().unwrap_or(0));
+    }
+    for (k, v) in stats["dataplane"]["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        line("drops", &format!("reason=\"{k}\""), v.as_u64().unwrap_or(0));
+    }
+    for k in [
+        "rx",
+        "tx",
+        "replies",
+        "to_fabric",
+        "sessions_created",
+        "deltas_dropped",
+    ] {
+        line(
+            &format!("dataplane_{k}"),
+            "",
+            stats["dataplane"][k].as_u64().unwrap_or(0),
+        );
+    }
+    for (i, path) in ["control", "fab0", "fab1"].iter().enumerate() {
+        let l = format!("path=\"{path}\"");
+        line(
+            "heartbeats_sent",
+            &l,
+            stats["heartbeats"]["heartbeats_sent"][i]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        line(
+            "heartbeats_received",
+            &l,
+            stats["heartbeats"]["heartbeats_received"][i]
+                .as_u64()
+                .unwrap_or(0),
+        );
+    }
+    m
+}
