@@ -48,8 +48,10 @@ run_tests() {
 }
 
 run_demo() {
-    log "session-bench at 1M sessions vs a std HashMap baseline (the lab demo replaces this)"
-    cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 1000000
+    log "building tandem (release)"
+    cargo build --release --locked -q --bin tandem
+    log "tandem lab demo: a chassis-cluster pair in network namespaces, traffic through a manual failover, a crash and a rejoin"
+    ./target/release/tandem lab demo "$@"
 }
 
 install_prerequisites

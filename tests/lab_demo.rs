@@ -1,0 +1,57 @@
+//! The main job end to end: `tandem lab demo --json` builds the lab in
+//! network namespaces, runs traffic through a manual failover, a crash of
+//! the primary and its rejoin, and removes everything. Needs root; skips
+//! with the reason otherwise. Asserts outcomes, not timings (those are
+//! recorded in docs/PERFORMANCE.md from the demo itself).
+
+use std::collections::HashMap;
+use std::process::Command;
+
+#[test]
+fn lab_demo_keeps_every_tcp_connection_through_failover_crash_and_rejoin() {
+    if let Err(why) = tandem_dataplane::os::privileged() {
+        eprintln!(
+            "SKIPPED: the lab demo needs root with CAP_NET_ADMIN/CAP_SYS_ADMIN and iproute2: {why}"
+        );
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["lab", "demo", "--json"])
+        .output()
+        .expect("run tandem");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "lab demo failed:\n{stderr}");
+    let figures: HashMap<String, f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["name"].as_str()?.to_string(), v["value"].as_f64()?)))
+        .collect();
+    assert_eq!(
+        figures.get("tcp_connections_survived_pct"),
+        Some(&100.0),
+        "{figures:?}\n{stderr}"
+    );
+    assert_eq!(figures.get("tcp_connections"), Some(&5.0));
+    assert!(
+        figures["sessions_synced"] >= 100.0,
+        "sessions were synced before the failover: {figures:?}"
+    );
+    for k in [
+        "manual_failover_gap_ms",
+        "crash_failover_gap_ms",
+        "rejoin_bulk_ms",
+        "udp_probes_lost",
+    ] {
+        assert!(figures.contains_key(k), "report has {k}: {figures:?}");
+    }
+    // Nothing left behind.
+    let ns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns");
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains("tl-"),
+        "lab namespaces left behind"
+    );
+    assert!(!std::path::Path::new("/run/tandem-lab").exists());
+}
