@@ -239,7 +239,10 @@ pub fn format_status(v: &Value) -> String {
             "Redundancy group: {}   Failover count: {}   Epoch: {}",
             rg["rg"], rg["failovers"], rg["epoch"]
         );
-        let _ = writeln!(s, "  Node     Priority  Status          Preempt  Manual  Sessions");
+        let _ = writeln!(
+            s,
+            "  Node     Priority  Status          Preempt  Manual  Sessions"
+        );
         let manual = rg["manual"]
             .as_u64()
             .map_or("no".to_string(), |n| format!("node{n}"));
