@@ -197,7 +197,7 @@ impl NodeConfig {
         let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             ConfigError {
                 file: path.to_path_buf(),
                 line,

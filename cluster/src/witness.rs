@@ -69,7 +69,19 @@ impl LeaseVoter {
             holder: 0,
             voter: self.id,
         };
-        if req.cluster_id != self.cluster_id || req.candidate > 1 || req.duration_ms == 0 {
+        if req.cluster_id != self.cluster_id || req.candidate > 1 {
+            reply.holder = u32::MAX;
+            return reply;
+        }
+        // Duration 0: the candidate gives its lease back.
+        if req.duration_ms == 0 {
+            if self
+                .leases
+                .get(&req.rg)
+                .is_some_and(|l| l.holder == req.candidate)
+            {
+                self.leases.remove(&req.rg);
+            }
             reply.holder = u32::MAX;
             return reply;
         }
@@ -180,9 +192,20 @@ impl LeaseClient {
             .is_some_and(|g| g.values().filter(|&&d| d > now).count() >= 2)
     }
 
-    /// Gives up `rg` (demoted): stops counting grants.
-    pub fn release(&mut self, rg: RgId) {
+    /// Gives up `rg` (demoted): stops counting its grants, frees this
+    /// node's own vote, and returns the release for the other voters.
+    pub fn release(&mut self, rg: RgId, epoch: Epoch, now: Millis) -> pb::LeaseRequest {
         self.grants.remove(&rg);
+        let req = pb::LeaseRequest {
+            rg: rg.0.into(),
+            epoch: epoch.0,
+            candidate: self.node.0.into(),
+            duration_ms: 0,
+            request_id: 0,
+            cluster_id: self.cluster_id,
+        };
+        self.voter.on_request(&req, now);
+        req
     }
 }
 
@@ -318,6 +341,39 @@ mod tests {
         let req = n0.request(RG1, Epoch(2), Millis(last.0 + 950));
         let _ = req;
         assert!(!n0.held(RG1, Millis(last.0 + 901)));
+    }
+
+    #[test]
+    fn released_lease_can_be_granted_to_the_other_node_at_once() {
+        let mut n0 = LeaseClient::new(NodeId(0), 1, 1000);
+        let mut w = LeaseVoter::new(WITNESS_VOTER, 1);
+        let req = n0.request(RG1, Epoch(2), t(0));
+        ask(&mut n0, &mut w, &req, t(0));
+        let other = pb::LeaseRequest {
+            rg: 1,
+            epoch: 3,
+            candidate: 1,
+            duration_ms: 1000,
+            request_id: 9,
+            cluster_id: 1,
+        };
+        assert!(!w.on_request(&other, t(10)).granted);
+        let release = n0.release(RG1, Epoch(2), t(20));
+        assert!(!n0.held(RG1, t(20)));
+        w.on_request(&release, t(21));
+        assert!(
+            w.on_request(&other, t(22)).granted,
+            "free right after the release"
+        );
+        assert_eq!(n0.voter.holder(RG1, t(22)), None, "own vote released too");
+        // A release by a node that does not hold the lease changes nothing.
+        let stray = pb::LeaseRequest {
+            candidate: 0,
+            duration_ms: 0,
+            ..other
+        };
+        w.on_request(&stray, t(23));
+        assert_eq!(w.holder(RG1, t(23)), Some(1));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::sync::{RoleMap, SyncHandle};
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use ring::hmac;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -286,7 +286,7 @@ struct Driver {
     /// Local operator requests by our request id.
     pending: HashMap<u64, oneshot::Sender<Result<(), String>>>,
     /// Operator requests we forwarded to the peer, by our forward id.
-    forwarded_out: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    forwarded_out: BTreeMap<u64, (Millis, oneshot::Sender<Result<(), String>>)>,
     next_forward: u64,
     /// Requests the peer forwarded to us, by our request id.
     forwarded_in: HashMap<u64, Forwarded>,
@@ -338,7 +338,7 @@ pub fn spawn(
         key: cfg.key,
         events: VecDeque::new(),
         pending: HashMap::new(),
-        forwarded_out: HashMap::new(),
+        forwarded_out: BTreeMap::new(),
         next_forward: 1,
         forwarded_in: HashMap::new(),
         witness,
@@ -438,6 +438,7 @@ impl Driver {
 
     fn tick(&mut self) {
         let now = self.now();
+        self.expire_forwarded(now);
         let mut actions = self.election.tick(now);
         for rg in self
             .election
@@ -469,7 +470,7 @@ impl Driver {
                 Vec::new()
             }
             Msg::FailoverResponse(r) if r.phase == pb::FailoverPhase::Forward as i32 => {
-                if let Some(reply) = self.forwarded_out.remove(&r.request_id) {
+                if let Some((_, reply)) = self.forwarded_out.remove(&r.request_id) {
                     let _ = reply.send(if r.accepted { Ok(()) } else { Err(r.reason) });
                 }
                 Vec::new()
@@ -518,6 +519,23 @@ impl Driver {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Witness mode: give `rg`'s lease back at once (this node's voter and
+    /// the others), so the node taking over need not wait for it to expire.
+    fn release_lease(&mut self, rg: RgId, epoch: Epoch) {
+        let now = self.now();
+        let Some(w) = self.witness.as_mut() else {
+            return;
+        };
+        let req = w.leases.release(rg, epoch, now);
+        let pkt = self.key.seal_msg(Msg::LeaseRequest(req));
+        let (socket, targets) = (w.socket.clone(), [w.cfg.witness, w.cfg.peer]);
+        tokio::spawn(async move {
+            for to in targets {
+                let _ = socket.send_to(&pkt, to).await;
+            }
+        });
     }
 
     /// Witness mode: ask for (or renew) a lease on every RG the election
@@ -589,7 +607,7 @@ impl Driver {
                         epoch: 0,
                     });
                     if self.sync.send_control(msg) {
-                        self.forwarded_out.insert(id, reply);
+                        self.forwarded_out.insert(id, (now, reply));
                     } else {
                         let _ =
                             reply.send(Err(format!("cannot reach {target}: control link down")));
@@ -616,6 +634,25 @@ impl Driver {
                 self.apply(actions);
             }
             Command::Stop | Command::Resign { .. } => {}
+        }
+    }
+
+    /// A forwarded request the peer never answered (it restarted, or the
+    /// control link broke after the send) fails instead of hanging: the
+    /// target's own transfer timeout plus a margin.
+    fn expire_forwarded(&mut self, now: Millis) {
+        let limit = self.election.config().transfer_timeout_ms * 2 + 1000;
+        let node = self.election.node().peer();
+        let expired: Vec<u64> = self
+            .forwarded_out
+            .iter()
+            .filter(|(_, (sent, _))| now.saturating_sub(*sent) > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((_, reply)) = self.forwarded_out.remove(&id) {
+                let _ = reply.send(Err(format!("no answer from {node}")));
+            }
         }
     }
 
@@ -682,9 +719,7 @@ impl Driver {
                 }
                 Action::Demote { rg, epoch, reason } => {
                     // Publish first so forwarding stops, then demote sessions.
-                    if let Some(w) = self.witness.as_mut() {
-                        w.leases.release(rg);
-                    }
+                    self.release_lease(rg, epoch);
                     self.publish();
                     lock(&self.table).demote_rg(rg);
                     self.stats.demotions.fetch_add(1, Ordering::Relaxed);

@@ -272,6 +272,38 @@ impl SyncHandle {
         })
     }
 
+    /// As the sender of `rg`: (epoch, incarnation, highest acked seq).
+    pub fn acked(&self, rg: RgId) -> Option<(Epoch, u64, u64)> {
+        guard(&self.shared.senders).get(&rg).map(|s| {
+            let s = guard(s);
+            (s.epoch(), self.shared.cfg.incarnation, s.acked())
+        })
+    }
+
+    /// As the receiver of `rg`, when in sync: (epoch, sender incarnation,
+    /// highest applied seq).
+    pub fn applied(&self, rg: RgId) -> Option<(Epoch, u64, u64)> {
+        guard(&self.shared.receivers)
+            .get(&rg)
+            .filter(|r| r.in_sync())
+            .map(|r| r.sync_state())
+            .map(|st| {
+                (
+                    Epoch(st.applied_epoch),
+                    st.sender_incarnation,
+                    st.applied_seq,
+                )
+            })
+    }
+
+    /// Oldest unacknowledged batch age of `rg`'s stream (ms).
+    pub fn lag_ms(&self, rg: RgId) -> u64 {
+        let now = (self.shared.clock)();
+        guard(&self.shared.senders)
+            .get(&rg)
+            .map_or(0, |s| guard(s).oldest_unacked_ms(now))
+    }
+
     /// Whether a bulk this node sent for `rg` is still unacknowledged.
     pub fn bulk_outstanding(&self, rg: RgId) -> bool {
         guard(&self.shared.senders)

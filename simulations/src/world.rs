@@ -1,0 +1,374 @@
+//! A simulated cluster: two nodes (and optionally the witness) running the
+//! real sync node and election driver on turmoil hosts, each with a real
+//! session table fed by a synthetic traffic generator.
+
+use crate::net::{Links, Resolver, SimDatagram, SimRuntime, SimUdp};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_cluster::election::driver::{
+    ClusterHandle, ClusterKey, DatagramSocket, DriverConfig, FabricPath, spawn,
+};
+use tandem_cluster::election::{ElectionConfig, Path, RgConfig};
+use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
+use tandem_cluster::tls::{self, GeneratedPki};
+use tandem_cluster::witness::WitnessConfig;
+use tandem_dataplane::delta::{DeltaProducer, delta_queues};
+use tandem_dataplane::session::{
+    Clock, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey, SessionTable,
+    SharedTable, SnatRequest, TableConfig, TcpState, ZoneId, lock, proto,
+};
+use tandem_proto::{NodeId, RgId};
+
+pub const RGS: [RgId; 2] = [RgId(1), RgId(2)];
+pub const QUIC_PORT: u16 = 4785;
+pub const FAB_PORTS: [u16; 2] = [4786, 4787];
+pub const LEASE_PORT: u16 = 4790;
+/// Sessions per RG the generator keeps around.
+const TARGET_SESSIONS: usize = 1500;
+
+/// What the scenario runner can see of a running node.
+#[derive(Clone)]
+pub struct NodeView {
+    pub table: SharedTable,
+    pub sync: SyncHandle,
+    pub cluster: ClusterHandle,
+}
+
+pub struct World {
+    pub seed: u64,
+    pub links: Arc<Links>,
+    pub pki: GeneratedPki,
+    pub key: ClusterKey,
+    pub witness: bool,
+    /// Clock offset per node (clock skew scenario).
+    pub skew_ms: [u64; 2],
+    pub nodes: Mutex<[Option<NodeView>; 2]>,
+    /// Starts per node (a restart is a new generation: new incarnation,
+    /// fresh table, new session address space).
+    pub generation: Mutex<[u64; 2]>,
+}
+
+impl World {
+    pub fn new(seed: u64, witness: bool, skew_ms: [u64; 2]) -> Arc<World> {
+        Arc::new(World {
+            seed,
+            links: Arc::default(),
+            pki: tls::generate_pki("sim", &["node0", "node1"]).expect("pki"),
+            key: ClusterKey::new(b"simulation key"),
+            witness,
+            skew_ms,
+            nodes: Mutex::new([None, None]),
+            generation: Mutex::new([0, 0]),
+        })
+    }
+
+    pub fn view(&self, n: usize) -> Option<NodeView> {
+        self.nodes.lock().expect("nodes")[n].clone()
+    }
+}
+
+pub fn host_name(n: u8) -> String {
+    if n == 2 {
+        "witness".into()
+    } else {
+        format!("node{n}")
+    }
+}
+
+fn resolver() -> Resolver {
+    Arc::new(|to: SocketAddr| (0u8..3).find(|n| turmoil::lookup(host_name(*n).as_str()) == to.ip()))
+}
+
+/// Binds a simulated UDP port. After a crash, turmoil drops the old
+/// software's sockets only when the restarted runtime first runs its
+/// cancelled tasks, so a restart retries for a few ticks.
+async fn bind(port: u16) -> std::io::Result<turmoil::net::UdpSocket> {
+    let mut tries = 0;
+    loop {
+        match turmoil::net::UdpSocket::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await {
+            Ok(s) => return Ok(s),
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn addr(n: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(turmoil::lookup(host_name(n).as_str()), port)
+}
+
+/// Simulated time (tokio's paused clock) plus this node's skew.
+fn sim_clock(skew_ms: u64) -> Clock {
+    let base = tokio::time::Instant::now();
+    Arc::new(move || Millis(1_000 + skew_ms + base.elapsed().as_millis() as u64))
+}
+
+fn election_config(me: u8, incarnation: u64) -> ElectionConfig {
+    ElectionConfig {
+        node: NodeId(me),
+        cluster_id: 1,
+        heartbeat_interval_ms: 100,
+        heartbeat_threshold: 3,
+        startup_grace_ms: 2000,
+        transfer_timeout_ms: 1000,
+        rgs: RGS
+            .iter()
+            .map(|&rg| {
+                // RG1 prefers node0, RG2 node1: both nodes are primary for
+                // something (active/active).
+                let preferred = (rg.0 - 1) as u8;
+                let mut c = RgConfig::new(rg, if me == preferred { 200 } else { 100 });
+                c.hold_down_ms = 1000;
+                c
+            })
+            .collect(),
+        incarnation,
+    }
+}
+
+/// The host body of node `me`: builds its components, registers them, then
+/// runs the traffic generator forever.
+pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::error::Error>> {
+    let generation = {
+        let mut g = world.generation.lock().expect("generation");
+        g[me as usize] += 1;
+        g[me as usize]
+    };
+    let incarnation = world
+        .seed
+        .wrapping_mul(31)
+        .wrapping_add(u64::from(me) * 1000 + generation);
+    let clock = sim_clock(world.skew_ms[me as usize]);
+    let table: SharedTable = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    let (producer, consumers) = delta_queues(&RGS, 65_536);
+    let id = tls::identity_from_generated(&world.pki, &host_name(me), &host_name(1 - me))?;
+    let idle = Duration::from_secs(3);
+    let server = tls::server_config(&id, idle)?;
+    let client = tls::client_config(&id, idle)?;
+    let seed_byte = (world.seed as u8).wrapping_add(me);
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &[seed_byte; 64],
+    )));
+    ep_cfg.rng_seed(Some([seed_byte; 32]));
+    let sock = bind(QUIC_PORT).await?;
+    let udp = SimUdp::new(sock, world.links.clone(), Path::Control, me, resolver());
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        ep_cfg,
+        Some(server),
+        Arc::new(udp),
+        Arc::new(SimRuntime),
+    )?;
+    let (roles_tx, roles_rx) = tokio::sync::watch::channel(Arc::new(tandem_proto::RoleMap::new()));
+    let (sink_tx, sink_rx) = tokio::sync::mpsc::channel(1024);
+    let mut cfg = SyncConfig::new(
+        NodeId(me),
+        NodeId(1 - me),
+        1,
+        addr(1 - me, QUIC_PORT),
+        &host_name(1 - me),
+    );
+    cfg.incarnation = incarnation;
+    cfg.redial_min = Duration::from_millis(100);
+    cfg.redial_max = Duration::from_millis(500);
+    let sync = SyncNode::spawn(
+        cfg,
+        SyncIo {
+            endpoint,
+            client,
+            table: table.clone(),
+            consumers,
+            roles: roles_rx,
+            clock: clock.clone(),
+            election_sink: Some(sink_tx),
+        },
+    );
+    let mut fabric = Vec::new();
+    for (i, path) in [Path::Fab0, Path::Fab1].into_iter().enumerate() {
+        let s = bind(FAB_PORTS[i]).await?;
+        let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
+            s,
+            world.links.clone(),
+            path,
+            me,
+            resolver(),
+        ));
+        fabric.push(FabricPath {
+            path,
+            socket,
+            peer: addr(1 - me, FAB_PORTS[i]),
+        });
+    }
+    let witness = if world.witness {
+        let s = bind(LEASE_PORT).await?;
+        // Lease traffic travels the control path (cut with it).
+        let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
+            s,
+            world.links.clone(),
+            Path::Control,
+            me,
+            resolver(),
+        ));
+        Some((
+            socket,
+            WitnessConfig {
+                witness: addr(2, LEASE_PORT),
+                peer: addr(1 - me, LEASE_PORT),
+                lease_ms: 1000,
+            },
+        ))
+    } else {
+        None
+    };
+    let cluster = spawn(
+        DriverConfig {
+            election: election_config(me, incarnation),
+            fabric,
+            key: world.key.clone(),
+            witness,
+        },
+        sync.clone(),
+        table.clone(),
+        clock.clone(),
+        roles_tx,
+        sink_rx,
+    );
+    world.nodes.lock().expect("nodes")[me as usize] = Some(NodeView {
+        table: table.clone(),
+        sync,
+        cluster: cluster.clone(),
+    });
+    let mut traffic = Generator {
+        rng: StdRng::seed_from_u64(world.seed ^ (u64::from(me) << 32) ^ (generation << 40)),
+        me,
+        generation,
+        next: 0,
+        table,
+        producer,
+        clock,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tick.tick().await;
+        let roles = cluster.roles();
+        for rg in RGS {
+            if roles.get(&rg).is_some_and(|r| r.primary) {
+                traffic.step(rg);
+            }
+        }
+    }
+}
+
+/// `tandem witness` on its own host.
+pub async fn run_witness(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
+    let s = turmoil::net::UdpSocket::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), LEASE_PORT)).await?;
+    let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
+        s,
+        world.links.clone(),
+        Path::Control,
+        2,
+        resolver(),
+    ));
+    tandem_cluster::witness::serve(socket, world.key.clone(), 1, sim_clock(0)).await;
+    Ok(())
+}
+
+/// Creates, updates and deletes sessions of the RGs this node forwards,
+/// as a dataplane would: table first, then the delta.
+struct Generator {
+    rng: StdRng,
+    me: u8,
+    generation: u64,
+    next: u32,
+    table: SharedTable,
+    producer: DeltaProducer,
+    clock: Clock,
+}
+
+impl Generator {
+    fn new_session(&mut self, rg: RgId) -> NewSession {
+        self.next += 1;
+        let n = self.next;
+        // Unique per node, start and counter.
+        let client = Ipv4Addr::new(
+            10,
+            self.me * 64 + (self.generation % 64) as u8,
+            (n >> 8) as u8,
+            n as u8,
+        );
+        let dnat = self.rng.random_bool(0.3);
+        NewSession {
+            key: SessionKey::new(
+                client,
+                1024 + (n % 60_000) as u16,
+                Ipv4Addr::new(203, 0, 113, rg.0 as u8),
+                443,
+                proto::TCP,
+                ZoneId(1),
+            ),
+            egress_zone: ZoneId(2),
+            snat: (!dnat).then(|| SnatRequest {
+                addr: Ipv4Addr::new(198, 51, 100, rg.0 as u8).into(),
+                ports: 1024..=65535,
+            }),
+            dnat: dnat.then(|| {
+                (
+                    Ipv4Addr::new(10, 200, rg.0 as u8, (n % 250) as u8 + 1).into(),
+                    80,
+                )
+            }),
+            ingress_if: InterfaceId(1),
+            egress_if: InterfaceId(2),
+            owner_rg: rg,
+            policy: PolicyId(1),
+            tcp_state: TcpState::SynSent,
+        }
+    }
+
+    fn step(&mut self, rg: RgId) {
+        let now = (self.clock)();
+        let creates = self.rng.random_range(1..4);
+        let mut changed = Vec::new();
+        let fresh: Vec<NewSession> = (0..creates).map(|_| self.new_session(rg)).collect();
+        {
+            let table = self.table.clone();
+            let mut t = lock(&table);
+            for s in fresh {
+                if let Ok(h) = t.insert(s, now) {
+                    changed.push(t.get(h).expect("inserted").key);
+                }
+            }
+            let len = t.rg_len(rg);
+            let keys: Vec<SessionKey> = if len > 0 {
+                let picks = if len > TARGET_SESSIONS { 6 } else { 2 };
+                let all: Vec<SessionKey> = t.export_rg(rg).map(|r| r.key).collect();
+                (0..picks)
+                    .map(|_| all[self.rng.random_range(0..all.len())])
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for (i, k) in keys.into_iter().enumerate() {
+                let Some(h) = t.lookup_forward(&k) else {
+                    continue;
+                };
+                if i % 2 == 0 || len > TARGET_SESSIONS {
+                    t.remove(h, RemoveReason::Closed);
+                } else {
+                    t.touch(h, tandem_dataplane::session::Direction::Forward, 100, now);
+                    t.set_tcp_state(h, TcpState::Established, now);
+                }
+                changed.push(k);
+            }
+        }
+        for k in changed {
+            self.producer.push(rg, k);
+        }
+    }
+}
