@@ -86,18 +86,25 @@ pub enum FabricAction {
     Drop,
 }
 
+/// What a frame that arrived over the fabric is for.
+pub enum FabricInbound {
+    /// Process `frame` as if it had arrived on this node's member of `iface`.
+    Process { iface: InterfaceId, frame: Vec<u8> },
+    /// Transmit the already processed `frame` on `iface`.
+    Transmit { iface: InterfaceId, frame: Vec<u8> },
+}
+
 /// The fabric layer's hook into the worker (frames for RGs this node is not
 /// primary for, and frames arriving on fabric ports).
 pub trait FabricHook: Send {
-    /// A frame of `rg` that arrived on `ingress` and must go to the owner.
+    /// A frame of `rg` that arrived on `ingress` and must go to the owner
+    /// unprocessed.
     fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction;
-    /// A frame that arrived on fabric port `port`: return the inner frame
-    /// and the interface it should be processed as having arrived on.
-    fn arrived_on_fabric(
-        &mut self,
-        frame: &[u8],
-        port: InterfaceId,
-    ) -> Option<(InterfaceId, Vec<u8>)>;
+    /// A processed frame that must leave on `iface`, whose RG the peer owns.
+    fn egress_to_owner(&mut self, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction;
+    /// A frame that arrived on fabric port `port`; `None` when it is
+    /// dropped (counted by the hook).
+    fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<FabricInbound>;
 }
 
 /// For nodes without fabric links: every fabric frame is dropped (and
@@ -108,7 +115,10 @@ impl FabricHook for NoFabric {
     fn to_owner(&mut self, _: RgId, _: &[u8], _: InterfaceId) -> FabricAction {
         FabricAction::Drop
     }
-    fn arrived_on_fabric(&mut self, _: &[u8], _: InterfaceId) -> Option<(InterfaceId, Vec<u8>)> {
+    fn egress_to_owner(&mut self, _: RgId, _: &[u8], _: InterfaceId) -> FabricAction {
+        FabricAction::Drop
+    }
+    fn arrived_on_fabric(&mut self, _: &[u8], _: InterfaceId) -> Option<FabricInbound> {
         None
     }
 }
@@ -419,14 +429,22 @@ impl AfXdp {
         // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
         let mut data = unsafe { self.umem.data_mut(d) };
         if self.ports[pi].mode == PortMode::Fabric {
-            let inner = fabric.arrived_on_fabric(data.contents(), iface);
-            let Some((as_iface, mut frame)) = inner else {
-                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-                self.free.push(*d);
-                return;
-            };
+            let inbound = fabric.arrived_on_fabric(data.contents(), iface);
             self.free.push(*d);
-            return self.handle_built(&mut frame, as_iface, core, now);
+            match inbound {
+                None => {
+                    self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(FabricInbound::Process { iface, mut frame }) => {
+                    let v = core.process_from_fabric(&mut frame, iface, now);
+                    self.send_verdict(v, &frame, iface);
+                }
+                Some(FabricInbound::Transmit { iface, mut frame }) => {
+                    let v = core.transmit_from_fabric(&mut frame, iface, now);
+                    self.send_verdict(v, &frame, iface);
+                }
+            }
+            return;
         }
         let verdict = core.process(data.contents_mut(), iface, now);
         match verdict {
@@ -444,31 +462,39 @@ impl AfXdp {
             Verdict::Fabric { rg } => {
                 let action = fabric.to_owner(rg, data.contents(), iface);
                 self.free.push(*d);
-                match action {
-                    FabricAction::Send { iface: out, frame } => self.send_built(out, &frame),
-                    FabricAction::Drop => {
-                        self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                self.fabric_action(action);
+            }
+            Verdict::FabricEgress {
+                rg,
+                iface: out,
+                len,
+            } => {
+                let action = fabric.egress_to_owner(rg, &data.contents()[..len], out);
+                self.free.push(*d);
+                self.fabric_action(action);
             }
             Verdict::Drop(_) => self.free.push(*d),
         }
     }
 
-    /// A frame that came over the fabric, processed as if it had arrived on
-    /// `iface`, then sent from a fresh UMEM frame.
-    fn handle_built(
-        &mut self,
-        frame: &mut [u8],
-        iface: InterfaceId,
-        core: &mut Core,
-        now: crate::session::Millis,
-    ) {
-        match core.process(frame, iface, now) {
-            Verdict::Tx { iface: out, len } => self.send_built(out, &frame[..len]),
-            Verdict::Reply { len } => self.send_built(iface, &frame[..len]),
-            Verdict::Fabric { .. } => {
-                // Never back over the fabric (loop guard).
+    fn fabric_action(&mut self, action: FabricAction) {
+        match action {
+            FabricAction::Send { iface, frame } => self.send_built(iface, &frame),
+            FabricAction::Drop => {
+                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends what the core decided for a frame that came over the fabric
+    /// (it is in a private buffer, so it goes out from a fresh UMEM frame).
+    /// A fabric verdict here would bounce the frame back: the loop guard
+    /// drops it.
+    fn send_verdict(&mut self, v: Verdict, frame: &[u8], ingress: InterfaceId) {
+        match v {
+            Verdict::Tx { iface, len } => self.send_built(iface, &frame[..len]),
+            Verdict::Reply { len } => self.send_built(ingress, &frame[..len]),
+            Verdict::Fabric { .. } | Verdict::FabricEgress { .. } => {
                 self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::Drop(_) => {}

@@ -111,6 +111,15 @@ pub enum Verdict {
     Fabric {
         rg: RgId,
     },
+    /// The session is handled here but leaves by a reth whose RG the peer
+    /// owns (split RGs): the processed frame (first `len` bytes) goes over
+    /// the fabric for the owner to transmit on `iface`. A node never sends
+    /// from a virtual MAC it does not own.
+    FabricEgress {
+        rg: RgId,
+        iface: InterfaceId,
+        len: usize,
+    },
     Drop(DropReason),
 }
 
@@ -168,6 +177,21 @@ pub struct Core {
     pending: FxHashMap<(InterfaceId, Addr), Millis>,
     pub outbox: Vec<(InterfaceId, Vec<u8>)>,
     pub stats: Arc<CoreStats>,
+    /// Which fabric hand-off, if any, the frame in hand came by.
+    fabric_stage: FabricStage,
+}
+
+/// How the frame being handled reached this node.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FabricStage {
+    /// From the wire of one of this node's interfaces.
+    Wire,
+    /// From the peer, to be processed as if it had arrived on our member of
+    /// its ingress interface (whose RG the peer owns).
+    Ingress,
+    /// From the peer, already processed there (TTL decremented, NAT done):
+    /// only the link layer is left.
+    Egress,
 }
 
 /// What a lookup of a frame in the table found.
@@ -193,6 +217,7 @@ impl Core {
             pending: FxHashMap::default(),
             outbox: Vec::new(),
             stats,
+            fabric_stage: FabricStage::Wire,
         }
     }
 
@@ -259,6 +284,9 @@ impl Core {
             packet::ETHERTYPE_IPV4 | packet::ETHERTYPE_IPV6 => {
                 match self.mac_is_ours(ifc, &eth.dst) {
                     None => self.drop(DropReason::NotForUs),
+                    Some(false) if self.fabric_stage == FabricStage::Ingress => {
+                        self.ip(frame, ifc, eth.ethertype, now)
+                    }
                     Some(false) => {
                         // Sent to the RG's virtual MAC while the peer owns it.
                         let rg = ifc.rg().expect("virtual MAC implies a reth");
@@ -706,17 +734,96 @@ impl Core {
         let Some(out) = cfg.iface(route.iface) else {
             return self.drop(DropReason::NoRoute);
         };
-        let hop = route.gateway.unwrap_or(dst);
+        if let Some(rg) = out.rg()
+            && !self.is_primary(rg)
+        {
+            packet::dec_ttl(f, ip);
+            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            return Verdict::FabricEgress {
+                rg,
+                iface: out.id,
+                len: ip.end,
+            };
+        }
+        self.link_out(f, ip, out, route.gateway.unwrap_or(dst), now)
+    }
+
+    /// Next-hop MAC and transmit on `out`.
+    fn link_out(&mut self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, now: Millis) -> Verdict {
         let Some(n) = self.neighbors.get(&(out.id, hop)).copied() else {
             self.resolve(out, hop, now);
             return self.drop(DropReason::NeighborMiss);
         };
-        packet::dec_ttl(f, ip);
+        if self.fabric_stage != FabricStage::Egress {
+            packet::dec_ttl(f, ip);
+        }
         packet::set_macs(f, n.mac, out.tx_mac());
         Verdict::Tx {
             iface: out.id,
             len: ip.end,
         }
+    }
+
+    /// A frame the peer sent over the fabric to be processed as if it had
+    /// arrived on this node's member of `ingress`. Its destination MAC was
+    /// the peer's; it is taken as addressed to this node.
+    pub fn process_from_fabric(
+        &mut self,
+        frame: &mut [u8],
+        ingress: InterfaceId,
+        now: Millis,
+    ) -> Verdict {
+        let Some(ifc) = self.cfg.iface(ingress) else {
+            return self.drop(DropReason::UnknownInterface);
+        };
+        if frame.len() >= 6 {
+            let mac = ifc.tx_mac();
+            frame[0..6].copy_from_slice(&mac);
+        }
+        self.fabric_stage = FabricStage::Ingress;
+        let v = self.process(frame, ingress, now);
+        self.fabric_stage = FabricStage::Wire;
+        match v {
+            // The peer sent it because it does not own the session; neither
+            // do we (roles moved meanwhile): never bounce it back.
+            Verdict::Fabric { .. } => self.drop(DropReason::FabricUnavailable),
+            v => v,
+        }
+    }
+
+    /// A frame the peer processed (sessions, NAT, TTL) for this node to
+    /// transmit on `iface`, which it owns: only the link layer is done here.
+    pub fn transmit_from_fabric(
+        &mut self,
+        frame: &mut [u8],
+        iface: InterfaceId,
+        now: Millis,
+    ) -> Verdict {
+        let cfg = self.cfg.clone();
+        let Some(out) = cfg.iface(iface) else {
+            return self.drop(DropReason::UnknownInterface);
+        };
+        if out.rg().is_some_and(|rg| !self.is_primary(rg)) {
+            // Not ours either (roles moved meanwhile): never bounce back.
+            return self.drop(DropReason::FabricUnavailable);
+        }
+        let ip = match packet::parse_eth(frame).map(|e| e.ethertype) {
+            Ok(packet::ETHERTYPE_IPV4) => packet::parse_ipv4(frame, ETH_HLEN),
+            Ok(packet::ETHERTYPE_IPV6) => packet::parse_ipv6(frame, ETH_HLEN),
+            _ => return self.drop(DropReason::Malformed),
+        };
+        let Ok(ip) = ip else {
+            return self.drop(DropReason::Malformed);
+        };
+        let dst = Addr(ip.dst);
+        let hop = cfg.route(&dst).and_then(|r| r.gateway).unwrap_or(dst);
+        self.fabric_stage = FabricStage::Egress;
+        let v = self.link_out(frame, &ip, out, hop, now);
+        self.fabric_stage = FabricStage::Wire;
+        if matches!(v, Verdict::Tx { .. }) {
+            self.stats.tx.fetch_add(1, Ordering::Relaxed);
+        }
+        v
     }
 
     /// Asks for `hop`'s MAC (at most every 100 ms per neighbor).

@@ -799,3 +799,138 @@ proptest! {
         let _ = r.core.process(&mut f, if which == 3 { U } else { T }, NOW);
     }
 }
+
+/// reth0 (trust) in RG1, reth1 (untrust) in RG2; this node primary for
+/// the RGs in `primary`.
+fn split_rig(primary: &[u16]) -> Rig {
+    let mut cfg = config();
+    cfg.interfaces[1].reth.as_mut().unwrap().rg = 2;
+    let mut compiled = Compiled::new(&cfg).unwrap();
+    compiled.ifaces[0].mac = NODE_MAC_T;
+    compiled.ifaces[1].mac = NODE_MAC_U;
+    let table = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    let roles: RoleMap = [1u16, 2]
+        .into_iter()
+        .map(|rg| {
+            (
+                RgId(rg),
+                RgRole {
+                    primary: primary.contains(&rg),
+                    epoch: Epoch(2),
+                },
+            )
+        })
+        .collect();
+    for rg in primary {
+        lock(&table).promote_rg(RgId(*rg));
+    }
+    let roles = Arc::new(ArcSwap::from_pointee(roles));
+    let (producer, consumers) = delta_queues(&[RG1, RgId(2)], 1024);
+    let mut core = Core::new(Arc::new(compiled), table, roles.clone(), producer);
+    core.add_neighbor(T, v4("10.1.0.10"), CLIENT_MAC);
+    core.add_neighbor(U, v4("192.0.2.100"), SERVER_MAC);
+    Rig {
+        core,
+        roles,
+        consumers,
+    }
+}
+
+#[test]
+fn split_rg_session_leaves_through_the_owner_of_the_egress_reth() {
+    // node A owns RG2 (egress) only... the session belongs to RG2, so the
+    // frame entering A's RG1 member goes to B unprocessed; B (owner of RG2
+    // but not RG1) processes it.
+    let mut a = split_rig(&[1]);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(
+        run(&mut a, &mut syn, T),
+        Verdict::Fabric { rg: RgId(2) },
+        "owner of the session's RG is the peer"
+    );
+    let mut b = split_rig(&[2]);
+    let v = b.core.process_from_fabric(&mut syn, T, NOW);
+    let Verdict::Tx { iface, len } = v else {
+        panic!("{v:?}")
+    };
+    assert_eq!(iface, U);
+    let ip = ip_of(&syn[..len]);
+    assert_eq!(ip.ttl, 63, "decremented once");
+    assert_eq!(Addr(ip.src), v4("192.0.2.1"));
+    verify_checksums(&syn[..len]).unwrap();
+    // The reply enters B (owner of RG2), leaves by reth0 (RG1, owned by A):
+    // processed on B, transmitted by A.
+    let mut reply = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("192.0.2.1"),
+        60,
+        &tcp(packet::TCP_SYN | packet::TCP_ACK, 443, 40000),
+    );
+    let v = run(&mut b, &mut reply, U);
+    let Verdict::FabricEgress { rg, iface, len } = v else {
+        panic!("{v:?}")
+    };
+    assert_eq!((rg, iface), (RgId(1), T));
+    assert_eq!(ip_of(&reply[..len]).ttl, 59);
+    let v = a.core.transmit_from_fabric(&mut reply[..len], T, NOW);
+    assert!(matches!(v, Verdict::Tx { iface: T, .. }), "{v:?}");
+    let ip = ip_of(&reply[..len]);
+    assert_eq!(ip.ttl, 59, "no second TTL decrement");
+    assert_eq!(Addr(ip.dst), v4("10.1.0.10"));
+    assert_eq!(packet::mac_at(&reply, 0).unwrap(), CLIENT_MAC);
+    assert_eq!(
+        packet::mac_at(&reply, 6).unwrap(),
+        VMAC_T,
+        "sent by the owner of reth0's virtual MAC"
+    );
+    verify_checksums(&reply[..len]).unwrap();
+}
+
+#[test]
+fn fabric_frame_for_an_interface_this_node_does_not_own_is_not_bounced() {
+    let mut a = split_rig(&[1]);
+    let mut f = build(
+        VMAC_U,
+        SERVER_MAC,
+        v4("192.0.2.100"),
+        v4("10.1.0.10"),
+        60,
+        &tcp(packet::TCP_ACK, 1, 2),
+    );
+    assert_eq!(
+        a.core.transmit_from_fabric(&mut f, U, NOW),
+        Verdict::Drop(DropReason::FabricUnavailable)
+    );
+}
+
+#[test]
+fn fabric_frame_whose_session_the_peer_owns_is_dropped_not_bounced() {
+    // Roles moved while the frame crossed: A (RG1 only) receives for
+    // processing a frame of an RG2 session.
+    let mut a = split_rig(&[1]);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_SYN, 40000, 443),
+    );
+    assert_eq!(
+        a.core.process_from_fabric(&mut syn, T, NOW),
+        Verdict::Drop(DropReason::FabricUnavailable)
+    );
+    assert_eq!(
+        a.core.stats.drops[DropReason::FabricUnavailable as usize].load(Ordering::Relaxed),
+        1
+    );
+}

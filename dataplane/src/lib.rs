@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod config;
 pub mod core;
 pub mod delta;
+pub mod fabric_hook;
 pub mod frames;
 pub mod os;
 pub mod packet;

@@ -5,7 +5,7 @@ use std::fmt;
 
 /// A redundancy group: the unit of failover. RG0 is the control-plane group,
 /// RG1..N are data groups that own reth interfaces and sessions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct RgId(pub u16);
 
 impl RgId {
@@ -24,7 +24,7 @@ impl fmt::Display for RgId {
 }
 
 /// One of the two cluster members (`node0`, `node1`), or the witness.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct NodeId(pub u8);
 
 impl NodeId {
@@ -42,7 +42,7 @@ impl fmt::Display for NodeId {
 
 /// Per-RG ownership counter. It increases at every ownership change; anything
 /// stamped with an older epoch than the receiver's is stale and dropped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Epoch(pub u64);
 
 impl Epoch {
@@ -82,7 +82,7 @@ mod tests {
 }
 
 /// This node's role for one RG, as the election publishes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RgRole {
     /// This node forwards the RG's traffic.
     pub primary: bool,

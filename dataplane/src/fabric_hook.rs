@@ -1,0 +1,232 @@
+//! The dataplane's side of fabric forwarding: encapsulates frames for the
+//! owner of their RG on the active fabric link, and accepts frames from the
+//! peer — fenced by epoch, never sent back (loop guard).
+
+use crate::afxdp::{FabricAction, FabricHook, FabricInbound};
+use crate::session::InterfaceId;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tandem_fabric::{FabricHeader, FabricMap, FabricStats, Kind};
+use tandem_proto::RgId;
+
+pub struct FabricForwarder {
+    map: Arc<ArcSwap<FabricMap>>,
+    pub stats: Arc<FabricStats>,
+}
+
+impl FabricForwarder {
+    pub fn new(map: Arc<ArcSwap<FabricMap>>, stats: Arc<FabricStats>) -> FabricForwarder {
+        FabricForwarder { map, stats }
+    }
+
+    fn send(&self, kind: Kind, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction {
+        let map = self.map.load();
+        let Some(owner) = map.rgs.get(&rg).filter(|o| o.peer_owns) else {
+            self.stats
+                .drop_not_owner_map
+                .fetch_add(1, Ordering::Relaxed);
+            return FabricAction::Drop;
+        };
+        let Some((idx, link)) = map.active.and_then(|i| map.links.get(i).map(|l| (i, l))) else {
+            self.stats.drop_no_link.fetch_add(1, Ordering::Relaxed);
+            return FabricAction::Drop;
+        };
+        let Some(peer_mac) = link.peer_mac else {
+            self.stats.drop_no_peer_mac.fetch_add(1, Ordering::Relaxed);
+            return FabricAction::Drop;
+        };
+        let header = FabricHeader {
+            kind,
+            rg,
+            epoch: owner.epoch,
+            iface: iface.0,
+        };
+        self.stats.sent[idx.min(1)].fetch_add(1, Ordering::Relaxed);
+        FabricAction::Send {
+            iface: InterfaceId(link.port),
+            frame: header.encapsulate(peer_mac, link.local_mac, frame),
+        }
+    }
+}
+
+impl FabricHook for FabricForwarder {
+    fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction {
+        self.send(Kind::Ingress, rg, frame, ingress)
+    }
+
+    fn egress_to_owner(&mut self, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction {
+        self.send(Kind::Egress, rg, frame, iface)
+    }
+
+    fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<FabricInbound> {
+        let (h, inner) = match FabricHeader::decapsulate(frame) {
+            Ok(x) => x,
+            Err(_) => {
+                self.stats.drop_bad_header.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let map = self.map.load();
+        if let Some(idx) = map.links.iter().position(|l| l.port == port.0) {
+            self.stats.received[idx.min(1)].fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(owner) = map.rgs.get(&h.rg) else {
+            self.stats
+                .drop_not_owner_map
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if owner.peer_owns {
+            // This node does not own the RG either: never send it back.
+            self.stats.drop_loop.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if h.epoch < owner.epoch {
+            self.stats.drop_stale_epoch.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let iface = InterfaceId(h.iface);
+        let frame = inner.to_vec();
+        Some(match h.kind {
+            Kind::Ingress => FabricInbound::Process { iface, frame },
+            Kind::Egress => FabricInbound::Transmit { iface, frame },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_fabric::{Link, RgOwner};
+    use tandem_proto::Epoch;
+
+    fn map(peer_owns: bool, epoch: u64, active: Option<usize>) -> Arc<ArcSwap<FabricMap>> {
+        Arc::new(ArcSwap::from_pointee(FabricMap {
+            rgs: [(
+                RgId(1),
+                RgOwner {
+                    peer_owns,
+                    epoch: Epoch(epoch),
+                },
+            )]
+            .into(),
+            links: vec![
+                Link {
+                    port: 10,
+                    up: true,
+                    local_mac: [0xa0; 6],
+                    peer_mac: Some([0xb0; 6]),
+                },
+                Link {
+                    port: 11,
+                    up: true,
+                    local_mac: [0xa1; 6],
+                    peer_mac: Some([0xb1; 6]),
+                },
+            ],
+            active,
+        }))
+    }
+
+    fn pair(
+        sender: Arc<ArcSwap<FabricMap>>,
+        receiver: Arc<ArcSwap<FabricMap>>,
+    ) -> (FabricForwarder, FabricForwarder) {
+        (
+            FabricForwarder::new(sender, Arc::default()),
+            FabricForwarder::new(receiver, Arc::default()),
+        )
+    }
+
+    #[test]
+    fn frame_for_a_peer_owned_rg_reaches_it_on_the_active_link() {
+        let (mut tx, mut rx) = pair(map(true, 4, Some(1)), map(false, 4, Some(1)));
+        let FabricAction::Send { iface, frame } =
+            tx.to_owner(RgId(1), b"original frame", InterfaceId(0))
+        else {
+            panic!()
+        };
+        assert_eq!(iface, InterfaceId(11), "fab1 is active");
+        assert_eq!(&frame[0..6], &[0xb1; 6]);
+        let Some(FabricInbound::Process { iface, frame }) =
+            rx.arrived_on_fabric(&frame, InterfaceId(11))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            iface,
+            InterfaceId(0),
+            "processed as arrived on its own member of the ingress reth"
+        );
+        assert_eq!(frame, b"original frame");
+        assert_eq!(tx.stats.snapshot().sent, [0, 1]);
+        assert_eq!(rx.stats.snapshot().received, [0, 1]);
+    }
+
+    #[test]
+    fn egress_frames_are_transmitted_not_reprocessed() {
+        let (mut tx, mut rx) = pair(map(true, 4, Some(0)), map(false, 4, Some(0)));
+        let FabricAction::Send { frame, .. } =
+            tx.egress_to_owner(RgId(1), b"processed", InterfaceId(1))
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            rx.arrived_on_fabric(&frame, InterfaceId(10)),
+            Some(FabricInbound::Transmit {
+                iface: InterfaceId(1),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn stale_epoch_frames_are_dropped_and_counted() {
+        let (mut tx, mut rx) = pair(map(true, 3, Some(0)), map(false, 5, Some(0)));
+        let FabricAction::Send { frame, .. } = tx.to_owner(RgId(1), b"x", InterfaceId(0)) else {
+            panic!()
+        };
+        assert!(rx.arrived_on_fabric(&frame, InterfaceId(10)).is_none());
+        assert_eq!(rx.stats.snapshot().drop_stale_epoch, 1);
+    }
+
+    #[test]
+    fn frames_for_an_rg_this_node_does_not_own_are_never_sent_back() {
+        let (mut tx, mut rx) = pair(map(true, 4, Some(0)), map(true, 4, Some(0)));
+        let FabricAction::Send { frame, .. } = tx.to_owner(RgId(1), b"x", InterfaceId(0)) else {
+            panic!()
+        };
+        assert!(rx.arrived_on_fabric(&frame, InterfaceId(10)).is_none());
+        assert_eq!(rx.stats.snapshot().drop_loop, 1);
+    }
+
+    #[test]
+    fn no_active_link_or_unknown_peer_mac_drops_with_a_reason() {
+        let mut tx = FabricForwarder::new(map(true, 4, None), Arc::default());
+        assert!(matches!(
+            tx.to_owner(RgId(1), b"x", InterfaceId(0)),
+            FabricAction::Drop
+        ));
+        assert_eq!(tx.stats.snapshot().drop_no_link, 1);
+        let m = map(true, 4, Some(0));
+        let mut inner = (*m.load_full()).clone();
+        inner.links[0].peer_mac = None;
+        m.store(Arc::new(inner));
+        let mut tx = FabricForwarder::new(m, Arc::default());
+        assert!(matches!(
+            tx.to_owner(RgId(1), b"x", InterfaceId(0)),
+            FabricAction::Drop
+        ));
+        assert_eq!(tx.stats.snapshot().drop_no_peer_mac, 1);
+        let mut rx = FabricForwarder::new(map(false, 1, Some(0)), Arc::default());
+        assert!(
+            rx.arrived_on_fabric(
+                b"garbage that is not a fabric frame at all",
+                InterfaceId(10)
+            )
+            .is_none()
+        );
+        assert_eq!(rx.stats.snapshot().drop_bad_header, 1);
+    }
+}
