@@ -74,6 +74,14 @@ pub struct HeartbeatSection {
     /// witness leases (same on both nodes and the witness).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// How long fab0 must be healthy again before forwarding returns to it
+    /// from fab1 (a flapping fab0 does not bounce traffic).
+    #[serde(default = "default_fabric_hold_down")]
+    pub fabric_return_hold_down_ms: u64,
+}
+
+fn default_fabric_hold_down() -> u64 {
+    2000
 }
 
 impl Default for HeartbeatSection {
@@ -83,6 +91,7 @@ impl Default for HeartbeatSection {
             threshold: 3,
             startup_grace_ms: 2000,
             key_file: None,
+            fabric_return_hold_down_ms: default_fabric_hold_down(),
         }
     }
 }
@@ -245,6 +254,25 @@ impl NodeConfig {
                     format!("{} configured twice", f.name),
                 );
             }
+            if !f.peer.is_ipv4() || !f.local.is_ipv4() {
+                // The peer's fabric MAC is learned from the IPv4 neighbor
+                // table the heartbeats keep fresh.
+                return bad(
+                    &format!("fabric[{i}]"),
+                    "local and peer must be IPv4 socket addresses".into(),
+                );
+            }
+            if self
+                .dataplane
+                .interfaces
+                .iter()
+                .any(|d| d.device == f.device)
+            {
+                return bad(
+                    &format!("fabric[{i}].device"),
+                    format!("{} is also a data interface", f.device),
+                );
+            }
         }
         if self.redundancy_group.is_empty() {
             return bad(
@@ -393,6 +421,21 @@ mod tests {
             .unwrap()
             + 1;
         assert_eq!(e.line, Some(want));
+    }
+
+    #[test]
+    fn ipv6_fabric_address_is_refused() {
+        let text = SAMPLE.replace("peer = \"10.254.0.2:4786\"", "peer = \"[fd00::2]:4786\"");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("fabric[0]"), "{e}");
+    }
+
+    #[test]
+    fn fabric_device_that_is_also_a_data_interface_is_refused() {
+        let text = SAMPLE.replace("device = \"fab1\"", "device = \"u0\"");
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("fabric[1].device"), "{e}");
+        assert!(e.message.contains("u0 is also a data interface"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 
 use crate::config::NodeConfig;
 use crate::control;
+use crate::fabric::{self, FabricPort};
 use crate::views;
+use arc_swap::ArcSwap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,13 +22,17 @@ use tandem_cluster::election::{ElectionConfig, MonitorConfig, Path as HbPath, Rg
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, TlsIdentity};
 use tandem_cluster::witness::WitnessConfig;
-use tandem_dataplane::afxdp::{AfXdp, AfXdpConfig, IoStats, NoFabric, PortSpec};
+use tandem_dataplane::afxdp::{AfXdp, AfXdpConfig, IoStats, PortSpec};
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::core::{Core, CoreStats};
 use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
+use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::os;
-use tandem_dataplane::session::{Clock, SessionTable, SharedTable, TableConfig, monotonic_clock};
+use tandem_dataplane::session::{
+    Clock, InterfaceId, SessionTable, SharedTable, TableConfig, monotonic_clock,
+};
 use tandem_dataplane::xdp::{PortMode, XdpCounters};
+use tandem_fabric::{FabricMap, FabricStats};
 use tandem_proto::{NodeId, RgId, RoleMap};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -44,6 +50,34 @@ pub struct Node {
     pub xdp: Mutex<XdpCounters>,
     pub dataplane_error: Mutex<Option<String>>,
     pub started_ms: u64,
+    /// Fabric links in the dataplane (fab0 first), the map the worker
+    /// forwards by, and the worker's fabric counters.
+    pub fabric_ports: Vec<FabricPort>,
+    pub fabric_map: Arc<ArcSwap<FabricMap>>,
+    pub fabric_stats: Arc<FabricStats>,
+}
+
+/// Fabric devices become dataplane ports numbered after the data
+/// interfaces (fab0 before fab1).
+fn fabric_ports(cfg: &NodeConfig, compiled: &Compiled) -> Vec<FabricPort> {
+    let first = compiled
+        .ifaces
+        .iter()
+        .map(|i| i.id.0 + 1)
+        .max()
+        .unwrap_or(0);
+    let mut sections: Vec<_> = cfg.fabric.iter().collect();
+    sections.sort_by(|a, b| a.name.cmp(&b.name));
+    sections
+        .into_iter()
+        .zip(first..)
+        .map(|(f, port)| FabricPort {
+            name: f.name.clone(),
+            device: f.device.clone(),
+            port,
+            peer: f.peer.ip(),
+        })
+        .collect()
 }
 
 fn read_key(cfg: &NodeConfig) -> Result<ClusterKey, String> {
@@ -115,11 +149,20 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         xdp: Mutex::new(XdpCounters::default()),
         dataplane_error: Mutex::new(None),
         started_ms: clock().0,
+        fabric_ports: fabric_ports(&cfg, &compiled),
+        fabric_map: Arc::default(),
+        fabric_stats: Arc::default(),
         cfg,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let worker = start_dataplane(node.clone(), producer, stop.clone());
     tokio::spawn(watch_monitors(node.clone()));
+    tokio::spawn(fabric::publish(
+        node.clone(),
+        node.fabric_ports.clone(),
+        node.fabric_map.clone(),
+        node.cfg.heartbeat.fabric_return_hold_down_ms,
+    ));
     let socket = node.cfg.node.socket.clone();
     let listener =
         control::bind(&socket).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
@@ -265,6 +308,11 @@ fn start_dataplane(
                     device: i.device.clone(),
                     mode: PortMode::Data,
                 })
+                .chain(node.fabric_ports.iter().map(|f| PortSpec {
+                    iface: InterfaceId(f.port),
+                    device: f.device.clone(),
+                    mode: PortMode::Fabric,
+                }))
                 .collect();
             let roles = node.cluster.role_swap();
             let mut core = Core::new(
@@ -303,7 +351,9 @@ fn start_dataplane(
                 }
             };
             ticker(&io);
-            io.run(&mut core, &roles, &mut NoFabric, &clock, &stop_inner);
+            let mut fabric =
+                FabricForwarder::new(node.fabric_map.clone(), node.fabric_stats.clone());
+            io.run(&mut core, &roles, &mut fabric, &clock, &stop_inner);
             ticker(&io);
         })
         .expect("spawn dataplane thread")

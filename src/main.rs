@@ -17,6 +17,7 @@
 mod config;
 mod control;
 mod daemon;
+mod fabric;
 mod lab;
 mod views;
 

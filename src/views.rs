@@ -152,6 +152,7 @@ pub fn statistics(node: &Node) -> Value {
         "dataplane": dataplane,
         "io": io,
         "xdp": *node.xdp.lock().expect("lock"),
+        "fabric": node.fabric_stats.snapshot(),
     })
 }
 
@@ -180,18 +181,25 @@ pub async fn interfaces(node: &Node) -> Value {
             })
         })
         .collect();
+    let map = node.fabric_map.load();
+    let fstats = node.fabric_stats.snapshot();
     let fabric: Vec<Value> = node
-        .cfg
-        .fabric
+        .fabric_ports
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(i, f)| {
             let path = st.paths.iter().find(|p| p.path.name() == f.name);
+            let link = map.links.get(i);
             json!({
                 "name": f.name,
                 "device": f.device,
                 "link_up": link_up(&f.device),
                 "heartbeat_up": path.is_some_and(|p| p.up),
                 "last_heard_ms_ago": path.and_then(|p| p.last_heard_ms_ago),
+                "forwarding_active": map.active == Some(i),
+                "peer_mac": link.and_then(|l| l.peer_mac).map(|m| format_mac(&m)),
+                "frames_sent": fstats.sent[i.min(1)],
+                "frames_received": fstats.received[i.min(1)],
             })
         })
         .collect();
@@ -291,6 +299,22 @@ pub async fn metrics(node: &Node) -> String {
             "",
             stats["dataplane"][k].as_u64().unwrap_or(0),
         );
+    }
+    let f = node.fabric_stats.snapshot();
+    for (i, link) in ["fab0", "fab1"].iter().enumerate() {
+        let l = format!("link=\"{link}\"");
+        line("fabric_frames_sent", &l, f.sent[i]);
+        line("fabric_frames_received", &l, f.received[i]);
+    }
+    for (reason, v) in [
+        ("no_link", f.drop_no_link),
+        ("no_peer_mac", f.drop_no_peer_mac),
+        ("stale_epoch", f.drop_stale_epoch),
+        ("bad_header", f.drop_bad_header),
+        ("loop", f.drop_loop),
+        ("not_owner_map", f.drop_not_owner_map),
+    ] {
+        line("fabric_drops", &format!("reason=\"{reason}\""), v);
     }
     for (i, path) in ["control", "fab0", "fab1"].iter().enumerate() {
         let l = format!("path=\"{path}\"");

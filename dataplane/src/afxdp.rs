@@ -437,11 +437,11 @@ impl AfXdp {
                 }
                 Some(FabricInbound::Process { iface, mut frame }) => {
                     let v = core.process_from_fabric(&mut frame, iface, now);
-                    self.send_verdict(v, &frame, iface);
+                    self.send_verdict(v, &frame, iface, fabric);
                 }
                 Some(FabricInbound::Transmit { iface, mut frame }) => {
                     let v = core.transmit_from_fabric(&mut frame, iface, now);
-                    self.send_verdict(v, &frame, iface);
+                    self.send_verdict(v, &frame, iface, fabric);
                 }
             }
             return;
@@ -488,13 +488,24 @@ impl AfXdp {
 
     /// Sends what the core decided for a frame that came over the fabric
     /// (it is in a private buffer, so it goes out from a fresh UMEM frame).
-    /// A fabric verdict here would bounce the frame back: the loop guard
-    /// drops it.
-    fn send_verdict(&mut self, v: Verdict, frame: &[u8], ingress: InterfaceId) {
+    /// Processed here but leaving by an interface the peer owns, it goes
+    /// back for transmission only (the peer never processes it again); an
+    /// unprocessed frame is never bounced back (the core drops it).
+    fn send_verdict(
+        &mut self,
+        v: Verdict,
+        frame: &[u8],
+        ingress: InterfaceId,
+        fabric: &mut dyn FabricHook,
+    ) {
         match v {
             Verdict::Tx { iface, len } => self.send_built(iface, &frame[..len]),
             Verdict::Reply { len } => self.send_built(ingress, &frame[..len]),
-            Verdict::Fabric { .. } | Verdict::FabricEgress { .. } => {
+            Verdict::FabricEgress { rg, iface, len } => {
+                let action = fabric.egress_to_owner(rg, &frame[..len], iface);
+                self.fabric_action(action);
+            }
+            Verdict::Fabric { .. } => {
                 self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
             }
             Verdict::Drop(_) => {}

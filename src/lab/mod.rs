@@ -11,6 +11,9 @@
 //! RG1. The client's flows to the server are source-NATed to 192.0.2.1;
 //! 192.0.2.1:8080 is port-forwarded to the client's port 80.
 //!
+//! fab0 and fab1 are dataplane ports too: frames that reach the node that
+//! does not own their RG cross to the owner on the active one.
+//!
 //! `up` builds it and starts both daemons (embedded configs, fresh PKI),
 //! `down` removes exactly the namespaces and files it created (the XDP
 //! programs go with their interfaces), `demo` runs traffic through a manual
@@ -189,6 +192,10 @@ fn build_topology() -> Result<(), String> {
                 "dev",
                 dev,
             ])?;
+            if dev != "ctl" {
+                // Room for a full-size frame plus the fabric header.
+                sh(&["ip", "-n", ns, "link", "set", dev, "mtu", "1600"])?;
+            }
             sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
     }
@@ -418,6 +425,7 @@ fn demo(rt: &Runtime, json: bool) -> Result<(), String> {
         value: synced as f64,
         unit: "count",
     });
+    fabric_phase(rt, &traffic, first, second, &mut report)?;
 
     // Manual failover of RG1 to the secondary.
     step(&format!(
@@ -574,6 +582,95 @@ fn demo(rt: &Runtime, json: bool) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The trust switch is made to deliver the client's frames to the node
+/// that is *not* primary (a stale MAC table, as after a switch reboot):
+/// they must reach the owner over fab0, then over fab1 once fab0 is cut,
+/// without a connection noticing.
+fn fabric_phase(
+    rt: &Runtime,
+    traffic: &Traffic,
+    owner: usize,
+    other: usize,
+    report: &mut Vec<Figure>,
+) -> Result<(), String> {
+    let vmac = "02:00:5e:00:01:01";
+    let port = format!("sw-n{other}t");
+    step(&format!(
+        "steering the client's frames for reth0's virtual MAC to node{other} (not primary): they cross the fabric"
+    ));
+    sh(&[
+        "bridge", "-n", "tl-sw", "fdb", "replace", vmac, "dev", &port, "master", "static", "sticky",
+    ])?;
+    let before = fabric_sent(rt, other, 0);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    traffic.check_flowing("with traffic entering the non-owner node")?;
+    let via_fab0 = fabric_sent(rt, other, 0).saturating_sub(before);
+    if via_fab0 == 0 {
+        return Err(format!(
+            "node{other} redirected no frames over fab0\n--- node{other} log ---\n{}",
+            node_log_tail(other)
+        ));
+    }
+    let steer_gap = traffic.largest_gap_since(t0);
+    step(&format!(
+        "node{other} sent {via_fab0} frames to node{owner} over fab0 in 2 s; largest probe gap {steer_gap:.1} ms"
+    ));
+    step("cutting fab0 (ip link set fab0 down on node0)");
+    let fab1_before = fabric_sent(rt, other, 1);
+    let t1 = Instant::now();
+    sh(&["ip", "-n", "tl-n0", "link", "set", "fab0", "down"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    traffic.check_flowing("after fab0 was cut")?;
+    let via_fab1 = fabric_sent(rt, other, 1).saturating_sub(fab1_before);
+    let cut_gap = traffic.largest_gap_since(t1);
+    if via_fab1 == 0 {
+        return Err(format!(
+            "node{other} did not switch to fab1\n--- node{other} log ---\n{}",
+            node_log_tail(other)
+        ));
+    }
+    step(&format!(
+        "forwarding moved to fab1: {via_fab1} frames in 2 s; largest probe gap {cut_gap:.1} ms"
+    ));
+    sh(&["ip", "-n", "tl-n0", "link", "set", "fab0", "up"])?;
+    sh(&[
+        "bridge", "-n", "tl-sw", "fdb", "del", vmac, "dev", &port, "master", "static",
+    ])?;
+    // Frames from the owner re-teach the switch where the virtual MAC is.
+    std::thread::sleep(Duration::from_secs(1));
+    traffic.check_flowing("after the switch relearned the virtual MAC")?;
+    report.push(Figure {
+        name: "fabric_frames_via_fab0",
+        value: via_fab0 as f64,
+        unit: "count",
+    });
+    report.push(Figure {
+        name: "fabric_steer_gap_ms",
+        value: steer_gap,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "fabric_frames_via_fab1",
+        value: via_fab1 as f64,
+        unit: "count",
+    });
+    report.push(Figure {
+        name: "fabric_fab0_cut_gap_ms",
+        value: cut_gap,
+        unit: "ms",
+    });
+    Ok(())
+}
+
+/// Frames node `n` sent over fabric link `link` (0 = fab0).
+fn fabric_sent(rt: &Runtime, n: usize, link: usize) -> u64 {
+    rt.block_on(statistics(n))
+        .ok()
+        .and_then(|v| v["fabric"]["sent"][link].as_u64())
+        .unwrap_or(0)
 }
 
 fn synced_sessions(rt: &Runtime, n: usize) -> Result<u64, String> {
