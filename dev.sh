@@ -8,8 +8,9 @@ cd "$(dirname "$0")"
 
 # Build and test prerequisites. clang/llvm/libelf/zlib/m4/pkg-config build
 # the XDP program and libxdp (see docs/ARCHITECTURE.md); iproute2 builds the
-# network-namespace topologies of the root tests and the lab.
-APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool)
+# network-namespace topologies of the root tests and the lab; nftables is
+# fwd-bench's kernel baseline.
+APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -45,12 +46,14 @@ run_tests() {
     cargo test --workspace --locked
     log "bench smoke: session-bench at 100k sessions (checks invariants after every phase)"
     cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 100000 --rounds 1 --json
+    log "bench smoke: fwd-bench (packet core, fabric redirect; AF_XDP vs nftables when root)"
+    cargo run --release --locked -q -p tandem-dataplane --bin fwd-bench -- --seconds 1 --json
 }
 
 run_demo() {
     log "building tandem (release)"
     cargo build --release --locked -q --bin tandem
-    log "tandem lab demo: a chassis-cluster pair in network namespaces, traffic through a manual failover, a crash and a rejoin"
+    log "tandem lab demo: a chassis-cluster pair in network namespaces, traffic through the fabric, a manual failover, a crash and a rejoin"
     ./target/release/tandem lab demo "$@"
 }
 

@@ -14,4 +14,5 @@ pub mod frames;
 pub mod os;
 pub mod packet;
 pub mod session;
+pub mod testbed;
 pub mod xdp;

@@ -1,0 +1,238 @@
+//! A three-namespace test bed shared by the root tests and `fwd-bench`:
+//!
+//! ```text
+//!   client ns            fw ns                             server ns
+//!   c0 10.1.0.10/24 ---- t0 [reth0: VIP 10.1.0.1]
+//!                           [reth1: VIP 192.0.2.1]  u0 ---- s0 192.0.2.100/24
+//! ```
+//! with the sample policy (trust -> untrust permitted and source-NATed,
+//! 192.0.2.1:8080 port-forwarded to the client's port 80) and an AF_XDP
+//! firewall worker to run in the middle namespace. Everything it creates is
+//! named after the process and removed on drop.
+
+use crate::afxdp::{AfXdp, AfXdpConfig, NoFabric, PortSpec};
+use crate::config::{
+    Compiled, DataplaneConfig, DnatRule, InterfaceConfig, PolicyAction, PolicyConfig, RethConfig,
+    SnatRule,
+};
+use crate::core::{Core, CoreStats};
+use crate::delta::delta_queues;
+use crate::os;
+use crate::session::{self, SessionTable, TableConfig, lock, monotonic_clock};
+use crate::xdp::PortMode;
+use arc_swap::ArcSwap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
+
+/// Runs a command; panics with its stderr when it fails (set-up only).
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces named after this process, deleted on drop.
+pub struct Topo {
+    /// client, firewall, server.
+    pub ns: [String; 3],
+}
+
+impl Topo {
+    pub fn new(tag: &str) -> Topo {
+        let p = std::process::id();
+        let ns = [
+            format!("tdc{tag}{p}"),
+            format!("tdf{tag}{p}"),
+            format!("tds{tag}{p}"),
+        ];
+        for n in &ns {
+            sh(&["ip", "netns", "add", n]);
+        }
+        let [c, f, s] = &ns;
+        sh(&[
+            "ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "t0", "netns", f,
+        ]);
+        sh(&[
+            "ip", "link", "add", "s0", "netns", s, "type", "veth", "peer", "name", "u0", "netns", f,
+        ]);
+        for (n, dev) in [(c, "c0"), (f, "t0"), (f, "u0"), (s, "s0")] {
+            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+            // The dataplane rewrites packets: checksums must be complete,
+            // not left to offload.
+            sh(&["ip", "netns", "exec", n, "ethtool", "-K", dev, "tx", "off"]);
+        }
+        sh(&["ip", "-n", c, "addr", "add", "10.1.0.10/24", "dev", "c0"]);
+        sh(&["ip", "-n", c, "route", "add", "default", "via", "10.1.0.1"]);
+        sh(&["ip", "-n", s, "addr", "add", "192.0.2.100/24", "dev", "s0"]);
+        Topo { ns }
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// The sample policy of the diagram above.
+pub fn sample_config() -> DataplaneConfig {
+    let p = |s: &str| s.parse().unwrap();
+    DataplaneConfig {
+        interfaces: vec![
+            InterfaceConfig {
+                name: "reth0".into(),
+                device: "t0".into(),
+                zone: "trust".into(),
+                addresses: vec![],
+                reth: Some(RethConfig {
+                    rg: 1,
+                    vmac: "02:00:5e:00:01:01".into(),
+                    vips: vec![p("10.1.0.1/24")],
+                }),
+            },
+            InterfaceConfig {
+                name: "reth1".into(),
+                device: "u0".into(),
+                zone: "untrust".into(),
+                addresses: vec![],
+                reth: Some(RethConfig {
+                    rg: 1,
+                    vmac: "02:00:5e:00:01:02".into(),
+                    vips: vec![p("192.0.2.1/24")],
+                }),
+            },
+        ],
+        policies: vec![
+            PolicyConfig {
+                name: "out".into(),
+                from_zone: "trust".into(),
+                to_zone: "untrust".into(),
+                source: vec![],
+                destination: vec![],
+                protocol: None,
+                ports: vec![],
+                action: PolicyAction::Permit,
+            },
+            PolicyConfig {
+                name: "web-in".into(),
+                from_zone: "untrust".into(),
+                to_zone: "trust".into(),
+                source: vec![],
+                destination: vec![p("10.1.0.10/32")],
+                protocol: Some("tcp".into()),
+                ports: vec!["80".into()],
+                action: PolicyAction::Permit,
+            },
+        ],
+        snat: vec![SnatRule {
+            name: "out".into(),
+            from_zone: "trust".into(),
+            to_zone: "untrust".into(),
+            source: vec![],
+            pool: None,
+            port_low: 1024,
+            port_high: 65535,
+        }],
+        dnat: vec![DnatRule {
+            name: "web".into(),
+            from_zone: "untrust".into(),
+            destination: p("192.0.2.1/32"),
+            protocol: "tcp".into(),
+            port: 8080,
+            to_address: p("10.1.0.10/32"),
+            to_port: 80,
+        }],
+        routes: vec![],
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+pub fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        os::enter_netns(&ns).expect("enter netns");
+        f()
+    })
+}
+
+/// An AF_XDP worker forwarding between t0 and u0 as primary of RG1.
+pub struct Firewall {
+    stop: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<Arc<CoreStats>>>,
+    pub table: session::SharedTable,
+}
+
+impl Firewall {
+    pub fn start(ns: &str) -> Firewall {
+        let stop = Arc::new(AtomicBool::new(false));
+        let table: session::SharedTable =
+            Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+        lock(&table).promote_rg(RgId(1));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (s, t) = (stop.clone(), table.clone());
+        let worker = in_ns(ns, move || {
+            let mut compiled = Compiled::new(&sample_config()).expect("valid config");
+            for i in &mut compiled.ifaces {
+                i.mac = os::mac(&i.device).expect("device MAC");
+            }
+            let roles = Arc::new(ArcSwap::from_pointee(RoleMap::from([(
+                RgId(1),
+                RgRole {
+                    primary: true,
+                    epoch: Epoch(2),
+                },
+            )])));
+            let (producer, _consumers) = delta_queues(&[RgId(1)], 65536);
+            let ports: Vec<PortSpec> = compiled
+                .ifaces
+                .iter()
+                .map(|i| PortSpec {
+                    iface: i.id,
+                    device: i.device.clone(),
+                    mode: PortMode::Data,
+                })
+                .collect();
+            let mut core = Core::new(Arc::new(compiled), t, roles.clone(), producer);
+            let mut io = match AfXdp::open(&ports, &AfXdpConfig::default()) {
+                Ok(io) => io,
+                Err(e) => {
+                    ready_tx.send(Err(e.0)).unwrap();
+                    return core.stats.clone();
+                }
+            };
+            ready_tx.send(Ok(())).unwrap();
+            let clock = monotonic_clock();
+            io.run(&mut core, &roles, &mut NoFabric, &clock, &s);
+            core.stats.clone()
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("worker started")
+            .expect("AF_XDP up");
+        Firewall {
+            stop,
+            worker: Some(worker),
+            table,
+        }
+    }
+
+    pub fn stop(mut self) -> Arc<CoreStats> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.worker.take().unwrap().join().expect("worker")
+    }
+}
