@@ -9,7 +9,8 @@
 //! tandem request chassis cluster failover redundancy-group N node M
 //! tandem request chassis cluster failover reset redundancy-group N
 //! tandem witness --listen ADDR --key-file FILE --cluster-id N
-//! tandem lab up|down|demo [--json]
+//! tandem lab up|down|demo [--peer-compare] [--json]
+//! tandem lab peer-compare [--json]
 //! ```
 //! Show and request commands talk to the node's control socket
 //! (`--socket PATH`, default /run/tandem/tandem.sock).
@@ -38,7 +39,8 @@ const USAGE: &str = "usage:
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem witness --listen ADDR --key-file FILE --cluster-id N
-  tandem lab up|down|demo [--json]";
+  tandem lab up|down|demo [--peer-compare] [--json]
+  tandem lab peer-compare [--json]";
 
 /// Options that may appear anywhere on the command line.
 struct Opts {
@@ -47,6 +49,7 @@ struct Opts {
     words: Vec<String>,
     flags: std::collections::HashMap<String, String>,
     peer_diff: bool,
+    peer_compare: bool,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -56,12 +59,14 @@ fn parse_opts() -> Result<Opts, String> {
         words: Vec::new(),
         flags: Default::default(),
         peer_diff: false,
+        peer_compare: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--json" => o.json = true,
             "--peer-diff" => o.peer_diff = true,
+            "--peer-compare" => o.peer_compare = true,
             "-h" | "--help" => return Err(USAGE.into()),
             f if f.starts_with("--") => {
                 let v = it.next().ok_or_else(|| format!("{f} needs a value"))?;
@@ -153,7 +158,7 @@ fn main() -> ExitCode {
         }
         ["lab", cmd] => {
             init_tracing();
-            lab::main(cmd, opts.json, &rt)
+            lab::main(cmd, opts.json, opts.peer_compare, &rt)
         }
         _ => Err(USAGE.into()),
     };

@@ -19,6 +19,7 @@
 //! programs go with their interfaces), `demo` runs traffic through a manual
 //! failover, a crash of the primary and its rejoin, and reports.
 
+mod peer;
 mod traffic;
 
 use crate::control;
@@ -66,7 +67,7 @@ fn step(msg: &str) {
     eprintln!("[lab] {msg}");
 }
 
-pub fn main(cmd: &str, json: bool, rt: &Runtime) -> Result<(), String> {
+pub fn main(cmd: &str, json: bool, peer_compare: bool, rt: &Runtime) -> Result<(), String> {
     tandem_dataplane::os::privileged().map_err(|e| format!("the lab needs root: {e}"))?;
     match cmd {
         "up" => {
@@ -86,11 +87,23 @@ pub fn main(cmd: &str, json: bool, rt: &Runtime) -> Result<(), String> {
         }
         "demo" => {
             install_cleanup(rt);
-            let r = demo(rt, json);
+            let r = demo(rt, json, peer_compare);
             down();
             r
         }
-        _ => Err("usage: tandem lab up|down|demo [--json]".into()),
+        "peer-compare" => {
+            install_cleanup(rt);
+            if NS.iter().any(|n| ns_exists(n)) || Path::new(DIR).exists() {
+                down();
+            }
+            let report = peer::run()?;
+            print_report(&report, &[], json);
+            Ok(())
+        }
+        _ => Err(
+            "usage: tandem lab up|down|demo [--peer-compare] [--json] | peer-compare [--json]"
+                .into(),
+        ),
     }
 }
 
@@ -401,7 +414,7 @@ struct Figure {
     unit: &'static str,
 }
 
-fn demo(rt: &Runtime, json: bool) -> Result<(), String> {
+fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
     up(rt)?;
     let st = rt.block_on(status(0))?;
     if !json {
@@ -558,23 +571,15 @@ fn demo(rt: &Runtime, json: bool) -> Result<(), String> {
         value: result.probes_lost as f64,
         unit: "count",
     });
-    for f in &report {
-        if json {
-            println!(
-                "{{\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\"}}",
-                f.name, f.value, f.unit
-            );
+    let mut notes = result.notes.clone();
+    if peer_compare {
+        down();
+        match peer::run() {
+            Ok(figures) => report.extend(figures),
+            Err(e) => notes.push(format!("peer comparison not run: {e}")),
         }
     }
-    if !json {
-        println!("\nTandem chassis-cluster demo report");
-        for f in &report {
-            println!("  {:<32} {:>10.1} {}", f.name, f.value, f.unit);
-        }
-        for line in &result.notes {
-            println!("  note: {line}");
-        }
-    }
+    print_report(&report, &notes, json);
     if result.survived_pct < 100.0 {
         return Err(format!(
             "only {:.0}% of TCP connections survived",
@@ -671,6 +676,56 @@ fn fabric_sent(rt: &Runtime, n: usize, link: usize) -> u64 {
         .ok()
         .and_then(|v| v["fabric"]["sent"][link].as_u64())
         .unwrap_or(0)
+}
+
+/// JSON lines, or a table with the conntrackd+keepalived figure beside
+/// Tandem's where the comparison ran.
+fn print_report(report: &[Figure], notes: &[String], json: bool) {
+    if json {
+        for f in report {
+            println!(
+                "{{\"name\":\"{}\",\"value\":{:.3},\"unit\":\"{}\"}}",
+                f.name, f.value, f.unit
+            );
+        }
+        return;
+    }
+    let compared = report.iter().any(|f| f.name.starts_with("conntrackd_"));
+    println!("\nTandem chassis-cluster demo report");
+    if compared {
+        println!(
+            "  {:<32} {:>10} {:>24}",
+            "", "tandem", "conntrackd+keepalived"
+        );
+    }
+    let ours: Vec<&Figure> = report
+        .iter()
+        .filter(|f| !f.name.starts_with("conntrackd_"))
+        .collect();
+    for f in &ours {
+        let peer = report
+            .iter()
+            .find(|p| p.name.strip_prefix("conntrackd_") == Some(f.name));
+        match (compared, peer) {
+            (true, Some(p)) => println!(
+                "  {:<32} {:>10.1} {:>24.1} {}",
+                f.name, f.value, p.value, f.unit
+            ),
+            (true, None) => println!("  {:<32} {:>10.1} {:>24} {}", f.name, f.value, "-", f.unit),
+            (false, _) => println!("  {:<32} {:>10.1} {}", f.name, f.value, f.unit),
+        }
+    }
+    // Peer-only figures (e.g. `lab peer-compare` alone).
+    for p in report.iter().filter(|p| {
+        p.name
+            .strip_prefix("conntrackd_")
+            .is_some_and(|n| !ours.iter().any(|f| f.name == n))
+    }) {
+        println!("  {:<40} {:>24.1} {}", p.name, p.value, p.unit);
+    }
+    for line in notes {
+        println!("  note: {line}");
+    }
 }
 
 fn synced_sessions(rt: &Runtime, n: usize) -> Result<u64, String> {
