@@ -9,8 +9,10 @@ cd "$(dirname "$0")"
 # Build and test prerequisites. clang/llvm/libelf/zlib/m4/pkg-config build
 # the XDP program and libxdp (see docs/ARCHITECTURE.md); iproute2 builds the
 # network-namespace topologies of the root tests and the lab; nftables is
-# fwd-bench's kernel baseline.
-APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables)
+# fwd-bench's kernel baseline; nftables, conntrackd, conntrack and keepalived
+# are the Linux-standard stack the demo compares against (--peer-compare).
+APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables
+    conntrackd conntrack keepalived)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -53,8 +55,8 @@ run_tests() {
 run_demo() {
     log "building tandem (release)"
     cargo build --release --locked -q --bin tandem
-    log "tandem lab demo: a chassis-cluster pair in network namespaces, traffic through the fabric, a manual failover, a crash and a rejoin"
-    ./target/release/tandem lab demo "$@"
+    log "tandem lab demo: a chassis-cluster pair in network namespaces, traffic through the fabric, a manual failover, a crash and a rejoin; then the same with conntrackd + keepalived"
+    ./target/release/tandem lab demo --peer-compare "$@"
 }
 
 install_prerequisites

@@ -1,7 +1,8 @@
 //! The main job end to end: `tandem lab demo --json` builds the lab in
 //! network namespaces, runs traffic through the fabric (fab0, then fab1
 //! after fab0 is cut), a manual failover, a crash of the primary and its
-//! rejoin, and removes everything. Needs root; skips
+//! rejoin, then the same events with nftables + conntrackd + keepalived
+//! (--peer-compare), and removes everything. Needs root; skips
 //! with the reason otherwise. Asserts outcomes, not timings (those are
 //! recorded in docs/PERFORMANCE.md from the demo itself).
 
@@ -17,7 +18,7 @@ fn lab_demo_keeps_every_tcp_connection_through_fabric_cut_failover_crash_and_rej
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["lab", "demo", "--json"])
+        .args(["lab", "demo", "--json", "--peer-compare"])
         .output()
         .expect("run tandem");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -50,6 +51,36 @@ fn lab_demo_keeps_every_tcp_connection_through_fabric_cut_failover_crash_and_rej
     ] {
         assert!(figures.contains_key(k), "report has {k}: {figures:?}");
     }
+    // The Linux-standard stack ran the same events in the same lab (its
+    // outcome is reported, not asserted: it is the baseline).
+    let peer_installed = ["keepalived", "conntrackd", "conntrack", "nft"]
+        .iter()
+        .all(|b| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {b}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if !peer_installed {
+        eprintln!(
+            "peer comparison not checked: install keepalived conntrackd conntrack nftables (./dev.sh test does)"
+        );
+    }
+    for k in [
+        "conntrackd_sessions_synced",
+        "conntrackd_manual_failover_gap_ms",
+        "conntrackd_crash_failover_gap_ms",
+        "conntrackd_tcp_connections_survived_pct",
+    ] {
+        assert!(
+            !peer_installed || figures.contains_key(k),
+            "peer comparison has {k}: {figures:?}\n{stderr}"
+        );
+    }
+    assert!(
+        !peer_installed || figures["conntrackd_sessions_synced"] >= 100.0,
+        "conntrackd replicated the lab's flows: {figures:?}"
+    );
     // Nothing left behind.
     let ns = Command::new("ip")
         .args(["netns", "list"])
