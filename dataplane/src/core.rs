@@ -541,19 +541,6 @@ impl Core {
         now: Millis,
     ) -> Verdict {
         let flags = packet::tcp_flags(f, ip);
-        // Only a flow's first packet creates a session: a bare SYN, an echo
-        // request, or any UDP / other datagram.
-        let starts = match key.proto {
-            proto::TCP => {
-                flags & (packet::TCP_SYN | packet::TCP_ACK | packet::TCP_RST) == packet::TCP_SYN
-            }
-            proto::ICMP => f.get(ip.l4) == Some(&8),
-            proto::ICMPV6 => f.get(ip.l4) == Some(&128),
-            _ => true,
-        };
-        if !starts {
-            return self.drop(DropReason::NoSession);
-        }
         let cfg = self.cfg.clone();
         // Destination NAT first: policy and routing see the real server.
         let dnat = cfg
@@ -573,6 +560,28 @@ impl Core {
         let Some(out) = cfg.iface(route.iface) else {
             return self.drop(DropReason::NoRoute);
         };
+        // The session belongs to the RG of its egress reth (else ingress).
+        // When the peer owns it, the peer decides everything else (it may
+        // hold the session this node has no copy of): hand the frame over
+        // before judging it.
+        let owner = out.rg().or(ifc.rg()).unwrap_or(RgId(0));
+        if owner.is_data() && !self.is_primary(owner) {
+            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Fabric { rg: owner };
+        }
+        // Only a flow's first packet creates a session: a bare SYN, an echo
+        // request, or any UDP / other datagram.
+        let starts = match key.proto {
+            proto::TCP => {
+                flags & (packet::TCP_SYN | packet::TCP_ACK | packet::TCP_RST) == packet::TCP_SYN
+            }
+            proto::ICMP => f.get(ip.l4) == Some(&8),
+            proto::ICMPV6 => f.get(ip.l4) == Some(&128),
+            _ => true,
+        };
+        if !starts {
+            return self.drop(DropReason::NoSession);
+        }
         let policy = cfg.policy(ifc.zone, out.zone, &key.src, &dst, key.proto, dport);
         let Some(policy) = policy else {
             return self.drop(DropReason::NoPolicy);
@@ -580,12 +589,6 @@ impl Core {
         self.stats.policy_hits[(policy.id.0 - 1) as usize].fetch_add(1, Ordering::Relaxed);
         if !policy.permit {
             return self.drop(DropReason::PolicyDeny);
-        }
-        // The session belongs to the RG of its egress reth (else ingress).
-        let owner = out.rg().or(ifc.rg()).unwrap_or(RgId(0));
-        if owner.is_data() && !self.is_primary(owner) {
-            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Fabric { rg: owner };
         }
         let snat = cfg
             .snat

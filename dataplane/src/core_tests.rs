@@ -934,3 +934,38 @@ fn fabric_frame_whose_session_the_peer_owns_is_dropped_not_bounced() {
         1
     );
 }
+
+#[test]
+fn mid_flow_packet_of_a_peer_owned_flow_goes_to_the_owner_not_dropped() {
+    // A has no copy of the session (RG2, egress reth1, owned by B): an ACK
+    // mid-stream must reach B, which holds it, rather than die here as
+    // "no session".
+    let mut a = split_rig(&[1]);
+    let mut ack = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_ACK, 40000, 443),
+    );
+    assert_eq!(run(&mut a, &mut ack, T), Verdict::Fabric { rg: RgId(2) });
+    assert_eq!(
+        a.core.stats.drops[DropReason::NoSession as usize].load(Ordering::Relaxed),
+        0
+    );
+    // When this node owns the flow's RG, the same packet is dropped here.
+    let mut b = split_rig(&[1, 2]);
+    let mut ack = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &tcp(packet::TCP_ACK, 40000, 443),
+    );
+    assert_eq!(
+        run(&mut b, &mut ack, T),
+        Verdict::Drop(DropReason::NoSession)
+    );
+}

@@ -17,14 +17,16 @@ use crate::config::{
 };
 use crate::core::{Core, CoreStats};
 use crate::delta::delta_queues;
+use crate::fabric_hook::FabricForwarder;
 use crate::os;
-use crate::session::{self, SessionTable, TableConfig, lock, monotonic_clock};
+use crate::session::{self, InterfaceId, SessionTable, TableConfig, lock, monotonic_clock};
 use crate::xdp::PortMode;
 use arc_swap::ArcSwap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
+use tandem_fabric::{FabricMap, FabricStats};
 use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
 
 /// Runs a command; panics with its stderr when it fails (set-up only).
@@ -170,7 +172,35 @@ pub fn in_ns<T: Send + 'static>(
     })
 }
 
-/// An AF_XDP worker forwarding between t0 and u0 as primary of RG1.
+/// The fabric side of a test node: the fabric device (a dataplane port
+/// numbered after the data interfaces) and the map the worker forwards by.
+pub struct FabricSpec {
+    pub device: String,
+    pub map: Arc<ArcSwap<FabricMap>>,
+    pub stats: Arc<FabricStats>,
+}
+
+/// What a test node runs: its dataplane config, the RGs it is primary for
+/// (every RG of the config is in its role map), and optionally a fabric.
+pub struct FirewallSpec {
+    pub config: DataplaneConfig,
+    pub primary: Vec<RgId>,
+    pub fabric: Option<FabricSpec>,
+}
+
+impl FirewallSpec {
+    /// The sample config, primary for RG1, no fabric.
+    pub fn sample() -> FirewallSpec {
+        FirewallSpec {
+            config: sample_config(),
+            primary: vec![RgId(1)],
+            fabric: None,
+        }
+    }
+}
+
+/// An AF_XDP worker forwarding between the config's interfaces (and its
+/// fabric port) inside a namespace.
 pub struct Firewall {
     stop: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<Arc<CoreStats>>>,
@@ -178,26 +208,44 @@ pub struct Firewall {
 }
 
 impl Firewall {
+    /// The sample config as primary of RG1.
     pub fn start(ns: &str) -> Firewall {
+        Firewall::start_with(ns, FirewallSpec::sample())
+    }
+
+    pub fn start_with(ns: &str, spec: FirewallSpec) -> Firewall {
         let stop = Arc::new(AtomicBool::new(false));
         let table: session::SharedTable =
             Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
-        lock(&table).promote_rg(RgId(1));
+        for rg in &spec.primary {
+            lock(&table).promote_rg(*rg);
+        }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, t) = (stop.clone(), table.clone());
         let worker = in_ns(ns, move || {
-            let mut compiled = Compiled::new(&sample_config()).expect("valid config");
+            let mut compiled = Compiled::new(&spec.config).expect("valid config");
             for i in &mut compiled.ifaces {
                 i.mac = os::mac(&i.device).expect("device MAC");
             }
-            let roles = Arc::new(ArcSwap::from_pointee(RoleMap::from([(
-                RgId(1),
-                RgRole {
-                    primary: true,
-                    epoch: Epoch(2),
-                },
-            )])));
-            let (producer, _consumers) = delta_queues(&[RgId(1)], 65536);
+            let rgs: Vec<RgId> = compiled.ifaces.iter().filter_map(|i| i.rg()).collect();
+            let roles = Arc::new(ArcSwap::from_pointee(
+                rgs.iter()
+                    .map(|rg| {
+                        let role = RgRole {
+                            primary: spec.primary.contains(rg),
+                            epoch: Epoch(2),
+                        };
+                        (*rg, role)
+                    })
+                    .collect::<RoleMap>(),
+            ));
+            let (producer, _consumers) = delta_queues(&rgs, 65536);
+            let fabric_port = compiled
+                .ifaces
+                .iter()
+                .map(|i| i.id.0 + 1)
+                .max()
+                .unwrap_or(0);
             let ports: Vec<PortSpec> = compiled
                 .ifaces
                 .iter()
@@ -206,18 +254,29 @@ impl Firewall {
                     device: i.device.clone(),
                     mode: PortMode::Data,
                 })
+                .chain(spec.fabric.iter().map(|f| PortSpec {
+                    iface: InterfaceId(fabric_port),
+                    device: f.device.clone(),
+                    mode: PortMode::Fabric,
+                }))
                 .collect();
             let mut core = Core::new(Arc::new(compiled), t, roles.clone(), producer);
             let mut io = match AfXdp::open(&ports, &AfXdpConfig::default()) {
                 Ok(io) => io,
                 Err(e) => {
-                    ready_tx.send(Err(e.0)).unwrap();
+                    ready_tx.send(Err(e.0)).expect("test waits");
                     return core.stats.clone();
                 }
             };
-            ready_tx.send(Ok(())).unwrap();
+            ready_tx.send(Ok(())).expect("test waits");
             let clock = monotonic_clock();
-            io.run(&mut core, &roles, &mut NoFabric, &clock, &s);
+            match spec.fabric {
+                Some(f) => {
+                    let mut hook = FabricForwarder::new(f.map, f.stats);
+                    io.run(&mut core, &roles, &mut hook, &clock, &s);
+                }
+                None => io.run(&mut core, &roles, &mut NoFabric, &clock, &s),
+            }
             core.stats.clone()
         });
         ready_rx
@@ -233,6 +292,6 @@ impl Firewall {
 
     pub fn stop(mut self) -> Arc<CoreStats> {
         self.stop.store(true, Ordering::Relaxed);
-        self.worker.take().unwrap().join().expect("worker")
+        self.worker.take().expect("running").join().expect("worker")
     }
 }
