@@ -306,6 +306,11 @@ pub async fn metrics(node: &Node) -> String {
         line("fabric_frames_sent", &l, f.sent[i]);
         line("fabric_frames_received", &l, f.received[i]);
     }
+    for r in &f.by_rg {
+        let l = format!("rg=\"{}\"", r.rg);
+        line("fabric_rg_frames_sent", &l, r.sent);
+        line("fabric_rg_frames_received", &l, r.received);
+    }
     for (reason, v) in [
         ("no_link", f.drop_no_link),
         ("no_peer_mac", f.drop_no_peer_mac),

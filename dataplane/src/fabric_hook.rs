@@ -42,7 +42,7 @@ impl FabricForwarder {
             epoch: owner.epoch,
             iface: iface.0,
         };
-        self.stats.sent[idx.min(1)].fetch_add(1, Ordering::Relaxed);
+        self.stats.count_sent(idx, rg);
         FabricAction::Send {
             iface: InterfaceId(link.port),
             frame: header.encapsulate(peer_mac, link.local_mac, frame),
@@ -68,9 +68,6 @@ impl FabricHook for FabricForwarder {
             }
         };
         let map = self.map.load();
-        if let Some(idx) = map.links.iter().position(|l| l.port == port.0) {
-            self.stats.received[idx.min(1)].fetch_add(1, Ordering::Relaxed);
-        }
         let Some(owner) = map.rgs.get(&h.rg) else {
             self.stats
                 .drop_not_owner_map
@@ -86,6 +83,8 @@ impl FabricHook for FabricForwarder {
             self.stats.drop_stale_epoch.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        let link = map.links.iter().position(|l| l.port == port.0).unwrap_or(0);
+        self.stats.count_received(link, h.rg);
         let iface = InterfaceId(h.iface);
         let frame = inner.to_vec();
         Some(match h.kind {

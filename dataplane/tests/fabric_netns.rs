@@ -279,6 +279,20 @@ fn active_active_flows_cross_the_fabric_both_ways_with_snat() {
         "n1 sent the replies to n0 for reth0: {s1:?}"
     );
     assert!(s0.received[0] >= 5, "{s0:?}");
+    // Per RG: n0 handed over RG2's frames (the sessions' RG); n1 handed
+    // back frames leaving by reth0 (RG1).
+    let rg = |s: &tandem_fabric::map::FabricSnapshot, id: u16| {
+        s.by_rg
+            .iter()
+            .find(|r| r.rg == id)
+            .map(|r| (r.sent, r.received))
+    };
+    assert!(rg(&s0, 2).is_some_and(|(sent, _)| sent >= 5), "{s0:?}");
+    assert!(rg(&s1, 1).is_some_and(|(sent, _)| sent >= 5), "{s1:?}");
+    assert!(
+        rg(&s1, 2).is_some_and(|(_, received)| received >= 5),
+        "{s1:?}"
+    );
     for s in [&s0, &s1] {
         assert_eq!(
             (s.drop_loop, s.drop_stale_epoch, s.drop_bad_header),

@@ -88,11 +88,17 @@ impl LinkSelector {
     }
 }
 
-/// Fabric counters, per link.
-#[derive(Debug, Default)]
+/// RGs 1..RG_COUNTERS-1 have their own frame counters; higher ids share
+/// the last slot (the bound keeps the counters a fixed array).
+pub const RG_COUNTERS: usize = 64;
+
+/// Fabric counters, per link and per RG.
+#[derive(Debug)]
 pub struct FabricStats {
     pub sent: [AtomicU64; 2],
     pub received: [AtomicU64; 2],
+    pub sent_by_rg: [AtomicU64; RG_COUNTERS],
+    pub received_by_rg: [AtomicU64; RG_COUNTERS],
     pub drop_no_link: AtomicU64,
     pub drop_no_peer_mac: AtomicU64,
     pub drop_stale_epoch: AtomicU64,
@@ -103,10 +109,39 @@ pub struct FabricStats {
     pub drop_not_owner_map: AtomicU64,
 }
 
+impl Default for FabricStats {
+    fn default() -> Self {
+        FabricStats {
+            sent: Default::default(),
+            received: Default::default(),
+            sent_by_rg: std::array::from_fn(|_| AtomicU64::new(0)),
+            received_by_rg: std::array::from_fn(|_| AtomicU64::new(0)),
+            drop_no_link: Default::default(),
+            drop_no_peer_mac: Default::default(),
+            drop_stale_epoch: Default::default(),
+            drop_bad_header: Default::default(),
+            drop_loop: Default::default(),
+            drop_not_owner_map: Default::default(),
+        }
+    }
+}
+
+/// Frames one RG sent and received over the fabric.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RgFrames {
+    /// The RG id; the last counter slot is shared by every id from
+    /// `RG_COUNTERS - 1` up and reported under that id.
+    pub rg: u16,
+    pub sent: u64,
+    pub received: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FabricSnapshot {
     pub sent: [u64; 2],
     pub received: [u64; 2],
+    /// RGs with traffic only.
+    pub by_rg: Vec<RgFrames>,
     pub drop_no_link: u64,
     pub drop_no_peer_mac: u64,
     pub drop_stale_epoch: u64,
@@ -116,11 +151,35 @@ pub struct FabricSnapshot {
 }
 
 impl FabricStats {
+    fn rg_slot(rg: RgId) -> usize {
+        usize::from(rg.0).min(RG_COUNTERS - 1)
+    }
+
+    /// Counts a frame of `rg` sent on link `link` (0 = fab0).
+    pub fn count_sent(&self, link: usize, rg: RgId) {
+        self.sent[link.min(1)].fetch_add(1, Ordering::Relaxed);
+        self.sent_by_rg[Self::rg_slot(rg)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a frame of `rg` accepted from link `link`.
+    pub fn count_received(&self, link: usize, rg: RgId) {
+        self.received[link.min(1)].fetch_add(1, Ordering::Relaxed);
+        self.received_by_rg[Self::rg_slot(rg)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> FabricSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         FabricSnapshot {
             sent: [l(&self.sent[0]), l(&self.sent[1])],
             received: [l(&self.received[0]), l(&self.received[1])],
+            by_rg: (0..RG_COUNTERS)
+                .map(|i| RgFrames {
+                    rg: i as u16,
+                    sent: l(&self.sent_by_rg[i]),
+                    received: l(&self.received_by_rg[i]),
+                })
+                .filter(|r| r.sent + r.received > 0)
+                .collect(),
             drop_no_link: l(&self.drop_no_link),
             drop_no_peer_mac: l(&self.drop_no_peer_mac),
             drop_stale_epoch: l(&self.drop_stale_epoch),
