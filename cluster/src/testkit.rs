@@ -378,4 +378,13 @@ impl ClusterPair {
     pub fn is_primary(&self, n: usize, rg: RgId) -> bool {
         self.cluster(n).roles().get(&rg).is_some_and(|r| r.primary)
     }
+
+    /// Both nodes' sync connections (and so the control stream that
+    /// carries failover requests) are up.
+    pub fn connected(&self) -> bool {
+        self.pair
+            .nodes
+            .iter()
+            .all(|n| n.handle.as_ref().is_some_and(|h| h.is_connected()))
+    }
 }

@@ -86,6 +86,9 @@ async fn manual_failover_requested_on_the_old_primary_moves_rg_and_sessions() {
 async fn manual_failover_refusal_reaches_the_operator_with_its_reason() {
     let c = ClusterPair::start(&[(RG1, 200, 100)], false).await;
     assert!(eventually(WAIT, || c.is_primary(0, RG1)).await);
+    // Node1 forwards the request to node0 over the control stream: without
+    // it the refusal would be "cannot reach node0", not node0's reason.
+    assert!(eventually(WAIT, || c.connected()).await);
     let err = c.cluster(1).failover(RG1, NodeId(0)).await.unwrap_err();
     assert!(err.contains("already primary"), "{err}");
     let err = c.cluster(0).failover(RgId(5), NodeId(1)).await.unwrap_err();
