@@ -798,6 +798,22 @@ proptest! {
         }
         let _ = r.core.process(&mut f, if which == 3 { U } else { T }, NOW);
     }
+
+    /// Frames from the fabric are input from the network too: mutated,
+    /// on any interface id, for processing or for transmission only, split
+    /// RG ownership included, they never panic.
+    #[test]
+    fn mutated_fabric_frames_never_panic(pos in 0usize..80, val in any::<u8>(), iface in 0u16..4, split in any::<bool>()) {
+        let mut r = if split { split_rig(&[2]) } else { rig(true) };
+        let base = build(VMAC_T, CLIENT_MAC, v4("10.1.0.10"), v4("192.0.2.100"), 64, &tcp(packet::TCP_SYN, 40000, 443));
+        let mut f = base.clone();
+        if pos < f.len() {
+            f[pos] = val;
+        }
+        let mut g = f.clone();
+        let _ = r.core.process_from_fabric(&mut f, InterfaceId(iface), NOW);
+        let _ = r.core.transmit_from_fabric(&mut g, InterfaceId(iface), NOW);
+    }
 }
 
 /// reth0 (trust) in RG1, reth1 (untrust) in RG2; this node primary for

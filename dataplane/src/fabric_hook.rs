@@ -228,4 +228,19 @@ mod tests {
         );
         assert_eq!(rx.stats.snapshot().drop_bad_header, 1);
     }
+
+    proptest::proptest! {
+        /// Whatever arrives on a fabric port: a typed drop or a frame,
+        /// never a panic.
+        #[test]
+        fn random_bytes_on_a_fabric_port_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120), port in 9u16..12) {
+            let mut rx = FabricForwarder::new(map(false, 4, Some(0)), Arc::default());
+            let _ = rx.arrived_on_fabric(&data, InterfaceId(port));
+            // A valid header followed by random bytes as well.
+            let mut framed = tandem_fabric::FabricHeader { kind: Kind::Ingress, rg: RgId(1), epoch: Epoch(4), iface: 0 }
+                .encapsulate([0xa0; 6], [0xb0; 6], &data);
+            framed.truncate(framed.len().min(14 + data.len()));
+            let _ = rx.arrived_on_fabric(&framed, InterfaceId(port));
+        }
+    }
 }
