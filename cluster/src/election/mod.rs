@@ -774,6 +774,14 @@ impl Election {
             }
         } else if !self.path_up(Path::Control, now) {
             "control link down; peer alive on fabric (no takeover)".to_string()
+        } else if (self.last_heard[Path::Fab0 as usize].is_some()
+            || self.last_heard[Path::Fab1 as usize].is_some())
+            && !self.path_up(Path::Fab0, now)
+            && !self.path_up(Path::Fab1, now)
+        {
+            // A condition, not peer death: roles stay; frames that land on
+            // the node not owning their RG cannot cross and are dropped.
+            "peer alive on control; both fabric links down (no fabric forwarding)".to_string()
         } else {
             "peer alive".to_string()
         };

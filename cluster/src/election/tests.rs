@@ -132,6 +132,26 @@ fn control_link_only_failure_is_not_peer_death() {
 }
 
 #[test]
+fn both_fabric_links_down_is_a_condition_not_peer_death() {
+    let mut d = duo(false);
+    d.run(1000);
+    d.set_path(Path::Fab0, false);
+    d.set_path(Path::Fab1, false);
+    d.run(5000);
+    assert_eq!(d.state(0, RG1), RgState::Primary);
+    assert_eq!(d.state(1, RG1), RgState::Secondary, "no takeover");
+    let st = d.nodes[1].status(d.now);
+    assert!(st.peer_alive);
+    assert_eq!(
+        st.peer_reason,
+        "peer alive on control; both fabric links down (no fabric forwarding)"
+    );
+    d.set_path(Path::Fab1, true);
+    d.run(500);
+    assert_eq!(d.nodes[1].status(d.now).peer_reason, "peer alive");
+}
+
+#[test]
 fn crashed_peer_is_detected_and_replaced_within_threshold() {
     let mut d = duo(false);
     let crash_at = d.now;
