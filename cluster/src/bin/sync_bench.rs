@@ -75,6 +75,9 @@ fn emit(json: bool, name: &str, value: f64, unit: &str) {
 fn table_cfg(n: u32) -> TableConfig {
     TableConfig {
         capacity: (n as usize + 1024).max(1 << 20),
+        // As the daemon runs them (`[sessions] preallocate`): slab and
+        // indexes sized and resident before any traffic.
+        preallocate: true,
         ..TableConfig::default()
     }
 }
