@@ -138,10 +138,29 @@ pub fn down() {
     }
     for n in NS {
         if ns_exists(n) {
+            // Whatever still runs inside (the peer comparison's daemons, a
+            // daemon started by hand) would keep the namespace alive.
+            kill_all_in(n);
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
     let _ = std::fs::remove_dir_all(DIR);
+}
+
+/// SIGKILLs every process in namespace `ns` (never this process).
+fn kill_all_in(ns: &str) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let me = std::process::id() as i32;
+    for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if pid != me {
+            // SAFETY: signalling processes of a lab namespace we created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 fn build_topology() -> Result<(), String> {

@@ -13,7 +13,7 @@
 //! a `conntrackd -n` resync. Every figure is prefixed `conntrackd_`.
 
 use super::traffic::Traffic;
-use super::{DIR, Figure, build_topology, down, sh, step};
+use super::{DIR, Figure, build_topology, down, kill_all_in, sh, step};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -306,16 +306,10 @@ impl Daemons {
     }
 }
 
-/// SIGKILLs every process in namespace `ns`.
-fn kill_all_in(ns: &str) {
-    let pids = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        // SAFETY: signalling processes of the lab namespace we created.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+impl Drop for Daemons {
+    /// Also on an early error return: nothing outlives the comparison.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
