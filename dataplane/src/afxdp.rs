@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tandem_fabric::header as fabric_header;
 use tandem_proto::{RgId, RoleMap};
 use tracing::{info, warn};
 use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
@@ -76,34 +77,35 @@ pub struct IoStats {
     pub wakeup_errors: AtomicU64,
 }
 
-/// What the fabric layer does with a frame the core handed it.
-pub enum FabricAction {
-    /// Transmit `frame` (the encapsulated copy) on `port`.
-    Send {
-        iface: InterfaceId,
-        frame: Vec<u8>,
-    },
-    Drop,
+/// Where the fabric layer sends a frame: a fabric port, and the bytes
+/// (Ethernet + fabric header) the worker writes in front of the frame in
+/// its own buffer — no copy of the frame, no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FabricTx {
+    pub port: InterfaceId,
+    pub prefix: [u8; fabric_header::OVERHEAD],
 }
 
-/// What a frame that arrived over the fabric is for.
+/// What a frame that arrived over the fabric is for; the inner frame
+/// follows the first `fabric_header::OVERHEAD` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FabricInbound {
-    /// Process `frame` as if it had arrived on this node's member of `iface`.
-    Process { iface: InterfaceId, frame: Vec<u8> },
-    /// Transmit the already processed `frame` on `iface`.
-    Transmit { iface: InterfaceId, frame: Vec<u8> },
+    /// Process it as if it had arrived on this node's member of `iface`.
+    Process { iface: InterfaceId },
+    /// Transmit it, already processed, on `iface`.
+    Transmit { iface: InterfaceId },
 }
 
 /// The fabric layer's hook into the worker (frames for RGs this node is not
-/// primary for, and frames arriving on fabric ports).
+/// primary for, and frames arriving on fabric ports). `None` means dropped
+/// (counted by the hook).
 pub trait FabricHook: Send {
     /// A frame of `rg` that arrived on `ingress` and must go to the owner
     /// unprocessed.
-    fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction;
+    fn to_owner(&mut self, rg: RgId, ingress: InterfaceId) -> Option<FabricTx>;
     /// A processed frame that must leave on `iface`, whose RG the peer owns.
-    fn egress_to_owner(&mut self, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction;
-    /// A frame that arrived on fabric port `port`; `None` when it is
-    /// dropped (counted by the hook).
+    fn egress_to_owner(&mut self, rg: RgId, iface: InterfaceId) -> Option<FabricTx>;
+    /// A frame that arrived on fabric port `port`.
     fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<FabricInbound>;
 }
 
@@ -112,11 +114,11 @@ pub trait FabricHook: Send {
 pub struct NoFabric;
 
 impl FabricHook for NoFabric {
-    fn to_owner(&mut self, _: RgId, _: &[u8], _: InterfaceId) -> FabricAction {
-        FabricAction::Drop
+    fn to_owner(&mut self, _: RgId, _: InterfaceId) -> Option<FabricTx> {
+        None
     }
-    fn egress_to_owner(&mut self, _: RgId, _: &[u8], _: InterfaceId) -> FabricAction {
-        FabricAction::Drop
+    fn egress_to_owner(&mut self, _: RgId, _: InterfaceId) -> Option<FabricTx> {
+        None
     }
     fn arrived_on_fabric(&mut self, _: &[u8], _: InterfaceId) -> Option<FabricInbound> {
         None
@@ -426,90 +428,122 @@ impl AfXdp {
         now: crate::session::Millis,
     ) {
         let iface = self.ports[pi].iface;
-        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
-        let mut data = unsafe { self.umem.data_mut(d) };
         if self.ports[pi].mode == PortMode::Fabric {
-            let inbound = fabric.arrived_on_fabric(data.contents(), iface);
-            self.free.push(*d);
-            match inbound {
-                None => {
-                    self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(FabricInbound::Process { iface, mut frame }) => {
-                    let v = core.process_from_fabric(&mut frame, iface, now);
-                    self.send_verdict(v, &frame, iface, fabric);
-                }
-                Some(FabricInbound::Transmit { iface, mut frame }) => {
-                    let v = core.transmit_from_fabric(&mut frame, iface, now);
-                    self.send_verdict(v, &frame, iface, fabric);
-                }
-            }
+            self.handle_fabric(iface, d, core, fabric, now);
             return;
         }
+        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
+        let mut data = unsafe { self.umem.data_mut(d) };
         let verdict = core.process(data.contents_mut(), iface, now);
+        self.dispatch(verdict, d, pi, fabric, true);
+    }
+
+    /// A frame from the peer: validated by the hook, unwrapped in place,
+    /// then processed or only transmitted.
+    fn handle_fabric(
+        &mut self,
+        port: InterfaceId,
+        d: &mut FrameDesc,
+        core: &mut Core,
+        fabric: &mut dyn FabricHook,
+        now: crate::session::Millis,
+    ) {
+        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
+        let mut data = unsafe { self.umem.data_mut(d) };
+        let Some(inbound) = fabric.arrived_on_fabric(data.contents(), port) else {
+            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            self.free.push(*d);
+            return;
+        };
+        let len = data.contents().len();
+        data.contents_mut()
+            .copy_within(fabric_header::OVERHEAD..len, 0);
+        data.cursor().set_pos(len - fabric_header::OVERHEAD);
+        let (iface, verdict) = match inbound {
+            FabricInbound::Process { iface } => (
+                iface,
+                core.process_from_fabric(data.contents_mut(), iface, now),
+            ),
+            FabricInbound::Transmit { iface } => (
+                iface,
+                core.transmit_from_fabric(data.contents_mut(), iface, now),
+            ),
+        };
+        match self.port_of(iface) {
+            // A reply goes out where the frame would have come in.
+            Some(reply_port) => self.dispatch(verdict, d, reply_port, fabric, false),
+            None => self.free.push(*d),
+        }
+    }
+
+    /// Sends (or frees) the frame in `d` as the core decided. A hand-off of
+    /// an unprocessed frame is only allowed for frames from the wire: one
+    /// that came over the fabric is never sent back (the core already
+    /// turns that into a drop; this is the second guard).
+    fn dispatch(
+        &mut self,
+        verdict: Verdict,
+        d: &mut FrameDesc,
+        reply_port: usize,
+        fabric: &mut dyn FabricHook,
+        from_wire: bool,
+    ) {
         match verdict {
             Verdict::Tx { iface: out, len } => {
-                data.cursor().set_pos(len);
+                // SAFETY: the frame in `d` is ours until queued or freed.
+                unsafe { self.umem.data_mut(d) }.cursor().set_pos(len);
                 match self.port_of(out) {
                     Some(po) => self.queue_tx(po, *d),
                     None => self.free.push(*d),
                 }
             }
             Verdict::Reply { len } => {
-                data.cursor().set_pos(len);
-                self.queue_tx(pi, *d);
+                // SAFETY: as above.
+                unsafe { self.umem.data_mut(d) }.cursor().set_pos(len);
+                self.queue_tx(reply_port, *d);
             }
-            Verdict::Fabric { rg } => {
-                let action = fabric.to_owner(rg, data.contents(), iface);
-                self.free.push(*d);
-                self.fabric_action(action);
+            Verdict::Fabric { rg } if from_wire => {
+                let ingress = self.ports[reply_port].iface;
+                // SAFETY: as above.
+                let len = unsafe { self.umem.data(d) }.contents().len();
+                let tx = fabric.to_owner(rg, ingress);
+                self.send_to_fabric(tx, d, len);
             }
-            Verdict::FabricEgress {
-                rg,
-                iface: out,
-                len,
-            } => {
-                let action = fabric.egress_to_owner(rg, &data.contents()[..len], out);
+            Verdict::FabricEgress { rg, iface, len } => {
+                let tx = fabric.egress_to_owner(rg, iface);
+                self.send_to_fabric(tx, d, len);
+            }
+            Verdict::Fabric { .. } => {
+                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
                 self.free.push(*d);
-                self.fabric_action(action);
             }
             Verdict::Drop(_) => self.free.push(*d),
         }
     }
 
-    fn fabric_action(&mut self, action: FabricAction) {
-        match action {
-            FabricAction::Send { iface, frame } => self.send_built(iface, &frame),
-            FabricAction::Drop => {
-                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Wraps the first `len` bytes of the frame in `d` for the fabric in
+    /// place (shifted right by the prefix) and queues it on the fabric port.
+    fn send_to_fabric(&mut self, tx: Option<FabricTx>, d: &mut FrameDesc, len: usize) {
+        let Some((tx, port)) = tx.and_then(|t| Some((t, self.port_of(t.port)?))) else {
+            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            self.free.push(*d);
+            return;
+        };
+        let total = len + fabric_header::OVERHEAD;
+        // SAFETY: the frame in `d` is ours until queued or freed.
+        let mut data = unsafe { self.umem.data_mut(d) };
+        data.cursor().set_pos(total);
+        if data.contents().len() != total {
+            // Does not fit the UMEM frame (cannot happen for frames within
+            // the data MTU): drop and count.
+            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            self.free.push(*d);
+            return;
         }
-    }
-
-    /// Sends what the core decided for a frame that came over the fabric
-    /// (it is in a private buffer, so it goes out from a fresh UMEM frame).
-    /// Processed here but leaving by an interface the peer owns, it goes
-    /// back for transmission only (the peer never processes it again); an
-    /// unprocessed frame is never bounced back (the core drops it).
-    fn send_verdict(
-        &mut self,
-        v: Verdict,
-        frame: &[u8],
-        ingress: InterfaceId,
-        fabric: &mut dyn FabricHook,
-    ) {
-        match v {
-            Verdict::Tx { iface, len } => self.send_built(iface, &frame[..len]),
-            Verdict::Reply { len } => self.send_built(ingress, &frame[..len]),
-            Verdict::FabricEgress { rg, iface, len } => {
-                let action = fabric.egress_to_owner(rg, &frame[..len], iface);
-                self.fabric_action(action);
-            }
-            Verdict::Fabric { .. } => {
-                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-            }
-            Verdict::Drop(_) => {}
-        }
+        let buf = data.contents_mut();
+        buf.copy_within(0..len, fabric_header::OVERHEAD);
+        buf[..fabric_header::OVERHEAD].copy_from_slice(&tx.prefix);
+        self.queue_tx(port, *d);
     }
 }
 

@@ -1,8 +1,8 @@
-//! The dataplane's side of fabric forwarding: encapsulates frames for the
+//! The dataplane's side of fabric forwarding: addresses frames for the
 //! owner of their RG on the active fabric link, and accepts frames from the
 //! peer — fenced by epoch, never sent back (loop guard).
 
-use crate::afxdp::{FabricAction, FabricHook, FabricInbound};
+use crate::afxdp::{FabricHook, FabricInbound, FabricTx};
 use crate::session::InterfaceId;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
@@ -20,21 +20,21 @@ impl FabricForwarder {
         FabricForwarder { map, stats }
     }
 
-    fn send(&self, kind: Kind, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction {
+    fn send(&self, kind: Kind, rg: RgId, iface: InterfaceId) -> Option<FabricTx> {
         let map = self.map.load();
         let Some(owner) = map.rgs.get(&rg).filter(|o| o.peer_owns) else {
             self.stats
                 .drop_not_owner_map
                 .fetch_add(1, Ordering::Relaxed);
-            return FabricAction::Drop;
+            return None;
         };
         let Some((idx, link)) = map.active.and_then(|i| map.links.get(i).map(|l| (i, l))) else {
             self.stats.drop_no_link.fetch_add(1, Ordering::Relaxed);
-            return FabricAction::Drop;
+            return None;
         };
         let Some(peer_mac) = link.peer_mac else {
             self.stats.drop_no_peer_mac.fetch_add(1, Ordering::Relaxed);
-            return FabricAction::Drop;
+            return None;
         };
         let header = FabricHeader {
             kind,
@@ -43,24 +43,24 @@ impl FabricForwarder {
             iface: iface.0,
         };
         self.stats.count_sent(idx, rg);
-        FabricAction::Send {
-            iface: InterfaceId(link.port),
-            frame: header.encapsulate(peer_mac, link.local_mac, frame),
-        }
+        Some(FabricTx {
+            port: InterfaceId(link.port),
+            prefix: header.prefix(peer_mac, link.local_mac),
+        })
     }
 }
 
 impl FabricHook for FabricForwarder {
-    fn to_owner(&mut self, rg: RgId, frame: &[u8], ingress: InterfaceId) -> FabricAction {
-        self.send(Kind::Ingress, rg, frame, ingress)
+    fn to_owner(&mut self, rg: RgId, ingress: InterfaceId) -> Option<FabricTx> {
+        self.send(Kind::Ingress, rg, ingress)
     }
 
-    fn egress_to_owner(&mut self, rg: RgId, frame: &[u8], iface: InterfaceId) -> FabricAction {
-        self.send(Kind::Egress, rg, frame, iface)
+    fn egress_to_owner(&mut self, rg: RgId, iface: InterfaceId) -> Option<FabricTx> {
+        self.send(Kind::Egress, rg, iface)
     }
 
     fn arrived_on_fabric(&mut self, frame: &[u8], port: InterfaceId) -> Option<FabricInbound> {
-        let (h, inner) = match FabricHeader::decapsulate(frame) {
+        let (h, _inner) = match FabricHeader::decapsulate(frame) {
             Ok(x) => x,
             Err(_) => {
                 self.stats.drop_bad_header.fetch_add(1, Ordering::Relaxed);
@@ -86,10 +86,9 @@ impl FabricHook for FabricForwarder {
         let link = map.links.iter().position(|l| l.port == port.0).unwrap_or(0);
         self.stats.count_received(link, h.rg);
         let iface = InterfaceId(h.iface);
-        let frame = inner.to_vec();
         Some(match h.kind {
-            Kind::Ingress => FabricInbound::Process { iface, frame },
-            Kind::Egress => FabricInbound::Transmit { iface, frame },
+            Kind::Ingress => FabricInbound::Process { iface },
+            Kind::Egress => FabricInbound::Transmit { iface },
         })
     }
 }
@@ -138,27 +137,30 @@ mod tests {
         )
     }
 
+    /// What the worker puts on the wire for a hand-off: the prefix, then
+    /// the frame.
+    fn wire(tx: Option<FabricTx>, inner: &[u8]) -> (InterfaceId, Vec<u8>) {
+        let tx = tx.expect("sent");
+        let mut f = tx.prefix.to_vec();
+        f.extend_from_slice(inner);
+        (tx.port, f)
+    }
+
     #[test]
     fn frame_for_a_peer_owned_rg_reaches_it_on_the_active_link() {
         let (mut tx, mut rx) = pair(map(true, 4, Some(1)), map(false, 4, Some(1)));
-        let FabricAction::Send { iface, frame } =
-            tx.to_owner(RgId(1), b"original frame", InterfaceId(0))
-        else {
-            panic!()
-        };
-        assert_eq!(iface, InterfaceId(11), "fab1 is active");
+        let (port, frame) = wire(tx.to_owner(RgId(1), InterfaceId(0)), b"original frame");
+        assert_eq!(port, InterfaceId(11), "fab1 is active");
         assert_eq!(&frame[0..6], &[0xb1; 6]);
-        let Some(FabricInbound::Process { iface, frame }) =
-            rx.arrived_on_fabric(&frame, InterfaceId(11))
-        else {
-            panic!()
-        };
+        assert_eq!(&frame[6..12], &[0xa1; 6]);
         assert_eq!(
-            iface,
-            InterfaceId(0),
+            rx.arrived_on_fabric(&frame, InterfaceId(11)),
+            Some(FabricInbound::Process {
+                iface: InterfaceId(0)
+            }),
             "processed as arrived on its own member of the ingress reth"
         );
-        assert_eq!(frame, b"original frame");
+        assert_eq!(&frame[tandem_fabric::header::OVERHEAD..], b"original frame");
         assert_eq!(tx.stats.snapshot().sent, [0, 1]);
         assert_eq!(rx.stats.snapshot().received, [0, 1]);
     }
@@ -166,26 +168,19 @@ mod tests {
     #[test]
     fn egress_frames_are_transmitted_not_reprocessed() {
         let (mut tx, mut rx) = pair(map(true, 4, Some(0)), map(false, 4, Some(0)));
-        let FabricAction::Send { frame, .. } =
-            tx.egress_to_owner(RgId(1), b"processed", InterfaceId(1))
-        else {
-            panic!()
-        };
-        assert!(matches!(
+        let (_, frame) = wire(tx.egress_to_owner(RgId(1), InterfaceId(1)), b"processed");
+        assert_eq!(
             rx.arrived_on_fabric(&frame, InterfaceId(10)),
             Some(FabricInbound::Transmit {
-                iface: InterfaceId(1),
-                ..
+                iface: InterfaceId(1)
             })
-        ));
+        );
     }
 
     #[test]
     fn stale_epoch_frames_are_dropped_and_counted() {
         let (mut tx, mut rx) = pair(map(true, 3, Some(0)), map(false, 5, Some(0)));
-        let FabricAction::Send { frame, .. } = tx.to_owner(RgId(1), b"x", InterfaceId(0)) else {
-            panic!()
-        };
+        let (_, frame) = wire(tx.to_owner(RgId(1), InterfaceId(0)), b"x");
         assert!(rx.arrived_on_fabric(&frame, InterfaceId(10)).is_none());
         assert_eq!(rx.stats.snapshot().drop_stale_epoch, 1);
     }
@@ -193,9 +188,7 @@ mod tests {
     #[test]
     fn frames_for_an_rg_this_node_does_not_own_are_never_sent_back() {
         let (mut tx, mut rx) = pair(map(true, 4, Some(0)), map(true, 4, Some(0)));
-        let FabricAction::Send { frame, .. } = tx.to_owner(RgId(1), b"x", InterfaceId(0)) else {
-            panic!()
-        };
+        let (_, frame) = wire(tx.to_owner(RgId(1), InterfaceId(0)), b"x");
         assert!(rx.arrived_on_fabric(&frame, InterfaceId(10)).is_none());
         assert_eq!(rx.stats.snapshot().drop_loop, 1);
     }
@@ -203,20 +196,14 @@ mod tests {
     #[test]
     fn no_active_link_or_unknown_peer_mac_drops_with_a_reason() {
         let mut tx = FabricForwarder::new(map(true, 4, None), Arc::default());
-        assert!(matches!(
-            tx.to_owner(RgId(1), b"x", InterfaceId(0)),
-            FabricAction::Drop
-        ));
+        assert_eq!(tx.to_owner(RgId(1), InterfaceId(0)), None);
         assert_eq!(tx.stats.snapshot().drop_no_link, 1);
         let m = map(true, 4, Some(0));
         let mut inner = (*m.load_full()).clone();
         inner.links[0].peer_mac = None;
         m.store(Arc::new(inner));
         let mut tx = FabricForwarder::new(m, Arc::default());
-        assert!(matches!(
-            tx.to_owner(RgId(1), b"x", InterfaceId(0)),
-            FabricAction::Drop
-        ));
+        assert_eq!(tx.to_owner(RgId(1), InterfaceId(0)), None);
         assert_eq!(tx.stats.snapshot().drop_no_peer_mac, 1);
         let mut rx = FabricForwarder::new(map(false, 1, Some(0)), Arc::default());
         assert!(

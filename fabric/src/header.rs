@@ -59,22 +59,31 @@ impl HeaderError {
 }
 
 impl FabricHeader {
-    /// `dst`/`src` MACs, then the header, then `inner`.
-    pub fn encapsulate(&self, dst: [u8; 6], src: [u8; 6], inner: &[u8]) -> Vec<u8> {
-        let mut f = Vec::with_capacity(OVERHEAD + inner.len());
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(&src);
-        f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-        f.extend_from_slice(&MAGIC);
-        f.push(VERSION);
-        f.push(if self.kind == Kind::Egress {
+    /// The bytes that go in front of an inner frame: `dst`/`src` MACs,
+    /// the ethertype, then the header (the dataplane writes them in place,
+    /// in front of the frame in its buffer).
+    pub fn prefix(&self, dst: [u8; 6], src: [u8; 6]) -> [u8; OVERHEAD] {
+        let mut p = [0u8; OVERHEAD];
+        p[0..6].copy_from_slice(&dst);
+        p[6..12].copy_from_slice(&src);
+        p[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+        p[14..16].copy_from_slice(&MAGIC);
+        p[16] = VERSION;
+        p[17] = if self.kind == Kind::Egress {
             FLAG_EGRESS
         } else {
             0
-        });
-        f.extend_from_slice(&self.rg.0.to_be_bytes());
-        f.extend_from_slice(&self.iface.to_be_bytes());
-        f.extend_from_slice(&self.epoch.0.to_be_bytes());
+        };
+        p[18..20].copy_from_slice(&self.rg.0.to_be_bytes());
+        p[20..22].copy_from_slice(&self.iface.to_be_bytes());
+        p[22..30].copy_from_slice(&self.epoch.0.to_be_bytes());
+        p
+    }
+
+    /// The prefix followed by `inner`, as one buffer.
+    pub fn encapsulate(&self, dst: [u8; 6], src: [u8; 6], inner: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(OVERHEAD + inner.len());
+        f.extend_from_slice(&self.prefix(dst, src));
         f.extend_from_slice(inner);
         f
     }

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem_dataplane::afxdp::{FabricAction, FabricHook, FabricInbound};
+use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::core::{Core, Verdict};
 use tandem_dataplane::delta::delta_queues;
@@ -32,6 +32,7 @@ use tandem_dataplane::os;
 use tandem_dataplane::packet::Mac;
 use tandem_dataplane::session::{Addr, InterfaceId, Millis, SessionTable, TableConfig, lock};
 use tandem_dataplane::testbed::{Firewall, Topo, in_ns, sample_config, sh};
+use tandem_fabric::header::OVERHEAD;
 use tandem_fabric::{FabricMap, Link, RgOwner};
 use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
 
@@ -201,20 +202,27 @@ fn core_benches(a: &Args) {
     let mut other = core(false);
     let mut to_owner = FabricForwarder::new(fabric_map(true), Arc::default());
     let mut from_peer = FabricForwarder::new(fabric_map(false), Arc::default());
+    let mut wire = vec![0u8; 2048];
     let redirected = rate(&frames, a.seconds, |b| {
         let Verdict::Fabric { rg } = other.process(b, T, NOW) else {
             return false;
         };
-        let FabricAction::Send { frame, .. } = to_owner.to_owner(rg, b, T) else {
+        // As the worker does it: the prefix written in front of the frame
+        // in its buffer, validated and stripped in place at the owner.
+        let Some(tx) = to_owner.to_owner(rg, T) else {
             return false;
         };
-        let Some(FabricInbound::Process { iface, mut frame }) =
-            from_peer.arrived_on_fabric(&frame, InterfaceId(FAB))
+        let len = b.len();
+        wire[OVERHEAD..OVERHEAD + len].copy_from_slice(b);
+        wire[..OVERHEAD].copy_from_slice(&tx.prefix);
+        let Some(FabricInbound::Process { iface }) =
+            from_peer.arrived_on_fabric(&wire[..OVERHEAD + len], InterfaceId(FAB))
         else {
             return false;
         };
+        wire.copy_within(OVERHEAD..OVERHEAD + len, 0);
         matches!(
-            black_box(owner.process_from_fabric(&mut frame, iface, NOW)),
+            black_box(owner.process_from_fabric(&mut wire[..len], iface, NOW)),
             Verdict::Tx { .. }
         )
     });
