@@ -18,9 +18,14 @@ use tandem_fabric::{FabricMap, Link, LinkSelector, RgOwner};
 use tandem_proto::RoleMap;
 use tracing::{info, warn};
 
-/// How often the map is rebuilt: the bound on how long the dataplane uses a
-/// dead link or a stale owner after the cluster layer knows better.
-pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the map is rebuilt from the local link states and the role
+/// map: the bound on how long the dataplane uses a link that went down
+/// here, or a stale owner.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Heartbeat health changes at heartbeat granularity; asking the election
+/// for it every tenth rebuild is enough.
+const STATUS_EVERY: u32 = 10;
 
 /// One configured fabric link as the dataplane sees it.
 #[derive(Clone, Debug)]
@@ -86,18 +91,30 @@ pub async fn publish(
     let mut selector = LinkSelector::new(hold_down_ms);
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     let mut last_active = None;
-    loop {
+    let mut status: Option<ClusterStatus> = None;
+    let mut arp = String::new();
+    let mut local_macs = Vec::new();
+    for round in 0u32.. {
         tick.tick().await;
-        let Some((st, _)) = node.cluster.status().await else {
-            return;
-        };
-        let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+        if round.is_multiple_of(STATUS_EVERY) || status.is_none() {
+            let Some((st, _)) = node.cluster.status().await else {
+                return;
+            };
+            status = Some(st);
+            arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+            local_macs = ports
+                .iter()
+                .map(|p| os::mac(&p.device).unwrap_or([0; 6]))
+                .collect();
+        }
+        let st = status.as_ref().expect("set above");
         let links: Vec<Link> = ports
             .iter()
-            .map(|p| Link {
+            .zip(&local_macs)
+            .map(|(p, mac)| Link {
                 port: p.port,
-                up: link_up(&p.device) && heartbeat_up(&st, &p.name),
-                local_mac: os::mac(&p.device).unwrap_or([0; 6]),
+                up: link_up(&p.device) && heartbeat_up(st, &p.name),
+                local_mac: *mac,
                 peer_mac: match p.peer {
                     IpAddr::V4(ip) => neighbor_mac(&arp, ip, &p.device),
                     IpAddr::V6(_) => None,
