@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tandem_cluster::sync::close;
 use tandem_cluster::testkit::{IDLE_TIMEOUT, INTRUDER, NAMES, Pair, eventually, now, snat_session};
-use tandem_cluster::tls;
+use tandem_cluster::{tls, wire};
 use tandem_dataplane::session::{TableConfig, lock};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{PROTOCOL_VERSION, RgId, encode_frame};
@@ -352,22 +352,19 @@ async fn malformed_frames_close_the_connection_and_the_node_keeps_working() {
         .take(4)
         .chain([])
         .collect::<Vec<u8>>();
-    let bad_session = frame(Msg::DeltaBatch(pb::DeltaBatch {
-        rg: 1,
-        epoch: 1,
-        first_seq: 1,
-        deltas: vec![pb::Delta {
-            op: Some(pb::delta::Op::Upsert(pb::Session {
-                // A v6 source with a v4 destination.
-                key: Some(pb::FlowKey {
-                    src_hi: 0x2001_0db8_0000_0000,
-                    dst_lo: 0xffff_0a00_0001,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-        }],
-    }));
+    let bad_session = {
+        // A well-formed IPv4 upsert record whose owner RG is 0 (control).
+        let len = wire::record_len(wire::UPSERT_V4).unwrap();
+        let mut records = vec![0u8; len];
+        records[0] = wire::UPSERT_V4;
+        frame(Msg::DeltaBatch(pb::DeltaBatch {
+            rg: 1,
+            epoch: 1,
+            first_seq: 1,
+            count: 1,
+            records: records.into(),
+        }))
+    };
     let ack_on_rg_stream = frame(Msg::Ack(pb::Ack {
         rg: 1,
         epoch: 1,

@@ -10,15 +10,15 @@ pub mod ids;
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME, encode_frame};
 pub use ids::{Epoch, NodeId, RgId, RgRole, RoleMap};
 
-/// Generated messages (package `tandem.v1`).
+/// Generated messages (package `tandem.v2`).
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/tandem.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tandem.v2.rs"));
 }
 
 /// Version carried in `Hello` and `Heartbeat`; a peer with another version is
 /// refused with a reason rather than misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN of the node-to-node QUIC connection.
-pub const ALPN: &[u8] = b"tandem/1";
+pub const ALPN: &[u8] = b"tandem/2";

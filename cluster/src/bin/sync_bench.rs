@@ -35,6 +35,14 @@ struct Args {
     json: bool,
     deltas: u32,
     bulk: u32,
+    /// Run only this part (`deltas`, `bulk` or `lag`), e.g. to profile it.
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == part)
+    }
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
         json: false,
         deltas: 1_000_000,
         bulk: 1_000_000,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,8 +64,15 @@ fn parse_args() -> Result<Args, String> {
             "--json" => a.json = true,
             "--deltas" => a.deltas = num("--deltas")?,
             "--bulk" => a.bulk = num("--bulk")?,
+            "--only" => match it.next().as_deref() {
+                Some(part @ ("deltas" | "bulk" | "lag")) => a.only = Some(part.to_string()),
+                _ => return Err("--only needs deltas, bulk or lag".into()),
+            },
             "-h" | "--help" => {
-                return Err("usage: sync-bench [--deltas N] [--bulk N] [--json]".into());
+                return Err(
+                    "usage: sync-bench [--deltas N] [--bulk N] [--only deltas|bulk|lag] [--json]"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -328,26 +344,32 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let quic = quic_delta_throughput(args.deltas).await;
-        emit(args.json, "delta_throughput_per_s", quic, "deltas/s");
-        let tcp = tcp_delta_throughput(args.deltas).await;
-        emit(
-            args.json,
-            "baseline_tcp_delta_throughput_per_s",
-            tcp,
-            "deltas/s",
-        );
-        emit(
-            args.json,
-            "delta_throughput_quic_vs_tcp",
-            quic / tcp,
-            "ratio",
-        );
-        let bulk = bulk_seconds(args.bulk).await;
-        emit(args.json, "bulk_1m_sessions_s", bulk, "s");
-        emit(args.json, "bulk_sessions", f64::from(args.bulk), "count");
-        let (p99, max) = lag_p99_ms(100_000, 5).await;
-        emit(args.json, "lag_p99_ms", p99, "ms");
-        emit(args.json, "lag_max_ms", max, "ms");
+        if args.runs("deltas") {
+            let quic = quic_delta_throughput(args.deltas).await;
+            emit(args.json, "delta_throughput_per_s", quic, "deltas/s");
+            let tcp = tcp_delta_throughput(args.deltas).await;
+            emit(
+                args.json,
+                "baseline_tcp_delta_throughput_per_s",
+                tcp,
+                "deltas/s",
+            );
+            emit(
+                args.json,
+                "delta_throughput_quic_vs_tcp",
+                quic / tcp,
+                "ratio",
+            );
+        }
+        if args.runs("bulk") {
+            let bulk = bulk_seconds(args.bulk).await;
+            emit(args.json, "bulk_1m_sessions_s", bulk, "s");
+            emit(args.json, "bulk_sessions", f64::from(args.bulk), "count");
+        }
+        if args.runs("lag") {
+            let (p99, max) = lag_p99_ms(100_000, 5).await;
+            emit(args.json, "lag_p99_ms", p99, "ms");
+            emit(args.json, "lag_max_ms", max, "ms");
+        }
     });
 }

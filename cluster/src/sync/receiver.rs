@@ -7,10 +7,10 @@
 //! deletes nothing.
 
 use super::super::stats::{RgSyncStats, add, inc};
-use crate::wire::{WireError, key_from_wire, session_from_wire};
+use crate::wire::{Record, RecordReader, WireError};
 use std::fmt;
 use std::sync::Arc;
-use tandem_dataplane::session::{BulkMark, Millis, SessionKey, SessionTable, SyncedSession};
+use tandem_dataplane::session::{BulkMark, Millis, SessionTable, SyncedSession};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, RgId};
 
@@ -41,15 +41,14 @@ impl std::error::Error for RxError {}
 /// which index slots will be needed (their cache misses then overlap).
 const PREFETCH_AHEAD: usize = 8;
 
+/// Most sessions reserved ahead for one chunk on the word of its `count`
+/// (a frame of 1 MiB holds fewer than 12k records anyway).
+const MAX_CHUNK_RESERVE: u32 = 16_384;
+
 struct InBulk {
     id: u64,
     mark: BulkMark,
     received: u64,
-}
-
-enum Op {
-    Upsert(SyncedSession),
-    Delete(SessionKey),
 }
 
 pub struct RgReceiver {
@@ -62,7 +61,10 @@ pub struct RgReceiver {
     next_mark: u32,
     bulk_requested: bool,
     stats: Arc<RgSyncStats>,
-    ops: Vec<Op>,
+    /// Decoded records of the message being applied (kept for its
+    /// allocation).
+    ops: Vec<Record>,
+    sessions: Vec<SyncedSession>,
 }
 
 impl RgReceiver {
@@ -77,6 +79,7 @@ impl RgReceiver {
             bulk_requested: false,
             stats,
             ops: Vec::new(),
+            sessions: Vec::new(),
         }
     }
 
@@ -192,33 +195,27 @@ impl RgReceiver {
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(b.rg)?;
-        let n = b.deltas.len() as u64;
         // Validate the whole batch before applying any of it.
         let mut ops = std::mem::take(&mut self.ops);
         ops.clear();
-        for d in &b.deltas {
-            ops.push(match &d.op {
-                Some(pb::delta::Op::Upsert(s)) => {
-                    Op::Upsert(session_from_wire(s).map_err(RxError::Invalid)?)
-                }
-                Some(pb::delta::Op::Delete(k)) => {
-                    Op::Delete(key_from_wire(k).map_err(RxError::Invalid)?)
-                }
-                None => {
-                    return Err(RxError::Invalid(WireError(
-                        "delta without operation".into(),
-                    )));
-                }
-            });
+        let decoded = RecordReader::new(&b.records, b.count)
+            .try_for_each(|r| r.map(|r| ops.push(r)))
+            .map_err(RxError::Invalid);
+        if let Err(e) = decoded {
+            self.ops = ops;
+            return Err(e);
         }
-        if let Some(Op::Upsert(s)) = ops
+        let n = ops.len() as u64;
+        if let Some(Record::Upsert(s)) = ops
             .iter()
-            .find(|o| matches!(o, Op::Upsert(s) if s.owner_rg != self.rg))
+            .find(|o| matches!(o, Record::Upsert(s) if s.owner_rg != self.rg))
         {
-            return Err(RxError::Invalid(WireError(format!(
+            let e = WireError(format!(
                 "session of {} on the {} stream",
                 s.owner_rg, self.rg
-            ))));
+            ));
+            self.ops = ops;
+            return Err(RxError::Invalid(e));
         }
         if !self.admit(b.epoch, local_primary, n) {
             self.ops = ops;
@@ -247,13 +244,13 @@ impl RgReceiver {
         for i in skip..ops.len() {
             if let Some(ahead) = ops.get(i + PREFETCH_AHEAD) {
                 match ahead {
-                    Op::Upsert(s) => table.prefetch_for_upsert(s),
-                    Op::Delete(k) => table.prefetch_for_key(k),
+                    Record::Upsert(s) => table.prefetch_for_upsert(s),
+                    Record::Delete(k) => table.prefetch_for_key(k),
                 }
             }
             let ok = match &ops[i] {
-                Op::Upsert(s) => table.apply_peer_upsert(s, now, mark).is_ok(),
-                Op::Delete(k) => table.apply_peer_delete(k).is_ok(),
+                Record::Upsert(s) => table.apply_peer_upsert(s, now, mark).is_ok(),
+                Record::Delete(k) => table.apply_peer_delete(k).is_ok(),
             };
             if ok {
                 applied += 1;
@@ -342,18 +339,49 @@ impl RgReceiver {
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(c.rg)?;
-        let sessions = c
-            .sessions
-            .iter()
-            .map(session_from_wire)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(RxError::Invalid)?;
-        if let Some(s) = sessions.iter().find(|s| s.owner_rg != self.rg) {
-            return Err(RxError::Invalid(WireError(format!(
-                "bulk session of {} in a {} bulk",
-                s.owner_rg, self.rg
-            ))));
+        let mut sessions = std::mem::take(&mut self.sessions);
+        sessions.clear();
+        let decoded = self.decode_chunk(c, &mut sessions);
+        let result =
+            decoded.and_then(|()| self.apply_chunk(c, &sessions, table, local_primary, now));
+        self.sessions = sessions;
+        result
+    }
+
+    /// A chunk's records: upserts of this RG's sessions, nothing else.
+    fn decode_chunk(
+        &self,
+        c: &pb::BulkChunk,
+        sessions: &mut Vec<SyncedSession>,
+    ) -> Result<(), RxError> {
+        sessions.reserve(c.count.min(MAX_CHUNK_RESERVE) as usize);
+        for r in RecordReader::new(&c.records, c.count) {
+            match r.map_err(RxError::Invalid)? {
+                Record::Upsert(s) if s.owner_rg == self.rg => sessions.push(s),
+                Record::Upsert(s) => {
+                    return Err(RxError::Invalid(WireError(format!(
+                        "bulk session of {} in a {} bulk",
+                        s.owner_rg, self.rg
+                    ))));
+                }
+                Record::Delete(_) => {
+                    return Err(RxError::Invalid(WireError(
+                        "delete record in a bulk chunk".into(),
+                    )));
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn apply_chunk(
+        &mut self,
+        c: &pb::BulkChunk,
+        sessions: &[SyncedSession],
+        table: &mut SessionTable,
+        local_primary: bool,
+        now: Millis,
+    ) -> Result<Vec<Msg>, RxError> {
         if !self.admit(c.epoch, local_primary, sessions.len() as u64) {
             return Ok(Vec::new());
         }

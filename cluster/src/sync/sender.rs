@@ -5,7 +5,7 @@
 //! bulk export is owed, and frames bulk markers and chunks. The I/O shell
 //! writes the bytes it returns, in order, on the RG's stream.
 
-use crate::wire::{key_to_wire, session_to_wire};
+use crate::wire::{MAX_RECORD, put_delete, put_upsert};
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashSet;
 use std::collections::VecDeque;
@@ -46,6 +46,8 @@ pub struct RgSender {
     bulk: Option<OutBulk>,
     next_bulk_id: u64,
     scratch: Vec<SyncedSession>,
+    /// Packed records of the message being built.
+    records: BytesMut,
 }
 
 struct OutBulk {
@@ -82,6 +84,7 @@ impl RgSender {
             bulk: None,
             next_bulk_id: 1,
             scratch: Vec::new(),
+            records: BytesMut::new(),
         }
     }
 
@@ -168,30 +171,31 @@ impl RgSender {
     ) -> BatchInfo {
         let mut info = BatchInfo::default();
         let mut seen = FxHashSet::default();
-        let mut deltas = Vec::with_capacity(keys.len());
         let mut handles = vec![None; keys.len()];
         table.lookup_forward_burst(keys, &mut handles);
+        let records = &mut self.records;
+        records.clear();
+        records.reserve(keys.len() * MAX_RECORD);
         for (key, h) in keys.iter().zip(handles) {
             if !seen.insert(*key) {
                 continue;
             }
-            let op = match h.and_then(|h| table.get(h)) {
+            match h.and_then(|h| table.get(h)) {
                 None => {
                     info.deletes += 1;
-                    pb::delta::Op::Delete(key_to_wire(key))
+                    put_delete(records, key);
                 }
                 Some(r) if r.owner_rg == self.rg && r.origin == Origin::LocalOwned => {
                     info.upserts += 1;
-                    pb::delta::Op::Upsert(session_to_wire(&r.to_synced(now)))
+                    put_upsert(records, &r.to_synced(now));
                 }
                 Some(_) => continue,
-            };
-            deltas.push(pb::Delta { op: Some(op) });
+            }
         }
-        if deltas.is_empty() {
+        info.deltas = info.upserts + info.deletes;
+        if info.deltas == 0 {
             return info;
         }
-        info.deltas = deltas.len() as u64;
         let first_seq = self.next_seq;
         self.next_seq += info.deltas;
         let env = pb::Envelope {
@@ -199,7 +203,8 @@ impl RgSender {
                 rg: self.rg.0.into(),
                 epoch: self.epoch.0,
                 first_seq,
-                deltas,
+                count: info.deltas as u32,
+                records: self.records.split().freeze(),
             })),
         };
         let mut frame = BytesMut::new();
@@ -287,13 +292,19 @@ impl RgSender {
         });
         let n = sessions.len() as u64;
         if n > 0 {
-            let wire = sessions.iter().map(session_to_wire).collect();
+            self.records.clear();
+            self.records.reserve(sessions.len() * MAX_RECORD);
+            for s in &sessions {
+                put_upsert(&mut self.records, s);
+            }
+            let records = self.records.split().freeze();
             self.frame(
                 Msg::BulkChunk(pb::BulkChunk {
                     rg: self.rg.0.into(),
                     epoch: self.epoch.0,
                     bulk_id: id,
-                    sessions: wire,
+                    count: n as u32,
+                    records,
                 }),
                 out,
             );

@@ -422,9 +422,12 @@ fn session_of_another_rg_on_a_stream_is_a_protocol_error() {
         rg: 1,
         epoch: 1,
         first_seq: 1,
-        deltas: vec![pb::Delta {
-            op: Some(pb::delta::Op::Upsert(crate::wire::session_to_wire(&s))),
-        }],
+        count: 1,
+        records: {
+            let mut r = bytes::BytesMut::new();
+            crate::wire::put_upsert(&mut r, &s);
+            r.freeze()
+        },
     });
     assert!(matches!(
         p.rx.on_message(&msg, &mut p.secondary, false, NOW),
