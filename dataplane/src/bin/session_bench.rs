@@ -146,6 +146,9 @@ fn anon_huge_mib() -> f64 {
 fn fill(n: usize, now: Millis) -> SessionTable {
     let mut t = SessionTable::new(TableConfig {
         capacity: n,
+        // As the daemon runs it (`[sessions] preallocate`, default on):
+        // slab and indexes sized, resident and huge-page backed at start.
+        preallocate: true,
         ..TableConfig::default()
     });
     for i in 0..n as u32 {
@@ -275,6 +278,15 @@ fn main() {
     let mut oldest: std::collections::VecDeque<_> = table.iter().map(|(h, _)| h).collect();
     let start = Instant::now();
     for i in 0..churn_ops as u32 {
+        // What a batch remover (expiry, a peer's delete batch) does: start
+        // the loads of removals a few ahead.
+        if let Some(&ahead) = oldest.get(8) {
+            table.prefetch_record(ahead);
+        }
+        if let Some(&ahead) = oldest.get(4) {
+            table.prefetch_for_remove(ahead);
+        }
+        table.prefetch_for_insert(&session(n as u32 + i + 4));
         let h = oldest.pop_front().expect("table is full");
         table.remove(h, RemoveReason::Closed).expect("live handle");
         let h = table
@@ -318,8 +330,12 @@ fn main() {
     );
     assert_eq!(report.deleted as usize, n - marked);
 
+    // Expiry removes local sessions only: make them local again.
+    table.promote_rg(RG1);
+    let live = table.len();
     let start = Instant::now();
     let expired = table.expire(Millis(now.0 + 4_000_000), |_| {});
+    assert_eq!(expired, live, "every session expired");
     out.emit(
         "expire_all_ns_per_session",
         ns_per(start, expired.max(1)),

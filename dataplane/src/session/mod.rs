@@ -21,6 +21,7 @@ mod index;
 pub mod key;
 pub mod ports;
 pub mod record;
+mod slot_addr;
 mod wheel;
 
 #[cfg(test)]
@@ -37,9 +38,11 @@ use ports::PortAllocator;
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
+use slot_addr::SlotAddr;
+use std::mem::{offset_of, size_of};
 use std::ops::RangeInclusive;
 use tandem_proto::RgId;
-use wheel::{Wheel, WheelEntry};
+use wheel::{NOT_QUEUED, Wheel, WheelEntry};
 
 /// The table as the daemon shares it between the dataplane worker and the
 /// sync layer. Every holder keeps the lock for one burst or one batch.
@@ -333,6 +336,8 @@ impl ExportCursor {
 
 pub struct SessionTable {
     slab: Slab<SessionRecord>,
+    /// Where each slot's record lies, for prefetching without a read.
+    slot_addr: SlotAddr,
     fwd: HandleIndex,
     rev: HandleIndex,
     nat: HandleIndex,
@@ -345,10 +350,32 @@ pub struct SessionTable {
     counters: TableCounters,
 }
 
+/// Index tags of a session being removed.
+struct RemovalProbes {
+    fwd: Tag,
+    rev: Tag,
+    nat: Option<(NatBinding, Tag)>,
+}
+
 /// The NAT binding that is a companion of a session: only port-multiplexed
 /// protocols reserve a port and get an un-SNAT entry.
 fn nat_companion(key: &SessionKey, reverse: &SessionKey) -> Option<NatBinding> {
     snat_binding_of(key, reverse).filter(|_| proto::has_ports(key.proto))
+}
+
+/// Starts loading the cache line holding `addr`: a hint that never faults
+/// and never dereferences (the address carries no provenance).
+#[inline]
+pub(crate) fn prefetch_addr(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint; it never faults, even on a bad address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            std::ptr::without_provenance(addr),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }
 
 #[inline]
@@ -384,32 +411,18 @@ impl SessionTable {
 
     /// Writes every slab slot once so its pages are resident.
     fn prefault_slab(&mut self) {
-        let blank = SessionRecord {
-            key: SessionKey::default(),
-            reverse: SessionKey::default(),
-            created: Millis(0),
-            last_seen: Millis(0),
-            counters: FlowCounters::default(),
-            policy: PolicyId(0),
-            timeout_ms: 0,
-            ingress_if: InterfaceId(0),
-            egress_if: InterfaceId(0),
-            owner_rg: RgId(0),
-            tcp_state: TcpState::None,
-            origin: Origin::PeerSynced,
-            rg_slot: 0,
-            wheel_due: 0,
-            bulk_mark: 0,
-        };
+        let blank = SessionRecord::blank();
         while self.slab.len() < self.slab.capacity() {
             self.slab.insert(blank.clone());
         }
+        self.refresh_slot_addr();
         self.slab.clear();
     }
 
     fn empty(cfg: TableConfig) -> SessionTable {
         SessionTable {
             slab: Slab::new(),
+            slot_addr: SlotAddr::new(),
             fwd: HandleIndex::default(),
             rev: HandleIndex::default(),
             nat: HandleIndex::default(),
@@ -420,6 +433,14 @@ impl SessionTable {
             wheel_scratch: Vec::new(),
             cfg,
             counters: TableCounters::default(),
+        }
+    }
+
+    /// Re-derives the slot addresses after the slab's buffer may have moved
+    /// without an insert (a reserve).
+    fn refresh_slot_addr(&mut self) {
+        if let Some((h, _)) = self.slab.iter().next() {
+            self.slot_addr.update(&self.slab, h);
         }
     }
 
@@ -497,12 +518,21 @@ impl SessionTable {
     /// compared, so the memory latency of one lookup overlaps the others.
     /// Same results as calling [`SessionTable::lookup_forward`] per key.
     pub fn lookup_forward_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
-        self.burst(&self.fwd, keys, out, |r| &r.key);
+        // The key and the slab's occupancy niche (`origin`, right after).
+        let span = (
+            offset_of!(SessionRecord, key),
+            offset_of!(SessionRecord, origin) + 1,
+        );
+        self.burst(&self.fwd, keys, out, span, |r| &r.key);
     }
 
     /// Reverse-key counterpart of [`SessionTable::lookup_forward_burst`].
     pub fn lookup_reverse_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
-        self.burst(&self.rev, keys, out, |r| &r.reverse);
+        let span = (
+            offset_of!(SessionRecord, origin),
+            offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
+        );
+        self.burst(&self.rev, keys, out, span, |r| &r.reverse);
     }
 
     #[inline]
@@ -511,6 +541,8 @@ impl SessionTable {
         index: &HandleIndex,
         keys: &[SessionKey],
         out: &mut [Option<SessionHandle>],
+        // Byte range of the record a key comparison reads.
+        (from, to): (usize, usize),
         key_of: impl Fn(&SessionRecord) -> &SessionKey,
     ) {
         const BURST: usize = 32;
@@ -523,7 +555,7 @@ impl SessionTable {
             }
             for (o, t) in out.iter_mut().zip(tags) {
                 *o = index.candidate(t).map(|h| {
-                    self.prefetch_key(h, &key_of);
+                    self.slot_addr.prefetch(h, from, to - from);
                     SessionHandle(h)
                 });
             }
@@ -540,31 +572,12 @@ impl SessionTable {
         }
     }
 
-    /// The record of a handle taken from an index or an RG list, located
-    /// without reading it: `Slab::get` reads the slot's tag, which would
-    /// stall on the very miss a prefetch is meant to hide.
+    /// Starts loading the record behind `h` without reading anything (for
+    /// callers that know the handles they will touch next, e.g. a batch of
+    /// removals): its keys, `origin` and the fields removal reads.
     #[inline]
-    fn slot_unread(&self, h: u32) -> &SessionRecord {
-        debug_assert!(self.slab.contains(h as usize));
-        // SAFETY: every handle in an index or an RG list names an occupied
-        // slot: `commit` fills the slot before linking it and
-        // `remove_handle` unlinks it before freeing it (checked by
-        // `verify_invariants` and the property test).
-        unsafe { self.slab.get_unchecked(h as usize) }
-    }
-
-    #[inline]
-    fn prefetch_slot(&self, h: u32) {
-        prefetch(Some(self.slot_unread(h)));
-    }
-
-    /// Starts loading the key a burst will compare; both ends, as it may
-    /// straddle cache lines.
-    #[inline]
-    fn prefetch_key(&self, h: u32, key_of: impl Fn(&SessionRecord) -> &SessionKey) {
-        let key = key_of(self.slot_unread(h));
-        prefetch(Some(key));
-        prefetch(Some(&key.zone));
+    pub fn prefetch_record(&self, h: SessionHandle) {
+        self.slot_addr.prefetch(h.0, 0, size_of::<SessionRecord>());
     }
 
     /// A packet's key in either direction.
@@ -605,6 +618,7 @@ impl SessionTable {
     pub fn reserve(&mut self, additional: usize) {
         let additional = additional.min(self.cfg.capacity.saturating_sub(self.slab.len()));
         self.slab.reserve(additional);
+        self.refresh_slot_addr();
         self.fwd.reserve(additional);
         self.rev.reserve(additional);
     }
@@ -627,6 +641,18 @@ impl SessionTable {
     }
 
     // ----- local inserts and updates -------------------------------------
+
+    /// Starts the index loads inserting `s` will wait for, ahead of the
+    /// insert (a burst of first packets). The reverse key of a port-NATed
+    /// session depends on the port the insert allocates, so it is guessed
+    /// as the preferred (source) port: a wrong guess costs one useless
+    /// prefetch, nothing else.
+    pub fn prefetch_for_insert(&self, s: &NewSession) {
+        self.fwd.prefetch(Tag::of(&s.key));
+        let snat = s.snat.as_ref().map(|r| (r.addr, s.key.src_port));
+        let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
+        self.rev.prefetch(Tag::of(&reverse));
+    }
 
     /// Creates a local session with all its companions, or nothing.
     pub fn insert(&mut self, s: NewSession, now: Millis) -> Result<SessionHandle, InsertError> {
@@ -708,6 +734,7 @@ impl SessionTable {
             origin: Origin::LocalOwned,
             rg_slot: 0,
             wheel_due: 0,
+            wheel_pos: NOT_QUEUED,
             bulk_mark: 0,
         };
         Ok(self.commit(rec, now))
@@ -722,14 +749,16 @@ impl SessionTable {
         rec.wheel_due = due;
         let (key, reverse, owner_rg) = (rec.key, rec.reverse, rec.owner_rg);
         let binding = nat_companion(&key, &reverse);
-        let h = self.slab.insert(rec) as u32;
+        let h = self.slab.insert(rec);
+        self.slot_addr.update(&self.slab, h);
+        let h = h as u32;
         self.fwd.insert(Tag::of(&key), h);
         self.rev.insert(Tag::of(&reverse), h);
         if let Some(b) = binding {
             self.nat.insert(Tag::of(&b), h);
         }
         self.rgs.entry(owner_rg).or_default().handles.push(h);
-        self.wheel.push(key, due);
+        self.enqueue(h, key, due);
         SessionHandle(h)
     }
 
@@ -770,8 +799,29 @@ impl SessionTable {
         let due = self.wheel.due_tick_for(now, r.expires_at());
         if due < r.wheel_due {
             let key = r.key;
-            self.slab[h as usize].wheel_due = due;
-            self.wheel.push(key, due);
+            self.dequeue(h);
+            self.enqueue(h, key, due);
+        }
+    }
+
+    /// Queues session `h`'s one wheel entry and records where it is.
+    fn enqueue(&mut self, h: u32, key: SessionKey, due: u32) {
+        let pos = self.wheel.push(key, h, due);
+        let r = &mut self.slab[h as usize];
+        r.wheel_due = due;
+        r.wheel_pos = pos;
+    }
+
+    /// Takes session `h`'s entry out of the wheel, if it is in it.
+    fn dequeue(&mut self, h: u32) {
+        let r = &mut self.slab[h as usize];
+        let (due, pos) = (r.wheel_due, r.wheel_pos);
+        if pos == NOT_QUEUED {
+            return;
+        }
+        r.wheel_pos = NOT_QUEUED;
+        if let Some(moved) = self.wheel.remove(due, pos) {
+            self.slab[moved.handle as usize].wheel_pos = pos;
         }
     }
 
@@ -788,35 +838,59 @@ impl SessionTable {
     /// forward entry, RG membership, then the slot. Nothing between the
     /// first and last step can observe a partial session (`&mut self`).
     fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
-        let (key, reverse, owner_rg, rg_slot) = {
+        let (owner_rg, rg_slot) = {
             let r = &self.slab[h as usize];
-            (r.key, r.reverse, r.owner_rg, r.rg_slot)
+            (r.owner_rg, r.rg_slot)
         };
-        let binding = nat_companion(&key, &reverse);
-        let (fwd_tag, rev_tag) = (Tag::of(&key), Tag::of(&reverse));
-        // Start every independent load now so the misses overlap.
-        self.fwd.prefetch(fwd_tag);
-        self.rev.prefetch(rev_tag);
-        if let Some(b) = binding {
-            self.nat.prefetch(Tag::of(&b));
+        let probes = self.start_removal_loads(&self.slab[h as usize]);
+        if let Some((b, tag)) = probes.nat {
+            self.nat.remove(tag, h);
+            self.ports.release(b);
         }
-        if let Some(m) = self.rgs.get(&owner_rg) {
-            prefetch(m.handles.get(rg_slot as usize));
+        self.rev.remove(probes.rev, h);
+        self.fwd.remove(probes.fwd, h);
+        self.unlink_rg(owner_rg, rg_slot);
+        self.dequeue(h);
+        self.counters.removed[reason as usize] += 1;
+        self.slab.remove(h as usize)
+    }
+
+    /// Starts every load that removing `r` will wait for (index slots, RG
+    /// list slot and the record moved into it, wheel entry) so the misses
+    /// overlap; returns the index tags it computed.
+    fn start_removal_loads(&self, r: &SessionRecord) -> RemovalProbes {
+        let probes = RemovalProbes {
+            fwd: Tag::of(&r.key),
+            rev: Tag::of(&r.reverse),
+            nat: nat_companion(&r.key, &r.reverse).map(|b| (b, Tag::of(&b))),
+        };
+        self.fwd.prefetch(probes.fwd);
+        self.rev.prefetch(probes.rev);
+        if let Some((_, tag)) = probes.nat {
+            self.nat.prefetch(tag);
+        }
+        if let Some(m) = self.rgs.get(&r.owner_rg) {
+            prefetch(m.handles.get(r.rg_slot as usize));
             if let Some(&last) = m.handles.last()
                 && last != HOLE
             {
-                self.prefetch_slot(last);
+                self.slot_addr
+                    .prefetch(last, offset_of!(SessionRecord, rg_slot), 4);
             }
         }
-        if let Some(b) = binding {
-            self.nat.remove(Tag::of(&b), h);
-            self.ports.release(b);
+        if r.wheel_pos != NOT_QUEUED {
+            self.wheel.prefetch(r.wheel_due, r.wheel_pos);
         }
-        self.rev.remove(rev_tag, h);
-        self.fwd.remove(fwd_tag, h);
-        self.unlink_rg(owner_rg, rg_slot);
-        self.counters.removed[reason as usize] += 1;
-        self.slab.remove(h as usize)
+        probes
+    }
+
+    /// Starts the loads removing session `h` will wait for, ahead of the
+    /// removal (callers that remove a known batch: expiry, churn). Reads
+    /// the record, so prefetch it first ([`SessionTable::prefetch_record`]).
+    pub fn prefetch_for_remove(&self, h: SessionHandle) {
+        if let Some(r) = self.slab.get(h.0 as usize) {
+            self.start_removal_loads(r);
+        }
     }
 
     fn unlink_rg(&mut self, rg: RgId, slot: u32) {
@@ -864,36 +938,49 @@ impl SessionTable {
         let mut bucket = std::mem::take(&mut self.wheel_scratch);
         for tick in first..=last_visit {
             self.wheel.take_bucket(tick, &mut bucket);
-            for e in bucket.drain(..) {
-                let Some(SessionHandle(h)) = self.lookup_forward(&e.key) else {
-                    continue; // session already gone
-                };
-                let r = &self.slab[h as usize];
-                if r.wheel_due != e.due {
-                    continue; // superseded by a newer entry
+            for i in 0..bucket.len() {
+                // Records of one bucket are scattered: start their loads
+                // (and then what removing them touches) a few entries ahead.
+                if let Some(ahead) = bucket.get(i + 8) {
+                    self.prefetch_record(SessionHandle(ahead.handle));
                 }
-                if u64::from(e.due) > last {
-                    self.wheel.push(e.key, e.due); // a later lap
+                if let Some(ahead) = bucket.get(i + 4) {
+                    self.prefetch_for_remove(SessionHandle(ahead.handle));
+                }
+                let e = bucket[i];
+                let h = e.handle;
+                let Some(r) = self
+                    .slab
+                    .get_mut(h as usize)
+                    .filter(|r| r.key == e.key && r.wheel_due == e.due)
+                else {
+                    // Entries leave the wheel with their session; this is
+                    // a broken invariant, not a case to handle.
+                    debug_assert!(false, "wheel entry without its session: {e:?}");
+                    continue;
+                };
+                // The entry is out of the wheel while it is looked at.
+                r.wheel_pos = NOT_QUEUED;
+                let due = if u64::from(e.due) > last {
+                    e.due // a later lap
                 } else if r.origin == Origin::PeerSynced {
                     // The owner decides when a synced copy goes (its delete
                     // delta, or a reconcile): a copy only restarts its
                     // timer, so it has a full timeout left if this node
                     // takes over.
-                    let r = &mut self.slab[h as usize];
                     r.last_seen = r.last_seen.max(now);
-                    let due = self.wheel.due_tick_for(now, r.expires_at());
-                    r.wheel_due = due;
-                    self.wheel.push(e.key, due);
+                    self.wheel.due_tick_for(now, r.expires_at())
                 } else if r.expires_at() <= now {
                     on_expired(r);
                     self.remove_handle(h, RemoveReason::Expired);
                     expired += 1;
+                    continue;
                 } else {
-                    let due = self.wheel.due_tick_for(now, r.expires_at());
-                    self.slab[h as usize].wheel_due = due;
-                    self.wheel.push(e.key, due);
-                }
+                    self.wheel.due_tick_for(now, r.expires_at())
+                };
+                self.enqueue(h, e.key, due);
             }
+            bucket.clear();
         }
         self.wheel_scratch = bucket;
         self.wheel.set_cursor(last);
@@ -1021,6 +1108,7 @@ impl SessionTable {
                 origin: Origin::PeerSynced,
                 rg_slot: 0,
                 wheel_due: 0,
+                wheel_pos: NOT_QUEUED,
                 bulk_mark: mark.map_or(0, |m| m.0),
             },
             now,
@@ -1263,18 +1351,22 @@ impl SessionTable {
                 }
             }
         }
-        let live: FxHashSet<(SessionKey, u32)> =
-            self.wheel.iter().map(|e| (e.key, e.due)).collect();
         for (h, r) in self.slab.iter() {
-            if !live.contains(&(r.key, r.wheel_due)) {
-                return Err(format!("session {h} has no live wheel entry"));
+            let at = self.wheel.at(r.wheel_due, r.wheel_pos);
+            if at.is_none_or(|e| e.key != r.key || e.handle != h as u32) {
+                return Err(format!("session {h} is not at its wheel entry"));
             }
+        }
+        if self.wheel.len() != n {
+            return Err(format!(
+                "wheel holds {} entries for {n} sessions (orphans)",
+                self.wheel.len()
+            ));
         }
         Ok(())
     }
 
-    /// Timer-wheel entries, live and superseded (bounded by sessions plus
-    /// reschedules since the entries last popped).
+    /// Timer-wheel entries: one per session, always.
     pub fn wheel_entries(&self) -> usize {
         self.wheel.len()
     }

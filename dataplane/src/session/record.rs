@@ -157,35 +157,63 @@ impl Nat {
 /// table hands out `&SessionRecord`); mutations go through table methods so
 /// the indexes stay consistent.
 ///
-/// `repr(C)` keeps the two keys at the front, where a burst lookup's
-/// prefetch lands; the compiler would otherwise put the u64 fields first.
+/// `repr(C)` fixes the layout a burst lookup prefetches: the forward key,
+/// then `origin`, then the reverse key, so one or two cache lines hold a
+/// key *and* `origin`. `origin` is where the slab keeps a slot's
+/// occupancy (its niche: the one field every slab access reads), so a
+/// lookup's key comparison touches no line the prefetch did not load.
+/// The compiler would otherwise put the u64 fields first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct SessionRecord {
     /// First packet as it arrived (pre-translation, ingress zone).
     pub key: SessionKey,
+    pub origin: Origin,
+    pub tcp_state: TcpState,
+    pub owner_rg: RgId,
+    pub ingress_if: InterfaceId,
+    pub egress_if: InterfaceId,
     /// A reply as it will arrive (post-translation, egress zone). NAT is
     /// encoded here rather than stored twice.
     pub reverse: SessionKey,
+    pub policy: PolicyId,
+    pub timeout_ms: u32,
     pub created: Millis,
     pub last_seen: Millis,
     pub counters: FlowCounters,
-    pub policy: PolicyId,
-    pub timeout_ms: u32,
-    pub ingress_if: InterfaceId,
-    pub egress_if: InterfaceId,
-    pub owner_rg: RgId,
-    pub tcp_state: TcpState,
-    pub origin: Origin,
     /// Position in the owner RG's member list.
     pub(super) rg_slot: u32,
-    /// Due tick of this session's one live timer-wheel entry.
+    /// Due tick of this session's one timer-wheel entry (its bucket).
     pub(super) wheel_due: u32,
     /// Bulk mark: the id of the last bulk that carried this session.
     pub(super) bulk_mark: u32,
+    /// Position of the wheel entry in its bucket.
+    pub(super) wheel_pos: u32,
 }
 
 impl SessionRecord {
+    /// A record of zeros: what prefaulting writes into every slot.
+    pub(super) fn blank() -> SessionRecord {
+        SessionRecord {
+            key: SessionKey::default(),
+            reverse: SessionKey::default(),
+            created: Millis(0),
+            last_seen: Millis(0),
+            counters: FlowCounters::default(),
+            policy: PolicyId(0),
+            timeout_ms: 0,
+            ingress_if: InterfaceId(0),
+            egress_if: InterfaceId(0),
+            owner_rg: RgId(0),
+            tcp_state: TcpState::None,
+            origin: Origin::PeerSynced,
+            rg_slot: 0,
+            wheel_due: 0,
+            bulk_mark: 0,
+            wheel_pos: super::wheel::NOT_QUEUED,
+        }
+    }
+
     pub fn nat(&self) -> Nat {
         nat_of(&self.key, &self.reverse)
     }

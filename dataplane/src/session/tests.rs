@@ -427,11 +427,43 @@ fn shorter_timeout_after_fin_expires_early() {
     t.set_tcp_state(h, TcpState::Established, now());
     t.set_tcp_state(h, TcpState::TimeWait, now());
     let tw = t.config().timeouts.tcp_time_wait_ms as u64;
+    assert_eq!(
+        t.wheel_entries(),
+        1,
+        "the earlier entry replaced the later one"
+    );
     assert_eq!(t.expire(Millis(now().0 + tw + 500), |_| {}), 1);
     assert!(t.is_empty());
-    // The superseded long entry pops later and is dropped harmlessly.
-    assert_eq!(t.expire(Millis(now().0 + 10_000_000), |_| {}), 0);
     assert_eq!(t.wheel_entries(), 0);
+}
+
+/// Closing connections must not leave timer entries behind: with lazy
+/// deletion every closed connection kept an entry for up to the longest
+/// timeout (30 min), so wheel memory grew with churn, not with sessions.
+#[test]
+fn closed_sessions_leave_no_wheel_entries_under_churn() {
+    let mut t = small_table(1000);
+    let mut live = std::collections::VecDeque::new();
+    for i in 0..20_000u32 {
+        let h = t
+            .insert(snat_session::<V4>(RG1, i, 1, 1024..=65535), now())
+            .unwrap();
+        t.set_tcp_state(h, TcpState::Established, now());
+        live.push_back(h);
+        if live.len() == 500 {
+            let old = live.pop_front().unwrap();
+            // FIN shortens the timeout (a new, earlier entry), then the
+            // session closes long before either entry is due.
+            t.set_tcp_state(old, TcpState::FinWait, now());
+            t.remove(old, RemoveReason::Closed).unwrap();
+        }
+        assert_eq!(t.wheel_entries(), t.len());
+    }
+    ok(&t);
+    assert_eq!(t.len(), 499);
+    assert_eq!(t.expire(Millis(now().0 + 10_000_000), |_| {}), 499);
+    assert_eq!(t.wheel_entries(), 0);
+    ok(&t);
 }
 
 #[test]

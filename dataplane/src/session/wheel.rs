@@ -1,18 +1,29 @@
-//! Expiry timer wheel. Entries are keyed by session key, never by slab
-//! handle: a handle is reused after removal, so a handle-keyed entry could
-//! expire an unrelated session that inherited the slot.
+//! Expiry timer wheel: exactly one entry per session, removed with it.
 //!
-//! Each session has one live entry (the record's `wheel_due` names it);
-//! touching a session only moves `last_seen`, and the entry re-buckets itself
-//! when it pops early. Older entries left behind are recognised by a due tick
-//! that no longer matches the record and are dropped.
+//! An entry names its session by key *and* handle: the handle finds the
+//! record without an index probe, the key is checked before anything is
+//! done to it (a slot is reused after removal). Each record stores where
+//! its entry is (`wheel_due` picks the bucket, `wheel_pos` the position),
+//! so removing a session removes its entry at once (swap-remove; the
+//! caller re-points the entry moved into the hole). The wheel's memory is
+//! therefore the live session count, whatever the churn: leaving removed
+//! sessions' entries to pop on their own would hold one entry per closed
+//! connection for up to the longest timeout (30 min of churn).
+//!
+//! Touching a session only moves `last_seen`; its entry re-buckets itself
+//! when it pops early. A shorter timeout moves the entry earlier.
 
 use super::key::SessionKey;
 use super::record::Millis;
 
+/// `wheel_pos` of a record whose entry is out of the wheel (being
+/// processed by `expire`).
+pub(super) const NOT_QUEUED: u32 = u32::MAX;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct WheelEntry {
     pub key: SessionKey,
+    pub handle: u32,
     pub due: u32,
 }
 
@@ -60,10 +71,47 @@ impl Wheel {
         u32::try_from(due).unwrap_or(u32::MAX)
     }
 
-    pub fn push(&mut self, key: SessionKey, due: u32) {
-        let idx = (u64::from(due) & self.mask) as usize;
-        self.buckets[idx].push(WheelEntry { key, due });
+    fn bucket_of(&self, due: u32) -> usize {
+        (u64::from(due) & self.mask) as usize
+    }
+
+    /// Queues an entry; returns its position in its bucket.
+    pub fn push(&mut self, key: SessionKey, handle: u32, due: u32) -> u32 {
+        let idx = self.bucket_of(due);
+        let b = &mut self.buckets[idx];
+        b.push(WheelEntry { key, handle, due });
         self.entries += 1;
+        u32::try_from(b.len() - 1).expect("a bucket holds fewer than 2^32 entries")
+    }
+
+    /// Removes the entry at `pos` of `due`'s bucket. Returns the entry
+    /// moved into `pos` (its record's `wheel_pos` must become `pos`).
+    pub fn remove(&mut self, due: u32, pos: u32) -> Option<WheelEntry> {
+        let idx = self.bucket_of(due);
+        let b = &mut self.buckets[idx];
+        let pos = pos as usize;
+        debug_assert!(
+            pos < b.len() && b[pos].due == due,
+            "entry where its record says"
+        );
+        if pos >= b.len() {
+            return None;
+        }
+        b.swap_remove(pos);
+        self.entries -= 1;
+        b.get(pos).copied()
+    }
+
+    /// Starts loading the entry at `pos` of `due`'s bucket and the bucket's
+    /// last entry (what a removal touches).
+    pub fn prefetch(&self, due: u32, pos: u32) {
+        let b = &self.buckets[self.bucket_of(due)];
+        super::prefetch(b.get(pos as usize));
+        super::prefetch(b.last());
+    }
+
+    pub fn at(&self, due: u32, pos: u32) -> Option<&WheelEntry> {
+        self.buckets[self.bucket_of(due)].get(pos as usize)
     }
 
     /// Ticks to process to reach `now`: `(first, last)` inclusive, or None.
@@ -87,10 +135,6 @@ impl Wheel {
 
     pub fn len(&self) -> usize {
         self.entries
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &WheelEntry> {
-        self.buckets.iter().flatten()
     }
 
     pub fn clear(&mut self) {
