@@ -247,6 +247,28 @@ fn main() {
     );
     drop(baseline);
 
+    // What a secondary does with a bulk: apply the primary's sessions (peer
+    // form, every companion) into its own preallocated table, starting the
+    // index loads a few sessions ahead as the sync receiver does.
+    let synced: Vec<SyncedSession> = table.export_rg(RG1).map(|r| r.to_synced(now)).collect();
+    let mut peer = SessionTable::new(TableConfig {
+        capacity: n,
+        preallocate: true,
+        ..TableConfig::default()
+    });
+    let start = Instant::now();
+    for (i, s) in synced.iter().enumerate() {
+        if let Some(ahead) = synced.get(i + 8) {
+            peer.prefetch_for_upsert(ahead);
+        }
+        peer.apply_peer_upsert(s, now, Some(BulkMark(1)))
+            .expect("peer session fits");
+    }
+    out.emit("peer_apply_ns", ns_per(start, synced.len()), "ns");
+    assert_eq!(peer.len(), n);
+    drop(peer);
+    drop(synced);
+
     let export = median(args.rounds, || {
         let start = Instant::now();
         let mut cursor = table.begin_export(RG1);
