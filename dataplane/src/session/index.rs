@@ -75,12 +75,19 @@ impl HandleIndex {
         (u64::from(tag.0).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - self.bits)) as usize
     }
 
-    /// Starts loading the cache line a probe for `tag` begins at, and the
-    /// next one when the first few slots of the run cross into it (a probe
-    /// that runs on, or a removal's backward shift reading the follower,
-    /// would otherwise miss there: perf put a third of removal time on it).
+    /// Starts loading the cache line a probe for `tag` begins at.
     #[inline]
     pub fn prefetch(&self, tag: Tag) {
+        super::prefetch(self.slots.get(self.home(tag)));
+    }
+
+    /// [`HandleIndex::prefetch`] plus the next line when the run's first
+    /// slots cross into it: for probes that walk the run rather than stop
+    /// at a hit — an insert's probe to the empty slot it fills, a removal's
+    /// backward shift reading the follower (perf put a third of removal
+    /// time on that miss). A hit lookup stops at its slot and skips it.
+    #[inline]
+    pub fn prefetch_run(&self, tag: Tag) {
         let home = self.home(tag);
         super::prefetch(self.slots.get(home));
         super::prefetch(self.slots.get((home + 2) & self.mask()));

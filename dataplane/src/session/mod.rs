@@ -627,17 +627,17 @@ impl SessionTable {
     /// Issued a few operations ahead, it overlaps their cache misses.
     #[inline]
     pub fn prefetch_for_upsert(&self, s: &SyncedSession) {
-        self.fwd.prefetch(Tag::of(&s.key));
-        self.rev.prefetch(Tag::of(&s.reverse));
+        self.fwd.prefetch_run(Tag::of(&s.key));
+        self.rev.prefetch_run(Tag::of(&s.reverse));
         if let Some(b) = nat_companion(&s.key, &s.reverse) {
-            self.nat.prefetch(Tag::of(&b));
+            self.nat.prefetch_run(Tag::of(&b));
         }
     }
 
     /// Starts loading the forward index slot for `key`.
     #[inline]
     pub fn prefetch_for_key(&self, key: &SessionKey) {
-        self.fwd.prefetch(Tag::of(key));
+        self.fwd.prefetch_run(Tag::of(key));
     }
 
     // ----- local inserts and updates -------------------------------------
@@ -648,10 +648,10 @@ impl SessionTable {
     /// as the preferred (source) port: a wrong guess costs one useless
     /// prefetch, nothing else.
     pub fn prefetch_for_insert(&self, s: &NewSession) {
-        self.fwd.prefetch(Tag::of(&s.key));
+        self.fwd.prefetch_run(Tag::of(&s.key));
         let snat = s.snat.as_ref().map(|r| (r.addr, s.key.src_port));
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
-        self.rev.prefetch(Tag::of(&reverse));
+        self.rev.prefetch_run(Tag::of(&reverse));
     }
 
     /// Creates a local session with all its companions, or nothing.
@@ -698,10 +698,10 @@ impl SessionTable {
             Some(req) => Some((req.addr, s.key.src_port)),
         };
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
-        self.fwd.prefetch(Tag::of(&s.key));
-        self.rev.prefetch(Tag::of(&reverse));
+        self.fwd.prefetch_run(Tag::of(&s.key));
+        self.rev.prefetch_run(Tag::of(&reverse));
         if let Some(b) = reserved {
-            self.nat.prefetch(Tag::of(&b));
+            self.nat.prefetch_run(Tag::of(&b));
         }
         let conflict = if self.lookup_forward(&s.key).is_some() {
             Some(InsertError::ForwardExists)
@@ -864,10 +864,10 @@ impl SessionTable {
             rev: Tag::of(&r.reverse),
             nat: nat_companion(&r.key, &r.reverse).map(|b| (b, Tag::of(&b))),
         };
-        self.fwd.prefetch(probes.fwd);
-        self.rev.prefetch(probes.rev);
+        self.fwd.prefetch_run(probes.fwd);
+        self.rev.prefetch_run(probes.rev);
         if let Some((_, tag)) = probes.nat {
-            self.nat.prefetch(tag);
+            self.nat.prefetch_run(tag);
         }
         if let Some(m) = self.rgs.get(&r.owner_rg) {
             prefetch(m.handles.get(r.rg_slot as usize));
