@@ -388,20 +388,9 @@ impl RgReceiver {
         self.current_bulk(c.bulk_id, c.epoch)?;
         let bulk = self.bulk.as_mut().expect("checked");
         bulk.received += sessions.len() as u64;
-        let mark = Some(bulk.mark);
-        let (mut applied, mut refused) = (0, 0);
-        for (i, s) in sessions.iter().enumerate() {
-            if let Some(ahead) = sessions.get(i + PREFETCH_AHEAD) {
-                table.prefetch_for_upsert(ahead);
-            }
-            if table.apply_peer_upsert(s, now, mark).is_ok() {
-                applied += 1;
-            } else {
-                refused += 1;
-            }
-        }
-        add(&self.stats.bulk_sessions_applied, applied);
-        add(&self.stats.dropped_apply_refused, refused);
+        let tally = table.apply_peer_upserts(sessions, now, Some(bulk.mark));
+        add(&self.stats.bulk_sessions_applied, tally.applied);
+        add(&self.stats.dropped_apply_refused, tally.refused);
         Ok(Vec::new())
     }
 

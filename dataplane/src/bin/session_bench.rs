@@ -248,8 +248,8 @@ fn main() {
     drop(baseline);
 
     // What a secondary does with a bulk: apply the primary's sessions (peer
-    // form, every companion) into its own preallocated table, starting the
-    // index loads a few sessions ahead as the sync receiver does.
+    // form, every companion) into its own preallocated table in chunks of
+    // 512, as the sync receiver does.
     let synced: Vec<SyncedSession> = table.export_rg(RG1).map(|r| r.to_synced(now)).collect();
     let mut peer = SessionTable::new(TableConfig {
         capacity: n,
@@ -257,12 +257,9 @@ fn main() {
         ..TableConfig::default()
     });
     let start = Instant::now();
-    for (i, s) in synced.iter().enumerate() {
-        if let Some(ahead) = synced.get(i + 8) {
-            peer.prefetch_for_upsert(ahead);
-        }
-        peer.apply_peer_upsert(s, now, Some(BulkMark(1)))
-            .expect("peer session fits");
+    for chunk in synced.chunks(512) {
+        let tally = peer.apply_peer_upserts(chunk, now, Some(BulkMark(1)));
+        assert_eq!(tally.refused, 0, "every peer session fits");
     }
     out.emit("peer_apply_ns", ns_per(start, synced.len()), "ns");
     assert_eq!(peer.len(), n);

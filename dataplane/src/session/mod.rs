@@ -350,11 +350,32 @@ pub struct SessionTable {
     counters: TableCounters,
 }
 
-/// Index tags of a session being removed.
-struct RemovalProbes {
+/// Outcome counts of [`SessionTable::apply_peer_upserts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpsertTally {
+    pub applied: u64,
+    /// Refused (each counted by reason in the table counters).
+    pub refused: u64,
+}
+
+/// A session's index tags, hashed once per operation and used for its
+/// prefetches, its probes and its index updates alike.
+#[derive(Clone, Copy, Default)]
+struct Probes {
     fwd: Tag,
     rev: Tag,
     nat: Option<(NatBinding, Tag)>,
+}
+
+impl Probes {
+    #[inline]
+    fn of(key: &SessionKey, reverse: &SessionKey) -> Probes {
+        Probes {
+            fwd: Tag::of(key),
+            rev: Tag::of(reverse),
+            nat: nat_companion(key, reverse).map(|b| (b, Tag::of(&b))),
+        }
+    }
 }
 
 /// The NAT binding that is a companion of a session: only port-multiplexed
@@ -489,24 +510,39 @@ impl SessionTable {
 
     #[inline]
     pub fn lookup_forward(&self, key: &SessionKey) -> Option<SessionHandle> {
-        self.fwd
-            .find(Tag::of(key), |h| self.slab[h as usize].key == *key)
-            .map(SessionHandle)
+        self.find_forward(key, Tag::of(key))
     }
 
     #[inline]
     pub fn lookup_reverse(&self, key: &SessionKey) -> Option<SessionHandle> {
-        self.rev
-            .find(Tag::of(key), |h| self.slab[h as usize].reverse == *key)
-            .map(SessionHandle)
+        self.find_reverse(key, Tag::of(key))
     }
 
     /// The un-SNAT ("DNAT"/"DNATv6") lookup: which session holds this
     /// translated source endpoint.
     #[inline]
     pub fn lookup_nat_binding(&self, b: &NatBinding) -> Option<SessionHandle> {
+        self.find_nat(b, Tag::of(b))
+    }
+
+    #[inline]
+    fn find_forward(&self, key: &SessionKey, tag: Tag) -> Option<SessionHandle> {
+        self.fwd
+            .find(tag, |h| self.slab[h as usize].key == *key)
+            .map(SessionHandle)
+    }
+
+    #[inline]
+    fn find_reverse(&self, key: &SessionKey, tag: Tag) -> Option<SessionHandle> {
+        self.rev
+            .find(tag, |h| self.slab[h as usize].reverse == *key)
+            .map(SessionHandle)
+    }
+
+    #[inline]
+    fn find_nat(&self, b: &NatBinding, tag: Tag) -> Option<SessionHandle> {
         self.nat
-            .find(Tag::of(b), |h| {
+            .find(tag, |h| {
                 let r = &self.slab[h as usize];
                 nat_companion(&r.key, &r.reverse).as_ref() == Some(b)
             })
@@ -627,10 +663,16 @@ impl SessionTable {
     /// Issued a few operations ahead, it overlaps their cache misses.
     #[inline]
     pub fn prefetch_for_upsert(&self, s: &SyncedSession) {
-        self.fwd.prefetch_run(Tag::of(&s.key));
-        self.rev.prefetch_run(Tag::of(&s.reverse));
-        if let Some(b) = nat_companion(&s.key, &s.reverse) {
-            self.nat.prefetch_run(Tag::of(&b));
+        self.start_insert_loads(&Probes::of(&s.key, &s.reverse));
+    }
+
+    /// Starts loading the index slots an insert with `p` probes and fills.
+    #[inline]
+    fn start_insert_loads(&self, p: &Probes) {
+        self.fwd.prefetch_run(p.fwd);
+        self.rev.prefetch_run(p.rev);
+        if let Some((_, tag)) = p.nat {
+            self.nat.prefetch_run(tag);
         }
     }
 
@@ -698,16 +740,17 @@ impl SessionTable {
             Some(req) => Some((req.addr, s.key.src_port)),
         };
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
-        self.fwd.prefetch_run(Tag::of(&s.key));
-        self.rev.prefetch_run(Tag::of(&reverse));
-        if let Some(b) = reserved {
-            self.nat.prefetch_run(Tag::of(&b));
-        }
-        let conflict = if self.lookup_forward(&s.key).is_some() {
+        let probes = Probes::of(&s.key, &reverse);
+        debug_assert_eq!(probes.nat.map(|(b, _)| b), reserved);
+        self.start_insert_loads(&probes);
+        let conflict = if self.find_forward(&s.key, probes.fwd).is_some() {
             Some(InsertError::ForwardExists)
-        } else if self.lookup_reverse(&reverse).is_some() {
+        } else if self.find_reverse(&reverse, probes.rev).is_some() {
             Some(InsertError::ReverseExists)
-        } else if reserved.is_some_and(|b| self.lookup_nat_binding(&b).is_some()) {
+        } else if probes
+            .nat
+            .is_some_and(|(b, tag)| self.find_nat(&b, tag).is_some())
+        {
             Some(InsertError::NatBindingExists)
         } else {
             None
@@ -737,25 +780,25 @@ impl SessionTable {
             wheel_pos: NOT_QUEUED,
             bulk_mark: 0,
         };
-        Ok(self.commit(rec, now))
+        Ok(self.commit(rec, &probes, now))
     }
 
     /// Links a record whose keys and port reservation were checked into
     /// every index. Infallible by construction.
-    fn commit(&mut self, mut rec: SessionRecord, now: Millis) -> SessionHandle {
+    /// `probes` are the record's own tags (`Probes::of(key, reverse)`).
+    fn commit(&mut self, mut rec: SessionRecord, probes: &Probes, now: Millis) -> SessionHandle {
         let members = self.rgs.entry(rec.owner_rg).or_default();
         rec.rg_slot = members.handles.len() as u32;
         let due = self.wheel.due_tick_for(now, rec.expires_at());
         rec.wheel_due = due;
-        let (key, reverse, owner_rg) = (rec.key, rec.reverse, rec.owner_rg);
-        let binding = nat_companion(&key, &reverse);
+        let (key, owner_rg) = (rec.key, rec.owner_rg);
         let h = self.slab.insert(rec);
         self.slot_addr.update(&self.slab, h);
         let h = h as u32;
-        self.fwd.insert(Tag::of(&key), h);
-        self.rev.insert(Tag::of(&reverse), h);
-        if let Some(b) = binding {
-            self.nat.insert(Tag::of(&b), h);
+        self.fwd.insert(probes.fwd, h);
+        self.rev.insert(probes.rev, h);
+        if let Some((_, tag)) = probes.nat {
+            self.nat.insert(tag, h);
         }
         self.rgs.entry(owner_rg).or_default().handles.push(h);
         self.enqueue(h, key, due);
@@ -858,12 +901,8 @@ impl SessionTable {
     /// Starts every load that removing `r` will wait for (index slots, RG
     /// list slot and the record moved into it, wheel entry) so the misses
     /// overlap; returns the index tags it computed.
-    fn start_removal_loads(&self, r: &SessionRecord) -> RemovalProbes {
-        let probes = RemovalProbes {
-            fwd: Tag::of(&r.key),
-            rev: Tag::of(&r.reverse),
-            nat: nat_companion(&r.key, &r.reverse).map(|b| (b, Tag::of(&b))),
-        };
+    fn start_removal_loads(&self, r: &SessionRecord) -> Probes {
+        let probes = Probes::of(&r.key, &r.reverse);
         self.fwd.prefetch_run(probes.fwd);
         self.rev.prefetch_run(probes.rev);
         if let Some((_, tag)) = probes.nat {
@@ -997,7 +1036,49 @@ impl SessionTable {
         now: Millis,
         mark: Option<BulkMark>,
     ) -> Result<PeerApply, InsertError> {
-        let res = self.try_peer_upsert(s, now, mark);
+        self.apply_peer_upsert_probed(s, &Probes::of(&s.key, &s.reverse), now, mark)
+    }
+
+    /// Applies a run of upserts (a bulk chunk) in order, starting each
+    /// one's index loads a few sessions ahead and hashing each key once.
+    /// Same effect as [`SessionTable::apply_peer_upsert`] on each in turn.
+    pub fn apply_peer_upserts(
+        &mut self,
+        sessions: &[SyncedSession],
+        now: Millis,
+        mark: Option<BulkMark>,
+    ) -> UpsertTally {
+        const AHEAD: usize = 8;
+        const RING: usize = 16;
+        let mut ring = [Probes::default(); RING];
+        for (i, s) in sessions.iter().take(AHEAD).enumerate() {
+            ring[i] = Probes::of(&s.key, &s.reverse);
+            self.start_insert_loads(&ring[i]);
+        }
+        let mut tally = UpsertTally::default();
+        for (i, s) in sessions.iter().enumerate() {
+            if let Some(ahead) = sessions.get(i + AHEAD) {
+                let p = Probes::of(&ahead.key, &ahead.reverse);
+                self.start_insert_loads(&p);
+                ring[(i + AHEAD) % RING] = p;
+            }
+            let probes = ring[i % RING];
+            match self.apply_peer_upsert_probed(s, &probes, now, mark) {
+                Ok(_) => tally.applied += 1,
+                Err(_) => tally.refused += 1,
+            }
+        }
+        tally
+    }
+
+    fn apply_peer_upsert_probed(
+        &mut self,
+        s: &SyncedSession,
+        probes: &Probes,
+        now: Millis,
+        mark: Option<BulkMark>,
+    ) -> Result<PeerApply, InsertError> {
+        let res = self.try_peer_upsert(s, probes, now, mark);
         match res {
             Ok(PeerApply::Updated) => self.counters.updated_peer += 1,
             Ok(_) => self.counters.inserted_peer += 1,
@@ -1011,6 +1092,7 @@ impl SessionTable {
     fn try_peer_upsert(
         &mut self,
         s: &SyncedSession,
+        probes: &Probes,
         now: Millis,
         mark: Option<BulkMark>,
     ) -> Result<PeerApply, InsertError> {
@@ -1024,7 +1106,7 @@ impl SessionTable {
         let created = Millis(now.0.saturating_sub(s.age_ms));
         let last_seen = Millis(now.0.saturating_sub(s.idle_ms)).max(created);
         let mut outcome = PeerApply::Inserted;
-        if let Some(SessionHandle(h)) = self.lookup_forward(&s.key) {
+        if let Some(SessionHandle(h)) = self.find_forward(&s.key, probes.fwd) {
             let r = &mut self.slab[h as usize];
             if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
                 return Err(InsertError::LocalOwnedConflict);
@@ -1053,23 +1135,27 @@ impl SessionTable {
         }
         // The peer is authoritative for its RG: a stale synced copy that
         // still holds this reverse key or binding (a missed delete) yields.
-        self.evict_peer_conflicts(s)?;
-        let binding = nat_companion(&s.key, &s.reverse);
-        if let Some(b) = binding
+        self.evict_peer_conflicts(s, probes)?;
+        if let Some((b, _)) = probes.nat
             && !self.ports.reserve(b)
         {
             return Err(InsertError::NatBindingExists);
         }
-        self.commit_peer(s, created, last_seen, mark, now);
+        self.commit_peer(s, probes, created, last_seen, mark, now);
         Ok(outcome)
     }
 
-    fn evict_peer_conflicts(&mut self, s: &SyncedSession) -> Result<(), InsertError> {
+    fn evict_peer_conflicts(
+        &mut self,
+        s: &SyncedSession,
+        probes: &Probes,
+    ) -> Result<(), InsertError> {
         let by_reverse = self
-            .lookup_reverse(&s.reverse)
+            .find_reverse(&s.reverse, probes.rev)
             .map(|h| (h, InsertError::ReverseExists));
-        let by_binding = nat_companion(&s.key, &s.reverse)
-            .and_then(|b| self.lookup_nat_binding(&b))
+        let by_binding = probes
+            .nat
+            .and_then(|(b, tag)| self.find_nat(&b, tag))
             .map(|h| (h, InsertError::NatBindingExists));
         for (h, err) in [by_reverse, by_binding].into_iter().flatten() {
             let Some(r) = self.slab.get(h.0 as usize) else {
@@ -1087,6 +1173,7 @@ impl SessionTable {
     fn commit_peer(
         &mut self,
         s: &SyncedSession,
+        probes: &Probes,
         created: Millis,
         last_seen: Millis,
         mark: Option<BulkMark>,
@@ -1111,6 +1198,7 @@ impl SessionTable {
                 wheel_pos: NOT_QUEUED,
                 bulk_mark: mark.map_or(0, |m| m.0),
             },
+            probes,
             now,
         )
     }

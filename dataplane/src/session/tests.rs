@@ -617,6 +617,65 @@ fn reconcile_by_bulk_mark_keeps_marked_sessions() {
     assert!(rx.lookup_forward(&all[1].key).is_some());
 }
 
+/// The bulk path (`apply_peer_upserts`: keys hashed once, loads started
+/// ahead) must do exactly what applying each upsert in turn does,
+/// including updates, replacements, repeats within one chunk and refusals.
+#[test]
+fn batch_upserts_equal_one_by_one_including_updates_and_refusals() {
+    let mut tx = SessionTable::default();
+    let mut batch = Vec::new();
+    for i in 0..40 {
+        let h = tx
+            .insert(snat_session::<V4>(RG1, i, 1, 1024..=65535), now())
+            .unwrap();
+        batch.push(tx.get(h).unwrap().to_synced(now()));
+    }
+    // Updates (new counters), a repeat, and a replacement: same key, a
+    // different reply path.
+    for s in batch.clone().iter().take(10) {
+        let mut u = s.clone();
+        u.counters.fwd_packets += 5;
+        batch.push(u);
+    }
+    batch.push(batch[3].clone());
+    let mut moved = batch[4].clone();
+    moved.reverse.dst_port = moved.reverse.dst_port.wrapping_add(1);
+    batch.push(moved);
+    // The receiver is primary for RG1 and owns a session with batch[7]'s
+    // key: that upsert is refused (counted), the others still apply.
+    let setup = || {
+        let mut rx = SessionTable::default();
+        let mut own = snat_session::<V4>(RG1, 7, 1, 40000..=40000);
+        own.key = batch[7].key;
+        rx.insert(own, now()).unwrap();
+        rx.promote_rg(RG1);
+        rx
+    };
+    let mut one_by_one = setup();
+    let mut expect = UpsertTally::default();
+    for s in &batch {
+        match one_by_one.apply_peer_upsert(s, now(), Some(BulkMark(3))) {
+            Ok(_) => expect.applied += 1,
+            Err(_) => expect.refused += 1,
+        }
+    }
+    let mut batched = setup();
+    let tally = batched.apply_peer_upserts(&batch, now(), Some(BulkMark(3)));
+    assert_eq!(tally, expect);
+    assert_eq!(
+        tally.refused, 2,
+        "the original and the repeated batch[7] update"
+    );
+    let rows = |t: &SessionTable| {
+        let mut v: Vec<_> = t.iter().map(|(_, r)| r.clone()).collect();
+        v.sort_by_key(|r| r.key);
+        v
+    };
+    assert_eq!(rows(&batched), rows(&one_by_one));
+    assert_eq!(batched.counters(), one_by_one.counters());
+    ok(&batched);
+}
+
 #[test]
 fn promote_and_demote_flip_only_that_rg() {
     let mut t = SessionTable::default();
