@@ -1036,7 +1036,8 @@ impl SessionTable {
         now: Millis,
         mark: Option<BulkMark>,
     ) -> Result<PeerApply, InsertError> {
-        self.apply_peer_upsert_probed(s, &Probes::of(&s.key, &s.reverse), now, mark)
+        let res = self.try_peer_upsert(s, &Probes::of(&s.key, &s.reverse), now, mark);
+        self.count_peer_upsert(res)
     }
 
     /// Applies a run of upserts (a bulk chunk) in order, starting each
@@ -1062,8 +1063,8 @@ impl SessionTable {
                 self.start_insert_loads(&p);
                 ring[(i + AHEAD) % RING] = p;
             }
-            let probes = ring[i % RING];
-            match self.apply_peer_upsert_probed(s, &probes, now, mark) {
+            let res = self.try_peer_upsert(s, &ring[i % RING], now, mark);
+            match self.count_peer_upsert(res) {
                 Ok(_) => tally.applied += 1,
                 Err(_) => tally.refused += 1,
             }
@@ -1071,14 +1072,10 @@ impl SessionTable {
         tally
     }
 
-    fn apply_peer_upsert_probed(
+    fn count_peer_upsert(
         &mut self,
-        s: &SyncedSession,
-        probes: &Probes,
-        now: Millis,
-        mark: Option<BulkMark>,
+        res: Result<PeerApply, InsertError>,
     ) -> Result<PeerApply, InsertError> {
-        let res = self.try_peer_upsert(s, probes, now, mark);
         match res {
             Ok(PeerApply::Updated) => self.counters.updated_peer += 1,
             Ok(_) => self.counters.inserted_peer += 1,
