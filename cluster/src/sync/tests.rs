@@ -478,3 +478,58 @@ fn bulk_count_mismatch_reconciles_nothing() {
     assert_eq!(p.stats.bulk_count_mismatch.load(Relaxed), 1);
     assert!(matches!(replies.as_slice(), [Msg::BulkRequest(_)]));
 }
+
+/// A bulk chunk carries upserts of its RG only: a delete record, a session
+/// of another RG, or a count that disagrees with the records is a protocol
+/// error, and nothing of that chunk is applied.
+#[test]
+fn invalid_bulk_chunks_are_rejected_whole() {
+    let mut p = Pair::new(RG1);
+    let k = p.insert(RG1, 1);
+    let good = p
+        .primary
+        .get(p.primary.lookup_forward(&k).unwrap())
+        .unwrap()
+        .to_synced(NOW);
+    let begin = Msg::BulkBegin(pb::BulkBegin {
+        rg: 1,
+        epoch: 1,
+        bulk_id: 5,
+        next_seq: 1,
+        count_hint: 2,
+    });
+    p.rx.on_message(&begin, &mut p.secondary, false, NOW)
+        .unwrap();
+    let mut other_rg = good.clone();
+    other_rg.key.src_port += 1;
+    other_rg.owner_rg = RG2;
+    let chunk = |records: BytesMut, count: u32| {
+        Msg::BulkChunk(pb::BulkChunk {
+            rg: 1,
+            epoch: 1,
+            bulk_id: 5,
+            count,
+            records: records.freeze(),
+        })
+    };
+    let mut with_delete = BytesMut::new();
+    crate::wire::put_upsert(&mut with_delete, &good);
+    crate::wire::put_delete(&mut with_delete, &good.key);
+    let mut with_other_rg = BytesMut::new();
+    crate::wire::put_upsert(&mut with_other_rg, &good);
+    crate::wire::put_upsert(&mut with_other_rg, &other_rg);
+    let mut miscounted = BytesMut::new();
+    crate::wire::put_upsert(&mut miscounted, &good);
+    for (case, msg, why) in [
+        ("delete", chunk(with_delete, 2), "delete record"),
+        ("other rg", chunk(with_other_rg, 2), "rg2"),
+        ("count", chunk(miscounted, 3), "count says 3"),
+    ] {
+        match p.rx.on_message(&msg, &mut p.secondary, false, NOW) {
+            Err(RxError::Invalid(e)) => assert!(e.0.contains(why), "{case}: {e}"),
+            other => panic!("{case}: {other:?}"),
+        }
+        assert!(p.secondary.is_empty(), "{case}: nothing applied");
+    }
+    assert_eq!(p.stats.bulk_sessions_applied.load(Relaxed), 0);
+}
