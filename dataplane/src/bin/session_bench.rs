@@ -318,6 +318,20 @@ fn main() {
         ns_per(start, churn_ops)
     });
     out.emit("insert_delete_churn_ns", churn, "ns");
+    // The same churn one operation at a time, nothing started ahead (a
+    // caller that cannot batch): context for the figure above.
+    let serial = median(args.rounds, || {
+        let start = Instant::now();
+        for _ in 0..churn_ops {
+            let h = oldest.pop_front().expect("table is full");
+            table.remove(h, RemoveReason::Closed).expect("live handle");
+            let h = table.insert(session(next_id), now).expect("freed slot");
+            next_id += 1;
+            oldest.push_back(h);
+        }
+        ns_per(start, churn_ops)
+    });
+    out.emit("insert_delete_churn_serial_ns", serial, "ns");
     drop(oldest);
 
     // Reconcile: every session peer-synced, a bulk saw 90% of them.
