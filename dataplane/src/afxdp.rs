@@ -386,6 +386,17 @@ impl AfXdp {
                 received += n;
                 self.ports[pi].in_fill -= n.min(self.ports[pi].in_fill);
                 self.io.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                if self.ports[pi].mode != PortMode::Fabric {
+                    let iface = self.ports[pi].iface;
+                    let umem = &self.umem;
+                    // SAFETY: the descriptors were just consumed from RX:
+                    // their frames are ours and nothing writes them yet.
+                    core.prefetch_sessions(
+                        descs[..n]
+                            .iter()
+                            .map(|d| (unsafe { umem.data(d) }.contents(), iface)),
+                    );
+                }
                 for d in descs.iter_mut().take(n) {
                     self.handle(pi, d, core, fabric, now);
                 }

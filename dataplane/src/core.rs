@@ -265,6 +265,51 @@ impl Core {
         }
     }
 
+    /// Starts loading the sessions a burst of received frames will look
+    /// up, before any of them is processed: each frame's flow key is read
+    /// (Ethernet, IPv4/IPv6, ports) and the table prefetches both
+    /// directions' index slots and candidate records for the whole burst
+    /// (`SessionTable::prefetch_lookups`). Frames are then processed one by
+    /// one as before, their lookups hitting the cache; nothing here
+    /// decides anything, and an unparsable frame is simply skipped.
+    pub fn prefetch_sessions<'a>(&self, frames: impl IntoIterator<Item = (&'a [u8], InterfaceId)>) {
+        const MAX: usize = 64;
+        let mut keys = [SessionKey::default(); MAX];
+        let mut n = 0;
+        for (f, ingress) in frames {
+            if n == MAX {
+                break;
+            }
+            if let Some(k) = self.flow_key(f, ingress) {
+                keys[n] = k;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            lock(&self.table).prefetch_lookups(&keys[..n]);
+        }
+    }
+
+    /// The flow key `process` will look a frame up by, if it has one.
+    fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
+        let ifc = self.cfg.iface(ingress)?;
+        let eth = packet::parse_eth(f).ok().filter(|e| e.vlan.is_none())?;
+        let ip = match eth.ethertype {
+            packet::ETHERTYPE_IPV4 => packet::parse_ipv4(f, ETH_HLEN).ok()?,
+            packet::ETHERTYPE_IPV6 => packet::parse_ipv6(f, ETH_HLEN).ok()?,
+            _ => return None,
+        };
+        let (src_port, dst_port) = packet::ports(f, &ip).ok()?;
+        Some(SessionKey {
+            src: Addr(ip.src),
+            dst: Addr(ip.dst),
+            src_port,
+            dst_port,
+            proto: ip.proto,
+            zone: ifc.zone,
+        })
+    }
+
     /// Processes one frame that arrived on `ingress`.
     pub fn process(&mut self, frame: &mut [u8], ingress: InterfaceId, now: Millis) -> Verdict {
         self.stats.rx.fetch_add(1, Ordering::Relaxed);

@@ -985,3 +985,55 @@ fn mid_flow_packet_of_a_peer_owned_flow_goes_to_the_owner_not_dropped() {
         Verdict::Drop(DropReason::NoSession)
     );
 }
+
+/// The burst prefetch must compute the very keys `process` looks frames up
+/// by, in both directions and both families: a different key would make
+/// every prefetch useless without any test noticing the slowdown.
+#[test]
+fn burst_prefetch_keys_are_the_lookup_keys_both_ways() {
+    let mut r = rig(true);
+    for (client, server) in [
+        (v4("10.1.0.10"), v4("192.0.2.100")),
+        (v6("2001:db8:1::10"), v6("2001:db8:2::100")),
+    ] {
+        let mut syn = build(
+            VMAC_T,
+            CLIENT_MAC,
+            client,
+            server,
+            64,
+            &tcp(packet::TCP_SYN, 40000, 443),
+        );
+        let pristine = syn.clone();
+        assert!(matches!(run(&mut r, &mut syn, T), Verdict::Tx { .. }));
+        let out = ip_of(&syn);
+        let reply = build(
+            VMAC_U,
+            SERVER_MAC,
+            server,
+            Addr(out.src),
+            60,
+            &tcp(
+                packet::TCP_SYN | packet::TCP_ACK,
+                443,
+                packet::ports(&syn, &out).unwrap().0,
+            ),
+        );
+        let t = lock(r.core.table());
+        let fwd = r.core.flow_key(&pristine, T).expect("a flow key");
+        let rev = r.core.flow_key(&reply, U).expect("a flow key");
+        let h = t
+            .lookup_forward(&fwd)
+            .expect("the forward key is the session's");
+        assert_eq!(
+            t.lookup_reverse(&rev),
+            Some(h),
+            "the reply's key is its reverse"
+        );
+        drop(t);
+        // Prefetching a burst with unparsable frames in it is harmless.
+        r.core
+            .prefetch_sessions([(&pristine[..], T), (&[0u8; 3][..], T), (&reply[..], U)]);
+    }
+    assert!(r.core.flow_key(&[0u8; 10], T).is_none());
+}

@@ -9,6 +9,12 @@
 //!   not primary: classified, encapsulated for the fabric, decapsulated and
 //!   processed by the owner (both nodes' work on one core), and
 //!   `fabric_redirect_cost_ratio` = direct / redirected.
+//! - `core_pps_1m_sessions` and `core_pps_1m_sessions_prefetch`: the same
+//!   core with 1,000,000 established sessions (no NAT: one SNAT address has
+//!   only 64k ports), frames of random flows in bursts of 32, processed one
+//!   by one as is, then with the worker's burst prefetch
+//!   (`Core::prefetch_sessions`) first; `burst_prefetch_speedup` is their
+//!   ratio.
 //! - `afxdp_fwd_pps` vs `kernel_nft_fwd_pps` (root only): client -> firewall
 //!   -> server over veth in network namespaces with the same UDP generator,
 //!   through the AF_XDP dataplane and then through Linux forwarding with
@@ -49,6 +55,8 @@ struct Args {
     flows: u16,
     seconds: f64,
     skip_io: bool,
+    /// Sessions of the big-table core bench (0: skip it).
+    big: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
         flows: 1024,
         seconds: 3.0,
         skip_io: false,
+        big: 1_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -77,9 +86,17 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|&s: &f64| (0.2..=60.0).contains(&s))
                     .ok_or("--seconds needs a number in 0.2..=60")?;
             }
+            "--big-sessions" => {
+                a.big = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n: &u32| n == 0 || (1024..=1_000_000).contains(&n))
+                    .ok_or("--big-sessions needs 0 or a number in 1024..=1000000")?;
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: fwd-bench [--json] [--core-only] [--flows N] [--seconds S]".into(),
+                    "usage: fwd-bench [--json] [--core-only] [--flows N] [--seconds S] [--big-sessions N]"
+                        .into(),
                 );
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -102,10 +119,17 @@ fn v4(s: &str) -> Addr {
 
 /// A node's packet core for the sample config, primary for RG1 or not.
 fn core(primary: bool) -> Core {
+    core_with(primary, true, TableConfig::default())
+}
+
+fn core_with(primary: bool, snat: bool, table: TableConfig) -> Core {
     let mut compiled = Compiled::new(&sample_config()).expect("sample config");
     compiled.ifaces[0].mac = [0xaa, 0, 0, 0, 0, 1];
     compiled.ifaces[1].mac = [0xaa, 0, 0, 0, 0, 2];
-    let table = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    if !snat {
+        compiled.snat.clear();
+    }
+    let table = Arc::new(Mutex::new(SessionTable::new(table)));
     if primary {
         lock(&table).promote_rg(RgId(1));
     }
@@ -125,23 +149,24 @@ fn core(primary: bool) -> Core {
     c
 }
 
+/// A UDP frame from the client to the server, as the trust side sends it.
+fn client_udp(sport: u16, dport: u16) -> Vec<u8> {
+    build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.100"),
+        64,
+        &L4::Udp {
+            sport,
+            dport,
+            payload: vec![0x5a; 18],
+        },
+    )
+}
+
 fn flow_frames(flows: u16) -> Vec<Vec<u8>> {
-    (0..flows)
-        .map(|i| {
-            build(
-                VMAC_T,
-                CLIENT_MAC,
-                v4("10.1.0.10"),
-                v4("192.0.2.100"),
-                64,
-                &L4::Udp {
-                    sport: 10_000 + i,
-                    dport: 9000,
-                    payload: vec![0x5a; 18],
-                },
-            )
-        })
-        .collect()
+    (0..flows).map(|i| client_udp(10_000 + i, 9000)).collect()
 }
 
 /// Runs `one` over the frames round-robin for `seconds`; frames per second.
@@ -231,6 +256,73 @@ fn core_benches(a: &Args) {
         a.json,
         "fabric_redirect_cost_ratio",
         direct / redirected,
+        "ratio",
+    );
+}
+
+/// Established forwarding with `n` sessions in the table: random flows in
+/// bursts of 32, without and with the worker's burst prefetch.
+fn big_table_benches(a: &Args) {
+    let n = a.big;
+    let mut c = core_with(
+        true,
+        false,
+        TableConfig {
+            capacity: n as usize,
+            preallocate: true,
+            ..TableConfig::default()
+        },
+    );
+    // Flow i: client port 1024 + i % 64000 to one of 16 server ports.
+    let mut frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| client_udp(1024 + (i % 64_000) as u16, 9000 + (i / 64_000) as u16))
+        .collect();
+    for f in &frames {
+        let mut b = f.clone();
+        assert!(matches!(c.process(&mut b, T, NOW), Verdict::Tx { .. }));
+    }
+    assert_eq!(lock(c.table()).len(), n as usize, "one session per flow");
+    // A fixed shuffle: every run measures the same access pattern.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..frames.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        frames.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut bufs = vec![vec![0u8; 128]; 32];
+    let mut run = |prefetch: bool| {
+        let mut done = 0u64;
+        let start = Instant::now();
+        let limit = Duration::from_secs_f64(a.seconds);
+        'outer: loop {
+            for burst in frames.chunks(32) {
+                for (b, f) in bufs.iter_mut().zip(burst) {
+                    b[..f.len()].copy_from_slice(f);
+                }
+                if prefetch {
+                    c.prefetch_sessions(bufs.iter().zip(burst).map(|(b, f)| (&b[..f.len()], T)));
+                }
+                for (b, f) in bufs.iter_mut().zip(burst) {
+                    let v = black_box(c.process(&mut b[..f.len()], T, NOW));
+                    assert!(matches!(v, Verdict::Tx { .. }), "established");
+                }
+                done += burst.len() as u64;
+                if start.elapsed() >= limit {
+                    break 'outer;
+                }
+            }
+        }
+        done as f64 / start.elapsed().as_secs_f64()
+    };
+    let plain = run(false);
+    let prefetched = run(true);
+    emit(a.json, "core_pps_1m_sessions", plain, "pps");
+    emit(a.json, "core_pps_1m_sessions_prefetch", prefetched, "pps");
+    emit(
+        a.json,
+        "burst_prefetch_speedup",
+        prefetched / plain,
         "ratio",
     );
 }
@@ -427,6 +519,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     core_benches(&a);
+    if a.big > 0 {
+        big_table_benches(&a);
+    }
     if !a.skip_io
         && let Err(e) = io_benches(&a)
     {

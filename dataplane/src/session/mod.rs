@@ -350,6 +350,18 @@ pub struct SessionTable {
     counters: TableCounters,
 }
 
+/// Bytes of a record a forward-key comparison reads: the key and the
+/// slab's occupancy niche (`origin`, right after it).
+const FWD_KEY_SPAN: (usize, usize) = (
+    offset_of!(SessionRecord, key),
+    offset_of!(SessionRecord, origin) + 1,
+);
+/// The same for a reverse-key comparison: `origin`, then the reverse key.
+const REV_KEY_SPAN: (usize, usize) = (
+    offset_of!(SessionRecord, origin),
+    offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
+);
+
 /// Outcome counts of [`SessionTable::apply_peer_upserts`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UpsertTally {
@@ -554,21 +566,12 @@ impl SessionTable {
     /// compared, so the memory latency of one lookup overlaps the others.
     /// Same results as calling [`SessionTable::lookup_forward`] per key.
     pub fn lookup_forward_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
-        // The key and the slab's occupancy niche (`origin`, right after).
-        let span = (
-            offset_of!(SessionRecord, key),
-            offset_of!(SessionRecord, origin) + 1,
-        );
-        self.burst(&self.fwd, keys, out, span, |r| &r.key);
+        self.burst(&self.fwd, keys, out, FWD_KEY_SPAN, |r| &r.key);
     }
 
     /// Reverse-key counterpart of [`SessionTable::lookup_forward_burst`].
     pub fn lookup_reverse_burst(&self, keys: &[SessionKey], out: &mut [Option<SessionHandle>]) {
-        let span = (
-            offset_of!(SessionRecord, origin),
-            offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
-        );
-        self.burst(&self.rev, keys, out, span, |r| &r.reverse);
+        self.burst(&self.rev, keys, out, REV_KEY_SPAN, |r| &r.reverse);
     }
 
     #[inline]
@@ -603,6 +606,33 @@ impl SessionTable {
                     *o = index
                         .find(t, |h| key_of(&self.slab[h as usize]) == k)
                         .map(SessionHandle);
+                }
+            }
+        }
+    }
+
+    /// Starts the loads the lookups of a burst of packets will wait for,
+    /// in either direction, without answering them: every key's forward
+    /// and reverse index slots, then the candidate records those slots
+    /// name (whole: the packet goes on to update them). A caller that must look packets up one by one (each may
+    /// create or end a session the next one sees) calls this first for
+    /// the whole burst, so the single lookups that follow hit the cache.
+    /// Results never depend on it: a wrong candidate costs a useless
+    /// prefetch.
+    pub fn prefetch_lookups(&self, keys: &[SessionKey]) {
+        const BURST: usize = 32;
+        for keys in keys.chunks(BURST) {
+            let mut tags = [Tag::default(); BURST];
+            for (k, t) in keys.iter().zip(tags.iter_mut()) {
+                *t = Tag::of(k);
+                self.fwd.prefetch(*t);
+                self.rev.prefetch(*t);
+            }
+            // The whole record: the packet that looks it up goes on to
+            // update its counters and timer.
+            for &t in tags.iter().take(keys.len()) {
+                if let Some(h) = self.fwd.candidate(t).or_else(|| self.rev.candidate(t)) {
+                    self.prefetch_record(SessionHandle(h));
                 }
             }
         }
