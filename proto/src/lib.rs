@@ -20,5 +20,11 @@ pub mod pb {
 /// refused with a reason rather than misread.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// Oldest peer version whose heartbeats this node understands. Heartbeats
+/// have kept one meaning since version 1, so a pair mid-upgrade still sees
+/// each other alive and never double-claims an RG; only session sync needs
+/// equal versions.
+pub const MIN_HEARTBEAT_VERSION: u32 = 1;
+
 /// ALPN of the node-to-node QUIC connection.
 pub const ALPN: &[u8] = b"tandem/2";

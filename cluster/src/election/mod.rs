@@ -46,7 +46,7 @@ use rg::{RgElection, Transfer};
 use std::collections::BTreeMap;
 use tandem_dataplane::session::Millis;
 use tandem_proto::pb;
-use tandem_proto::{Epoch, NodeId, PROTOCOL_VERSION, RgId};
+use tandem_proto::{Epoch, MIN_HEARTBEAT_VERSION, NodeId, PROTOCOL_VERSION, RgId};
 
 /// The three paths heartbeats travel on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -170,6 +170,8 @@ pub struct Election {
     hb_seq: u64,
     next_request: u64,
     rejected_heartbeats: u64,
+    /// Protocol version of the peer's last accepted heartbeat.
+    peer_protocol: Option<u32>,
 }
 
 impl Election {
@@ -189,6 +191,7 @@ impl Election {
             hb_seq: 0,
             next_request: 1,
             rejected_heartbeats: 0,
+            peer_protocol: None,
         }
     }
 
@@ -250,11 +253,14 @@ impl Election {
         self.start(now);
         if hb.cluster_id != self.cfg.cluster_id
             || hb.node_id != u32::from(self.peer_node().0)
-            || hb.protocol_version != PROTOCOL_VERSION
+            || hb.protocol_version < MIN_HEARTBEAT_VERSION
         {
             self.rejected_heartbeats += 1;
             return Vec::new();
         }
+        // Another version is alive all the same (an upgrade in progress):
+        // treating it as silent would make both nodes primary.
+        self.peer_protocol = Some(hb.protocol_version);
         let mut out = Vec::new();
         if !self.peer_alive(now) {
             out.push(Action::Event {
@@ -772,6 +778,11 @@ impl Election {
             } else {
                 "peer never seen".to_string()
             }
+        } else if let Some(v) = self.peer_protocol.filter(|&v| v != PROTOCOL_VERSION) {
+            format!(
+                "peer alive, speaking protocol {v} (this node {PROTOCOL_VERSION}): \
+                 no session sync until both run one version"
+            )
         } else if !self.path_up(Path::Control, now) {
             "control link down; peer alive on fabric (no takeover)".to_string()
         } else if (self.last_heard[Path::Fab0 as usize].is_some()

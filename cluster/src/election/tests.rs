@@ -493,3 +493,22 @@ fn peer_view_is_rebuilt_from_each_heartbeat() {
     e.on_heartbeat(&hb, Path::Control, Millis(T0.0 + 1));
     assert!(e.peer_rg(RG1, Millis(T0.0 + 1)).is_none());
 }
+
+/// Mid-upgrade the peer speaks another protocol version. It is alive all
+/// the same: rejecting its heartbeats would make both nodes primary.
+#[test]
+fn heartbeats_of_another_protocol_version_keep_the_peer_alive() {
+    let mut e = Election::new(cfg(0, 100, false));
+    let mut peer = Election::new(cfg(1, 100, false));
+    let mut hb = peer.heartbeat(Path::Fab0);
+    hb.protocol_version = PROTOCOL_VERSION + 1;
+    e.on_heartbeat(&hb, Path::Fab0, T0);
+    assert!(e.peer_alive(T0));
+    assert_eq!(e.rejected_heartbeats(), 0);
+    let reason = e.status(T0).peer_reason;
+    assert!(reason.contains("no session sync"), "{reason}");
+    let mut ancient = peer.heartbeat(Path::Fab1);
+    ancient.protocol_version = 0;
+    e.on_heartbeat(&ancient, Path::Fab1, T0);
+    assert_eq!(e.rejected_heartbeats(), 1, "below the oldest understood");
+}
