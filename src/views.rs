@@ -97,7 +97,16 @@ fn empty_status(node: &Node) -> tandem_cluster::election::ClusterStatus {
 pub fn statistics(node: &Node) -> Value {
     let sync = node.sync.snapshot();
     let driver = node.cluster.stats();
-    let table = lock(&node.table).counters().clone();
+    let (table, live, capacity, wheel_entries, reserved_ports) = {
+        let t = lock(&node.table);
+        (
+            t.counters().clone(),
+            t.len(),
+            t.config().capacity,
+            t.wheel_entries(),
+            t.reserved_ports(),
+        )
+    };
     let removed: serde_json::Map<String, Value> = RemoveReason::ALL
         .iter()
         .map(|r| (r.as_str().to_string(), json!(table.removed(*r))))
@@ -139,6 +148,11 @@ pub fn statistics(node: &Node) -> Value {
         "heartbeats": driver,
         "sync": sync,
         "sessions": {
+            "live": live,
+            "capacity": capacity,
+            // One timer entry per session, always (a growing gap is a bug).
+            "wheel_entries": wheel_entries,
+            "reserved_nat_ports": reserved_ports,
             "inserted_local": table.inserted_local,
             "inserted_peer": table.inserted_peer,
             "updated_peer": table.updated_peer,
@@ -299,6 +313,21 @@ pub async fn metrics(node: &Node) -> String {
             "",
             stats["dataplane"][k].as_u64().unwrap_or(0),
         );
+    }
+    for (k, v) in stats["sessions"].as_object().into_iter().flatten() {
+        match v.as_object() {
+            // Removals by reason.
+            Some(by) => {
+                for (reason, n) in by {
+                    line(
+                        &format!("sessions_{k}"),
+                        &format!("reason=\"{reason}\""),
+                        n.as_u64().unwrap_or(0),
+                    );
+                }
+            }
+            None => line(&format!("sessions_{k}"), "", v.as_u64().unwrap_or(0)),
+        }
     }
     let f = node.fabric_stats.snapshot();
     for (i, link) in ["fab0", "fab1"].iter().enumerate() {
