@@ -290,24 +290,17 @@ impl Core {
         }
     }
 
-    /// The flow key `process` will look a frame up by, if it has one.
+    /// The flow key `process` will look a frame up by, if it has one: the
+    /// same parse and the same key as the IP path.
     fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
         let ifc = self.cfg.iface(ingress)?;
         let eth = packet::parse_eth(f).ok().filter(|e| e.vlan.is_none())?;
-        let ip = match eth.ethertype {
-            packet::ETHERTYPE_IPV4 => packet::parse_ipv4(f, ETH_HLEN).ok()?,
-            packet::ETHERTYPE_IPV6 => packet::parse_ipv6(f, ETH_HLEN).ok()?,
-            _ => return None,
-        };
-        let (src_port, dst_port) = packet::ports(f, &ip).ok()?;
-        Some(SessionKey {
-            src: Addr(ip.src),
-            dst: Addr(ip.dst),
-            src_port,
-            dst_port,
-            proto: ip.proto,
-            zone: ifc.zone,
-        })
+        if eth.ethertype != packet::ETHERTYPE_IPV4 && eth.ethertype != packet::ETHERTYPE_IPV6 {
+            return None;
+        }
+        let ip = parse_ip(f, eth.ethertype).ok()?;
+        let ports = packet::ports(f, &ip).ok()?;
+        Some(packet_key(&ip, ports, ifc))
     }
 
     /// Processes one frame that arrived on `ingress`.
@@ -390,12 +383,7 @@ impl Core {
     // ----- IP ------------------------------------------------------------
 
     fn ip(&mut self, f: &mut [u8], ifc: &Iface, ethertype: u16, now: Millis) -> Verdict {
-        let parsed = if ethertype == packet::ETHERTYPE_IPV4 {
-            packet::parse_ipv4(f, ETH_HLEN)
-        } else {
-            packet::parse_ipv6(f, ETH_HLEN)
-        };
-        let mut ip = match parsed {
+        let mut ip = match parse_ip(f, ethertype) {
             Ok(ip) => ip,
             Err(ParseError::Fragment) => return self.drop(DropReason::Fragment),
             Err(_) => return self.drop(DropReason::Malformed),
@@ -414,21 +402,14 @@ impl Core {
                 _ => {}
             }
         }
-        let (sport, dport) = match packet::ports(f, &ip) {
+        let ports = match packet::ports(f, &ip) {
             Ok(p) => p,
             Err(_) => return self.drop(DropReason::Malformed),
         };
         if (ip.proto == proto::ICMP || ip.proto == proto::ICMPV6) && packet::is_icmp_error(f, &ip) {
             return self.icmp_error(f, &mut ip, ifc, now);
         }
-        let key = SessionKey {
-            src: Addr(ip.src),
-            dst,
-            src_port: sport,
-            dst_port: dport,
-            proto: ip.proto,
-            zone: ifc.zone,
-        };
+        let key = packet_key(&ip, ports, ifc);
         let hit = {
             let t = lock(&self.table);
             t.lookup(&key).map(|(handle, dir)| Hit { handle, dir })
@@ -1088,6 +1069,27 @@ fn build_ns(mac: Mac, src: &Addr, target: &Addr) -> Vec<u8> {
     m[26..32].copy_from_slice(&mac);
     icmp6_checksum(&mut f, len);
     f
+}
+
+/// The IP header of a frame whose ethertype is IPv4 or IPv6.
+fn parse_ip(f: &[u8], ethertype: u16) -> Result<Ip, ParseError> {
+    if ethertype == packet::ETHERTYPE_IPV4 {
+        packet::parse_ipv4(f, ETH_HLEN)
+    } else {
+        packet::parse_ipv6(f, ETH_HLEN)
+    }
+}
+
+/// A packet's session key: as it arrived, in its ingress zone.
+fn packet_key(ip: &Ip, (src_port, dst_port): (u16, u16), ingress: &Iface) -> SessionKey {
+    SessionKey {
+        src: Addr(ip.src),
+        dst: Addr(ip.dst),
+        src_port,
+        dst_port,
+        proto: ip.proto,
+        zone: ingress.zone,
+    }
 }
 
 #[cfg(test)]

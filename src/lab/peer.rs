@@ -320,6 +320,29 @@ fn has_vip(n: usize) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("10.1.0.1/"))
 }
 
+/// An event's outcome on the peer stack: waits (10 s at most) for `cond`
+/// (the takeover), lets traffic run 3 s more, and returns the time from
+/// `t0` to the takeover, the largest probe gap since `t0` and, if traffic
+/// stopped, a note saying so (reported, not fatal: the comparison records
+/// what the peer stack lost).
+fn takeover(
+    traffic: &Traffic,
+    t0: Instant,
+    what: &str,
+    after: &str,
+    cond: impl Fn() -> bool,
+) -> Result<(Duration, f64, String), String> {
+    wait_until(what, Duration::from_secs(10), cond)?;
+    let took = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let note = traffic
+        .check_flowing(&format!("peer stack, {after}"))
+        .err()
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    Ok((took, traffic.largest_gap_since(t0), note))
+}
+
 fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<(), String> {
     let start = Instant::now();
     while !cond() {
@@ -402,23 +425,16 @@ fn measure() -> Result<Vec<Figure>, String> {
     ));
     let t1 = Instant::now();
     write(&format!("{DIR}/ka{first}.fault"), "1\n")?;
-    wait_until(
+    let (decided, manual_gap, note) = takeover(
+        &traffic,
+        t1,
         "the backup to take the VIPs",
-        Duration::from_secs(10),
+        "after the manual failover",
         || has_vip(second),
     )?;
-    let decided = t1.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    let manual_flowing = traffic.check_flowing("peer stack, after the manual failover");
-    let manual_gap = traffic.largest_gap_since(t1);
     step(&format!(
-        "peer: VIPs moved in {} ms; largest probe gap {manual_gap:.1} ms{}",
-        decided.as_millis(),
-        manual_flowing
-            .as_ref()
-            .err()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default()
+        "peer: VIPs moved in {} ms; largest probe gap {manual_gap:.1} ms{note}",
+        decided.as_millis()
     ));
     fig(
         "conntrackd_manual_failover_decision_ms",
@@ -456,27 +472,20 @@ fn measure() -> Result<Vec<Figure>, String> {
     // otherwise exit gracefully with a priority-0 advert: not a crash).
     kill_all_in(NODES[second]);
     daemons[second].kill();
-    wait_until(
+    let (took, crash_gap, note) = takeover(
+        &traffic,
+        t2,
         "the survivor to take the VIPs",
-        Duration::from_secs(10),
+        "after the crash",
         || has_vip(first),
     )?;
-    let takeover = t2.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    let crash_flowing = traffic.check_flowing("peer stack, after the crash");
-    let crash_gap = traffic.largest_gap_since(t2);
     step(&format!(
-        "peer: node{first} took the VIPs in {} ms; largest probe gap {crash_gap:.1} ms{}",
-        takeover.as_millis(),
-        crash_flowing
-            .as_ref()
-            .err()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default()
+        "peer: node{first} took the VIPs in {} ms; largest probe gap {crash_gap:.1} ms{note}",
+        took.as_millis()
     ));
     fig(
         "conntrackd_crash_takeover_ms",
-        takeover.as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e3,
         "ms",
     );
     fig("conntrackd_crash_failover_gap_ms", crash_gap, "ms");

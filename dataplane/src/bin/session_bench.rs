@@ -297,18 +297,21 @@ fn main() {
     let churn_ops = n.min(1_000_000);
     let mut oldest: std::collections::VecDeque<_> = table.iter().map(|(h, _)| h).collect();
     let mut next_id = n as u32;
-    let churn = median(args.rounds, || {
+    // `ahead`: what a batch remover (expiry, a peer's delete batch) does,
+    // start the loads of operations a few ahead; without it, one operation
+    // at a time (a caller that cannot batch), as context.
+    let mut churn_round = |ahead: bool| {
         let start = Instant::now();
         for _ in 0..churn_ops {
-            // What a batch remover (expiry, a peer's delete batch) does:
-            // start the loads of removals a few ahead.
-            if let Some(&ahead) = oldest.get(8) {
-                table.prefetch_record(ahead);
+            if ahead {
+                if let Some(&h) = oldest.get(8) {
+                    table.prefetch_record(h);
+                }
+                if let Some(&h) = oldest.get(4) {
+                    table.prefetch_for_remove(h);
+                }
+                table.prefetch_for_insert(&session(next_id + 4));
             }
-            if let Some(&ahead) = oldest.get(4) {
-                table.prefetch_for_remove(ahead);
-            }
-            table.prefetch_for_insert(&session(next_id + 4));
             let h = oldest.pop_front().expect("table is full");
             table.remove(h, RemoveReason::Closed).expect("live handle");
             let h = table.insert(session(next_id), now).expect("freed slot");
@@ -316,21 +319,10 @@ fn main() {
             oldest.push_back(h);
         }
         ns_per(start, churn_ops)
-    });
+    };
+    let churn = median(args.rounds, || churn_round(true));
     out.emit("insert_delete_churn_ns", churn, "ns");
-    // The same churn one operation at a time, nothing started ahead (a
-    // caller that cannot batch): context for the figure above.
-    let serial = median(args.rounds, || {
-        let start = Instant::now();
-        for _ in 0..churn_ops {
-            let h = oldest.pop_front().expect("table is full");
-            table.remove(h, RemoveReason::Closed).expect("live handle");
-            let h = table.insert(session(next_id), now).expect("freed slot");
-            next_id += 1;
-            oldest.push_back(h);
-        }
-        ns_per(start, churn_ops)
-    });
+    let serial = median(args.rounds, || churn_round(false));
     out.emit("insert_delete_churn_serial_ns", serial, "ns");
     drop(oldest);
 

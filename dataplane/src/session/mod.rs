@@ -911,11 +911,9 @@ impl SessionTable {
     /// forward entry, RG membership, then the slot. Nothing between the
     /// first and last step can observe a partial session (`&mut self`).
     fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
-        let (owner_rg, rg_slot) = {
-            let r = &self.slab[h as usize];
-            (r.owner_rg, r.rg_slot)
-        };
-        let probes = self.start_removal_loads(&self.slab[h as usize]);
+        let r = &self.slab[h as usize];
+        let (owner_rg, rg_slot) = (r.owner_rg, r.rg_slot);
+        let probes = self.start_removal_loads(r);
         if let Some((b, tag)) = probes.nat {
             self.nat.remove(tag, h);
             self.ports.release(b);
@@ -1080,20 +1078,20 @@ impl SessionTable {
         mark: Option<BulkMark>,
     ) -> UpsertTally {
         const AHEAD: usize = 8;
-        const RING: usize = 16;
-        let mut ring = [Probes::default(); RING];
-        for (i, s) in sessions.iter().take(AHEAD).enumerate() {
-            ring[i] = Probes::of(&s.key, &s.reverse);
-            self.start_insert_loads(&ring[i]);
-        }
+        // Probes of the sessions between the one applied and the one
+        // whose loads were just started.
+        let mut ring = [Probes::default(); AHEAD + 1];
         let mut tally = UpsertTally::default();
-        for (i, s) in sessions.iter().enumerate() {
-            if let Some(ahead) = sessions.get(i + AHEAD) {
-                let p = Probes::of(&ahead.key, &ahead.reverse);
+        for next in 0..sessions.len() + AHEAD {
+            if let Some(s) = sessions.get(next) {
+                let p = Probes::of(&s.key, &s.reverse);
                 self.start_insert_loads(&p);
-                ring[(i + AHEAD) % RING] = p;
+                ring[next % ring.len()] = p;
             }
-            let res = self.try_peer_upsert(s, &ring[i % RING], now, mark);
+            let Some(i) = next.checked_sub(AHEAD) else {
+                continue;
+            };
+            let res = self.try_peer_upsert(&sessions[i], &ring[i % ring.len()], now, mark);
             match self.count_peer_upsert(res) {
                 Ok(_) => tally.applied += 1,
                 Err(_) => tally.refused += 1,
