@@ -195,30 +195,43 @@ impl RgReceiver {
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(b.rg)?;
-        // Validate the whole batch before applying any of it.
         let mut ops = std::mem::take(&mut self.ops);
         ops.clear();
-        let decoded = RecordReader::new(&b.records, b.count)
-            .try_for_each(|r| r.map(|r| ops.push(r)))
-            .map_err(RxError::Invalid);
-        if let Err(e) = decoded {
-            self.ops = ops;
-            return Err(e);
+        let result = self
+            .decode_batch(b, &mut ops)
+            .and_then(|()| self.apply_batch(b, &ops, table, local_primary, now));
+        self.ops = ops;
+        result
+    }
+
+    /// A batch's records, all validated before any is applied: upserts of
+    /// this RG's sessions and deletes.
+    fn decode_batch(&self, b: &pb::DeltaBatch, ops: &mut Vec<Record>) -> Result<(), RxError> {
+        for r in RecordReader::new(&b.records, b.count) {
+            let r = r.map_err(RxError::Invalid)?;
+            if let Record::Upsert(s) = &r
+                && s.owner_rg != self.rg
+            {
+                return Err(RxError::Invalid(WireError(format!(
+                    "session of {} on the {} stream",
+                    s.owner_rg, self.rg
+                ))));
+            }
+            ops.push(r);
         }
+        Ok(())
+    }
+
+    fn apply_batch(
+        &mut self,
+        b: &pb::DeltaBatch,
+        ops: &[Record],
+        table: &mut SessionTable,
+        local_primary: bool,
+        now: Millis,
+    ) -> Result<Vec<Msg>, RxError> {
         let n = ops.len() as u64;
-        if let Some(Record::Upsert(s)) = ops
-            .iter()
-            .find(|o| matches!(o, Record::Upsert(s) if s.owner_rg != self.rg))
-        {
-            let e = WireError(format!(
-                "session of {} on the {} stream",
-                s.owner_rg, self.rg
-            ));
-            self.ops = ops;
-            return Err(RxError::Invalid(e));
-        }
         if !self.admit(b.epoch, local_primary, n) {
-            self.ops = ops;
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
@@ -226,7 +239,6 @@ impl RgReceiver {
         match self.expected {
             Some(e) if b.first_seq + n <= e => {
                 add(&self.stats.dropped_duplicate, n);
-                self.ops = ops;
                 return Ok(vec![self.ack(e - 1)]);
             }
             Some(e) if b.first_seq < e => {
@@ -260,8 +272,6 @@ impl RgReceiver {
         }
         add(&self.stats.deltas_applied, applied);
         add(&self.stats.dropped_apply_refused, refused);
-        ops.clear();
-        self.ops = ops;
         match &mut self.expected {
             Some(e) => {
                 *e = b.first_seq + n;
