@@ -1,46 +1,61 @@
-//! The AF_XDP I/O shell: one socket per dataplane port, all on one UMEM,
-//! so a frame received on one port is transmitted on another without a
-//! copy. One worker thread runs the packet core over batches of frames.
+//! The AF_XDP I/O shell of one worker: one socket per (port, RX queue)
+//! the worker serves, all on the worker's own UMEM, so a frame received on
+//! one port is transmitted on another without a copy and no frame is ever
+//! shared between threads. The worker runs its [`Worker`] over each
+//! socket's received batch.
 //!
-//! Bounds: the UMEM holds `frames_per_port` frames per port (4 KiB each).
-//! Each port keeps half of its share in its fill ring; the rest serves
-//! transmissions and frames the core builds (ARP, NA, GARP). When no frame
-//! is free, a built frame is dropped and counted (`tx_no_frame`); when a TX
-//! ring is full the frame is dropped and counted (`tx_ring_full`).
+//! Bounds: the UMEM holds `frames_per_socket` frames per socket (4 KiB
+//! each). Each socket keeps half of its share in its fill ring; the rest
+//! serves transmissions and frames the core builds (ARP, NA, GARP). When
+//! no frame is free, a built frame is dropped and counted (`tx_no_frame`);
+//! when a TX ring is full the frame is dropped and counted
+//! (`tx_ring_full`).
+//!
+//! A worker transmits on a port through its own socket on that port. A
+//! port with fewer queues than there are workers leaves some workers with
+//! no socket on it; those hand such frames (copied) to the worker serving
+//! the port's queue 0 through a bounded queue ([`HANDOFF_CAPACITY`]; full:
+//! dropped and counted as `handoff_dropped`).
 //!
 //! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
 //! most 32 descriptors per kick, so TX goes out in chunks of 32.
 
-use crate::core::{Core, Verdict};
-use crate::session::{Clock, InterfaceId};
-use crate::xdp::{AttachMode, PortMode, XdpAttachment, XdpCounters};
+use crate::core::{Arrival, Verdict};
+use crate::session::{Clock, InterfaceId, Millis};
+use crate::worker::{FrameBurst, Worker};
+use crate::xdp::{PortMode, XdpMaps};
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use tandem_fabric::header as fabric_header;
 use tandem_proto::{RgId, RoleMap};
 use tracing::{info, warn};
 use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
 /// Largest batch of frames taken from one RX ring at a time.
 pub const BATCH: usize = 64;
 /// Descriptors per TX kick (the copy-mode transmit limit).
 const KICK: usize = 32;
+/// Frames one worker may have queued for another's port.
+pub const HANDOFF_CAPACITY: usize = 1024;
 
+/// One socket a worker opens: RX queue `queue` of `device`, at `key` in
+/// the XDP program's socket map.
 #[derive(Clone, Debug)]
-pub struct PortSpec {
+pub struct SocketSpec {
     pub iface: InterfaceId,
     pub device: String,
     pub mode: PortMode,
+    pub queue: u32,
+    pub key: u32,
 }
 
 #[derive(Clone, Debug)]
 pub struct AfXdpConfig {
-    pub frames_per_port: u32,
-    pub attach: AttachMode,
+    pub frames_per_socket: u32,
     /// Try zero-copy first (drivers that support it); veth does not.
     pub zero_copy: bool,
 }
@@ -48,8 +63,7 @@ pub struct AfXdpConfig {
 impl Default for AfXdpConfig {
     fn default() -> Self {
         AfXdpConfig {
-            frames_per_port: 4096,
-            attach: AttachMode::Auto,
+            frames_per_socket: 2048,
             zero_copy: false,
         }
     }
@@ -66,7 +80,8 @@ impl std::fmt::Display for AfXdpError {
 
 impl std::error::Error for AfXdpError {}
 
-/// I/O counters of the shell (the core counts forwarding decisions).
+/// I/O counters of one worker's shell (the core counts forwarding
+/// decisions).
 #[derive(Debug, Default)]
 pub struct IoStats {
     pub rx_frames: AtomicU64,
@@ -75,6 +90,40 @@ pub struct IoStats {
     pub tx_no_frame: AtomicU64,
     pub fabric_unhandled: AtomicU64,
     pub wakeup_errors: AtomicU64,
+    pub handoff_sent: AtomicU64,
+    pub handoff_received: AtomicU64,
+    pub handoff_dropped: AtomicU64,
+    /// Frames for a port nobody can transmit on (no socket, no handoff).
+    pub tx_no_socket: AtomicU64,
+    /// Kernel drops on this worker's sockets (XDP_STATISTICS, summed):
+    /// RX ring full and fill ring empty.
+    pub kernel_rx_dropped: AtomicU64,
+    pub kernel_rx_ring_full: AtomicU64,
+    pub kernel_fill_ring_empty: AtomicU64,
+}
+
+impl IoStats {
+    /// Adds `other`'s counts to `self` (merging workers for display).
+    pub fn add(&self, o: &IoStats) {
+        let pairs = [
+            (&self.rx_frames, &o.rx_frames),
+            (&self.tx_frames, &o.tx_frames),
+            (&self.tx_ring_full, &o.tx_ring_full),
+            (&self.tx_no_frame, &o.tx_no_frame),
+            (&self.fabric_unhandled, &o.fabric_unhandled),
+            (&self.wakeup_errors, &o.wakeup_errors),
+            (&self.handoff_sent, &o.handoff_sent),
+            (&self.handoff_received, &o.handoff_received),
+            (&self.handoff_dropped, &o.handoff_dropped),
+            (&self.tx_no_socket, &o.tx_no_socket),
+            (&self.kernel_rx_dropped, &o.kernel_rx_dropped),
+            (&self.kernel_rx_ring_full, &o.kernel_rx_ring_full),
+            (&self.kernel_fill_ring_empty, &o.kernel_fill_ring_empty),
+        ];
+        for (a, b) in pairs {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Where the fabric layer sends a frame: a fabric port, and the bytes
@@ -125,10 +174,22 @@ impl FabricHook for NoFabric {
     }
 }
 
-struct Port {
-    iface: InterfaceId,
-    device: String,
-    mode: PortMode,
+/// A frame one worker hands another for transmission on `iface`.
+pub type Handoff = (InterfaceId, Vec<u8>);
+
+/// What a worker's loop reports and obeys, shared with its supervisor.
+#[derive(Debug, Default)]
+pub struct WorkerLink {
+    /// Clock time (ms) of the worker's last loop iteration: a worker whose
+    /// heartbeat stops is hung.
+    pub heartbeat: AtomicU64,
+    /// Frames consumed from each of the worker's sockets, in the order of
+    /// its specs (health: redirected to a socket but never consumed).
+    pub socket_rx: Vec<AtomicU64>,
+}
+
+struct Socket {
+    spec: SocketSpec,
     tx: TxQueue,
     rx: RxQueue,
     fq: FillQueue,
@@ -138,28 +199,71 @@ struct Port {
     fill_target: usize,
 }
 
+/// Where this worker transmits on an interface.
+#[derive(Clone)]
+enum TxRoute {
+    Socket(usize),
+    Handoff(mpsc::SyncSender<Handoff>),
+    None,
+}
+
+/// One worker's sockets, UMEM and frame pool.
 pub struct AfXdp {
     umem: Umem,
     free: Vec<FrameDesc>,
-    ports: Vec<Port>,
-    /// Port index by interface id.
-    by_iface: Vec<Option<usize>>,
-    xdp: XdpAttachment,
+    sockets: Vec<Socket>,
+    /// Transmit route by interface id.
+    routes: Vec<TxRoute>,
+    /// Frames other workers handed this one.
+    inbox: Option<mpsc::Receiver<Handoff>>,
     pub io: Arc<IoStats>,
 }
 
+/// The frames of one received batch, as the core's driver takes them.
+struct XskBurst<'a> {
+    umem: &'a Umem,
+    descs: &'a mut [FrameDesc],
+    arrivals: &'a [Arrival],
+}
+
+impl FrameBurst for XskBurst<'_> {
+    fn len(&self) -> usize {
+        self.arrivals.len()
+    }
+
+    fn frame(&mut self, i: usize) -> (&mut [u8], Arrival) {
+        // SAFETY: the descriptor was consumed from an RX ring (or belongs to
+        // the pool) and is this worker's alone until queued or freed; the
+        // UMEM outlives the burst, and each frame is lent once per borrow.
+        let mut data = unsafe { self.umem.data_mut(&mut self.descs[i]) };
+        let c = data.contents_mut();
+        let (ptr, len) = (c.as_mut_ptr(), c.len());
+        // SAFETY: `ptr..ptr+len` is the frame's data in the UMEM mapping
+        // (see above); the returned borrow is tied to `&mut self`.
+        (unsafe { std::slice::from_raw_parts_mut(ptr, len) }, self.arrivals[i])
+    }
+}
+
 impl AfXdp {
-    /// Loads the XDP program on every port's device and binds a socket to
-    /// queue 0 of each (one queue per veth; see the module doc).
-    pub fn open(specs: &[PortSpec], cfg: &AfXdpConfig) -> Result<AfXdp, AfXdpError> {
+    /// Binds one socket per spec on a new UMEM and registers each in the
+    /// XDP program's socket map. `routes_to` says, for interfaces this
+    /// worker has no socket on, which other worker's inbox takes its
+    /// frames; `inbox` is this worker's own.
+    pub fn open(
+        specs: &[SocketSpec],
+        cfg: &AfXdpConfig,
+        maps: &XdpMaps,
+        routes_to: &[(InterfaceId, mpsc::SyncSender<Handoff>)],
+        inbox: Option<mpsc::Receiver<Handoff>>,
+    ) -> Result<AfXdp, AfXdpError> {
         if specs.is_empty() {
-            return Err(AfXdpError("no dataplane ports".into()));
+            return Err(AfXdpError("a worker with no sockets".into()));
         }
         let e = |what: &str| {
             let what = what.to_string();
             move |err: &dyn std::fmt::Display| AfXdpError(format!("{what}: {err}"))
         };
-        let total = cfg.frames_per_port.saturating_mul(specs.len() as u32);
+        let total = cfg.frames_per_socket.saturating_mul(specs.len() as u32);
         let umem_cfg = UmemConfig::builder()
             .fill_queue_size(QueueSize::new(2048).map_err(|x| e("fill queue size")(&x))?)
             .comp_queue_size(QueueSize::new(2048).map_err(|x| e("completion queue size")(&x))?)
@@ -171,14 +275,7 @@ impl AfXdp {
             false,
         )
         .map_err(|x| e("creating the UMEM (memlock limit? run as root)")(&x))?;
-        let mut indexes = Vec::new();
-        for (slot, s) in specs.iter().enumerate() {
-            let ifindex = crate::os::ifindex(&s.device)
-                .map_err(|x| e(&format!("interface {}", s.device))(&x))?;
-            indexes.push((ifindex, s.mode, slot as u32));
-        }
-        let xdp = XdpAttachment::attach(&indexes, cfg.attach).map_err(|x| AfXdpError(x.0))?;
-        let mut ports = Vec::new();
+        let mut sockets = Vec::new();
         for s in specs {
             let iface = Interface::new(
                 std::ffi::CString::new(s.device.clone()).map_err(|x| e("device name")(&x))?,
@@ -197,62 +294,85 @@ impl AfXdp {
                     .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
                     .bind_flags(*m | BindFlags::XDP_USE_NEED_WAKEUP)
                     .build();
-                // SAFETY: each (device, queue 0) is bound once, and our own
+                // SAFETY: each (device, queue) is bound once, and our own
                 // program is attached (INHIBIT_PROG_LOAD is set).
-                match unsafe { Socket::new(sock_cfg, &umem, &iface, 0) } {
+                match unsafe { xsk_rs::Socket::new(sock_cfg, &umem, &iface, s.queue) } {
                     Ok(x) => {
-                        info!(device = %s.device, copy = m.bits() == BindFlags::XDP_COPY.bits(), "AF_XDP socket bound");
+                        info!(device = %s.device, queue = s.queue,
+                            copy = m.bits() == BindFlags::XDP_COPY.bits(), "AF_XDP socket bound");
                         made = Some(x);
                         break;
                     }
                     Err(err) => last_err = err.to_string(),
                 }
             }
-            let (tx, rx, rings) = made
-                .ok_or_else(|| AfXdpError(format!("AF_XDP socket on {}: {last_err}", s.device)))?;
-            let (fq, cq) = rings
-                .ok_or_else(|| AfXdpError(format!("{}: no fill/completion rings", s.device)))?;
-            ports.push(Port {
-                iface: s.iface,
-                device: s.device.clone(),
-                mode: s.mode,
+            let (tx, rx, rings) = made.ok_or_else(|| {
+                AfXdpError(format!(
+                    "AF_XDP socket on {} queue {}: {last_err}",
+                    s.device, s.queue
+                ))
+            })?;
+            let (fq, cq) = rings.ok_or_else(|| {
+                AfXdpError(format!(
+                    "{} queue {}: no fill/completion rings",
+                    s.device, s.queue
+                ))
+            })?;
+            sockets.push(Socket {
+                spec: s.clone(),
                 tx,
                 rx,
                 fq,
                 cq,
                 pending: Vec::with_capacity(BATCH),
                 in_fill: 0,
-                fill_target: (cfg.frames_per_port / 2) as usize,
+                fill_target: (cfg.frames_per_socket / 2) as usize,
             });
         }
-        for (slot, p) in ports.iter().enumerate() {
-            xdp.set_socket(slot as u32, p.rx.fd())
+        for s in &sockets {
+            maps.set_socket(s.spec.key, s.rx.fd())
                 .map_err(|x| AfXdpError(x.0))?;
         }
-        let max_iface = specs.iter().map(|s| s.iface.0 as usize).max().unwrap_or(0);
-        let mut by_iface = vec![None; max_iface + 1];
-        for (i, s) in specs.iter().enumerate() {
-            by_iface[s.iface.0 as usize] = Some(i);
+        let max_iface = specs
+            .iter()
+            .map(|s| s.iface.0)
+            .chain(routes_to.iter().map(|(i, _)| i.0))
+            .max()
+            .unwrap_or(0) as usize;
+        let mut routes = vec![TxRoute::None; max_iface + 1];
+        for (iface, tx) in routes_to {
+            routes[iface.0 as usize] = TxRoute::Handoff(tx.clone());
+        }
+        // The first socket on a port transmits for it.
+        for (i, s) in sockets.iter().enumerate().rev() {
+            routes[s.spec.iface.0 as usize] = TxRoute::Socket(i);
         }
         free.reverse();
         let mut this = AfXdp {
             umem,
             free,
-            ports,
-            by_iface,
-            xdp,
+            sockets,
+            routes,
+            inbox,
             io: Arc::default(),
         };
         this.refill();
         Ok(this)
     }
 
-    pub fn xdp_counters(&self) -> XdpCounters {
-        self.xdp.counters()
+    pub fn specs(&self) -> impl Iterator<Item = &SocketSpec> {
+        self.sockets.iter().map(|s| &s.spec)
+    }
+
+    /// Takes this worker's sockets out of the XDP program's map.
+    pub fn unregister(&self, maps: &XdpMaps) {
+        for s in &self.sockets {
+            maps.clear_socket(s.spec.key);
+        }
     }
 
     fn refill(&mut self) {
-        for p in &mut self.ports {
+        for p in &mut self.sockets {
             let want = p.fill_target.saturating_sub(p.in_fill).min(self.free.len());
             if want == 0 {
                 continue;
@@ -266,14 +386,20 @@ impl AfXdp {
         }
     }
 
-    fn queue_tx(&mut self, port: usize, d: FrameDesc) {
-        self.ports[port].pending.push(d);
-    }
-
-    /// Copies a frame the core built into a free UMEM frame and queues it.
-    fn send_built(&mut self, iface: InterfaceId, frame: &[u8]) {
-        let Some(port) = self.port_of(iface) else {
-            return;
+    /// Copies a frame into a free UMEM frame and queues it on `iface`
+    /// (frames the core built, frames handed over by other workers).
+    fn send_copy(&mut self, iface: InterfaceId, frame: &[u8]) {
+        let route = self.route(iface);
+        let sock = match route {
+            TxRoute::Socket(s) => s,
+            TxRoute::Handoff(tx) => {
+                self.hand_off(&tx, iface, frame);
+                return;
+            }
+            TxRoute::None => {
+                self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         };
         let Some(mut d) = self.free.pop() else {
             self.io.tx_no_frame.fetch_add(1, Ordering::Relaxed);
@@ -287,18 +413,35 @@ impl AfXdp {
             self.free.push(d);
             return;
         }
-        self.queue_tx(port, d);
+        self.sockets[sock].pending.push(d);
     }
 
-    fn port_of(&self, iface: InterfaceId) -> Option<usize> {
-        self.by_iface.get(iface.0 as usize).copied().flatten()
+    fn hand_off(&self, tx: &mpsc::SyncSender<Handoff>, iface: InterfaceId, frame: &[u8]) {
+        match tx.try_send((iface, frame.to_vec())) {
+            Ok(()) => self.io.handoff_sent.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.io.handoff_dropped.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    fn route(&self, iface: InterfaceId) -> TxRoute {
+        self.routes
+            .get(iface.0 as usize)
+            .cloned()
+            .unwrap_or(TxRoute::None)
+    }
+
+    fn socket_of(&self, iface: InterfaceId) -> Option<usize> {
+        match self.routes.get(iface.0 as usize) {
+            Some(TxRoute::Socket(s)) => Some(*s),
+            _ => None,
+        }
     }
 
     fn flush_tx(&mut self) {
-        for i in 0..self.ports.len() {
-            let pending = std::mem::take(&mut self.ports[i].pending);
+        for i in 0..self.sockets.len() {
+            let pending = std::mem::take(&mut self.sockets[i].pending);
             for chunk in pending.chunks(KICK) {
-                let p = &mut self.ports[i];
+                let p = &mut self.sockets[i];
                 // SAFETY: every queued descriptor's frame is owned by the
                 // worker and not touched again until its completion.
                 let n = match unsafe { p.tx.produce_and_wakeup(chunk) } {
@@ -319,12 +462,12 @@ impl AfXdp {
             }
             let mut recycled = pending;
             recycled.clear();
-            self.ports[i].pending = recycled;
+            self.sockets[i].pending = recycled;
         }
     }
 
     fn reap_completions(&mut self, scratch: &mut [FrameDesc]) {
-        for p in &mut self.ports {
+        for p in &mut self.sockets {
             loop {
                 // SAFETY: completed descriptors are handed back to us.
                 let n = unsafe { p.cq.consume(scratch) };
@@ -336,10 +479,28 @@ impl AfXdp {
         }
     }
 
-    /// Waits up to `timeout` for any port to have frames.
+    /// Reads the kernel's per-socket drop counters into `io` (absolute
+    /// sums over this worker's sockets).
+    fn read_kernel_stats(&self) {
+        let (mut dropped, mut full, mut empty) = (0, 0, 0);
+        for s in &self.sockets {
+            if let Ok(st) = s.rx.fd().xdp_statistics() {
+                dropped += st.rx_dropped();
+                full += st.rx_ring_full();
+                empty += st.rx_fill_ring_empty_descs();
+            }
+        }
+        self.io.kernel_rx_dropped.store(dropped, Ordering::Relaxed);
+        self.io.kernel_rx_ring_full.store(full, Ordering::Relaxed);
+        self.io
+            .kernel_fill_ring_empty
+            .store(empty, Ordering::Relaxed);
+    }
+
+    /// Waits up to `timeout` for any socket to have frames.
     fn wait(&self, timeout: Duration) {
         let mut fds: Vec<libc::pollfd> = self
-            .ports
+            .sockets
             .iter()
             .map(|p| libc::pollfd {
                 fd: p.rx.fd().as_raw_fd(),
@@ -357,134 +518,176 @@ impl AfXdp {
         };
     }
 
-    /// Runs the worker until `stop` is set. Expires sessions every 100 ms
-    /// and announces (GARP/NA) every RG that became primary.
+    /// Runs the worker until `stop` is set. With `announce`, sends GARP/NA
+    /// for every RG that becomes primary (one worker per node does).
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
-        core: &mut Core,
-        roles: &arc_swap::ArcSwap<RoleMap>,
+        worker: &mut Worker,
         fabric: &mut dyn FabricHook,
         clock: &Clock,
         stop: &AtomicBool,
+        link: &WorkerLink,
+        announce: bool,
     ) {
         let mut descs = vec![FrameDesc::default(); BATCH];
         let mut scratch = vec![FrameDesc::default(); BATCH];
-        let mut last_expire = clock();
-        let mut last_roles = roles.load_full();
-        for (rg, r) in last_roles.iter() {
-            if r.primary {
-                core.announce(*rg);
-            }
-        }
+        let mut arrivals: Vec<Arrival> = Vec::with_capacity(BATCH);
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(BATCH);
+        let roles = worker.shared().roles.clone();
+        let mut last_roles: Arc<RoleMap> = Arc::new(RoleMap::new());
+        let mut last_stats = Millis(0);
         while !stop.load(Ordering::Relaxed) {
             let now = clock();
+            link.heartbeat.store(now.0, Ordering::Relaxed);
+            if announce {
+                let current = roles.load_full();
+                if !Arc::ptr_eq(&current, &last_roles) {
+                    for (rg, r) in current.iter() {
+                        let was = last_roles
+                            .get(rg)
+                            .is_some_and(|o| o.primary && o.epoch == r.epoch);
+                        if r.primary && !was {
+                            worker.announce(*rg);
+                        }
+                    }
+                    last_roles = current;
+                }
+            }
             let mut received = 0;
-            for pi in 0..self.ports.len() {
+            for si in 0..self.sockets.len() {
                 // SAFETY: descriptors consumed from RX are ours until we
                 // queue them for TX or fill.
-                let n = unsafe { self.ports[pi].rx.consume(&mut descs) };
+                let n = unsafe { self.sockets[si].rx.consume(&mut descs) };
+                if n == 0 {
+                    continue;
+                }
                 received += n;
-                self.ports[pi].in_fill -= n.min(self.ports[pi].in_fill);
+                let s = &mut self.sockets[si];
+                s.in_fill -= n.min(s.in_fill);
+                if let Some(c) = link.socket_rx.get(si) {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 self.io.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
-                if self.ports[pi].mode != PortMode::Fabric {
-                    let iface = self.ports[pi].iface;
-                    let umem = &self.umem;
-                    // SAFETY: the descriptors were just consumed from RX:
-                    // their frames are ours and nothing writes them yet.
-                    core.prefetch_sessions(
-                        descs[..n]
-                            .iter()
-                            .map(|d| (unsafe { umem.data(d) }.contents(), iface)),
-                    );
-                }
-                for d in descs.iter_mut().take(n) {
-                    self.handle(pi, d, core, fabric, now);
-                }
+                self.batch(si, &mut descs[..n], &mut arrivals, &mut verdicts, worker, fabric, now);
             }
-            for (iface, frame) in std::mem::take(&mut core.outbox) {
-                self.send_built(iface, &frame);
+            let built = std::mem::take(worker.outbox());
+            for (iface, frame) in &built {
+                self.send_copy(*iface, frame);
             }
+            let mut recycled = built;
+            recycled.clear();
+            *worker.outbox() = recycled;
+            let handed = self.drain_inbox();
             self.flush_tx();
             self.reap_completions(&mut scratch);
             self.refill();
-            let current = roles.load_full();
-            if !Arc::ptr_eq(&current, &last_roles) {
-                for (rg, r) in current.iter() {
-                    let was = last_roles
-                        .get(rg)
-                        .is_some_and(|o| o.primary && o.epoch == r.epoch);
-                    if r.primary && !was {
-                        core.announce(*rg);
-                    }
-                }
-                last_roles = current;
+            if now.saturating_sub(last_stats) >= 1000 {
+                self.read_kernel_stats();
+                last_stats = now;
             }
-            if now.saturating_sub(last_expire) >= 100 {
-                core.expire(now);
-                last_expire = now;
-            }
-            if received == 0 && core.outbox.is_empty() {
+            if received == 0 && handed == 0 && worker.outbox().is_empty() {
                 self.wait(Duration::from_millis(1));
             }
         }
-        info!(ports = ?self.ports.iter().map(|p| &p.device).collect::<Vec<_>>(), "dataplane worker stopped");
+        self.read_kernel_stats();
+        info!(sockets = ?self.specs().map(|s| (&s.device, s.queue)).collect::<Vec<_>>(), "dataplane worker stopped");
     }
 
-    fn handle(
-        &mut self,
-        pi: usize,
-        d: &mut FrameDesc,
-        core: &mut Core,
-        fabric: &mut dyn FabricHook,
-        now: crate::session::Millis,
-    ) {
-        let iface = self.ports[pi].iface;
-        if self.ports[pi].mode == PortMode::Fabric {
-            self.handle_fabric(iface, d, core, fabric, now);
-            return;
+    fn drain_inbox(&mut self) -> usize {
+        let Some(inbox) = self.inbox.take() else {
+            return 0;
+        };
+        let mut n = 0;
+        while n < BATCH {
+            let Ok((iface, frame)) = inbox.try_recv() else {
+                break;
+            };
+            n += 1;
+            self.io.handoff_received.fetch_add(1, Ordering::Relaxed);
+            match self.socket_of(iface) {
+                Some(_) => self.send_copy(iface, &frame),
+                None => {
+                    self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
-        let mut data = unsafe { self.umem.data_mut(d) };
-        let verdict = core.process(data.contents_mut(), iface, now);
-        self.dispatch(verdict, d, pi, fabric, true);
+        self.inbox = Some(inbox);
+        n
     }
 
-    /// A frame from the peer: validated by the hook, unwrapped in place,
-    /// then processed or only transmitted.
-    fn handle_fabric(
+    /// One received batch of socket `si`: fabric frames validated and
+    /// unwrapped, then the whole batch through the worker as one burst,
+    /// then each frame sent (or freed) as its verdict says.
+    #[allow(clippy::too_many_arguments)]
+    fn batch(
         &mut self,
-        port: InterfaceId,
-        d: &mut FrameDesc,
-        core: &mut Core,
+        si: usize,
+        descs: &mut [FrameDesc],
+        arrivals: &mut Vec<Arrival>,
+        verdicts: &mut Vec<Verdict>,
+        worker: &mut Worker,
         fabric: &mut dyn FabricHook,
-        now: crate::session::Millis,
+        now: Millis,
     ) {
+        let (iface, mode) = (self.sockets[si].spec.iface, self.sockets[si].spec.mode);
+        arrivals.clear();
+        let mut kept = 0;
+        for i in 0..descs.len() {
+            let arrival = match mode {
+                PortMode::Data => Some(Arrival::Wire(iface)),
+                PortMode::Fabric => self.unwrap_fabric(&mut descs[i], iface, fabric),
+            };
+            match arrival {
+                Some(a) => {
+                    descs.swap(kept, i);
+                    arrivals.push(a);
+                    kept += 1;
+                }
+                None => self.free.push(descs[i]),
+            }
+        }
+        let descs = &mut descs[..kept];
+        worker.burst(
+            &mut XskBurst {
+                umem: &self.umem,
+                descs: &mut *descs,
+                arrivals: &arrivals[..],
+            },
+            now,
+            verdicts,
+        );
+        for i in 0..kept {
+            let reply_iface = match arrivals[i] {
+                Arrival::Wire(i) | Arrival::FabricIngress(i) | Arrival::FabricEgress(i) => i,
+            };
+            let from_wire = matches!(arrivals[i], Arrival::Wire(_));
+            self.dispatch(verdicts[i], &mut descs[i], reply_iface, fabric, from_wire);
+        }
+    }
+
+    /// A frame from the peer: validated by the hook and unwrapped in place;
+    /// `None` (counted) when the hook refuses it.
+    fn unwrap_fabric(
+        &mut self,
+        d: &mut FrameDesc,
+        port: InterfaceId,
+        fabric: &mut dyn FabricHook,
+    ) -> Option<Arrival> {
         // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
         let mut data = unsafe { self.umem.data_mut(d) };
         let Some(inbound) = fabric.arrived_on_fabric(data.contents(), port) else {
             self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
-            self.free.push(*d);
-            return;
+            return None;
         };
         let len = data.contents().len();
         data.contents_mut()
             .copy_within(fabric_header::OVERHEAD..len, 0);
         data.cursor().set_pos(len - fabric_header::OVERHEAD);
-        let (iface, verdict) = match inbound {
-            FabricInbound::Process { iface } => (
-                iface,
-                core.process_from_fabric(data.contents_mut(), iface, now),
-            ),
-            FabricInbound::Transmit { iface } => (
-                iface,
-                core.transmit_from_fabric(data.contents_mut(), iface, now),
-            ),
-        };
-        match self.port_of(iface) {
-            // A reply goes out where the frame would have come in.
-            Some(reply_port) => self.dispatch(verdict, d, reply_port, fabric, false),
-            None => self.free.push(*d),
-        }
+        Some(match inbound {
+            FabricInbound::Process { iface } => Arrival::FabricIngress(iface),
+            FabricInbound::Transmit { iface } => Arrival::FabricEgress(iface),
+        })
     }
 
     /// Sends (or frees) the frame in `d` as the core decided. A hand-off of
@@ -495,29 +698,19 @@ impl AfXdp {
         &mut self,
         verdict: Verdict,
         d: &mut FrameDesc,
-        reply_port: usize,
+        reply_iface: InterfaceId,
         fabric: &mut dyn FabricHook,
         from_wire: bool,
     ) {
         match verdict {
-            Verdict::Tx { iface: out, len } => {
-                // SAFETY: the frame in `d` is ours until queued or freed.
-                unsafe { self.umem.data_mut(d) }.cursor().set_pos(len);
-                match self.port_of(out) {
-                    Some(po) => self.queue_tx(po, *d),
-                    None => self.free.push(*d),
-                }
-            }
-            Verdict::Reply { len } => {
-                // SAFETY: as above.
-                unsafe { self.umem.data_mut(d) }.cursor().set_pos(len);
-                self.queue_tx(reply_port, *d);
-            }
+            Verdict::Tx { iface: out, len } => self.transmit(d, out, len),
+            // A reply goes out where the frame came in (for a fabric frame:
+            // where it would have).
+            Verdict::Reply { len } => self.transmit(d, reply_iface, len),
             Verdict::Fabric { rg } if from_wire => {
-                let ingress = self.ports[reply_port].iface;
-                // SAFETY: as above.
+                // SAFETY: the frame in `d` is ours until queued or freed.
                 let len = unsafe { self.umem.data(d) }.contents().len();
-                let tx = fabric.to_owner(rg, ingress);
+                let tx = fabric.to_owner(rg, reply_iface);
                 self.send_to_fabric(tx, d, len);
             }
             Verdict::FabricEgress { rg, iface, len } => {
@@ -532,10 +725,32 @@ impl AfXdp {
         }
     }
 
+    /// Queues the first `len` bytes of `d` on `out`: on this worker's own
+    /// socket without a copy, else handed (copied) to the worker that has
+    /// one.
+    fn transmit(&mut self, d: &mut FrameDesc, out: InterfaceId, len: usize) {
+        // SAFETY: the frame in `d` is ours until queued or freed.
+        let mut data = unsafe { self.umem.data_mut(d) };
+        data.cursor().set_pos(len);
+        match self.route(out) {
+            TxRoute::Socket(s) => self.sockets[s].pending.push(*d),
+            TxRoute::Handoff(tx) => {
+                // SAFETY: as above.
+                let bytes = unsafe { self.umem.data(d) }.contents();
+                self.hand_off(&tx, out, bytes);
+                self.free.push(*d);
+            }
+            TxRoute::None => {
+                self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                self.free.push(*d);
+            }
+        }
+    }
+
     /// Wraps the first `len` bytes of the frame in `d` for the fabric in
     /// place (shifted right by the prefix) and queues it on the fabric port.
     fn send_to_fabric(&mut self, tx: Option<FabricTx>, d: &mut FrameDesc, len: usize) {
-        let Some((tx, port)) = tx.and_then(|t| Some((t, self.port_of(t.port)?))) else {
+        let Some(tx) = tx else {
             self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
             self.free.push(*d);
             return;
@@ -554,13 +769,13 @@ impl AfXdp {
         let buf = data.contents_mut();
         buf.copy_within(0..len, fabric_header::OVERHEAD);
         buf[..fabric_header::OVERHEAD].copy_from_slice(&tx.prefix);
-        self.queue_tx(port, *d);
+        self.transmit(d, tx.port, total);
     }
 }
 
 impl Drop for AfXdp {
     fn drop(&mut self) {
-        if self.ports.iter().any(|p| p.in_fill > 0) {
+        if self.sockets.iter().any(|p| p.in_fill > 0) {
             warn!("dataplane stopped with frames in fill rings (freed with the UMEM)");
         }
     }

@@ -10,15 +10,25 @@
 //! Sessions of an RG this node is not primary for are not forwarded here:
 //! the verdict hands them to the fabric layer. Every drop has a reason and a
 //! counter.
+//!
+//! The core owns no shared state and does no locking, like `quinn-proto`
+//! under `quinn`: its driver (`crate::worker`) lends it, per burst, the
+//! session table (shared or exclusive, [`TableView`]), the role map and the
+//! neighbor map it loaded once ([`Env`]), and a buffer for what the burst
+//! produces besides verdicts ([`Effects`]: deltas, learned neighbors,
+//! frames to send). A frame looks its session up and uses the record under
+//! the same borrow, so nothing can remove the session in between. A frame
+//! that must change the table's structure (create a session, change its
+//! TCP state) while the burst holds only shared access returns
+//! [`NeedsExclusive`] before it has changed or counted anything, and the
+//! driver runs it again with exclusive access.
 
 use crate::config::{Compiled, Iface};
-use crate::delta::DeltaProducer;
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
     Addr, Direction, InsertError, InterfaceId, Millis, NewSession, SessionHandle, SessionKey,
-    SharedTable, SnatRequest, TcpState, lock, proto,
+    SessionTable, SnatRequest, TcpState, proto,
 };
-use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,7 +133,8 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
-/// Counters shared with the daemon (metrics, CLI).
+/// Counters of one worker's core, shared with the daemon (metrics, CLI),
+/// which sums the workers.
 #[derive(Debug)]
 pub struct CoreStats {
     pub rx: AtomicU64,
@@ -132,6 +143,10 @@ pub struct CoreStats {
     pub to_fabric: AtomicU64,
     pub sessions_created: AtomicU64,
     pub deltas_dropped: AtomicU64,
+    /// Bursts that went from shared to exclusive table access.
+    pub exclusive_bursts: AtomicU64,
+    /// Frames the core wanted to send beyond [`OUTBOX_LIMIT`] (dropped).
+    pub outbox_dropped: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Hits per policy (index = policy id - 1), and default-deny hits.
     pub policy_hits: Vec<AtomicU64>,
@@ -146,6 +161,8 @@ impl CoreStats {
             to_fabric: AtomicU64::new(0),
             sessions_created: AtomicU64::new(0),
             deltas_dropped: AtomicU64::new(0),
+            exclusive_bursts: AtomicU64::new(0),
+            outbox_dropped: AtomicU64::new(0),
             drops: Default::default(),
             policy_hits: (0..policies).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -154,28 +171,141 @@ impl CoreStats {
     pub fn dropped(&self, r: DropReason) -> u64 {
         self.drops[r as usize].load(Ordering::Relaxed)
     }
+
+    /// Adds `other`'s counts to `self` (merging workers for display).
+    pub fn add(&self, other: &CoreStats) {
+        let pairs = [
+            (&self.rx, &other.rx),
+            (&self.tx, &other.tx),
+            (&self.replies, &other.replies),
+            (&self.to_fabric, &other.to_fabric),
+            (&self.sessions_created, &other.sessions_created),
+            (&self.deltas_dropped, &other.deltas_dropped),
+            (&self.exclusive_bursts, &other.exclusive_bursts),
+            (&self.outbox_dropped, &other.outbox_dropped),
+        ];
+        let drops = self.drops.iter().zip(&other.drops);
+        let hits = self.policy_hits.iter().zip(&other.policy_hits);
+        for (a, b) in pairs.into_iter().chain(drops).chain(hits) {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// A zeroed set of counters for a config with `policies` policies.
+    pub fn zeroed(policies: usize) -> CoreStats {
+        CoreStats::new(policies)
+    }
 }
 
 /// Frames the core wants sent besides the verdicts (ARP/NS requests,
-/// gratuitous ARP / unsolicited NA). Bounded: beyond it they are dropped
-/// (resolution is retried by the next packet).
+/// gratuitous ARP / unsolicited NA), per burst. Bounded: beyond it they are
+/// dropped and counted (resolution is retried by the next packet).
 pub const OUTBOX_LIMIT: usize = 256;
 
-/// What a neighbor entry says and when it was learned.
-#[derive(Clone, Copy, Debug)]
-struct Neighbor {
-    mac: Mac,
+/// Neighbors asked for recently, per worker. Bounded: when full it is
+/// cleared (at worst a neighbor is asked for again).
+const PENDING_LIMIT: usize = 4096;
+
+/// Next-hop MACs by (interface, address), shared by a node's workers.
+pub type NeighborMap = FxHashMap<(InterfaceId, Addr), Mac>;
+
+/// How a frame reached the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// From the wire of one of this node's interfaces.
+    Wire(InterfaceId),
+    /// From the peer over the fabric, to be processed as if it had arrived
+    /// on this node's member of the interface (whose RG the peer owns).
+    FabricIngress(InterfaceId),
+    /// From the peer, already processed there (TTL decremented, NAT done),
+    /// to be transmitted on the interface: only the link layer is left.
+    FabricEgress(InterfaceId),
 }
 
+/// The session table as one burst holds it.
+pub enum TableView<'t> {
+    Shared(&'t SessionTable),
+    Exclusive(&'t mut SessionTable),
+}
+
+impl TableView<'_> {
+    fn get(&self) -> &SessionTable {
+        match self {
+            TableView::Shared(t) => t,
+            TableView::Exclusive(t) => t,
+        }
+    }
+
+    /// Exclusive access, or [`NeedsExclusive`] for the driver.
+    fn exclusive(&mut self) -> Result<&mut SessionTable, NeedsExclusive> {
+        match self {
+            TableView::Shared(_) => Err(NeedsExclusive),
+            TableView::Exclusive(t) => Ok(t),
+        }
+    }
+}
+
+/// A frame needs exclusive table access the burst does not hold. Nothing
+/// was changed or counted for the frame: run it again with exclusive
+/// access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeedsExclusive;
+
+/// What a burst reads besides the table, loaded once per burst.
+pub struct Env<'e> {
+    pub roles: &'e RoleMap,
+    pub neighbors: &'e NeighborMap,
+    pub now: Millis,
+}
+
+/// What a burst produced besides verdicts, for the driver to apply.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Changed sessions, for the RG's delta queue.
+    pub deltas: Vec<(RgId, SessionKey)>,
+    /// Neighbors learned (or whose MAC changed).
+    pub learned: Vec<((InterfaceId, Addr), Mac)>,
+    /// Frames to send (bounded by [`OUTBOX_LIMIT`]).
+    pub frames: Vec<(InterfaceId, Vec<u8>)>,
+}
+
+impl Effects {
+    pub fn clear(&mut self) {
+        self.deltas.clear();
+        self.learned.clear();
+        self.frames.clear();
+    }
+}
+
+/// One frame's borrowed world.
+struct Cx<'a, 't, 'e> {
+    table: &'a mut TableView<'t>,
+    env: &'a Env<'e>,
+    fx: &'a mut Effects,
+}
+
+impl Cx<'_, '_, '_> {
+    fn is_primary(&self, rg: RgId) -> bool {
+        self.env.roles.get(&rg).is_some_and(|r| r.primary)
+    }
+
+    fn neighbor(&self, iface: InterfaceId, a: Addr) -> Option<Mac> {
+        // Learned in this burst, else as loaded for it.
+        self.fx
+            .learned
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == (iface, a))
+            .map(|(_, m)| *m)
+            .or_else(|| self.env.neighbors.get(&(iface, a)).copied())
+    }
+}
+
+/// One worker's packet core.
 pub struct Core {
     cfg: Arc<Compiled>,
-    table: SharedTable,
-    roles: Arc<ArcSwap<RoleMap>>,
-    deltas: DeltaProducer,
-    neighbors: FxHashMap<(InterfaceId, Addr), Neighbor>,
     /// Neighbors asked for recently, so a burst asks once (ms of the ask).
     pending: FxHashMap<(InterfaceId, Addr), Millis>,
-    pub outbox: Vec<(InterfaceId, Vec<u8>)>,
     pub stats: Arc<CoreStats>,
     /// Which fabric hand-off, if any, the frame in hand came by.
     fabric_stage: FabricStage,
@@ -201,21 +331,11 @@ struct Hit {
 }
 
 impl Core {
-    pub fn new(
-        cfg: Arc<Compiled>,
-        table: SharedTable,
-        roles: Arc<ArcSwap<RoleMap>>,
-        deltas: DeltaProducer,
-    ) -> Core {
+    pub fn new(cfg: Arc<Compiled>) -> Core {
         let stats = Arc::new(CoreStats::new(cfg.policies.len()));
         Core {
             cfg,
-            table,
-            roles,
-            deltas,
-            neighbors: FxHashMap::default(),
             pending: FxHashMap::default(),
-            outbox: Vec::new(),
             stats,
             fabric_stage: FabricStage::Wire,
         }
@@ -225,15 +345,6 @@ impl Core {
         &self.cfg
     }
 
-    /// Adds a static neighbor (tests, or configuration).
-    pub fn add_neighbor(&mut self, iface: InterfaceId, ip: Addr, mac: Mac) {
-        self.neighbors.insert((iface, ip), Neighbor { mac });
-    }
-
-    fn is_primary(&self, rg: RgId) -> bool {
-        self.roles.load().get(&rg).is_some_and(|r| r.primary)
-    }
-
     fn drop(&self, r: DropReason) -> Verdict {
         self.stats.drops[r as usize].fetch_add(1, Ordering::Relaxed);
         Verdict::Drop(r)
@@ -241,11 +352,19 @@ impl Core {
 
     /// Whether `a` is an address this node answers for on `ifc`: its own,
     /// or a VIP of a reth whose RG it is primary for.
-    fn owns(&self, ifc: &Iface, a: &Addr) -> bool {
+    fn owns(&self, cx: &Cx, ifc: &Iface, a: &Addr) -> bool {
         ifc.addresses.iter().any(|p| p.addr == *a)
             || ifc.reth.as_ref().is_some_and(|(rg, _, vips)| {
-                vips.iter().any(|p| p.addr == *a) && self.is_primary(*rg)
+                vips.iter().any(|p| p.addr == *a) && cx.is_primary(*rg)
             })
+    }
+
+    /// Records a neighbor's MAC (for the driver to share) unless known.
+    fn learn(&mut self, cx: &mut Cx, iface: InterfaceId, a: Addr, mac: Mac) {
+        if cx.neighbor(iface, a) != Some(mac) {
+            cx.fx.learned.push(((iface, a), mac));
+        }
+        self.pending.remove(&(iface, a));
     }
 
     fn owned_anywhere(&self, a: &Addr) -> bool {
@@ -255,12 +374,12 @@ impl Core {
             .any(|i| i.prefixes().any(|p| p.addr == *a))
     }
 
-    fn mac_is_ours(&self, ifc: &Iface, mac: &Mac) -> Option<bool> {
+    fn mac_is_ours(&self, cx: &Cx, ifc: &Iface, mac: &Mac) -> Option<bool> {
         if *mac == ifc.mac || mac[0] & 1 == 1 {
             return Some(true);
         }
         match &ifc.reth {
-            Some((rg, vmac, _)) if vmac == mac => Some(self.is_primary(*rg)),
+            Some((rg, vmac, _)) if vmac == mac => Some(cx.is_primary(*rg)),
             _ => None,
         }
     }
@@ -272,7 +391,11 @@ impl Core {
     /// (`SessionTable::prefetch_lookups`). Frames are then processed one by
     /// one as before, their lookups hitting the cache; nothing here
     /// decides anything, and an unparsable frame is simply skipped.
-    pub fn prefetch_sessions<'a>(&self, frames: impl IntoIterator<Item = (&'a [u8], InterfaceId)>) {
+    pub fn prefetch_sessions<'a>(
+        &self,
+        table: &SessionTable,
+        frames: impl IntoIterator<Item = (&'a [u8], InterfaceId)>,
+    ) {
         const MAX: usize = 64;
         let mut keys = [SessionKey::default(); MAX];
         let mut n = 0;
@@ -286,13 +409,13 @@ impl Core {
             }
         }
         if n > 0 {
-            lock(&self.table).prefetch_lookups(&keys[..n]);
+            table.prefetch_lookups(&keys[..n]);
         }
     }
 
     /// The flow key `process` will look a frame up by, if it has one: the
     /// same parse and the same key as the IP path.
-    fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
+    pub fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
         let ifc = self.cfg.iface(ingress)?;
         let eth = packet::parse_eth(f).ok().filter(|e| e.vlan.is_none())?;
         if eth.ethertype != packet::ETHERTYPE_IPV4 && eth.ethertype != packet::ETHERTYPE_IPV6 {
@@ -303,27 +426,59 @@ impl Core {
         Some(packet_key(&ip, ports, ifc))
     }
 
-    /// Processes one frame that arrived on `ingress`.
-    pub fn process(&mut self, frame: &mut [u8], ingress: InterfaceId, now: Millis) -> Verdict {
+    /// Processes one frame against the burst's table view and environment.
+    /// `Err` only under shared access, before anything was changed or
+    /// counted for this frame.
+    pub fn process(
+        &mut self,
+        frame: &mut [u8],
+        arrival: Arrival,
+        table: &mut TableView,
+        env: &Env,
+        fx: &mut Effects,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let mut cx = Cx { table, env, fx };
+        let v = match arrival {
+            Arrival::Wire(ingress) => self.wire(frame, ingress, &mut cx),
+            Arrival::FabricIngress(ingress) => self.from_fabric(frame, ingress, &mut cx),
+            Arrival::FabricEgress(iface) => self.transmit_from_fabric(frame, iface, &mut cx),
+        };
+        self.fabric_stage = FabricStage::Wire;
+        let v = v?;
         self.stats.rx.fetch_add(1, Ordering::Relaxed);
+        match v {
+            Verdict::Tx { .. } => self.stats.tx.fetch_add(1, Ordering::Relaxed),
+            Verdict::Reply { .. } => self.stats.replies.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        Ok(v)
+    }
+
+    /// A frame from the wire (or, unwrapped, from the fabric) of `ingress`.
+    fn wire(
+        &mut self,
+        frame: &mut [u8],
+        ingress: InterfaceId,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
         let cfg = self.cfg.clone();
         let Some(ifc) = cfg.iface(ingress) else {
-            return self.drop(DropReason::UnknownInterface);
+            return Ok(self.drop(DropReason::UnknownInterface));
         };
         let eth = match packet::parse_eth(frame) {
             Ok(e) => e,
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
         if eth.vlan.is_some() {
-            return self.drop(DropReason::VlanTagged);
+            return Ok(self.drop(DropReason::VlanTagged));
         }
-        let v = match eth.ethertype {
-            packet::ETHERTYPE_ARP => self.arp(frame, ifc),
+        Ok(match eth.ethertype {
+            packet::ETHERTYPE_ARP => self.arp(frame, ifc, cx),
             packet::ETHERTYPE_IPV4 | packet::ETHERTYPE_IPV6 => {
-                match self.mac_is_ours(ifc, &eth.dst) {
+                match self.mac_is_ours(cx, ifc, &eth.dst) {
                     None => self.drop(DropReason::NotForUs),
                     Some(false) if self.fabric_stage == FabricStage::Ingress => {
-                        self.ip(frame, ifc, eth.ethertype, now)
+                        self.ip(frame, ifc, eth.ethertype, cx)?
                     }
                     Some(false) => {
                         // Sent to the RG's virtual MAC while the peer owns it.
@@ -331,22 +486,16 @@ impl Core {
                         self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
                         Verdict::Fabric { rg }
                     }
-                    Some(true) => self.ip(frame, ifc, eth.ethertype, now),
+                    Some(true) => self.ip(frame, ifc, eth.ethertype, cx)?,
                 }
             }
             _ => self.drop(DropReason::UnsupportedEtherType),
-        };
-        match v {
-            Verdict::Tx { .. } => self.stats.tx.fetch_add(1, Ordering::Relaxed),
-            Verdict::Reply { .. } => self.stats.replies.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
-        v
+        })
     }
 
     // ----- ARP -----------------------------------------------------------
 
-    fn arp(&mut self, f: &mut [u8], ifc: &Iface) -> Verdict {
+    fn arp(&mut self, f: &mut [u8], ifc: &Iface, cx: &mut Cx) -> Verdict {
         let Some(a) = f.get(ETH_HLEN..ETH_HLEN + 28) else {
             return self.drop(DropReason::Malformed);
         };
@@ -358,10 +507,9 @@ impl Core {
         let spa = Addr::v4(std::net::Ipv4Addr::new(a[14], a[15], a[16], a[17]));
         let tpa = Addr::v4(std::net::Ipv4Addr::new(a[24], a[25], a[26], a[27]));
         if ifc.prefixes().any(|p| p.contains(&spa)) && !self.owned_anywhere(&spa) {
-            self.neighbors.insert((ifc.id, spa), Neighbor { mac: sha });
-            self.pending.remove(&(ifc.id, spa));
+            self.learn(cx, ifc.id, spa, sha);
         }
-        if op != 1 || !self.owns(ifc, &tpa) {
+        if op != 1 || !self.owns(cx, ifc, &tpa) {
             return self.drop(DropReason::ArpNotForUs);
         }
         // Turn the request into the reply, in place.
@@ -382,49 +530,56 @@ impl Core {
 
     // ----- IP ------------------------------------------------------------
 
-    fn ip(&mut self, f: &mut [u8], ifc: &Iface, ethertype: u16, now: Millis) -> Verdict {
+    fn ip(
+        &mut self,
+        f: &mut [u8],
+        ifc: &Iface,
+        ethertype: u16,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
         let mut ip = match parse_ip(f, ethertype) {
             Ok(ip) => ip,
-            Err(ParseError::Fragment) => return self.drop(DropReason::Fragment),
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(ParseError::Fragment) => return Ok(self.drop(DropReason::Fragment)),
+            Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
         let dst = Addr(ip.dst);
         // ICMPv6 neighbor discovery addressed to us (or solicited-node
         // multicast) is answered here.
         if ip.family == Family::V6 && ip.proto == proto::ICMPV6 {
             match f.get(ip.l4) {
-                Some(135) => return self.neighbor_solicitation(f, &ip, ifc),
+                Some(135) => return Ok(self.neighbor_solicitation(f, &ip, ifc, cx)),
                 Some(136) => {
-                    self.neighbor_advertisement(f, &ip, ifc);
-                    return self.drop(DropReason::ArpNotForUs);
+                    self.neighbor_advertisement(f, &ip, ifc, cx);
+                    return Ok(self.drop(DropReason::ArpNotForUs));
                 }
-                Some(133 | 134) => return self.drop(DropReason::LocalDelivery),
+                Some(133 | 134) => return Ok(self.drop(DropReason::LocalDelivery)),
                 _ => {}
             }
         }
         let ports = match packet::ports(f, &ip) {
             Ok(p) => p,
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
         if (ip.proto == proto::ICMP || ip.proto == proto::ICMPV6) && packet::is_icmp_error(f, &ip) {
-            return self.icmp_error(f, &mut ip, ifc, now);
+            return Ok(self.icmp_error(f, &mut ip, ifc, cx));
         }
         let key = packet_key(&ip, ports, ifc);
-        let hit = {
-            let t = lock(&self.table);
-            t.lookup(&key).map(|(handle, dir)| Hit { handle, dir })
-        };
+        let hit = cx
+            .table
+            .get()
+            .lookup(&key)
+            .map(|(handle, dir)| Hit { handle, dir });
         // Sessions first: replies to a SNAT address (a VIP) are traffic to
         // forward, not to this node.
         if hit.is_none() && self.owned_anywhere(&dst) && !self.dnat_matches(&key) {
-            return self.local(f, &ip, ifc);
+            return Ok(self.local(f, &ip, ifc, cx));
         }
         if ip.ttl <= 1 {
-            return self.drop(DropReason::TtlExceeded);
+            return Ok(self.drop(DropReason::TtlExceeded));
         }
         match hit {
-            Some(h) => self.established(f, &mut ip, h, now),
-            None => self.first_packet(f, &mut ip, ifc, key, now),
+            Some(h) => self.established(f, &mut ip, h, cx),
+            None => self.first_packet(f, &mut ip, ifc, key, cx),
         }
     }
 
@@ -440,13 +595,13 @@ impl Core {
     /// Traffic to one of this node's addresses: echo requests are
     /// answered, the rest is not the dataplane's (control traffic uses the
     /// kernel's own interfaces).
-    fn local(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface) -> Verdict {
+    fn local(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &Cx) -> Verdict {
         let dst = Addr(ip.dst);
         let echo = match ip.family {
             Family::V4 => ip.proto == proto::ICMP && f.get(ip.l4) == Some(&8),
             Family::V6 => ip.proto == proto::ICMPV6 && f.get(ip.l4) == Some(&128),
         };
-        if !echo || !self.owns(ifc, &dst) {
+        if !echo || !self.owns(cx, ifc, &dst) {
             return self.drop(DropReason::LocalDelivery);
         }
         let src = ip.src;
@@ -466,7 +621,7 @@ impl Core {
         Verdict::Reply { len: ip.end }
     }
 
-    fn neighbor_solicitation(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface) -> Verdict {
+    fn neighbor_solicitation(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
         // type 135: 4 bytes header, 4 reserved, 16 target, options.
         let Some(target) = f
             .get(ip.l4 + 8..ip.l4 + 24)
@@ -480,10 +635,9 @@ impl Core {
             && !unspecified
             && ifc.prefixes().any(|p| p.contains(&src))
         {
-            self.neighbors.insert((ifc.id, src), Neighbor { mac });
-            self.pending.remove(&(ifc.id, src));
+            self.learn(cx, ifc.id, src, mac);
         }
-        if !self.owns(ifc, &target) || unspecified {
+        if !self.owns(cx, ifc, &target) || unspecified {
             return self.drop(DropReason::ArpNotForUs);
         }
         let requester = packet::mac_at(f, 6).expect("eth");
@@ -491,7 +645,7 @@ impl Core {
         Verdict::Reply { len }
     }
 
-    fn neighbor_advertisement(&mut self, f: &[u8], ip: &Ip, ifc: &Iface) {
+    fn neighbor_advertisement(&mut self, f: &[u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) {
         if let Some(target) = f
             .get(ip.l4 + 8..ip.l4 + 24)
             .map(|t| Addr(t.try_into().expect("16")))
@@ -499,25 +653,43 @@ impl Core {
             && ifc.prefixes().any(|p| p.contains(&target))
             && !self.owned_anywhere(&target)
         {
-            self.neighbors.insert((ifc.id, target), Neighbor { mac });
-            self.pending.remove(&(ifc.id, target));
+            self.learn(cx, ifc.id, target, mac);
         }
     }
 
     // ----- sessions ------------------------------------------------------
 
-    fn established(&mut self, f: &mut [u8], ip: &mut Ip, h: Hit, now: Millis) -> Verdict {
-        let (key, nat, owner, state) = {
-            let t = lock(&self.table);
-            let r = t.get(h.handle).expect("hit is live");
-            (r.key, r.nat(), r.owner_rg, r.tcp_state)
-        };
-        if owner.is_data() && !self.is_primary(owner) {
+    fn established(
+        &mut self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        h: Hit,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let now = cx.env.now;
+        let r = cx.table.get().get(h.handle).expect("looked up under this borrow");
+        let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
+        if owner.is_data() && !cx.is_primary(owner) {
             self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Fabric { rg: owner };
+            return Ok(Verdict::Fabric { rg: owner });
         }
         let flags = packet::tcp_flags(f, ip);
+        let next = if key.proto == proto::TCP {
+            next_tcp_state(state, h.dir, flags)
+        } else {
+            state
+        };
         let len = (ip.end - ip.l3) as u32;
+        if next != state {
+            // The only change an established packet makes to the table's
+            // structure (the timer may move): before the frame is touched.
+            let t = cx.table.exclusive()?;
+            t.set_tcp_state(h.handle, next, now);
+            if owner.is_data() {
+                cx.fx.deltas.push((owner, key));
+            }
+        }
+        cx.table.get().touch(h.handle, h.dir, len, now);
         match h.dir {
             Direction::Forward => {
                 if let Some((a, p)) = nat.snat {
@@ -540,22 +712,7 @@ impl Core {
                 }
             }
         }
-        let next = if key.proto == proto::TCP {
-            next_tcp_state(state, h.dir, flags)
-        } else {
-            state
-        };
-        {
-            let mut t = lock(&self.table);
-            t.touch(h.handle, h.dir, len, now);
-            if next != state {
-                t.set_tcp_state(h.handle, next, now);
-            }
-        }
-        if next != state && owner.is_data() && !self.deltas.push(owner, key) {
-            self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        self.forward(f, ip, now)
+        Ok(self.forward(f, ip, cx))
     }
 
     fn first_packet(
@@ -564,8 +721,9 @@ impl Core {
         ip: &mut Ip,
         ifc: &Iface,
         key: SessionKey,
-        now: Millis,
-    ) -> Verdict {
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let now = cx.env.now;
         let flags = packet::tcp_flags(f, ip);
         let cfg = self.cfg.clone();
         // Destination NAT first: policy and routing see the real server.
@@ -581,19 +739,19 @@ impl Core {
             .map(|d| (d.to, d.to_port));
         let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
         let Some(route) = cfg.route(&dst) else {
-            return self.drop(DropReason::NoRoute);
+            return Ok(self.drop(DropReason::NoRoute));
         };
         let Some(out) = cfg.iface(route.iface) else {
-            return self.drop(DropReason::NoRoute);
+            return Ok(self.drop(DropReason::NoRoute));
         };
         // The session belongs to the RG of its egress reth (else ingress).
         // When the peer owns it, the peer decides everything else (it may
         // hold the session this node has no copy of): hand the frame over
         // before judging it.
         let owner = out.rg().or(ifc.rg()).unwrap_or(RgId(0));
-        if owner.is_data() && !self.is_primary(owner) {
+        if owner.is_data() && !cx.is_primary(owner) {
             self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Fabric { rg: owner };
+            return Ok(Verdict::Fabric { rg: owner });
         }
         // Only a flow's first packet creates a session: a bare SYN, an echo
         // request, or any UDP / other datagram.
@@ -606,16 +764,21 @@ impl Core {
             _ => true,
         };
         if !starts {
-            return self.drop(DropReason::NoSession);
+            return Ok(self.drop(DropReason::NoSession));
         }
         let policy = cfg.policy(ifc.zone, out.zone, &key.src, &dst, key.proto, dport);
         let Some(policy) = policy else {
-            return self.drop(DropReason::NoPolicy);
+            return Ok(self.drop(DropReason::NoPolicy));
         };
-        self.stats.policy_hits[(policy.id.0 - 1) as usize].fetch_add(1, Ordering::Relaxed);
+        let hits = &self.stats.policy_hits[(policy.id.0 - 1) as usize];
         if !policy.permit {
-            return self.drop(DropReason::PolicyDeny);
+            hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.drop(DropReason::PolicyDeny));
         }
+        // Creating the session is the first change: from here on the
+        // frame needs exclusive access.
+        let t = cx.table.exclusive()?;
+        hits.fetch_add(1, Ordering::Relaxed);
         let snat = cfg
             .snat
             .iter()
@@ -646,19 +809,17 @@ impl Core {
                 TcpState::None
             },
         };
-        let inserted = {
-            let mut t = lock(&self.table);
-            t.insert(new, now)
-                .map(|h| (h, t.get(h).expect("inserted").nat()))
-        };
+        let inserted = t
+            .insert(new, now)
+            .map(|h| (h, t.get(h).expect("inserted").nat()));
         let (handle, nat) = match inserted {
             Ok(x) => x,
-            Err(InsertError::PortsExhausted) => return self.drop(DropReason::PortsExhausted),
-            Err(_) => return self.drop(DropReason::SessionRefused),
+            Err(InsertError::PortsExhausted) => return Ok(self.drop(DropReason::PortsExhausted)),
+            Err(_) => return Ok(self.drop(DropReason::SessionRefused)),
         };
         self.stats.sessions_created.fetch_add(1, Ordering::Relaxed);
-        if owner.is_data() && !self.deltas.push(owner, key) {
-            self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+        if owner.is_data() {
+            cx.fx.deltas.push((owner, key));
         }
         if let Some((a, p)) = nat.snat {
             packet::set_addr(f, ip, false, &a.0);
@@ -668,14 +829,14 @@ impl Core {
             packet::set_addr(f, ip, true, &a.0);
             packet::set_port(f, ip, true, p);
         }
-        lock(&self.table).touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
-        self.forward(f, ip, now)
+        t.touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
+        Ok(self.forward(f, ip, cx))
     }
 
     /// An ICMP error about a packet of a session: translate the outer
     /// destination and the embedded header back, then forward like the
     /// session's reverse (or forward) traffic.
-    fn icmp_error(&mut self, f: &mut [u8], outer: &mut Ip, ifc: &Iface, now: Millis) -> Verdict {
+    fn icmp_error(&mut self, f: &mut [u8], outer: &mut Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
         let inner_l3 = outer.l4 + 8;
         let inner = match outer.family {
             Family::V4 => packet::parse_ipv4_embedded(f, inner_l3, outer.end),
@@ -697,20 +858,18 @@ impl Core {
             proto: inner.proto,
             zone: ifc.zone,
         };
-        let found = {
-            let t = lock(&self.table);
-            t.lookup(&probe).map(|(h, dir)| {
-                let r = t.get(h).expect("live");
-                (dir, r.key, r.nat(), r.owner_rg)
-            })
-        };
+        let t = cx.table.get();
+        let found = t.lookup(&probe).map(|(h, dir)| {
+            let r = t.get(h).expect("looked up under this borrow");
+            (dir, r.key, r.nat(), r.owner_rg)
+        });
         let Some((dir, key, nat, owner)) = found else {
             if self.owned_anywhere(&Addr(outer.dst)) {
-                return self.local(f, outer, ifc);
+                return self.local(f, outer, ifc, cx);
             }
             return self.drop(DropReason::IcmpErrorNoSession);
         };
-        if owner.is_data() && !self.is_primary(owner) {
+        if owner.is_data() && !cx.is_primary(owner) {
             self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
             return Verdict::Fabric { rg: owner };
         }
@@ -749,12 +908,12 @@ impl Core {
             }
         }
         packet::fix_icmp_checksum(f, outer);
-        self.forward(f, outer, now)
+        self.forward(f, outer, cx)
     }
 
     /// Routes the (translated) packet by its destination: egress port,
     /// next hop, neighbor MAC, TTL.
-    fn forward(&mut self, f: &mut [u8], ip: &Ip, now: Millis) -> Verdict {
+    fn forward(&mut self, f: &mut [u8], ip: &Ip, cx: &mut Cx) -> Verdict {
         let cfg = self.cfg.clone();
         let dst = Addr(ip.dst);
         let Some(route) = cfg.route(&dst) else {
@@ -764,7 +923,7 @@ impl Core {
             return self.drop(DropReason::NoRoute);
         };
         if let Some(rg) = out.rg()
-            && !self.is_primary(rg)
+            && !cx.is_primary(rg)
         {
             packet::dec_ttl(f, ip);
             self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
@@ -774,19 +933,19 @@ impl Core {
                 len: ip.end,
             };
         }
-        self.link_out(f, ip, out, route.gateway.unwrap_or(dst), now)
+        self.link_out(f, ip, out, route.gateway.unwrap_or(dst), cx)
     }
 
     /// Next-hop MAC and transmit on `out`.
-    fn link_out(&mut self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, now: Millis) -> Verdict {
-        let Some(n) = self.neighbors.get(&(out.id, hop)).copied() else {
-            self.resolve(out, hop, now);
+    fn link_out(&mut self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, cx: &mut Cx) -> Verdict {
+        let Some(mac) = cx.neighbor(out.id, hop) else {
+            self.resolve(out, hop, cx);
             return self.drop(DropReason::NeighborMiss);
         };
         if self.fabric_stage != FabricStage::Egress {
             packet::dec_ttl(f, ip);
         }
-        packet::set_macs(f, n.mac, out.tx_mac());
+        packet::set_macs(f, mac, out.tx_mac());
         Verdict::Tx {
             iface: out.id,
             len: ip.end,
@@ -796,67 +955,63 @@ impl Core {
     /// A frame the peer sent over the fabric to be processed as if it had
     /// arrived on this node's member of `ingress`. Its destination MAC was
     /// the peer's; it is taken as addressed to this node.
-    pub fn process_from_fabric(
+    fn from_fabric(
         &mut self,
         frame: &mut [u8],
         ingress: InterfaceId,
-        now: Millis,
-    ) -> Verdict {
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
         let Some(ifc) = self.cfg.iface(ingress) else {
-            return self.drop(DropReason::UnknownInterface);
+            return Ok(self.drop(DropReason::UnknownInterface));
         };
+        self.fabric_stage = FabricStage::Ingress;
+        // Only the first run of a frame may rewrite it: a re-run (after
+        // NeedsExclusive) sees the same bytes.
         if frame.len() >= 6 {
             let mac = ifc.tx_mac();
             frame[0..6].copy_from_slice(&mac);
         }
-        self.fabric_stage = FabricStage::Ingress;
-        let v = self.process(frame, ingress, now);
-        self.fabric_stage = FabricStage::Wire;
-        match v {
+        Ok(match self.wire(frame, ingress, cx)? {
             // The peer sent it because it does not own the session; neither
             // do we (roles moved meanwhile): never bounce it back.
             Verdict::Fabric { .. } => self.drop(DropReason::FabricUnavailable),
             v => v,
-        }
+        })
     }
 
     /// A frame the peer processed (sessions, NAT, TTL) for this node to
     /// transmit on `iface`, which it owns: only the link layer is done here.
-    pub fn transmit_from_fabric(
+    fn transmit_from_fabric(
         &mut self,
         frame: &mut [u8],
         iface: InterfaceId,
-        now: Millis,
-    ) -> Verdict {
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
         let cfg = self.cfg.clone();
         let Some(out) = cfg.iface(iface) else {
-            return self.drop(DropReason::UnknownInterface);
+            return Ok(self.drop(DropReason::UnknownInterface));
         };
-        if out.rg().is_some_and(|rg| !self.is_primary(rg)) {
+        if out.rg().is_some_and(|rg| !cx.is_primary(rg)) {
             // Not ours either (roles moved meanwhile): never bounce back.
-            return self.drop(DropReason::FabricUnavailable);
+            return Ok(self.drop(DropReason::FabricUnavailable));
         }
         let ip = match packet::parse_eth(frame).map(|e| e.ethertype) {
             Ok(packet::ETHERTYPE_IPV4) => packet::parse_ipv4(frame, ETH_HLEN),
             Ok(packet::ETHERTYPE_IPV6) => packet::parse_ipv6(frame, ETH_HLEN),
-            _ => return self.drop(DropReason::Malformed),
+            _ => return Ok(self.drop(DropReason::Malformed)),
         };
         let Ok(ip) = ip else {
-            return self.drop(DropReason::Malformed);
+            return Ok(self.drop(DropReason::Malformed));
         };
         let dst = Addr(ip.dst);
         let hop = cfg.route(&dst).and_then(|r| r.gateway).unwrap_or(dst);
         self.fabric_stage = FabricStage::Egress;
-        let v = self.link_out(frame, &ip, out, hop, now);
-        self.fabric_stage = FabricStage::Wire;
-        if matches!(v, Verdict::Tx { .. }) {
-            self.stats.tx.fetch_add(1, Ordering::Relaxed);
-        }
-        v
+        Ok(self.link_out(frame, &ip, out, hop, cx))
     }
 
     /// Asks for `hop`'s MAC (at most every 100 ms per neighbor).
-    fn resolve(&mut self, out: &Iface, hop: Addr, now: Millis) {
+    fn resolve(&mut self, out: &Iface, hop: Addr, cx: &mut Cx) {
+        let now = cx.env.now;
         if self
             .pending
             .get(&(out.id, hop))
@@ -867,25 +1022,30 @@ impl Core {
         let Some(src) = egress_address(out, hop.is_v4()) else {
             return;
         };
+        if self.pending.len() >= PENDING_LIMIT {
+            self.pending.clear();
+        }
         self.pending.insert((out.id, hop), now);
         let frame = if hop.is_v4() {
             build_arp(1, out.tx_mac(), packet::BROADCAST, &src, &hop)
         } else {
             build_ns(out.tx_mac(), &src, &hop)
         };
-        self.queue(out.id, frame);
+        self.queue(cx.fx, out.id, frame);
     }
 
-    fn queue(&mut self, iface: InterfaceId, frame: Vec<u8>) {
-        if self.outbox.len() < OUTBOX_LIMIT {
-            self.outbox.push((iface, frame));
+    fn queue(&self, fx: &mut Effects, iface: InterfaceId, frame: Vec<u8>) {
+        if fx.frames.len() < OUTBOX_LIMIT {
+            fx.frames.push((iface, frame));
+        } else {
+            self.stats.outbox_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// On becoming primary for `rg`: gratuitous ARP for every IPv4 VIP and
     /// an unsolicited NA for every IPv6 VIP, from the virtual MAC, so the
     /// segment's switches and hosts move to this node at once.
-    pub fn announce(&mut self, rg: RgId) {
+    pub fn announce(&mut self, rg: RgId, fx: &mut Effects) {
         let cfg = self.cfg.clone();
         for ifc in cfg.ifaces.iter().filter(|i| i.rg() == Some(rg)) {
             let (_, vmac, vips) = ifc.reth.as_ref().expect("reth");
@@ -907,30 +1067,11 @@ impl Core {
                     f.truncate(len);
                     f
                 };
-                self.queue(ifc.id, frame);
+                self.queue(fx, ifc.id, frame);
             }
         }
     }
 
-    /// Expires idle sessions; a delete delta goes out for each locally
-    /// owned one of a data RG.
-    pub fn expire(&mut self, now: Millis) -> usize {
-        let deltas = self.deltas.clone();
-        let stats = self.stats.clone();
-        lock(&self.table).expire(now, |r| {
-            if r.owner_rg.is_data()
-                && r.origin == crate::session::Origin::LocalOwned
-                && !deltas.push(r.owner_rg, r.key)
-            {
-                stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    }
-
-    /// The table (for tests and the CLI).
-    pub fn table(&self) -> &SharedTable {
-        &self.table
-    }
 }
 
 /// The address a node sources from on `out`: the reth's VIP of the family,

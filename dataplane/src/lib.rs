@@ -14,5 +14,7 @@ pub mod frames;
 pub mod os;
 pub mod packet;
 pub mod session;
+pub mod supervisor;
 pub mod testbed;
+pub mod worker;
 pub mod xdp;

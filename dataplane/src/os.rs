@@ -53,6 +53,65 @@ pub fn mac(dev: &str) -> io::Result<Mac> {
     Ok(m)
 }
 
+/// RX queues of `dev` in the calling thread's network namespace, from the
+/// driver (ethtool channels: dedicated RX plus combined queues); 1 when
+/// the driver does not say.
+pub fn rx_queues(dev: &str) -> io::Result<u32> {
+    if dev.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!("interface name {dev:?} too long")));
+    }
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // struct ethtool_channels: cmd, then max_{rx,tx,other,combined}, then
+    // {rx,tx,other,combined}_count.
+    let mut ch = [0u32; 9];
+    ch[0] = ETHTOOL_GCHANNELS;
+    // SAFETY: a plain datagram socket used only for the ioctl below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = ch.as_mut_ptr().cast();
+    // SAFETY: SIOCETHTOOL reads `req` and writes the channels struct that
+    // `ch` holds; both outlive the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(1),
+            _ => Err(err),
+        };
+    }
+    Ok((ch[5] + ch[8]).max(1))
+}
+
+/// Pins the calling thread to `cpu` (best effort: an error is returned,
+/// the thread keeps running unpinned).
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Moves the calling thread into the named network namespace
 /// (`/var/run/netns/<name>`). Threads spawned afterwards inherit it.
 pub fn enter_netns(name: &str) -> io::Result<()> {

@@ -7,24 +7,25 @@
 //! ```
 //! with the sample policy (trust -> untrust permitted and source-NATed,
 //! 192.0.2.1:8080 port-forwarded to the client's port 80) and an AF_XDP
-//! firewall worker to run in the middle namespace. Everything it creates is
-//! named after the process and removed on drop.
+//! firewall dataplane to run in the middle namespace. Everything it creates
+//! is named after the process and removed on drop.
 
-use crate::afxdp::{AfXdp, AfXdpConfig, NoFabric, PortSpec};
+use crate::afxdp::{FabricHook, NoFabric};
 use crate::config::{
     Compiled, DataplaneConfig, DnatRule, InterfaceConfig, PolicyAction, PolicyConfig, RethConfig,
     SnatRule,
 };
-use crate::core::{Core, CoreStats};
+use crate::core::CoreStats;
 use crate::delta::delta_queues;
 use crate::fabric_hook::FabricForwarder;
 use crate::os;
 use crate::session::{self, InterfaceId, SessionTable, TableConfig, lock, monotonic_clock};
+use crate::supervisor::{Dataplane, HookFactory, PoolConfig, PortSpec};
+use crate::worker::Shared;
 use crate::xdp::PortMode;
 use arc_swap::ArcSwap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_fabric::{FabricMap, FabricStats};
 use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
@@ -181,30 +182,36 @@ pub struct FabricSpec {
 }
 
 /// What a test node runs: its dataplane config, the RGs it is primary for
-/// (every RG of the config is in its role map), and optionally a fabric.
+/// (every RG of the config is in its role map), optionally a fabric, and
+/// how many workers.
 pub struct FirewallSpec {
     pub config: DataplaneConfig,
     pub primary: Vec<RgId>,
     pub fabric: Option<FabricSpec>,
+    pub workers: Option<usize>,
+    /// Replaces the fabric hook of every worker (fault injection).
+    pub hooks: Option<HookFactory>,
 }
 
 impl FirewallSpec {
-    /// The sample config, primary for RG1, no fabric.
+    /// The sample config, primary for RG1, no fabric, default workers.
     pub fn sample() -> FirewallSpec {
         FirewallSpec {
             config: sample_config(),
             primary: vec![RgId(1)],
             fabric: None,
+            workers: None,
+            hooks: None,
         }
     }
 }
 
-/// An AF_XDP worker forwarding between the config's interfaces (and its
+/// An AF_XDP dataplane forwarding between the config's interfaces (and its
 /// fabric port) inside a namespace.
 pub struct Firewall {
-    stop: Arc<AtomicBool>,
-    worker: Option<std::thread::JoinHandle<Arc<CoreStats>>>,
+    dataplane: Option<Dataplane>,
     pub table: session::SharedTable,
+    pub shared: Arc<Shared>,
 }
 
 impl Firewall {
@@ -214,15 +221,12 @@ impl Firewall {
     }
 
     pub fn start_with(ns: &str, spec: FirewallSpec) -> Firewall {
-        let stop = Arc::new(AtomicBool::new(false));
-        let table: session::SharedTable =
-            Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+        let table = session::shared(SessionTable::new(TableConfig::default()));
         for rg in &spec.primary {
             lock(&table).promote_rg(*rg);
         }
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (s, t) = (stop.clone(), table.clone());
-        let worker = in_ns(ns, move || {
+        let t = table.clone();
+        let started = in_ns(ns, move || {
             let mut compiled = Compiled::new(&spec.config).expect("valid config");
             for i in &mut compiled.ifaces {
                 i.mac = os::mac(&i.device).expect("device MAC");
@@ -239,7 +243,10 @@ impl Firewall {
                     })
                     .collect::<RoleMap>(),
             ));
-            let (producer, _consumers) = delta_queues(&rgs, 65536);
+            let (producer, consumers) = delta_queues(&rgs, 65536);
+            // Nobody syncs here: the queues are kept (not drained) so that
+            // pushes succeed until they are full, then count as dropped.
+            std::mem::forget(consumers);
             let fabric_port = compiled
                 .ifaces
                 .iter()
@@ -260,38 +267,55 @@ impl Firewall {
                     mode: PortMode::Fabric,
                 }))
                 .collect();
-            let mut core = Core::new(Arc::new(compiled), t, roles.clone(), producer);
-            let mut io = match AfXdp::open(&ports, &AfXdpConfig::default()) {
-                Ok(io) => io,
-                Err(e) => {
-                    ready_tx.send(Err(e.0)).expect("test waits");
-                    return core.stats.clone();
-                }
+            let shared = Arc::new(Shared {
+                cfg: Arc::new(compiled),
+                table: t,
+                roles,
+                neighbors: Arc::default(),
+                deltas: producer,
+            });
+            let hooks: HookFactory = match (spec.hooks, spec.fabric) {
+                (Some(h), _) => h,
+                (None, Some(f)) => Arc::new(move |_| {
+                    Box::new(FabricForwarder::new(f.map.clone(), f.stats.clone()))
+                        as Box<dyn FabricHook>
+                }),
+                (None, None) => Arc::new(|_| Box::new(NoFabric) as Box<dyn FabricHook>),
             };
-            ready_tx.send(Ok(())).expect("test waits");
-            let clock = monotonic_clock();
-            match spec.fabric {
-                Some(f) => {
-                    let mut hook = FabricForwarder::new(f.map, f.stats);
-                    io.run(&mut core, &roles, &mut hook, &clock, &s);
-                }
-                None => io.run(&mut core, &roles, &mut NoFabric, &clock, &s),
-            }
-            core.stats.clone()
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("worker started")
-            .expect("AF_XDP up");
+            let dp = Dataplane::start(
+                ports,
+                PoolConfig {
+                    workers: spec.workers,
+                    ..PoolConfig::default()
+                },
+                shared.clone(),
+                hooks,
+                monotonic_clock(),
+            );
+            (dp, shared)
+        })
+        .join()
+        .expect("start dataplane");
+        let (dp, shared) = started;
+        dp.wait_running(Duration::from_secs(30)).expect("AF_XDP up");
         Firewall {
-            stop,
-            worker: Some(worker),
+            dataplane: Some(dp),
             table,
+            shared,
         }
     }
 
+    pub fn dataplane(&self) -> &Dataplane {
+        self.dataplane.as_ref().expect("running")
+    }
+
+    /// Stops the dataplane; the counters of every worker, summed.
     pub fn stop(mut self) -> Arc<CoreStats> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.worker.take().expect("running").join().expect("worker")
+        let workers = self.dataplane.take().expect("running").stop();
+        let total = CoreStats::zeroed(self.shared.cfg.policies.len());
+        for w in &workers {
+            total.add(&w.core);
+        }
+        Arc::new(total)
     }
 }

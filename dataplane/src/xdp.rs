@@ -3,12 +3,31 @@
 //! Attach detaches whatever program a crashed run left on the interfaces
 //! first; dropping the attachment detaches ours. Native (driver) mode is
 //! tried first, generic (skb) mode is the fallback.
+//!
+//! The program redirects a frame to the AF_XDP socket of its (port, RX
+//! queue) — key [`socket_key`] in the XSKMAP — so every queue of every
+//! port can have its own socket and worker. The maps are reachable from
+//! any thread through [`XdpMaps`] (file descriptors), so workers register
+//! their own sockets and the daemon reads the counters while they run.
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, Xdp, XdpFlags};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, Xdp, XdpFlags};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 use tracing::{info, warn};
+
+/// Bits of the RX queue in a socket key (must match the BPF program).
+pub const QUEUE_BITS: u32 = 6;
+/// RX queues per port the program can redirect.
+pub const MAX_QUEUES: u32 = 1 << QUEUE_BITS;
+/// Ports (data and fabric) the program can serve.
+pub const MAX_PORTS: u32 = 32;
+
+/// The XSKMAP key of the socket for RX queue `queue` of port `slot`.
+pub fn socket_key(slot: u32, queue: u32) -> u32 {
+    (slot << QUEUE_BITS) | queue
+}
 
 mod skel {
     #![allow(clippy::all, dead_code, unsafe_op_in_unsafe_fn, non_camel_case_types)]
@@ -56,12 +75,74 @@ pub struct XdpCounters {
     pub passed_not_ours: u64,
     pub passed_unknown_interface: u64,
     pub too_short: u64,
+    /// Dataplane frames whose queue had no socket (passed to the kernel:
+    /// lost to the dataplane).
+    pub passed_no_socket: u64,
+    /// Dataplane frames on a queue beyond [`MAX_QUEUES`] (passed).
+    pub passed_queue_out_of_range: u64,
+}
+
+/// The program's maps, usable from any thread.
+pub struct XdpMaps {
+    xsks: MapHandle,
+    counters: MapHandle,
+    redirected: MapHandle,
+    unserved: MapHandle,
+}
+
+fn sum_percpu(map: &MapHandle, i: u32) -> u64 {
+    map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .map_or(0, |per_cpu| {
+            per_cpu
+                .iter()
+                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
+                .sum()
+        })
+}
+
+impl XdpMaps {
+    /// Puts an AF_XDP socket into the XSKMAP at `key` ([`socket_key`]).
+    pub fn set_socket(&self, key: u32, fd: &impl AsRawFd) -> Result<(), XdpError> {
+        let fd = fd.as_raw_fd() as u32;
+        self.xsks
+            .update(&key.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(err("writing xsks"))
+    }
+
+    /// Takes a socket out of the XSKMAP (its worker is stopping).
+    pub fn clear_socket(&self, key: u32) {
+        let _ = self.xsks.delete(&key.to_ne_bytes());
+    }
+
+    pub fn counters(&self) -> XdpCounters {
+        let read = |i| sum_percpu(&self.counters, i);
+        XdpCounters {
+            redirected: read(0),
+            passed_not_ours: read(1),
+            passed_unknown_interface: read(2),
+            too_short: read(3),
+            passed_no_socket: read(4),
+            passed_queue_out_of_range: read(5),
+        }
+    }
+
+    /// Frames redirected to the socket at `key`, and frames of its queue
+    /// that found no socket there.
+    pub fn socket_counts(&self, key: u32) -> (u64, u64) {
+        (
+            sum_percpu(&self.redirected, key),
+            sum_percpu(&self.unserved, key),
+        )
+    }
 }
 
 /// The loaded program, attached to a set of interfaces.
 pub struct XdpAttachment {
     skel: TandemSkel<'static>,
     attached: Vec<(i32, u32)>,
+    maps: Arc<XdpMaps>,
 }
 
 impl XdpAttachment {
@@ -79,10 +160,26 @@ impl XdpAttachment {
         let skel = open
             .load()
             .map_err(err("loading the XDP program (root, BTF)"))?;
+        let handle = |m: &libbpf_rs::Map, what: &str| {
+            MapHandle::try_from(m).map_err(|e| XdpError(format!("map {what}: {e}")))
+        };
+        let maps = Arc::new(XdpMaps {
+            xsks: handle(&skel.maps.xsks, "xsks")?,
+            counters: handle(&skel.maps.counters, "counters")?,
+            redirected: handle(&skel.maps.per_socket_redirected, "per_socket_redirected")?,
+            unserved: handle(&skel.maps.per_socket_unserved, "per_socket_unserved")?,
+        });
         let mut this = XdpAttachment {
             skel,
             attached: Vec::new(),
+            maps,
         };
+        if ports.len() > MAX_PORTS as usize {
+            return Err(XdpError(format!(
+                "{} ports: the XDP program serves at most {MAX_PORTS}",
+                ports.len()
+            )));
+        }
         for &(ifindex, m, slot) in ports {
             let value = (slot << 8) | m as u32;
             this.skel
@@ -131,37 +228,9 @@ impl XdpAttachment {
         )))
     }
 
-    /// Puts an AF_XDP socket into the program's map at `slot`.
-    pub fn set_socket(&self, slot: u32, fd: &impl AsRawFd) -> Result<(), XdpError> {
-        let fd = fd.as_raw_fd() as u32;
-        self.skel
-            .maps
-            .xsks
-            .update(&slot.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-            .map_err(err("writing xsks"))
-    }
-
-    pub fn counters(&self) -> XdpCounters {
-        let read = |i: u32| -> u64 {
-            self.skel
-                .maps
-                .counters
-                .lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
-                .ok()
-                .flatten()
-                .map_or(0, |per_cpu| {
-                    per_cpu
-                        .iter()
-                        .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
-                        .sum()
-                })
-        };
-        XdpCounters {
-            redirected: read(0),
-            passed_not_ours: read(1),
-            passed_unknown_interface: read(2),
-            too_short: read(3),
-        }
+    /// The maps, for workers (sockets) and the daemon (counters).
+    pub fn maps(&self) -> &Arc<XdpMaps> {
+        &self.maps
     }
 }
 

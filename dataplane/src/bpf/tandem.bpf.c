@@ -17,34 +17,70 @@
 #define MODE_FABRIC 2
 #define ETH_P_FABRIC 0x88b5
 
+// One socket per (port slot, RX queue): key = slot << QUEUE_BITS | queue.
+// The loader refuses configurations beyond these bounds.
+#define QUEUE_BITS 6
+#define MAX_QUEUES (1 << QUEUE_BITS)
+#define MAX_PORTS 32
+#define MAX_SOCKETS (MAX_PORTS * MAX_QUEUES)
+
 struct {
     __uint(type, BPF_MAP_TYPE_XSKMAP);
-    __uint(max_entries, 64);
+    __uint(max_entries, MAX_SOCKETS);
     __type(key, __u32);
     __type(value, __u32);
 } xsks SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 64);
+    __uint(max_entries, MAX_PORTS);
     __type(key, __u32);
     __type(value, __u32);
 } if_mode SEC(".maps");
 
 // 0: redirected, 1: passed (not ours), 2: passed (unknown interface),
-// 3: too short.
+// 3: too short, 4: ours but no socket on its queue (passed to the kernel),
+// 5: queue index beyond MAX_QUEUES (passed).
+#define C_REDIRECTED 0
+#define C_NOT_OURS 1
+#define C_UNKNOWN_IF 2
+#define C_TOO_SHORT 3
+#define C_NO_SOCKET 4
+#define C_QUEUE_RANGE 5
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 4);
+    __uint(max_entries, 6);
     __type(key, __u32);
     __type(value, __u64);
 } counters SEC(".maps");
 
-static __always_inline void count(__u32 i)
+// Per socket key: frames redirected to it, and frames of its queue that
+// found no socket (so the dataplane can tell a dead or missing socket
+// from an idle link).
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, MAX_SOCKETS);
+    __type(key, __u32);
+    __type(value, __u64);
+} per_socket_redirected SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, MAX_SOCKETS);
+    __type(key, __u32);
+    __type(value, __u64);
+} per_socket_unserved SEC(".maps");
+
+static __always_inline void bump(void *map, __u32 i)
 {
-    __u64 *c = bpf_map_lookup_elem(&counters, &i);
+    __u64 *c = bpf_map_lookup_elem(map, &i);
     if (c)
         *c += 1;
+}
+
+static __always_inline void count(__u32 i)
+{
+    bump(&counters, i);
 }
 
 SEC("xdp")
@@ -54,13 +90,13 @@ int xdp_tandem(struct xdp_md *ctx)
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end) {
-        count(3);
+        count(C_TOO_SHORT);
         return XDP_PASS;
     }
     __u32 ifindex = ctx->ingress_ifindex;
     __u32 *mode = bpf_map_lookup_elem(&if_mode, &ifindex);
     if (!mode) {
-        count(2);
+        count(C_UNKNOWN_IF);
         return XDP_PASS;
     }
     __u32 slot = *mode >> 8;
@@ -71,11 +107,24 @@ int xdp_tandem(struct xdp_md *ctx)
     else
         ours = proto == ETH_P_IP || proto == ETH_P_IPV6 || proto == ETH_P_ARP;
     if (!ours) {
-        count(1);
+        count(C_NOT_OURS);
         return XDP_PASS;
     }
-    count(0);
-    return bpf_redirect_map(&xsks, slot, XDP_PASS);
+    __u32 queue = ctx->rx_queue_index;
+    if (queue >= MAX_QUEUES || slot >= MAX_PORTS) {
+        count(C_QUEUE_RANGE);
+        return XDP_PASS;
+    }
+    __u32 key = (slot << QUEUE_BITS) | queue;
+    int act = bpf_redirect_map(&xsks, key, XDP_PASS);
+    if (act == XDP_REDIRECT) {
+        count(C_REDIRECTED);
+        bump(&per_socket_redirected, key);
+    } else {
+        count(C_NO_SOCKET);
+        bump(&per_socket_unserved, key);
+    }
+    return act;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

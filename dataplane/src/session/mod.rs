@@ -13,9 +13,14 @@
 //!   (local close, expiry, peer delete, reconcile, replace) goes through
 //!   [`SessionTable::remove`]'s one body, `remove_handle`.
 //!
-//! The table is a pure data structure: it takes `now` as an argument, emits
-//! no I/O and is single-threaded (`&mut self`); the daemon decides where it
-//! lives.
+//! The table is a pure data structure: it takes `now` as an argument and
+//! emits no I/O. Structure changes take `&mut self`; what a forwarded packet
+//! of an established session changes (counters, last seen) is atomic and
+//! takes `&self` ([`SessionTable::touch`]), so workers forward under a shared
+//! lock. Every operation that walks many sessions (expiry, reconcile,
+//! export) also exists as a bounded slice, so a caller can release the lock
+//! between slices ([`SessionTable::expire_slice`],
+//! [`SessionTable::reconcile_chunk`], [`SessionTable::export_chunk`]).
 
 mod index;
 pub mod key;
@@ -29,8 +34,8 @@ mod tests;
 
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
 pub use record::{
-    Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord, TcpState,
-    Timeouts, reverse_key,
+    Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
+    TcpState, Timeouts, reverse_key,
 };
 
 use index::{HandleIndex, Tag};
@@ -44,15 +49,35 @@ use std::ops::RangeInclusive;
 use tandem_proto::RgId;
 use wheel::{NOT_QUEUED, Wheel, WheelEntry};
 
-/// The table as the daemon shares it between the dataplane worker and the
-/// sync layer. Every holder keeps the lock for one burst or one batch.
-pub type SharedTable = std::sync::Arc<std::sync::Mutex<SessionTable>>;
+/// The table as the daemon shares it between the dataplane workers and the
+/// sync layer. Workers hold the shared (read) side for one burst and take
+/// the exclusive side only from the first frame of a burst that creates a
+/// session or changes one's state; every other writer holds it for one
+/// bounded slice (`SLICE` sessions) at a time. The lock is writer-preferring
+/// (Linux futex `RwLock`): a waiting writer is not starved by bursts.
+pub type SharedTable = std::sync::Arc<std::sync::RwLock<SessionTable>>;
 
-/// Locks a shared table. A panic while holding the lock cannot leave the
-/// table half-updated (every mutation completes before it can observe an
-/// error), so a poisoned lock is taken over rather than propagated.
-pub fn lock(t: &SharedTable) -> std::sync::MutexGuard<'_, SessionTable> {
-    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Sessions a writer other than a worker handles per exclusive hold (a
+/// slice of a bulk chunk, a reconcile, an expiry pass): the bound on how
+/// long it can make a worker wait (~64 × 0.2 µs at 1M sessions).
+pub const SLICE: usize = 64;
+
+/// A new shared table.
+pub fn shared(t: SessionTable) -> SharedTable {
+    std::sync::Arc::new(std::sync::RwLock::new(t))
+}
+
+/// Exclusive access to a shared table. A panic while holding the lock
+/// cannot leave the table half-updated (every mutation completes before it
+/// can observe an error), so a poisoned lock is taken over rather than
+/// propagated.
+pub fn lock(t: &SharedTable) -> std::sync::RwLockWriteGuard<'_, SessionTable> {
+    t.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Shared access to a shared table (lookups, touch, export, show).
+pub fn read(t: &SharedTable) -> std::sync::RwLockReadGuard<'_, SessionTable> {
+    t.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Where the table's `now` comes from. Every user of one table must read
@@ -164,8 +189,8 @@ impl SessionRecord {
             tcp_state: self.tcp_state,
             timeout_ms: self.timeout_ms,
             age_ms: now.saturating_sub(self.created),
-            idle_ms: now.saturating_sub(self.last_seen),
-            counters: self.counters,
+            idle_ms: now.saturating_sub(self.last_seen()),
+            counters: self.counters(),
         }
     }
 }
@@ -305,26 +330,21 @@ pub struct ReconcileReport {
     pub deleted_with_nat: u64,
 }
 
-const HOLE: u32 = u32::MAX;
-
-/// Members of one owner RG. Removal is O(1) by swap-remove, except while an
-/// export cursor walks the list: then removals leave holes so the cursor
-/// never skips a session that moved, and the list is compacted when the
-/// last cursor ends.
-#[derive(Default)]
-struct RgMembers {
-    handles: Vec<u32>,
-    holes: usize,
-    exports: u32,
-}
-
-/// A position in a per-RG export; stable while the table changes underneath
-/// (sessions added after it started are covered by deltas, removed ones by
-/// delete deltas). Must be handed back to [`SessionTable::end_export`].
+/// A position in a walk over one RG's member list (export, reconcile),
+/// which may be interrupted by any change to the table between chunks.
+///
+/// The walk goes from the end of the list to its start; removal is a
+/// swap-remove, which only ever moves the *last* member into the hole. So
+/// a member not yet visited (below the cursor) never moves above it: every
+/// session present for the whole walk is visited. A removal below the
+/// cursor may move an already visited member below it, which is then
+/// visited twice (harmless for an upsert or a reconcile check); sessions
+/// added after the walk started are appended above it and not visited
+/// (a bulk covers them with deltas). Holds no borrow and needs no ending.
 #[derive(Debug)]
-#[must_use = "an export cursor must be ended with SessionTable::end_export"]
 pub struct ExportCursor {
     rg: RgId,
+    /// Members at indexes below this are still to visit.
     pos: usize,
 }
 
@@ -341,26 +361,38 @@ pub struct SessionTable {
     fwd: HandleIndex,
     rev: HandleIndex,
     nat: HandleIndex,
-    rgs: FxHashMap<RgId, RgMembers>,
+    /// Members of each owner RG (swap-remove on removal).
+    rgs: FxHashMap<RgId, Vec<u32>>,
     primary_rgs: FxHashSet<RgId>,
     ports: PortAllocator,
     wheel: Wheel,
-    wheel_scratch: Vec<WheelEntry>,
+    /// The wheel tick an interrupted expiry pass is in, and how many of its
+    /// bucket's entries (a prefix) are still to examine.
+    expiring: Option<(u64, usize)>,
     cfg: TableConfig,
     counters: TableCounters,
 }
 
 /// Bytes of a record a forward-key comparison reads: the key and the
-/// slab's occupancy niche (`origin`, right after it).
+/// slab's occupancy niche (`tcp_state`, right after it).
 const FWD_KEY_SPAN: (usize, usize) = (
     offset_of!(SessionRecord, key),
-    offset_of!(SessionRecord, origin) + 1,
+    offset_of!(SessionRecord, tcp_state) + 1,
 );
-/// The same for a reverse-key comparison: `origin`, then the reverse key.
+/// The same for a reverse-key comparison: `tcp_state`, then the reverse key.
 const REV_KEY_SPAN: (usize, usize) = (
-    offset_of!(SessionRecord, origin),
+    offset_of!(SessionRecord, tcp_state),
     offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
 );
+
+/// What one [`SessionTable::expire_slice`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpireSlice {
+    pub examined: usize,
+    pub expired: usize,
+    /// Every tick up to `now` has been processed.
+    pub done: bool,
+}
 
 /// Outcome counts of [`SessionTable::apply_peer_upserts`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -463,7 +495,7 @@ impl SessionTable {
             primary_rgs: FxHashSet::default(),
             ports: PortAllocator::default(),
             wheel: Wheel::new(cfg.wheel_buckets, cfg.wheel_tick_ms),
-            wheel_scratch: Vec::new(),
+            expiring: None,
             cfg,
             counters: TableCounters::default(),
         }
@@ -495,23 +527,34 @@ impl SessionTable {
 
     /// Sessions owned by `rg` (local and peer-synced).
     pub fn rg_len(&self, rg: RgId) -> usize {
-        self.rgs.get(&rg).map_or(0, |m| m.handles.len() - m.holes)
+        self.rgs.get(&rg).map_or(0, Vec::len)
     }
 
     /// RGs that currently have sessions, sorted.
     pub fn rgs(&self) -> Vec<RgId> {
-        let mut v: Vec<RgId> = self
-            .rgs
-            .iter()
-            .filter(|(_, m)| m.handles.len() > m.holes)
-            .map(|(rg, _)| *rg)
-            .collect();
+        let mut v: Vec<RgId> = self.rgs.keys().copied().collect();
         v.sort_unstable();
         v
     }
 
     pub fn is_primary(&self, rg: RgId) -> bool {
         self.primary_rgs.contains(&rg)
+    }
+
+    /// Whether this node holds the authoritative copy of `r`: it is primary
+    /// for the session's owner RG, or the RG is local-only (RG0).
+    #[inline]
+    pub fn is_authoritative(&self, r: &SessionRecord) -> bool {
+        !r.owner_rg.is_data() || self.primary_rgs.contains(&r.owner_rg)
+    }
+
+    /// Where the authoritative copy of `r` is (derived from its RG's role).
+    pub fn origin(&self, r: &SessionRecord) -> Origin {
+        if self.is_authoritative(r) {
+            Origin::LocalOwned
+        } else {
+            Origin::PeerSynced
+        }
     }
 
     pub fn reserved_ports(&self) -> u64 {
@@ -640,7 +683,7 @@ impl SessionTable {
 
     /// Starts loading the record behind `h` without reading anything (for
     /// callers that know the handles they will touch next, e.g. a batch of
-    /// removals): its keys, `origin` and the fields removal reads.
+    /// removals): its keys, `tcp_state` and the fields removal reads.
     #[inline]
     pub fn prefetch_record(&self, h: SessionHandle) {
         self.slot_addr.prefetch(h.0, 0, size_of::<SessionRecord>());
@@ -670,12 +713,7 @@ impl SessionTable {
 
     /// Every session of one owner RG (local and peer-synced).
     pub fn export_rg(&self, rg: RgId) -> impl Iterator<Item = &SessionRecord> {
-        self.rgs
-            .get(&rg)
-            .into_iter()
-            .flat_map(|m| m.handles.iter())
-            .filter(|&&h| h != HOLE)
-            .map(|&h| &self.slab[h as usize])
+        self.export_handles(rg).map(|h| &self.slab[h as usize])
     }
 
     /// Makes room for `additional` more sessions (up to the capacity bound)
@@ -796,15 +834,13 @@ impl SessionTable {
             key: s.key,
             reverse,
             created: now,
-            last_seen: now,
-            counters: FlowCounters::default(),
+            activity: Activity::new(now, FlowCounters::default()),
             policy: s.policy,
             timeout_ms,
             ingress_if: s.ingress_if,
             egress_if: s.egress_if,
             owner_rg: s.owner_rg,
             tcp_state: s.tcp_state,
-            origin: Origin::LocalOwned,
             rg_slot: 0,
             wheel_due: 0,
             wheel_pos: NOT_QUEUED,
@@ -818,7 +854,7 @@ impl SessionTable {
     /// `probes` are the record's own tags (`Probes::of(key, reverse)`).
     fn commit(&mut self, mut rec: SessionRecord, probes: &Probes, now: Millis) -> SessionHandle {
         let members = self.rgs.entry(rec.owner_rg).or_default();
-        rec.rg_slot = members.handles.len() as u32;
+        rec.rg_slot = members.len() as u32;
         let due = self.wheel.due_tick_for(now, rec.expires_at());
         rec.wheel_due = due;
         let (key, owner_rg) = (rec.key, rec.owner_rg);
@@ -830,26 +866,17 @@ impl SessionTable {
         if let Some((_, tag)) = probes.nat {
             self.nat.insert(tag, h);
         }
-        self.rgs.entry(owner_rg).or_default().handles.push(h);
+        self.rgs.entry(owner_rg).or_default().push(h);
         self.enqueue(h, key, due);
         SessionHandle(h)
     }
 
-    /// Accounts one packet and refreshes the idle timer.
+    /// Accounts one packet and refreshes the idle timer. Shared access is
+    /// enough (the fields are atomic): workers call it under the read lock.
     #[inline]
-    pub fn touch(&mut self, h: SessionHandle, dir: Direction, bytes: u32, now: Millis) {
-        if let Some(r) = self.slab.get_mut(h.0 as usize) {
-            match dir {
-                Direction::Forward => {
-                    r.counters.fwd_packets += 1;
-                    r.counters.fwd_bytes += u64::from(bytes);
-                }
-                Direction::Reverse => {
-                    r.counters.rev_packets += 1;
-                    r.counters.rev_bytes += u64::from(bytes);
-                }
-            }
-            r.last_seen = r.last_seen.max(now);
+    pub fn touch(&self, h: SessionHandle, dir: Direction, bytes: u32, now: Millis) {
+        if let Some(r) = self.slab.get(h.0 as usize) {
+            r.activity.touch(dir, bytes, now);
         }
     }
 
@@ -861,7 +888,7 @@ impl SessionTable {
         };
         r.tcp_state = state;
         r.timeout_ms = timeouts.for_session(r.key.proto, state);
-        r.last_seen = r.last_seen.max(now);
+        r.activity.advance(now);
         self.reschedule_if_earlier(h.0, now);
     }
 
@@ -937,10 +964,8 @@ impl SessionTable {
             self.nat.prefetch_run(tag);
         }
         if let Some(m) = self.rgs.get(&r.owner_rg) {
-            prefetch(m.handles.get(r.rg_slot as usize));
-            if let Some(&last) = m.handles.last()
-                && last != HOLE
-            {
+            prefetch(m.get(r.rg_slot as usize));
+            if let Some(&last) = m.last() {
                 self.slot_addr
                     .prefetch(last, offset_of!(SessionRecord, rg_slot), 4);
             }
@@ -960,21 +985,18 @@ impl SessionTable {
         }
     }
 
+    /// Swap-removes a member (what [`ExportCursor`] relies on: only the
+    /// last member ever moves).
     fn unlink_rg(&mut self, rg: RgId, slot: u32) {
         let Some(m) = self.rgs.get_mut(&rg) else {
             return;
         };
         let slot = slot as usize;
-        if m.exports > 0 {
-            m.handles[slot] = HOLE;
-            m.holes += 1;
-        } else {
-            m.handles.swap_remove(slot);
-            if let Some(&moved) = m.handles.get(slot) {
-                self.slab[moved as usize].rg_slot = slot as u32;
-            }
+        m.swap_remove(slot);
+        if let Some(&moved) = m.get(slot) {
+            self.slab[moved as usize].rg_slot = slot as u32;
         }
-        if m.handles.len() == m.holes && m.exports == 0 {
+        if m.is_empty() {
             self.rgs.remove(&rg);
         }
     }
@@ -986,72 +1008,119 @@ impl SessionTable {
             self.remove_handle(h, RemoveReason::Flushed);
         }
         self.wheel.clear();
+        self.expiring = None;
         handles.len()
     }
 
     // ----- expiry --------------------------------------------------------
 
-    /// Removes every locally owned session idle past its timeout at `now`
+    /// Removes every authoritative session idle past its timeout at `now`
     /// (at most one wheel tick late), with companions. Peer-synced copies
-    /// never expire here. `on_expired` sees each record
-    /// before it goes, so the caller can emit a delete delta.
+    /// never expire here. `on_expired` sees each record before it goes, so
+    /// the caller can emit a delete delta. One pass, unbounded: callers
+    /// sharing the table use [`SessionTable::expire_slice`].
     pub fn expire(&mut self, now: Millis, mut on_expired: impl FnMut(&SessionRecord)) -> usize {
-        let Some((first, last)) = self.wheel.pending_ticks(now) else {
-            return 0;
-        };
-        // After a long pause every bucket is visited once, not every tick.
-        let last_visit = last.min(first + self.wheel.span() - 1);
-        let mut expired = 0;
-        let mut bucket = std::mem::take(&mut self.wheel_scratch);
-        for tick in first..=last_visit {
-            self.wheel.take_bucket(tick, &mut bucket);
-            for i in 0..bucket.len() {
+        self.expire_slice(now, usize::MAX, &mut on_expired).expired
+    }
+
+    /// At most `budget` wheel entries of an expiry pass up to `now`; the
+    /// pass resumes where the last slice stopped (mid-bucket included).
+    ///
+    /// A bucket is worked in place from its end: the entries still to
+    /// examine are a prefix of it. Whatever changes between slices cannot
+    /// move an entry out of that prefix (a removal swap-removes, moving the
+    /// bucket's *last* entry into the hole; entries re-queued into the same
+    /// bucket, a later lap, go to its end), so none is missed; an entry
+    /// moved into it is merely examined twice. While a tick is worked, new
+    /// entries are due after it (the wheel's cursor already names it).
+    pub fn expire_slice(
+        &mut self,
+        now: Millis,
+        budget: usize,
+        mut on_expired: impl FnMut(&SessionRecord),
+    ) -> ExpireSlice {
+        let mut out = ExpireSlice::default();
+        loop {
+            let (tick, remaining) = match self.expiring.take() {
+                Some(x) => x,
+                None => {
+                    let Some((first, last)) = self.wheel.pending_ticks(now) else {
+                        out.done = true;
+                        return out;
+                    };
+                    // After a long pause every bucket is visited once.
+                    let tick = first.max(last.saturating_sub(self.wheel.span() - 1));
+                    self.wheel.set_cursor(tick);
+                    (tick, self.wheel.bucket_len(tick))
+                }
+            };
+            let mut remaining = remaining.min(self.wheel.bucket_len(tick));
+            while remaining > 0 && out.examined < budget {
+                remaining -= 1;
+                out.examined += 1;
                 // Records of one bucket are scattered: start their loads
                 // (and then what removing them touches) a few entries ahead.
-                if let Some(ahead) = bucket.get(i + 8) {
-                    self.prefetch_record(SessionHandle(ahead.handle));
+                if let Some(ahead) = remaining.checked_sub(8) {
+                    self.prefetch_record(SessionHandle(self.wheel.entry(tick, ahead).handle));
                 }
-                if let Some(ahead) = bucket.get(i + 4) {
-                    self.prefetch_for_remove(SessionHandle(ahead.handle));
+                if let Some(ahead) = remaining.checked_sub(4) {
+                    self.prefetch_for_remove(SessionHandle(self.wheel.entry(tick, ahead).handle));
                 }
-                let e = bucket[i];
-                let h = e.handle;
-                let Some(r) = self
-                    .slab
-                    .get_mut(h as usize)
-                    .filter(|r| r.key == e.key && r.wheel_due == e.due)
-                else {
-                    // Entries leave the wheel with their session; this is
-                    // a broken invariant, not a case to handle.
-                    debug_assert!(false, "wheel entry without its session: {e:?}");
-                    continue;
-                };
-                // The entry is out of the wheel while it is looked at.
-                r.wheel_pos = NOT_QUEUED;
-                let due = if u64::from(e.due) > last {
-                    e.due // a later lap
-                } else if r.origin == Origin::PeerSynced {
-                    // The owner decides when a synced copy goes (its delete
-                    // delta, or a reconcile): a copy only restarts its
-                    // timer, so it has a full timeout left if this node
-                    // takes over.
-                    r.last_seen = r.last_seen.max(now);
-                    self.wheel.due_tick_for(now, r.expires_at())
-                } else if r.expires_at() <= now {
-                    on_expired(r);
-                    self.remove_handle(h, RemoveReason::Expired);
-                    expired += 1;
-                    continue;
-                } else {
-                    self.wheel.due_tick_for(now, r.expires_at())
-                };
-                self.enqueue(h, e.key, due);
+                let e = self.wheel.entry(tick, remaining);
+                if self.expire_entry(e, tick, remaining as u32, now, &mut on_expired) {
+                    out.expired += 1;
+                }
             }
-            bucket.clear();
+            if remaining > 0 {
+                self.expiring = Some((tick, remaining));
+                return out;
+            }
         }
-        self.wheel_scratch = bucket;
-        self.wheel.set_cursor(last);
-        expired
+    }
+
+    /// Takes entry `e` (at `pos` in the bucket of `tick`) out of the wheel
+    /// and expires or re-queues its session. True if it expired.
+    fn expire_entry(
+        &mut self,
+        e: WheelEntry,
+        tick: u64,
+        pos: u32,
+        now: Millis,
+        on_expired: &mut impl FnMut(&SessionRecord),
+    ) -> bool {
+        let h = e.handle;
+        let live = self
+            .slab
+            .get(h as usize)
+            .is_some_and(|r| r.key == e.key && r.wheel_due == e.due && r.wheel_pos == pos);
+        if !live {
+            // Entries leave the wheel with their session; this is a broken
+            // invariant, not a case to handle.
+            debug_assert!(false, "wheel entry without its session: {e:?}");
+            return false;
+        }
+        if let Some(moved) = self.wheel.remove(e.due, pos) {
+            self.slab[moved.handle as usize].wheel_pos = pos;
+        }
+        self.slab[h as usize].wheel_pos = NOT_QUEUED;
+        let r = &self.slab[h as usize];
+        let due = if u64::from(e.due) > tick {
+            e.due // a later lap
+        } else if !self.is_authoritative(r) {
+            // The owner decides when a synced copy goes (its delete delta,
+            // or a reconcile): a copy only restarts its timer, so it has a
+            // full timeout left if this node takes over.
+            r.activity.advance(now);
+            self.wheel.due_tick_for(now, r.expires_at())
+        } else if r.expires_at() <= now {
+            on_expired(r);
+            self.remove_handle(h, RemoveReason::Expired);
+            return true;
+        } else {
+            self.wheel.due_tick_for(now, r.expires_at())
+        };
+        self.enqueue(h, e.key, due);
+        false
     }
 
     // ----- peer sync -----------------------------------------------------
@@ -1133,7 +1202,7 @@ impl SessionTable {
         let mut outcome = PeerApply::Inserted;
         if let Some(SessionHandle(h)) = self.find_forward(&s.key, probes.fwd) {
             let r = &mut self.slab[h as usize];
-            if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+            if self.primary_rgs.contains(&r.owner_rg) || !r.owner_rg.is_data() {
                 return Err(InsertError::LocalOwnedConflict);
             }
             if r.reverse == s.reverse && r.owner_rg == s.owner_rg {
@@ -1142,10 +1211,9 @@ impl SessionTable {
                 r.policy = s.policy;
                 r.tcp_state = s.tcp_state;
                 r.timeout_ms = s.timeout_ms;
-                r.counters = s.counters;
+                r.activity.set_counters(s.counters);
                 r.created = created;
-                r.last_seen = last_seen;
-                r.origin = Origin::PeerSynced;
+                r.activity.set_last_seen(last_seen);
                 if let Some(m) = mark {
                     r.bulk_mark = m.0;
                 }
@@ -1186,7 +1254,7 @@ impl SessionTable {
             let Some(r) = self.slab.get(h.0 as usize) else {
                 continue; // already evicted via the other index
             };
-            if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+            if self.is_authoritative(r) {
                 return Err(err);
             }
             self.remove_handle(h.0, RemoveReason::Replaced);
@@ -1209,15 +1277,13 @@ impl SessionTable {
                 key: s.key,
                 reverse: s.reverse,
                 created,
-                last_seen,
-                counters: s.counters,
+                activity: Activity::new(last_seen, s.counters),
                 policy: s.policy,
                 timeout_ms: s.timeout_ms,
                 ingress_if: s.ingress_if,
                 egress_if: s.egress_if,
                 owner_rg: s.owner_rg,
                 tcp_state: s.tcp_state,
-                origin: Origin::PeerSynced,
                 rg_slot: 0,
                 wheel_due: 0,
                 wheel_pos: NOT_QUEUED,
@@ -1233,8 +1299,7 @@ impl SessionTable {
         let Some(SessionHandle(h)) = self.lookup_forward(key) else {
             return Ok(false);
         };
-        let r = &self.slab[h as usize];
-        if r.origin == Origin::LocalOwned && self.primary_rgs.contains(&r.owner_rg) {
+        if self.is_authoritative(&self.slab[h as usize]) {
             return Err(self.counters.refuse(InsertError::LocalOwnedConflict));
         }
         self.remove_handle(h, RemoveReason::PeerDelete);
@@ -1257,32 +1322,52 @@ impl SessionTable {
 
     /// Deletes, with companions, every peer-synced session of `rg` for which
     /// `is_current` is false. Touches no other RG and no local session.
+    /// One pass, unbounded: callers sharing the table use
+    /// [`SessionTable::reconcile_chunk`].
     pub fn reconcile_rg(
         &mut self,
         rg: RgId,
         mut is_current: impl FnMut(&SessionRecord) -> bool,
     ) -> ReconcileReport {
+        let mut cursor = self.begin_export(rg);
         let mut report = ReconcileReport::default();
-        let stale: Vec<u32> = self
-            .export_handles(rg)
-            .filter(|&h| {
-                let r = &self.slab[h as usize];
-                if r.origin != Origin::PeerSynced {
-                    return false;
-                }
-                report.examined += 1;
-                !is_current(r)
-            })
-            .collect();
-        for h in stale {
+        while self.reconcile_chunk(&mut cursor, usize::MAX, &mut report, &mut is_current) {}
+        report
+    }
+
+    /// Examines up to `max` members of the walk's RG and deletes, with
+    /// companions, the peer-synced ones for which `is_current` is false;
+    /// adds to `report`. False when the walk is complete. Sessions of an RG
+    /// this node has become primary for meanwhile are authoritative and
+    /// kept.
+    pub fn reconcile_chunk(
+        &mut self,
+        cursor: &mut ExportCursor,
+        max: usize,
+        report: &mut ReconcileReport,
+        mut is_current: impl FnMut(&SessionRecord) -> bool,
+    ) -> bool {
+        let mut seen = 0;
+        while seen < max {
+            let Some(h) = self.next_member(cursor) else {
+                return false;
+            };
+            seen += 1;
             let r = &self.slab[h as usize];
+            if self.is_authoritative(r) {
+                continue;
+            }
+            report.examined += 1;
+            if is_current(r) {
+                continue;
+            }
             if nat_companion(&r.key, &r.reverse).is_some() {
                 report.deleted_with_nat += 1;
             }
             self.remove_handle(h, RemoveReason::Reconciled);
             report.deleted += 1;
         }
-        report
+        cursor.pos > 0
     }
 
     /// Reconcile against an explicit set of keys seen in a bulk.
@@ -1295,51 +1380,55 @@ impl SessionTable {
         self.reconcile_rg(rg, |r| r.bulk_mark == mark.0)
     }
 
+    /// Whether a session carries bulk `mark` (for [`SessionTable::reconcile_chunk`]).
+    pub fn is_marked(r: &SessionRecord, mark: BulkMark) -> bool {
+        r.bulk_mark == mark.0
+    }
+
     fn export_handles(&self, rg: RgId) -> impl Iterator<Item = u32> + '_ {
-        self.rgs
-            .get(&rg)
-            .into_iter()
-            .flat_map(|m| m.handles.iter().copied())
-            .filter(|&h| h != HOLE)
+        self.rgs.get(&rg).into_iter().flat_map(|m| m.iter().copied())
     }
 
     // ----- role changes --------------------------------------------------
 
     /// This node became primary for `rg`: its synced copies become local
-    /// and authoritative. Returns how many sessions changed origin.
+    /// and authoritative — at once, whatever the RG's size, because origin
+    /// is the RG's role ([`SessionTable::origin`]). Returns how many
+    /// sessions changed origin.
     pub fn promote_rg(&mut self, rg: RgId) -> usize {
-        self.primary_rgs.insert(rg);
-        self.set_rg_origin(rg, Origin::LocalOwned)
+        if self.primary_rgs.insert(rg) && rg.is_data() {
+            self.rg_len(rg)
+        } else {
+            0
+        }
     }
 
     /// This node stopped being primary for `rg`: its sessions become copies
-    /// that the new primary's deltas may overwrite.
+    /// that the new primary's deltas may overwrite (at once, as above).
     pub fn demote_rg(&mut self, rg: RgId) -> usize {
-        self.primary_rgs.remove(&rg);
-        self.set_rg_origin(rg, Origin::PeerSynced)
-    }
-
-    fn set_rg_origin(&mut self, rg: RgId, origin: Origin) -> usize {
-        let Some(m) = self.rgs.get(&rg) else {
-            return 0;
-        };
-        let mut changed = 0;
-        for &h in m.handles.iter().filter(|&&h| h != HOLE) {
-            let r = &mut self.slab[h as usize];
-            if r.origin != origin {
-                r.origin = origin;
-                changed += 1;
-            }
+        if self.primary_rgs.remove(&rg) && rg.is_data() {
+            self.rg_len(rg)
+        } else {
+            0
         }
-        changed
     }
 
     // ----- streaming export ----------------------------------------------
 
-    /// Starts a stable walk over `rg`'s sessions, in chunks.
-    pub fn begin_export(&mut self, rg: RgId) -> ExportCursor {
-        self.rgs.entry(rg).or_default().exports += 1;
-        ExportCursor { rg, pos: 0 }
+    /// Starts a walk over `rg`'s sessions, in chunks (see [`ExportCursor`]).
+    pub fn begin_export(&self, rg: RgId) -> ExportCursor {
+        ExportCursor {
+            rg,
+            pos: self.rg_len(rg),
+        }
+    }
+
+    /// The next member of the walk, if any.
+    #[inline]
+    fn next_member(&self, cursor: &mut ExportCursor) -> Option<u32> {
+        let m = self.rgs.get(&cursor.rg)?;
+        cursor.pos = cursor.pos.min(m.len()).checked_sub(1)?;
+        Some(m[cursor.pos])
     }
 
     /// Appends up to `max` sessions for which `keep` holds to `out` in peer
@@ -1352,43 +1441,18 @@ impl SessionTable {
         out: &mut Vec<SyncedSession>,
         keep: impl Fn(&SessionRecord) -> bool,
     ) -> bool {
-        let Some(m) = self.rgs.get(&cursor.rg) else {
-            return false;
-        };
         let mut taken = 0;
-        while taken < max && cursor.pos < m.handles.len() {
-            let h = m.handles[cursor.pos];
-            cursor.pos += 1;
-            if h != HOLE {
-                let r = &self.slab[h as usize];
-                if keep(r) {
-                    out.push(r.to_synced(now));
-                    taken += 1;
-                }
+        while taken < max {
+            let Some(h) = self.next_member(cursor) else {
+                return false;
+            };
+            let r = &self.slab[h as usize];
+            if keep(r) {
+                out.push(r.to_synced(now));
+                taken += 1;
             }
         }
-        cursor.pos < m.handles.len()
-    }
-
-    /// Ends a walk; the last one to end compacts the RG's member list.
-    pub fn end_export(&mut self, cursor: ExportCursor) {
-        let Some(m) = self.rgs.get_mut(&cursor.rg) else {
-            return;
-        };
-        m.exports = m.exports.saturating_sub(1);
-        if m.exports > 0 {
-            return;
-        }
-        if m.holes > 0 {
-            m.handles.retain(|&h| h != HOLE);
-            m.holes = 0;
-            for (slot, &h) in m.handles.iter().enumerate() {
-                self.slab[h as usize].rg_slot = slot as u32;
-            }
-        }
-        if m.handles.is_empty() {
-            self.rgs.remove(&cursor.rg);
-        }
+        cursor.pos > 0
     }
 
     // ----- self check ----------------------------------------------------
@@ -1428,7 +1492,7 @@ impl SessionTable {
                 .rgs
                 .get(&r.owner_rg)
                 .ok_or_else(|| format!("session {h} owner {} has no member list", r.owner_rg))?;
-            if m.handles.get(r.rg_slot as usize) != Some(&h) {
+            if m.get(r.rg_slot as usize) != Some(&h) {
                 return Err(format!("session {h} not at its slot in {}", r.owner_rg));
             }
         }
@@ -1452,12 +1516,15 @@ impl SessionTable {
                 self.ports.reserved()
             ));
         }
-        let members: usize = self.rgs.values().map(|m| m.handles.len() - m.holes).sum();
+        let members: usize = self.rgs.values().map(Vec::len).sum();
         if members != n {
             return Err(format!("RG lists hold {members} sessions, table has {n}"));
         }
         for (rg, m) in &self.rgs {
-            for &h in m.handles.iter().filter(|&&h| h != HOLE) {
+            if m.is_empty() {
+                return Err(format!("{rg} has an empty member list"));
+            }
+            for &h in m {
                 let owner = self.slab.get(h as usize).map(|r| r.owner_rg);
                 if owner != Some(*rg) {
                     return Err(format!("{rg} list holds {h} owned by {owner:?}"));

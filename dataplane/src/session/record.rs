@@ -1,6 +1,7 @@
 //! What the table stores per session, and the timeouts that decide its life.
 
 use super::key::{Addr, NatBinding, SessionKey, ZoneId, proto};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tandem_proto::RgId;
 
 /// Milliseconds on the caller's monotonic clock. The table never reads a
@@ -23,13 +24,17 @@ pub struct InterfaceId(pub u16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyId(pub u32);
 
-/// Who holds the authoritative copy of a session on this node.
+/// Who holds the authoritative copy of a session on this node. Not stored
+/// per session: it is the role of the session's owner RG here
+/// ([`super::SessionTable::origin`]), so a role change flips every session
+/// of the RG at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Origin {
-    /// Created or taken over here; this node emits its deltas.
+    /// This node is primary for the owner RG (or the RG is local-only):
+    /// it emits the session's deltas and expires it.
     LocalOwned = 0,
-    /// A copy received from the peer (primary of the owner RG).
+    /// A copy of a session the peer is primary for.
     PeerSynced = 1,
 }
 
@@ -130,6 +135,92 @@ pub struct FlowCounters {
     pub rev_bytes: u64,
 }
 
+/// What every packet of an established session updates: its counters and
+/// its last-seen time. Workers write it through a shared reference (relaxed
+/// atomics), so forwarding an established flow needs no exclusive access to
+/// the table; everything else in a record changes only under `&mut`.
+///
+/// `last_seen` moves forward only, and is stored only when the millisecond
+/// changes (one store per flow per millisecond, not per packet). Two
+/// workers racing on it may leave the older of two near-equal times — a few
+/// microseconds, never a regression past a value either of them read.
+#[derive(Debug, Default)]
+pub struct Activity {
+    last_seen: AtomicU64,
+    fwd_packets: AtomicU64,
+    fwd_bytes: AtomicU64,
+    rev_packets: AtomicU64,
+    rev_bytes: AtomicU64,
+}
+
+impl Activity {
+    pub(super) fn new(last_seen: Millis, c: FlowCounters) -> Activity {
+        Activity {
+            last_seen: AtomicU64::new(last_seen.0),
+            fwd_packets: AtomicU64::new(c.fwd_packets),
+            fwd_bytes: AtomicU64::new(c.fwd_bytes),
+            rev_packets: AtomicU64::new(c.rev_packets),
+            rev_bytes: AtomicU64::new(c.rev_bytes),
+        }
+    }
+
+    #[inline]
+    pub(super) fn touch(&self, dir: Direction, bytes: u32, now: Millis) {
+        let (packets, octets) = match dir {
+            Direction::Forward => (&self.fwd_packets, &self.fwd_bytes),
+            Direction::Reverse => (&self.rev_packets, &self.rev_bytes),
+        };
+        packets.fetch_add(1, Relaxed);
+        octets.fetch_add(u64::from(bytes), Relaxed);
+        self.advance(now);
+    }
+
+    #[inline]
+    pub(super) fn advance(&self, now: Millis) {
+        if self.last_seen.load(Relaxed) < now.0 {
+            self.last_seen.store(now.0, Relaxed);
+        }
+    }
+
+    pub fn last_seen(&self) -> Millis {
+        Millis(self.last_seen.load(Relaxed))
+    }
+
+    pub(super) fn set_last_seen(&self, t: Millis) {
+        self.last_seen.store(t.0, Relaxed);
+    }
+
+    pub fn counters(&self) -> FlowCounters {
+        FlowCounters {
+            fwd_packets: self.fwd_packets.load(Relaxed),
+            fwd_bytes: self.fwd_bytes.load(Relaxed),
+            rev_packets: self.rev_packets.load(Relaxed),
+            rev_bytes: self.rev_bytes.load(Relaxed),
+        }
+    }
+
+    pub(super) fn set_counters(&self, c: FlowCounters) {
+        self.fwd_packets.store(c.fwd_packets, Relaxed);
+        self.fwd_bytes.store(c.fwd_bytes, Relaxed);
+        self.rev_packets.store(c.rev_packets, Relaxed);
+        self.rev_bytes.store(c.rev_bytes, Relaxed);
+    }
+}
+
+impl Clone for Activity {
+    fn clone(&self) -> Activity {
+        Activity::new(self.last_seen(), self.counters())
+    }
+}
+
+impl PartialEq for Activity {
+    fn eq(&self, o: &Activity) -> bool {
+        self.last_seen() == o.last_seen() && self.counters() == o.counters()
+    }
+}
+
+impl Eq for Activity {}
+
 /// Direction of a packet relative to the session's first packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -158,17 +249,16 @@ impl Nat {
 /// the indexes stay consistent.
 ///
 /// `repr(C)` fixes the layout a burst lookup prefetches: the forward key,
-/// then `origin`, then the reverse key, so one or two cache lines hold a
-/// key *and* `origin`. `origin` is where the slab keeps a slot's
-/// occupancy (its niche: the one field every slab access reads), so a
-/// lookup's key comparison touches no line the prefetch did not load.
-/// The compiler would otherwise put the u64 fields first.
+/// then `tcp_state`, then the reverse key, so one or two cache lines hold a
+/// key *and* `tcp_state`. `tcp_state` is where the slab keeps a slot's
+/// occupancy (its niche, the record's only one: the field every slab access
+/// reads), so a lookup's key comparison touches no line the prefetch did
+/// not load. The compiler would otherwise put the u64 fields first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct SessionRecord {
     /// First packet as it arrived (pre-translation, ingress zone).
     pub key: SessionKey,
-    pub origin: Origin,
     pub tcp_state: TcpState,
     pub owner_rg: RgId,
     pub ingress_if: InterfaceId,
@@ -179,8 +269,8 @@ pub struct SessionRecord {
     pub policy: PolicyId,
     pub timeout_ms: u32,
     pub created: Millis,
-    pub last_seen: Millis,
-    pub counters: FlowCounters,
+    /// Counters and last-seen time (see [`Activity`]).
+    pub(super) activity: Activity,
     /// Position in the owner RG's member list.
     pub(super) rg_slot: u32,
     /// Due tick of this session's one timer-wheel entry (its bucket).
@@ -198,15 +288,13 @@ impl SessionRecord {
             key: SessionKey::default(),
             reverse: SessionKey::default(),
             created: Millis(0),
-            last_seen: Millis(0),
-            counters: FlowCounters::default(),
+            activity: Activity::default(),
             policy: PolicyId(0),
             timeout_ms: 0,
             ingress_if: InterfaceId(0),
             egress_if: InterfaceId(0),
             owner_rg: RgId(0),
             tcp_state: TcpState::None,
-            origin: Origin::PeerSynced,
             rg_slot: 0,
             wheel_due: 0,
             bulk_mark: 0,
@@ -227,12 +315,16 @@ impl SessionRecord {
         self.reverse.zone
     }
 
-    pub fn expires_at(&self) -> Millis {
-        Millis(self.last_seen.0 + u64::from(self.timeout_ms))
+    pub fn last_seen(&self) -> Millis {
+        self.activity.last_seen()
     }
 
-    pub fn is_peer_synced(&self) -> bool {
-        self.origin == Origin::PeerSynced
+    pub fn counters(&self) -> FlowCounters {
+        self.activity.counters()
+    }
+
+    pub fn expires_at(&self) -> Millis {
+        Millis(self.last_seen().0 + u64::from(self.timeout_ms))
     }
 }
 

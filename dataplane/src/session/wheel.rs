@@ -17,7 +17,7 @@ use super::key::SessionKey;
 use super::record::Millis;
 
 /// `wheel_pos` of a record whose entry is out of the wheel (being
-/// processed by `expire`).
+/// looked at by an expiry pass).
 pub(super) const NOT_QUEUED: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,15 +120,18 @@ impl Wheel {
         (target > self.cursor).then_some((self.cursor + 1, target))
     }
 
-    /// Takes the bucket for `tick` out of the wheel (the caller pushes back
-    /// what must stay). Reuses the bucket's allocation via `spare`.
-    pub fn take_bucket(&mut self, tick: u64, spare: &mut Vec<WheelEntry>) {
-        let idx = (tick & self.mask) as usize;
-        spare.clear();
-        std::mem::swap(&mut self.buckets[idx], spare);
-        self.entries -= spare.len();
+    /// Entries in the bucket of `tick`.
+    pub fn bucket_len(&self, tick: u64) -> usize {
+        self.buckets[(tick & self.mask) as usize].len()
     }
 
+    /// The entry at `pos` in the bucket of `tick` (`pos < bucket_len`).
+    pub fn entry(&self, tick: u64, pos: usize) -> WheelEntry {
+        self.buckets[(tick & self.mask) as usize][pos]
+    }
+
+    /// Marks every tick up to `tick` processed: entries queued from now on
+    /// are due after it.
     pub fn set_cursor(&mut self, tick: u64) {
         self.cursor = tick;
     }

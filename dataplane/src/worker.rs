@@ -1,0 +1,339 @@
+//! The shell around the packet core that every dataplane thread runs: one
+//! [`Worker`] per thread, all of a node's workers over one [`Shared`].
+//!
+//! Per burst a worker takes the session table's shared (read) lock once,
+//! loads the role map and the neighbor map once, prefetches the burst's
+//! sessions, then runs the core over the frames in order. The first frame
+//! that must change the table's structure (a new session, a TCP state
+//! change) makes the worker trade the read lock for the write lock, and the
+//! rest of the burst runs under it — in order, so a session one frame
+//! creates is seen by the next. Established traffic therefore never takes
+//! an exclusive lock: its per-packet updates are atomic
+//! ([`crate::session::Activity`]). After the burst the worker hands what
+//! the core produced to the shared state: deltas to the per-RG queues
+//! (non-blocking, counted when full), learned neighbors to the shared map.
+//!
+//! Writers other than workers (sync, reconcile, expiry) hold the write lock
+//! for one slice of at most [`crate::session::SLICE`] sessions; the lock is
+//! writer-preferring, so a worker waits at most one slice plus one burst.
+
+use crate::config::Compiled;
+use crate::core::{
+    Arrival, Core, CoreStats, Effects, Env, NeedsExclusive, NeighborMap, OUTBOX_LIMIT, TableView,
+    Verdict,
+};
+use crate::delta::DeltaProducer;
+use crate::packet::Mac;
+use crate::session::{
+    self, Addr, InterfaceId, Millis, SLICE, SessionKey, SessionTable, SharedTable,
+};
+use arc_swap::ArcSwap;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use tandem_proto::{RgId, RoleMap};
+
+/// Most neighbors a node learns; beyond it new ones are refused and
+/// counted (a spoofed ARP flood cannot grow memory without bound).
+pub const NEIGHBOR_LIMIT: usize = 16_384;
+
+/// Next-hop MACs shared by a node's workers: read once per burst, written
+/// after a burst that learned something new.
+#[derive(Debug, Default)]
+pub struct Neighbors {
+    map: RwLock<NeighborMap>,
+    /// Learned neighbors refused because the map held [`NEIGHBOR_LIMIT`].
+    pub refused: AtomicU64,
+}
+
+impl Neighbors {
+    /// A static neighbor (tests, configuration); never refused.
+    pub fn insert(&self, iface: InterfaceId, ip: Addr, mac: Mac) {
+        self.write().insert((iface, ip), mac);
+    }
+
+    pub fn get(&self, iface: InterfaceId, ip: Addr) -> Option<Mac> {
+        self.read().get(&(iface, ip)).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, NeighborMap> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, NeighborMap> {
+        self.map.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn learn(&self, learned: &[((InterfaceId, Addr), Mac)]) {
+        let mut m = self.write();
+        for (k, mac) in learned {
+            if m.len() < NEIGHBOR_LIMIT || m.contains_key(k) {
+                m.insert(*k, *mac);
+            } else {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What all of a node's workers share.
+pub struct Shared {
+    pub cfg: Arc<Compiled>,
+    pub table: SharedTable,
+    pub roles: Arc<ArcSwap<RoleMap>>,
+    pub neighbors: Arc<Neighbors>,
+    pub deltas: DeltaProducer,
+}
+
+/// How a worker gets at the table: the daemon's [`SharedTable`], or a
+/// test's wrapper that does something between a worker's release of the
+/// read lock and its taking of the write lock.
+pub trait TableLock {
+    fn read(&self) -> impl Deref<Target = SessionTable> + '_;
+    fn write(&self) -> impl DerefMut<Target = SessionTable> + '_;
+}
+
+impl TableLock for SharedTable {
+    fn read(&self) -> impl Deref<Target = SessionTable> + '_ {
+        session::read(self)
+    }
+
+    fn write(&self) -> impl DerefMut<Target = SessionTable> + '_ {
+        session::lock(self)
+    }
+}
+
+/// The frames of one burst, taken one at a time.
+pub trait FrameBurst {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Frame `i` (`i < len`) and how it arrived.
+    fn frame(&mut self, i: usize) -> (&mut [u8], Arrival);
+}
+
+/// Frames in plain buffers (tests, benchmarks).
+impl<B: AsMut<[u8]>> FrameBurst for [(B, Arrival)] {
+    fn len(&self) -> usize {
+        <[_]>::len(self)
+    }
+
+    fn frame(&mut self, i: usize) -> (&mut [u8], Arrival) {
+        let (b, a) = &mut self[i];
+        (b.as_mut(), *a)
+    }
+}
+
+/// `None` of the type `f` would return (names an opaque type without
+/// calling `f`).
+fn none_of<T>(_f: impl FnOnce() -> T) -> Option<T> {
+    None
+}
+
+/// Largest burst the prefetch covers at once.
+const PREFETCH_MAX: usize = 64;
+
+/// One dataplane thread's core and scratch space.
+pub struct Worker {
+    core: Core,
+    shared: Arc<Shared>,
+    fx: Effects,
+    keys: Vec<SessionKey>,
+    /// Frames the core built (ARP/ND requests, announcements) for the I/O
+    /// shell to send; at most [`OUTBOX_LIMIT`].
+    outbox: Vec<(InterfaceId, Vec<u8>)>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Worker {
+        Worker {
+            core: Core::new(shared.cfg.clone()),
+            shared,
+            fx: Effects::default(),
+            keys: Vec::with_capacity(PREFETCH_MAX),
+            outbox: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<CoreStats> {
+        &self.core.stats
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn config(&self) -> &Compiled {
+        self.core.config()
+    }
+
+    /// Runs one burst against the node's table; one verdict per frame, in
+    /// order, in `verdicts` (cleared first).
+    pub fn burst<F: FrameBurst + ?Sized>(
+        &mut self,
+        frames: &mut F,
+        now: Millis,
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        let shared = self.shared.clone();
+        self.burst_with(&shared.table, frames, now, verdicts);
+    }
+
+    /// [`Worker::burst`] against any [`TableLock`].
+    pub fn burst_with<L: TableLock, F: FrameBurst + ?Sized>(
+        &mut self,
+        lock: &L,
+        frames: &mut F,
+        now: Millis,
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        verdicts.clear();
+        self.fx.clear();
+        let shared = self.shared.clone();
+        let roles = shared.roles.load();
+        let neighbors = shared.neighbors.read();
+        let env = Env {
+            roles: &roles,
+            neighbors: &neighbors,
+            now,
+        };
+        // The burst holds the read lock, or — from the first frame that
+        // needs it — the write lock, never both.
+        let mut read = Some(lock.read());
+        let mut write = none_of(|| lock.write());
+        if let Some(t) = &read {
+            self.prefetch(t, frames);
+        }
+        for i in 0..frames.len() {
+            let (f, arrival) = frames.frame(i);
+            let v = loop {
+                let mut view = match (&mut write, &read) {
+                    (Some(w), _) => TableView::Exclusive(&mut **w),
+                    (None, Some(r)) => TableView::Shared(&**r),
+                    (None, None) => unreachable!("a lock is held for the whole burst"),
+                };
+                match self.core.process(f, arrival, &mut view, &env, &mut self.fx) {
+                    Ok(v) => break v,
+                    Err(NeedsExclusive) => {
+                        // Release the read lock before asking for the write
+                        // lock (the same thread holding both deadlocks).
+                        read = None;
+                        write = Some(lock.write());
+                        self.core
+                            .stats
+                            .exclusive_bursts
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            };
+            verdicts.push(v);
+        }
+        drop(read);
+        drop(write);
+        drop(neighbors);
+        self.apply_effects();
+    }
+
+    /// Starts the loads of the burst's sessions (frames from the wire only:
+    /// fabric frames are rewritten before their lookup).
+    fn prefetch<F: FrameBurst + ?Sized>(&mut self, table: &SessionTable, frames: &mut F) {
+        self.keys.clear();
+        for i in 0..frames.len().min(PREFETCH_MAX) {
+            let (f, arrival) = frames.frame(i);
+            if let Arrival::Wire(ingress) = arrival
+                && let Some(k) = self.core.flow_key(f, ingress)
+            {
+                self.keys.push(k);
+            }
+        }
+        if !self.keys.is_empty() {
+            table.prefetch_lookups(&self.keys);
+        }
+    }
+
+    fn apply_effects(&mut self) {
+        for (rg, key) in self.fx.deltas.drain(..) {
+            if !self.shared.deltas.push(rg, key) {
+                self.core
+                    .stats
+                    .deltas_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !self.fx.learned.is_empty() {
+            self.shared.neighbors.learn(&self.fx.learned);
+        }
+        self.take_frames();
+    }
+
+    fn take_frames(&mut self) {
+        for f in self.fx.frames.drain(..) {
+            if self.outbox.len() < OUTBOX_LIMIT {
+                self.outbox.push(f);
+            } else {
+                self.core
+                    .stats
+                    .outbox_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One frame as a burst of one (tests, the slow path).
+    pub fn process(&mut self, frame: &mut [u8], arrival: Arrival, now: Millis) -> Verdict {
+        let mut verdicts = Vec::with_capacity(1);
+        self.burst(&mut [(frame, arrival)][..], now, &mut verdicts);
+        verdicts[0]
+    }
+
+    /// Queues gratuitous ARP / unsolicited NA for `rg`'s VIPs (on becoming
+    /// primary; one worker of the node does it).
+    pub fn announce(&mut self, rg: RgId) {
+        self.fx.frames.clear();
+        self.core.announce(rg, &mut self.fx);
+        self.take_frames();
+    }
+
+    /// Frames the core built, for the I/O shell to send.
+    pub fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
+        &mut self.outbox
+    }
+
+    /// The core (its flow keys, for tests and benchmarks).
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// Expires idle sessions of `shared`'s table in slices of
+/// [`SLICE`] entries, releasing the write lock between slices so workers
+/// proceed; a delete delta goes out for each expired session of a data RG.
+/// Returns how many expired.
+pub fn expire(shared: &Shared, now: Millis) -> usize {
+    let mut expired = 0;
+    loop {
+        let slice = session::lock(&shared.table).expire_slice(now, SLICE, |r| {
+            if r.owner_rg.is_data() {
+                // A full queue marks the RG for a bulk, which repairs it.
+                let _ = shared.deltas.push(r.owner_rg, r.key);
+            }
+        });
+        expired += slice.expired;
+        if slice.done {
+            return expired;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
