@@ -140,7 +140,7 @@ async fn export_sessions(
         return write_reply(s, String::new(), "--peer-diff needs both nodes' sockets: use `tandem show security flow session --peer-diff --peer-socket PATH`".into(), true).await;
     }
     let rgs: Vec<RgId> = if q.rg == 0 {
-        tandem_dataplane::session::lock(&node.table).rgs()
+        tandem_dataplane::session::read(&node.table).rgs()
     } else {
         match u16::try_from(q.rg) {
             Ok(rg) => vec![RgId(rg)],
@@ -158,10 +158,11 @@ async fn export_sessions(
     let mut total = 0u64;
     for rg in rgs {
         let epoch_before = node.cluster.roles().get(&rg).map(|r| r.epoch.0);
-        let mut cursor = tandem_dataplane::session::lock(&node.table).begin_export(rg);
+        let mut cursor = tandem_dataplane::session::read(&node.table).begin_export(rg);
         loop {
             let (lines, more) = {
-                let t = tandem_dataplane::session::lock(&node.table);
+                // Shared access: listing sessions never stalls forwarding.
+                let t = tandem_dataplane::session::read(&node.table);
                 let now = (node.clock)();
                 let mut out = Vec::with_capacity(EXPORT_CHUNK);
                 let more = t.export_chunk(&mut cursor, EXPORT_CHUNK, now, &mut out, |_| true);
@@ -169,7 +170,8 @@ async fn export_sessions(
                     .iter()
                     .map(|synced| {
                         let h = t.lookup_forward(&synced.key).and_then(|h| t.get(h));
-                        views::session_json(synced, h.map(|r| r.origin), &node.compiled).to_string()
+                        views::session_json(synced, h.map(|r| t.origin(r)), &node.compiled)
+                            .to_string()
                     })
                     .collect();
                 (lines, more)
@@ -180,14 +182,12 @@ async fn export_sessions(
                     .await
                     .is_err()
             {
-                tandem_dataplane::session::lock(&node.table).end_export(cursor);
                 return Ok(());
             }
             if !more {
                 break;
             }
         }
-        tandem_dataplane::session::lock(&node.table).end_export(cursor);
         let epoch_after = node.cluster.roles().get(&rg).map(|r| r.epoch.0);
         let trailer = serde_json::json!({
             "end_of_rg": rg.0,

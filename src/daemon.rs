@@ -2,9 +2,13 @@
 //! sync, the election and the control API together.
 //!
 //! Threads: the tokio runtime (sync, election, control API, metrics,
-//! monitors) and one dataplane worker. Shutdown (SIGTERM/SIGINT): resign
-//! every RG (the peer takes over at its next heartbeat, not after the
-//! detection timeout), stop the worker, detach XDP.
+//! monitors) and the dataplane (a worker per set of RX queues and its
+//! supervisor, `tandem_dataplane::supervisor`). The dataplane's health on
+//! each reth member is an election monitor at full weight
+//! (`dataplane:<device>`): a node whose dataplane does not run there is
+//! ineligible for that reth's RG. Shutdown (SIGTERM/SIGINT): resign every
+//! RG (the peer takes over at its next heartbeat, not after the detection
+//! timeout), stop the workers, detach XDP.
 
 use crate::config::NodeConfig;
 use crate::control;
@@ -12,7 +16,6 @@ use crate::fabric::{self, FabricPort};
 use crate::views;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_cluster::election::driver::{
@@ -22,15 +25,16 @@ use tandem_cluster::election::{ElectionConfig, MonitorConfig, Path as HbPath, Rg
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, TlsIdentity};
 use tandem_cluster::witness::WitnessConfig;
-use tandem_dataplane::afxdp::{AfXdp, AfXdpConfig, IoStats, PortSpec};
+use tandem_dataplane::afxdp::FabricHook;
 use tandem_dataplane::config::Compiled;
-use tandem_dataplane::core::{Core, CoreStats};
 use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::os;
 use tandem_dataplane::session::{
     Clock, InterfaceId, SessionTable, SharedTable, TableConfig, monotonic_clock,
 };
+use tandem_dataplane::supervisor::{Dataplane, Health, HookFactory, PoolConfig, PortSpec};
+use tandem_dataplane::worker::{Neighbors, Shared};
 use tandem_dataplane::xdp::{PortMode, XdpCounters};
 use tandem_fabric::{FabricMap, FabricStats};
 use tandem_proto::{NodeId, RgId, RoleMap};
@@ -45,16 +49,37 @@ pub struct Node {
     pub sync: SyncHandle,
     pub cluster: ClusterHandle,
     pub clock: Clock,
-    pub core: Mutex<Option<Arc<CoreStats>>>,
-    pub io: Mutex<Option<Arc<IoStats>>>,
-    pub xdp: Mutex<XdpCounters>,
-    pub dataplane_error: Mutex<Option<String>>,
+    pub dataplane: Mutex<DataplaneSlot>,
+    /// Delta queues' producer side, for every (re)start of the dataplane.
+    pub deltas: DeltaProducer,
+    /// Next-hop MACs, kept across dataplane restarts.
+    pub neighbors: Arc<Neighbors>,
     pub started_ms: u64,
     /// Fabric links in the dataplane (fab0 first), the map the worker
     /// forwards by, and the worker's fabric counters.
     pub fabric_ports: Vec<FabricPort>,
     pub fabric_map: Arc<ArcSwap<FabricMap>>,
     pub fabric_stats: Arc<FabricStats>,
+}
+
+/// The dataplane as the daemon holds it: running or not, and why not.
+#[derive(Default)]
+pub struct DataplaneSlot {
+    pub running: Option<Dataplane>,
+    /// Health of the running (or last) dataplane.
+    pub health: Option<Arc<Health>>,
+    /// Why it is not running (start failure, operator stop).
+    pub error: Option<String>,
+    /// XDP counters read when the last dataplane stopped.
+    pub last_xdp: XdpCounters,
+}
+
+impl DataplaneSlot {
+    pub fn xdp_counters(&self) -> XdpCounters {
+        self.running
+            .as_ref()
+            .map_or(self.last_xdp, Dataplane::xdp_counters)
+    }
 }
 
 /// Fabric devices become dataplane ports numbered after the data
@@ -115,10 +140,12 @@ fn election_config(cfg: &NodeConfig) -> ElectionConfig {
                 c.monitors = r
                     .monitor
                     .iter()
-                    .map(|m| MonitorConfig {
-                        name: m.interface.clone(),
-                        weight: m.weight,
-                    })
+                    .map(|m| MonitorConfig::interface(&m.interface, m.weight))
+                    .chain(
+                        rg_devices(cfg, RgId(r.id))
+                            .iter()
+                            .map(|d| MonitorConfig::dataplane(d)),
+                    )
                     .collect();
                 c
             })
@@ -127,15 +154,25 @@ fn election_config(cfg: &NodeConfig) -> ElectionConfig {
     }
 }
 
+/// The reth member devices of `rg` on this node.
+fn rg_devices(cfg: &NodeConfig, rg: RgId) -> Vec<String> {
+    cfg.dataplane
+        .interfaces
+        .iter()
+        .filter(|i| i.reth.as_ref().is_some_and(|r| r.rg == rg.0))
+        .map(|i| i.device.clone())
+        .collect()
+}
+
 /// Runs the node until a termination signal.
 pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let compiled = Arc::new(Compiled::new(&cfg.dataplane)?);
     let clock = monotonic_clock();
-    let table: SharedTable = Arc::new(Mutex::new(SessionTable::new(TableConfig {
+    let table: SharedTable = tandem_dataplane::session::shared(SessionTable::new(TableConfig {
         capacity: cfg.sessions.capacity,
         preallocate: cfg.sessions.preallocate,
         ..TableConfig::default()
-    })));
+    }));
     let (producer, consumers) = delta_queues(&cfg.rgs(), cfg.sessions.delta_queue);
     let (sync, cluster) = start_cluster(&cfg, table.clone(), consumers, clock.clone()).await?;
     let node = Arc::new(Node {
@@ -144,18 +181,19 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         sync: sync.clone(),
         cluster: cluster.clone(),
         clock: clock.clone(),
-        core: Mutex::new(None),
-        io: Mutex::new(None),
-        xdp: Mutex::new(XdpCounters::default()),
-        dataplane_error: Mutex::new(None),
+        dataplane: Mutex::new(DataplaneSlot::default()),
+        deltas: producer,
+        neighbors: Arc::default(),
         started_ms: clock().0,
         fabric_ports: fabric_ports(&cfg, &compiled),
         fabric_map: Arc::default(),
         fabric_stats: Arc::default(),
         cfg,
     });
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = start_dataplane(node.clone(), producer, stop.clone());
+    if let Err(e) = start_dataplane(&node) {
+        error!(error = %e, "dataplane not started: this node is ineligible for its RGs");
+    }
+    tokio::spawn(watch_dataplane(node.clone()));
     tokio::spawn(watch_monitors(node.clone()));
     tokio::spawn(fabric::publish(
         node.clone(),
@@ -180,8 +218,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     info!("shutting down: resigning every RG");
     cluster.resign().await;
     tokio::time::sleep(Duration::from_millis(2 * node.cfg.heartbeat.interval_ms)).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let n = node.clone();
+    let _ = tokio::task::spawn_blocking(move || stop_dataplane(&n, "shutting down")).await;
     sync.shutdown();
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
@@ -277,86 +315,135 @@ async fn start_cluster(
     Ok((sync, cluster))
 }
 
-/// The dataplane worker thread: binds AF_XDP on every data interface and
-/// forwards until `stop`. A failure is logged and shown in the status (the
-/// cluster keeps running so the peer is not left alone with a dead link).
-fn start_dataplane(
-    node: Arc<Node>,
-    producer: DeltaProducer,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("dataplane".into())
-        .spawn(move || {
-            let mut compiled = (*node.compiled).clone();
-            for i in &mut compiled.ifaces {
-                match os::mac(&i.device) {
-                    Ok(m) => i.mac = m,
-                    Err(e) => {
-                        let msg = format!("interface {} ({}): {e}", i.name, i.device);
-                        error!("{msg}");
-                        *node.dataplane_error.lock().expect("lock") = Some(msg);
-                        return;
-                    }
-                }
+/// Starts the dataplane on every data interface and fabric link: AF_XDP
+/// workers per RX queue set (`[dataplane] workers`). Errors (a missing
+/// device, AF_XDP refused) are recorded in the status; the health watcher
+/// keeps the node ineligible until the dataplane runs.
+pub fn start_dataplane(node: &Arc<Node>) -> Result<(), String> {
+    let mut slot = node.dataplane.lock().expect("lock");
+    if slot.running.is_some() {
+        return Err("the dataplane is already running".into());
+    }
+    let fail = |slot: &mut DataplaneSlot, msg: String| {
+        slot.error = Some(msg.clone());
+        slot.health = None;
+        Err(msg)
+    };
+    let mut compiled = (*node.compiled).clone();
+    for i in &mut compiled.ifaces {
+        match os::mac(&i.device) {
+            Ok(m) => i.mac = m,
+            Err(e) => {
+                return fail(
+                    &mut slot,
+                    format!("interface {} ({}): {e}", i.name, i.device),
+                );
             }
-            let ports: Vec<PortSpec> = compiled
-                .ifaces
-                .iter()
-                .map(|i| PortSpec {
-                    iface: i.id,
-                    device: i.device.clone(),
-                    mode: PortMode::Data,
-                })
-                .chain(node.fabric_ports.iter().map(|f| PortSpec {
-                    iface: InterfaceId(f.port),
-                    device: f.device.clone(),
-                    mode: PortMode::Fabric,
-                }))
-                .collect();
-            let roles = node.cluster.role_swap();
-            let mut core = Core::new(
-                Arc::new(compiled),
-                node.table.clone(),
-                roles.clone(),
-                producer,
-            );
-            *node.core.lock().expect("lock") = Some(core.stats.clone());
-            let mut io = match AfXdp::open(&ports, &AfXdpConfig::default()) {
-                Ok(io) => io,
-                Err(e) => {
-                    error!(error = %e, "dataplane");
-                    *node.dataplane_error.lock().expect("lock") = Some(e.0);
-                    return;
-                }
-            };
-            *node.io.lock().expect("lock") = Some(io.io.clone());
-            let counters_node = node.clone();
-            let counters_stop = stop.clone();
-            // XDP counters are read from the worker's maps once a second.
-            let (tx, rx) = std::sync::mpsc::channel::<XdpCounters>();
-            std::thread::spawn(move || {
-                while !counters_stop.load(Ordering::Relaxed) {
-                    if let Ok(c) = rx.recv_timeout(Duration::from_secs(2)) {
-                        *counters_node.xdp.lock().expect("lock") = c;
-                    }
-                }
-            });
-            let clock = node.clock.clone();
-            let stop_inner = stop.clone();
-            let ticker = {
-                let tx = tx.clone();
-                move |io: &AfXdp| {
-                    let _ = tx.send(io.xdp_counters());
-                }
-            };
-            ticker(&io);
-            let mut fabric =
-                FabricForwarder::new(node.fabric_map.clone(), node.fabric_stats.clone());
-            io.run(&mut core, &roles, &mut fabric, &clock, &stop_inner);
-            ticker(&io);
+        }
+    }
+    let ports: Vec<PortSpec> = compiled
+        .ifaces
+        .iter()
+        .map(|i| PortSpec {
+            iface: i.id,
+            device: i.device.clone(),
+            mode: PortMode::Data,
         })
-        .expect("spawn dataplane thread")
+        .chain(node.fabric_ports.iter().map(|f| PortSpec {
+            iface: InterfaceId(f.port),
+            device: f.device.clone(),
+            mode: PortMode::Fabric,
+        }))
+        .collect();
+    let shared = Arc::new(Shared {
+        cfg: Arc::new(compiled),
+        table: node.table.clone(),
+        roles: node.cluster.role_swap(),
+        neighbors: node.neighbors.clone(),
+        deltas: node.deltas.clone(),
+    });
+    let (map, stats) = (node.fabric_map.clone(), node.fabric_stats.clone());
+    let hooks: HookFactory = Arc::new(move |_| {
+        Box::new(FabricForwarder::new(map.clone(), stats.clone())) as Box<dyn FabricHook>
+    });
+    let dp = Dataplane::start(
+        ports,
+        PoolConfig {
+            workers: node.cfg.dataplane.workers,
+            ..PoolConfig::default()
+        },
+        shared,
+        hooks,
+        node.clock.clone(),
+    );
+    slot.health = Some(dp.health.clone());
+    slot.error = None;
+    slot.running = Some(dp);
+    info!("dataplane started");
+    Ok(())
+}
+
+/// Stops the dataplane (blocking: joins the workers, detaches XDP). The
+/// node is ineligible for its RGs until it runs again.
+pub fn stop_dataplane(node: &Node, why: &str) -> bool {
+    let dp = {
+        let mut slot = node.dataplane.lock().expect("lock");
+        slot.error = Some(format!("dataplane stopped: {why}"));
+        slot.running.take()
+    };
+    let Some(dp) = dp else {
+        return false;
+    };
+    let last = dp.xdp_counters();
+    let health = dp.health.clone();
+    drop(dp);
+    let mut slot = node.dataplane.lock().expect("lock");
+    slot.last_xdp = last;
+    slot.health = Some(health);
+    info!(reason = why, "dataplane stopped");
+    true
+}
+
+/// Per reth member device: whether the dataplane serves it, and why not.
+pub fn dataplane_ports(node: &Node) -> Vec<(String, bool, String)> {
+    let slot = node.dataplane.lock().expect("lock");
+    let health = slot.running.as_ref().map(|d| d.health.ports());
+    node.compiled
+        .ifaces
+        .iter()
+        .map(|i| {
+            let (ok, why) = match (&health, &slot.error) {
+                (Some(ports), _) => ports
+                    .iter()
+                    .find(|p| p.device == i.device)
+                    .map_or((false, "starting".into()), |p| (p.ok, p.reason.clone())),
+                (None, Some(e)) => (false, e.clone()),
+                (None, None) => (false, "not started".into()),
+            };
+            (i.device.clone(), ok, why)
+        })
+        .collect()
+}
+
+/// Reports the dataplane's health per reth member to the election
+/// (monitor `dataplane:<device>`, full weight) every 10 ms, on change; a
+/// change is logged with its reason.
+async fn watch_dataplane(node: Arc<Node>) {
+    let mut last: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tick.tick().await;
+        for (dev, ok, why) in dataplane_ports(&node) {
+            if last.insert(dev.clone(), ok) != Some(ok) {
+                if ok {
+                    info!(device = %dev, "dataplane serves the port");
+                } else {
+                    warn!(device = %dev, reason = %why, "dataplane does not serve the port");
+                }
+                node.cluster.monitor(&format!("dataplane:{dev}"), ok).await;
+            }
+        }
+    }
 }
 
 /// Polls the link state of every monitored interface (100 ms) and reports

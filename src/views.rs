@@ -6,9 +6,10 @@ use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tandem_dataplane::afxdp::IoStats;
 use tandem_dataplane::config::{Compiled, format_mac};
-use tandem_dataplane::core::DropReason;
-use tandem_dataplane::session::{Origin, RemoveReason, SyncedSession, lock, proto};
+use tandem_dataplane::core::{CoreStats, DropReason};
+use tandem_dataplane::session::{Origin, RemoveReason, SyncedSession, proto, read};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn proto_name(p: u8) -> String {
@@ -57,7 +58,7 @@ pub async fn status(node: &Node) -> Value {
         .await
         .unwrap_or_else(|| (empty_status(node), Vec::new()));
     let sessions: Vec<(u16, usize)> = {
-        let t = lock(&node.table);
+        let t = read(&node.table);
         node.cfg
             .rgs()
             .iter()
@@ -78,7 +79,9 @@ pub async fn status(node: &Node) -> Value {
     }
     v["cluster_id"] = json!(node.cfg.node.cluster_id);
     v["sync_connected"] = json!(node.sync.is_connected());
-    v["dataplane_error"] = json!(node.dataplane_error.lock().expect("lock").clone());
+    let (dp, error) = dataplane_status(node);
+    v["dataplane"] = dp;
+    v["dataplane_error"] = json!(error);
     v["uptime_ms"] = json!((node.clock)().0.saturating_sub(node.started_ms));
     v
 }
@@ -98,7 +101,7 @@ pub fn statistics(node: &Node) -> Value {
     let sync = node.sync.snapshot();
     let driver = node.cluster.stats();
     let (table, live, capacity, wheel_entries, reserved_ports) = {
-        let t = lock(&node.table);
+        let t = read(&node.table);
         (
             t.counters().clone(),
             t.len(),
@@ -111,39 +114,35 @@ pub fn statistics(node: &Node) -> Value {
         .iter()
         .map(|r| (r.as_str().to_string(), json!(table.removed(*r))))
         .collect();
-    let core = node.core.lock().expect("lock").clone();
-    let dataplane = core.map(|c| {
-        let drops: serde_json::Map<String, Value> = DropReason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_string(), json!(c.dropped(*r))))
-            .collect();
-        let policies: Vec<Value> = node
-            .compiled
-            .policies
-            .iter()
-            .zip(&c.policy_hits)
-            .map(|(p, h)| json!({"policy": p.name, "hits": h.load(Ordering::Relaxed)}))
-            .collect();
-        json!({
-            "rx": c.rx.load(Ordering::Relaxed),
-            "tx": c.tx.load(Ordering::Relaxed),
-            "replies": c.replies.load(Ordering::Relaxed),
-            "to_fabric": c.to_fabric.load(Ordering::Relaxed),
-            "sessions_created": c.sessions_created.load(Ordering::Relaxed),
-            "deltas_dropped": c.deltas_dropped.load(Ordering::Relaxed),
-            "drops": drops,
-            "policies": policies,
+    let (workers, xdp) = {
+        let slot = node.dataplane.lock().expect("lock");
+        let workers = slot
+            .health
+            .as_ref()
+            .map(|h| h.workers())
+            .unwrap_or_default();
+        (workers, slot.xdp_counters())
+    };
+    let core = CoreStats::zeroed(node.compiled.policies.len());
+    let io = IoStats::default();
+    for w in &workers {
+        core.add(&w.core);
+        io.add(&w.io);
+    }
+    let per_worker: Vec<Value> = workers
+        .iter()
+        .map(|w| {
+            json!({
+                "worker": w.index,
+                "state": w.state,
+                "sockets": w.sockets.iter().map(|(d, q)| format!("{d}:{q}")).collect::<Vec<_>>(),
+                "dataplane": core_json(node, &w.core),
+                "io": io_json(&w.io),
+            })
         })
-    });
-    let io = node.io.lock().expect("lock").clone().map(|io| {
-        json!({
-            "rx_frames": io.rx_frames.load(Ordering::Relaxed),
-            "tx_frames": io.tx_frames.load(Ordering::Relaxed),
-            "tx_ring_full": io.tx_ring_full.load(Ordering::Relaxed),
-            "tx_no_frame": io.tx_no_frame.load(Ordering::Relaxed),
-            "fabric_unhandled": io.fabric_unhandled.load(Ordering::Relaxed),
-        })
-    });
+        .collect();
+    let dataplane = (!workers.is_empty()).then(|| core_json(node, &core));
+    let io = (!workers.is_empty()).then(|| io_json(&io));
     json!({
         "heartbeats": driver,
         "sync": sync,
@@ -165,8 +164,92 @@ pub fn statistics(node: &Node) -> Value {
         },
         "dataplane": dataplane,
         "io": io,
-        "xdp": *node.xdp.lock().expect("lock"),
+        "workers": per_worker,
+        "xdp": xdp,
         "fabric": node.fabric_stats.snapshot(),
+    })
+}
+
+/// The dataplane part of the status, and the one-line error (None when it
+/// runs and serves every port).
+fn dataplane_status(node: &Node) -> (Value, Option<String>) {
+    let ports = crate::daemon::dataplane_ports(node);
+    let (running, error, workers) = {
+        let slot = node.dataplane.lock().expect("lock");
+        let workers = slot
+            .health
+            .as_ref()
+            .map(|h| h.workers())
+            .unwrap_or_default();
+        (
+            slot.running.as_ref().is_some_and(|d| d.health.running()),
+            slot.error.clone(),
+            workers,
+        )
+    };
+    let failing: Vec<String> = ports
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(d, _, why)| format!("{d}: {why}"))
+        .collect();
+    let line = error
+        .clone()
+        .or_else(|| (!failing.is_empty()).then(|| failing.join("; ")));
+    let v = json!({
+        "running": running,
+        "error": error,
+        "workers": workers.iter().map(|w| json!({
+            "worker": w.index,
+            "state": w.state,
+            "sockets": w.sockets.iter().map(|(d, q)| format!("{d}:{q}")).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "ports": ports.iter().map(|(d, ok, why)| json!({"device": d, "serving": ok, "reason": why})).collect::<Vec<_>>(),
+    });
+    (v, line)
+}
+
+fn core_json(node: &Node, c: &CoreStats) -> Value {
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(c.dropped(*r))))
+        .collect();
+    let policies: Vec<Value> = node
+        .compiled
+        .policies
+        .iter()
+        .zip(&c.policy_hits)
+        .map(|(p, h)| json!({"policy": p.name, "hits": h.load(Ordering::Relaxed)}))
+        .collect();
+    json!({
+        "rx": c.rx.load(Ordering::Relaxed),
+        "tx": c.tx.load(Ordering::Relaxed),
+        "replies": c.replies.load(Ordering::Relaxed),
+        "to_fabric": c.to_fabric.load(Ordering::Relaxed),
+        "sessions_created": c.sessions_created.load(Ordering::Relaxed),
+        "deltas_dropped": c.deltas_dropped.load(Ordering::Relaxed),
+        "exclusive_bursts": c.exclusive_bursts.load(Ordering::Relaxed),
+        "outbox_dropped": c.outbox_dropped.load(Ordering::Relaxed),
+        "drops": drops,
+        "policies": policies,
+    })
+}
+
+fn io_json(io: &IoStats) -> Value {
+    let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "rx_frames": r(&io.rx_frames),
+        "tx_frames": r(&io.tx_frames),
+        "tx_ring_full": r(&io.tx_ring_full),
+        "tx_no_frame": r(&io.tx_no_frame),
+        "tx_no_socket": r(&io.tx_no_socket),
+        "fabric_unhandled": r(&io.fabric_unhandled),
+        "wakeup_errors": r(&io.wakeup_errors),
+        "handoff_sent": r(&io.handoff_sent),
+        "handoff_received": r(&io.handoff_received),
+        "handoff_dropped": r(&io.handoff_dropped),
+        "kernel_rx_dropped": r(&io.kernel_rx_dropped),
+        "kernel_rx_ring_full": r(&io.kernel_rx_ring_full),
+        "kernel_fill_ring_empty": r(&io.kernel_fill_ring_empty),
     })
 }
 

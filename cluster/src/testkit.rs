@@ -4,12 +4,12 @@
 use crate::sync::{RgRole, RoleMap, SyncConfig, SyncHandle, SyncIo, SyncNode};
 use crate::tls::{self, GeneratedPki, TlsIdentity};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
 use tandem_dataplane::session::{
     Clock, Millis, NewSession, SessionKey, SessionTable, SharedTable, SyncedSession, TableConfig,
-    lock, monotonic_clock,
+    lock, monotonic_clock, shared,
 };
 use tandem_proto::{Epoch, NodeId, RgId};
 
@@ -147,7 +147,7 @@ impl Pair {
             TestNode {
                 consumers: Some(consumers),
                 id: NodeId(i),
-                table: Arc::new(Mutex::new(SessionTable::new(table.clone()))),
+                table: shared(SessionTable::new(table.clone())),
                 producer,
                 roles: watch::channel(Arc::new(RoleMap::new())).0,
                 handle: None,

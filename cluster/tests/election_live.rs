@@ -60,7 +60,7 @@ async fn manual_failover_requested_on_the_old_primary_moves_rg_and_sessions() {
         let t = lock(&c.pair.nodes[1].table);
         assert_eq!(t.rg_len(RG1), 300);
         assert!(
-            t.export_rg(RG1).all(|r| r.origin == Origin::LocalOwned),
+            t.export_rg(RG1).all(|r| t.origin(r) == Origin::LocalOwned),
             "promoted on the new primary"
         );
     }

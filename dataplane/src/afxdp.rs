@@ -240,7 +240,10 @@ impl FrameBurst for XskBurst<'_> {
         let (ptr, len) = (c.as_mut_ptr(), c.len());
         // SAFETY: `ptr..ptr+len` is the frame's data in the UMEM mapping
         // (see above); the returned borrow is tied to `&mut self`.
-        (unsafe { std::slice::from_raw_parts_mut(ptr, len) }, self.arrivals[i])
+        (
+            unsafe { std::slice::from_raw_parts_mut(ptr, len) },
+            self.arrivals[i],
+        )
     }
 }
 
@@ -569,7 +572,15 @@ impl AfXdp {
                     c.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 self.io.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
-                self.batch(si, &mut descs[..n], &mut arrivals, &mut verdicts, worker, fabric, now);
+                self.batch(
+                    si,
+                    &mut descs[..n],
+                    &mut arrivals,
+                    &mut verdicts,
+                    worker,
+                    fabric,
+                    now,
+                );
             }
             let built = std::mem::take(worker.outbox());
             for (iface, frame) in &built {

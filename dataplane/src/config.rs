@@ -211,7 +211,15 @@ pub struct DataplaneConfig {
     pub dnat: Vec<DnatRule>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Dataplane worker threads (default: one per RX queue of the busiest
+    /// port, capped by the CPUs). Each serves its share of every port's RX
+    /// queues.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
+
+/// Most dataplane workers a configuration may ask for.
+pub const MAX_WORKERS: usize = 64;
 
 // ----- compiled form ---------------------------------------------------------
 
@@ -333,6 +341,11 @@ pub struct Compiled {
 
 impl Compiled {
     pub fn new(cfg: &DataplaneConfig) -> Result<Compiled, String> {
+        if let Some(w) = cfg.workers
+            && !(1..=MAX_WORKERS).contains(&w)
+        {
+            return Err(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
+        }
         let mut zones: Vec<String> = Vec::new();
         let mut zone = |name: &str| -> ZoneId {
             let i = zones.iter().position(|z| z == name).unwrap_or_else(|| {

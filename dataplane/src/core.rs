@@ -621,7 +621,13 @@ impl Core {
         Verdict::Reply { len: ip.end }
     }
 
-    fn neighbor_solicitation(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
+    fn neighbor_solicitation(
+        &mut self,
+        f: &mut [u8],
+        ip: &Ip,
+        ifc: &Iface,
+        cx: &mut Cx,
+    ) -> Verdict {
         // type 135: 4 bytes header, 4 reserved, 16 target, options.
         let Some(target) = f
             .get(ip.l4 + 8..ip.l4 + 24)
@@ -667,7 +673,11 @@ impl Core {
         cx: &mut Cx,
     ) -> Result<Verdict, NeedsExclusive> {
         let now = cx.env.now;
-        let r = cx.table.get().get(h.handle).expect("looked up under this borrow");
+        let r = cx
+            .table
+            .get()
+            .get(h.handle)
+            .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
         if owner.is_data() && !cx.is_primary(owner) {
             self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
@@ -1071,7 +1081,6 @@ impl Core {
             }
         }
     }
-
 }
 
 /// The address a node sources from on `out`: the reth's VIP of the family,

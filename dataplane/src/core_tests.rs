@@ -6,10 +6,11 @@ use crate::config::{
 };
 use crate::delta::delta_queues;
 use crate::frames::{L4, build, ip_packet, verify_checksums};
-use crate::session::{Origin, SessionTable, TableConfig};
+use crate::session::{Origin, SessionTable, TableConfig, lock, read, shared};
+use crate::worker::{self, Shared, Worker};
+use arc_swap::ArcSwap;
 use proptest::prelude::*;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::Mutex;
 use tandem_proto::{Epoch, RgRole};
 
 const RG1: RgId = RgId(1);
@@ -108,20 +109,79 @@ fn config() -> DataplaneConfig {
             to_port: 80,
         }],
         routes: vec![],
+        workers: None,
     }
 }
 
 struct Rig {
-    core: Core,
+    core: Node,
     roles: Arc<ArcSwap<RoleMap>>,
     consumers: Vec<crate::delta::DeltaConsumer>,
+}
+
+/// One worker over its own shared state: what the rules are tested on.
+struct Node {
+    w: Worker,
+}
+
+fn node(
+    compiled: Compiled,
+    table: crate::session::SharedTable,
+    roles: Arc<ArcSwap<RoleMap>>,
+    deltas: crate::delta::DeltaProducer,
+) -> Node {
+    Node {
+        w: Worker::new(Arc::new(Shared {
+            cfg: Arc::new(compiled),
+            table,
+            roles,
+            neighbors: Arc::default(),
+            deltas,
+        })),
+    }
+}
+
+impl Node {
+    fn add_neighbor(&self, iface: InterfaceId, ip: Addr, mac: Mac) {
+        self.w.shared().neighbors.insert(iface, ip, mac);
+    }
+    fn process(&mut self, f: &mut [u8], ingress: InterfaceId, now: Millis) -> Verdict {
+        self.w.process(f, Arrival::Wire(ingress), now)
+    }
+    fn process_from_fabric(&mut self, f: &mut [u8], ingress: InterfaceId, now: Millis) -> Verdict {
+        self.w.process(f, Arrival::FabricIngress(ingress), now)
+    }
+    fn transmit_from_fabric(&mut self, f: &mut [u8], iface: InterfaceId, now: Millis) -> Verdict {
+        self.w.process(f, Arrival::FabricEgress(iface), now)
+    }
+    fn table(&self) -> &crate::session::SharedTable {
+        &self.w.shared().table
+    }
+    fn config(&self) -> &Compiled {
+        self.w.config()
+    }
+    fn stats(&self) -> &CoreStats {
+        self.w.stats()
+    }
+    fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
+        self.w.outbox()
+    }
+    fn announce(&mut self, rg: RgId) {
+        self.w.announce(rg)
+    }
+    fn expire(&self, now: Millis) -> usize {
+        worker::expire(self.w.shared(), now)
+    }
+    fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
+        self.w.core().flow_key(f, ingress)
+    }
 }
 
 fn rig(primary: bool) -> Rig {
     let mut compiled = Compiled::new(&config()).unwrap();
     compiled.ifaces[0].mac = NODE_MAC_T;
     compiled.ifaces[1].mac = NODE_MAC_U;
-    let table = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    let table = shared(SessionTable::new(TableConfig::default()));
     if primary {
         lock(&table).promote_rg(RG1);
     }
@@ -133,7 +193,7 @@ fn rig(primary: bool) -> Rig {
         },
     )])));
     let (producer, consumers) = delta_queues(&[RG1], 1024);
-    let mut core = Core::new(Arc::new(compiled), table, roles.clone(), producer);
+    let core = node(compiled, table, roles.clone(), producer);
     core.add_neighbor(T, v4("10.1.0.10"), CLIENT_MAC);
     core.add_neighbor(U, v4("192.0.2.100"), SERVER_MAC);
     core.add_neighbor(U, v4("192.0.2.200"), SERVER_MAC);
@@ -246,8 +306,9 @@ fn tcp_handshake_through_snat_and_back() {
     let rec = t.get(t.lookup_forward(&key).unwrap()).unwrap();
     assert_eq!(rec.tcp_state, TcpState::Established);
     assert_eq!(rec.owner_rg, RG1);
-    assert_eq!(rec.origin, Origin::LocalOwned);
-    assert_eq!((rec.counters.fwd_packets, rec.counters.rev_packets), (2, 1));
+    assert_eq!(t.origin(rec), Origin::LocalOwned);
+    let c = rec.counters();
+    assert_eq!((c.fwd_packets, c.rev_packets), (2, 1));
     drop(t);
     // Creation and each state change queued a delta for RG1.
     let mut keys = Vec::new();
@@ -291,7 +352,7 @@ fn dnat_port_forward_reaches_the_server_and_replies_look_public() {
     assert_eq!(Addr(ip.src), v4("192.0.2.1"));
     assert_eq!(packet::ports(&reply, &ip).unwrap(), (8080, 5555));
     verify_checksums(&reply).unwrap();
-    assert_eq!(r.core.stats.policy_hits[0].load(Ordering::Relaxed), 1);
+    assert_eq!(r.core.stats().policy_hits[0].load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -313,7 +374,7 @@ fn policy_deny_and_default_deny_drop_and_count() {
         run(&mut r, &mut dns, U),
         Verdict::Drop(DropReason::PolicyDeny)
     );
-    assert_eq!(r.core.stats.policy_hits[1].load(Ordering::Relaxed), 1);
+    assert_eq!(r.core.stats().policy_hits[1].load(Ordering::Relaxed), 1);
     let mut ssh = build(
         VMAC_U,
         SERVER_MAC,
@@ -326,8 +387,8 @@ fn policy_deny_and_default_deny_drop_and_count() {
         run(&mut r, &mut ssh, U),
         Verdict::Drop(DropReason::NoPolicy)
     );
-    assert_eq!(r.core.stats.dropped(DropReason::PolicyDeny), 1);
-    assert_eq!(r.core.stats.dropped(DropReason::NoPolicy), 1);
+    assert_eq!(r.core.stats().dropped(DropReason::PolicyDeny), 1);
+    assert_eq!(r.core.stats().dropped(DropReason::NoPolicy), 1);
     assert!(
         lock(r.core.table()).is_empty(),
         "denied flows create no session"
@@ -550,8 +611,8 @@ fn unknown_next_hop_queues_one_arp_request_and_learns_the_reply() {
         run(&mut r, &mut again, T),
         Verdict::Drop(DropReason::NeighborMiss)
     );
-    assert_eq!(r.core.outbox.len(), 1, "asked once");
-    let (iface, req) = r.core.outbox.pop().unwrap();
+    assert_eq!(r.core.outbox().len(), 1, "asked once");
+    let (iface, req) = r.core.outbox().pop().unwrap();
     assert_eq!(iface, U);
     assert_eq!(&req[ETH_HLEN + 24..ETH_HLEN + 28], &[192, 0, 2, 77]);
     let mut reply = build_arp(2, [0x77; 6], VMAC_U, &v4("192.0.2.77"), &v4("192.0.2.1"));
@@ -760,7 +821,7 @@ fn tcp_state_machine_transitions() {
 fn announce_sends_garp_and_unsolicited_na_from_the_virtual_mac() {
     let mut r = rig(true);
     r.core.announce(RG1);
-    let frames: Vec<_> = r.core.outbox.drain(..).collect();
+    let frames: Vec<_> = r.core.outbox().drain(..).collect();
     assert_eq!(frames.len(), 4, "two v4 and two v6 VIPs");
     let garp = &frames[0].1;
     assert_eq!(packet::mac_at(garp, 6).unwrap(), VMAC_T);
@@ -824,7 +885,7 @@ fn split_rig(primary: &[u16]) -> Rig {
     let mut compiled = Compiled::new(&cfg).unwrap();
     compiled.ifaces[0].mac = NODE_MAC_T;
     compiled.ifaces[1].mac = NODE_MAC_U;
-    let table = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    let table = shared(SessionTable::new(TableConfig::default()));
     let roles: RoleMap = [1u16, 2]
         .into_iter()
         .map(|rg| {
@@ -842,7 +903,7 @@ fn split_rig(primary: &[u16]) -> Rig {
     }
     let roles = Arc::new(ArcSwap::from_pointee(roles));
     let (producer, consumers) = delta_queues(&[RG1, RgId(2)], 1024);
-    let mut core = Core::new(Arc::new(compiled), table, roles.clone(), producer);
+    let core = node(compiled, table, roles.clone(), producer);
     core.add_neighbor(T, v4("10.1.0.10"), CLIENT_MAC);
     core.add_neighbor(U, v4("192.0.2.100"), SERVER_MAC);
     Rig {
@@ -946,7 +1007,7 @@ fn fabric_frame_whose_session_the_peer_owns_is_dropped_not_bounced() {
         Verdict::Drop(DropReason::FabricUnavailable)
     );
     assert_eq!(
-        a.core.stats.drops[DropReason::FabricUnavailable as usize].load(Ordering::Relaxed),
+        a.core.stats().drops[DropReason::FabricUnavailable as usize].load(Ordering::Relaxed),
         1
     );
 }
@@ -967,7 +1028,7 @@ fn mid_flow_packet_of_a_peer_owned_flow_goes_to_the_owner_not_dropped() {
     );
     assert_eq!(run(&mut a, &mut ack, T), Verdict::Fabric { rg: RgId(2) });
     assert_eq!(
-        a.core.stats.drops[DropReason::NoSession as usize].load(Ordering::Relaxed),
+        a.core.stats().drops[DropReason::NoSession as usize].load(Ordering::Relaxed),
         0
     );
     // When this node owns the flow's RG, the same packet is dropped here.
@@ -1032,8 +1093,10 @@ fn burst_prefetch_keys_are_the_lookup_keys_both_ways() {
         );
         drop(t);
         // Prefetching a burst with unparsable frames in it is harmless.
-        r.core
-            .prefetch_sessions([(&pristine[..], T), (&[0u8; 3][..], T), (&reply[..], U)]);
+        r.core.w.core().prefetch_sessions(
+            &read(r.core.table()),
+            [(&pristine[..], T), (&[0u8; 3][..], T), (&reply[..], U)],
+        );
     }
     assert!(r.core.flow_key(&[0u8; 10], T).is_none());
 }

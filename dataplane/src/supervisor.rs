@@ -21,7 +21,9 @@ use crate::core::CoreStats;
 use crate::os;
 use crate::session::{Clock, InterfaceId, Millis};
 use crate::worker::{self, Shared, Worker};
-use crate::xdp::{AttachMode, MAX_QUEUES, PortMode, XdpAttachment, XdpCounters, XdpMaps, socket_key};
+use crate::xdp::{
+    AttachMode, MAX_QUEUES, PortMode, XdpAttachment, XdpCounters, XdpMaps, socket_key,
+};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -153,7 +155,11 @@ impl Health {
             .map(|(index, w)| WorkerView {
                 index,
                 state: w.state.clone(),
-                sockets: w.sockets.iter().map(|s| (s.device.clone(), s.queue)).collect(),
+                sockets: w
+                    .sockets
+                    .iter()
+                    .map(|s| (s.device.clone(), s.queue))
+                    .collect(),
                 core: w.core.clone(),
                 io: w.io.clone(),
                 heartbeat_ms: w.link.heartbeat.load(Ordering::Relaxed),

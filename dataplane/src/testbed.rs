@@ -50,7 +50,16 @@ pub struct Topo {
 }
 
 impl Topo {
+    /// Single-queue veth.
     pub fn new(tag: &str) -> Topo {
+        Topo::with_queues(tag, 1)
+    }
+
+    /// veth pairs with `queues` RX and TX queues on every end: flows from
+    /// the client's stack spread over the queues by flow hash, and native
+    /// XDP on the firewall reports the sender's TX queue as the RX queue.
+    pub fn with_queues(tag: &str, queues: u32) -> Topo {
+        let q = queues.to_string();
         let p = std::process::id();
         let ns = [
             format!("tdc{tag}{p}"),
@@ -61,12 +70,31 @@ impl Topo {
             sh(&["ip", "netns", "add", n]);
         }
         let [c, f, s] = &ns;
-        sh(&[
-            "ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "t0", "netns", f,
-        ]);
-        sh(&[
-            "ip", "link", "add", "s0", "netns", s, "type", "veth", "peer", "name", "u0", "netns", f,
-        ]);
+        for (a, an, b, bn) in [("c0", c, "t0", f), ("s0", s, "u0", f)] {
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                a,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "netns",
+                an,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "netns",
+                bn,
+            ]);
+        }
         for (n, dev) in [(c, "c0"), (f, "t0"), (f, "u0"), (s, "s0")] {
             sh(&["ip", "-n", n, "link", "set", dev, "up"]);
             sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
@@ -158,6 +186,7 @@ pub fn sample_config() -> DataplaneConfig {
             to_port: 80,
         }],
         routes: vec![],
+        workers: None,
     }
 }
 

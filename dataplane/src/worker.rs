@@ -151,6 +151,7 @@ pub struct Worker {
     /// Frames the core built (ARP/ND requests, announcements) for the I/O
     /// shell to send; at most [`OUTBOX_LIMIT`].
     outbox: Vec<(InterfaceId, Vec<u8>)>,
+    prefetch: bool,
 }
 
 impl Worker {
@@ -161,7 +162,14 @@ impl Worker {
             fx: Effects::default(),
             keys: Vec::with_capacity(PREFETCH_MAX),
             outbox: Vec::new(),
+            prefetch: true,
         }
+    }
+
+    /// Turns the burst prefetch off or on (benchmarks measure its effect;
+    /// results never depend on it).
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
     }
 
     pub fn stats(&self) -> &Arc<CoreStats> {
@@ -210,7 +218,9 @@ impl Worker {
         // needs it — the write lock, never both.
         let mut read = Some(lock.read());
         let mut write = none_of(|| lock.write());
-        if let Some(t) = &read {
+        if let Some(t) = &read
+            && self.prefetch
+        {
             self.prefetch(t, frames);
         }
         for i in 0..frames.len() {
@@ -321,7 +331,7 @@ impl Worker {
 pub fn expire(shared: &Shared, now: Millis) -> usize {
     let mut expired = 0;
     loop {
-        let slice = session::lock(&shared.table).expire_slice(now, SLICE, |r| {
+        let slice = session::lock_between_bursts(&shared.table).expire_slice(now, SLICE, |r| {
             if r.owner_rg.is_data() {
                 // A full queue marks the RG for a bulk, which repairs it.
                 let _ = shared.deltas.push(r.owner_rg, r.key);

@@ -187,6 +187,7 @@ fn active_active_flows_cross_the_fabric_both_ways_with_snat() {
             config: config.clone(),
             primary: vec![RgId(n as u16 + 1)],
             fabric: Some(fabric(&t, n)),
+            ..FirewallSpec::sample()
         })
         .collect();
     let stats: Vec<Arc<FabricStats>> = specs

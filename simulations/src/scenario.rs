@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_cluster::election::Path;
-use tandem_dataplane::session::{Origin, lock};
+use tandem_dataplane::session::{lock, read};
 use tandem_proto::{NodeId, RgId, RgRole};
 
 #[derive(Clone, Debug)]
@@ -445,15 +445,17 @@ impl Checker {
                 continue;
             }
             let (p, s) = (prim[0], 1 - prim[0]);
-            let set = |n: usize, origin: Origin| -> BTreeSet<_> {
-                let tbl = lock(&views[n].table);
-                tbl.export_rg(rg)
-                    .filter(|r| r.origin == origin)
-                    .map(|r| (r.key, r.reverse))
-                    .collect()
+            let set = |n: usize| -> BTreeSet<_> {
+                let tbl = read(&views[n].table);
+                tbl.export_rg(rg).map(|r| (r.key, r.reverse)).collect()
             };
-            let (authoritative, copy) = (set(p, Origin::LocalOwned), set(s, Origin::PeerSynced));
-            let strays = set(s, Origin::LocalOwned).len() + set(p, Origin::PeerSynced).len();
+            let (authoritative, copy) = (set(p), set(s));
+            // Which copy is authoritative follows the table's role for the
+            // RG: it must match the published role on both nodes.
+            let strays = [(p, true), (s, false)]
+                .into_iter()
+                .filter(|&(n, primary)| read(&views[n].table).is_primary(rg) != primary)
+                .count();
             sessions += authoritative.len();
             if authoritative != copy {
                 let missing = authoritative.difference(&copy).count();
@@ -461,7 +463,10 @@ impl Checker {
                 self.violation(t, format!("{rg}: secondary differs from primary ({} sessions): {missing} missing, {extra} stale", authoritative.len()));
             }
             if strays > 0 {
-                self.violation(t, format!("{rg}: {strays} sessions with the wrong origin"));
+                self.violation(
+                    t,
+                    format!("{rg}: {strays} tables whose authority differs from the role map"),
+                );
             }
             let lag = views[p].sync.lag_ms(rg);
             if lag > 1000 {

@@ -18,7 +18,7 @@ use tandem_cluster::witness::WitnessConfig;
 use tandem_dataplane::delta::{DeltaProducer, delta_queues};
 use tandem_dataplane::session::{
     Clock, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey, SessionTable,
-    SharedTable, SnatRequest, TableConfig, TcpState, ZoneId, lock, proto,
+    SharedTable, SnatRequest, TableConfig, TcpState, ZoneId, lock, proto, shared,
 };
 use tandem_proto::{NodeId, RgId};
 
@@ -145,7 +145,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
         .wrapping_mul(31)
         .wrapping_add(u64::from(me) * 1000 + generation);
     let clock = sim_clock(world.skew_ms[me as usize]);
-    let table: SharedTable = Arc::new(Mutex::new(SessionTable::new(TableConfig::default())));
+    let table: SharedTable = shared(SessionTable::new(TableConfig::default()));
     let (producer, consumers) = delta_queues(&RGS, 65_536);
     let id = tls::identity_from_generated(&world.pki, &host_name(me), &host_name(1 - me))?;
     let idle = Duration::from_secs(3);

@@ -24,7 +24,9 @@ use tandem_cluster::sync::{RgReceiver, RgSender};
 use tandem_cluster::testkit::{Pair, eventually, snat_session};
 use tandem_dataplane::alloc::TandemAlloc;
 use tandem_dataplane::delta::delta_queues;
-use tandem_dataplane::session::{SessionKey, SessionTable, TableConfig, lock, monotonic_clock};
+use tandem_dataplane::session::{
+    SessionKey, SessionTable, Sliced, TableConfig, lock, monotonic_clock, read, shared,
+};
 use tandem_proto::pb::envelope::Msg;
 use tandem_proto::{Epoch, FrameDecoder, RgId, encode_frame, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,8 +164,8 @@ async fn quic_delta_throughput(n: u32) -> f64 {
 async fn tcp_delta_throughput(n: u32) -> f64 {
     let mut primary = SessionTable::new(table_cfg(n));
     let keys = fill(&mut primary, n);
-    let primary = Arc::new(std::sync::Mutex::new(primary));
-    let secondary = Arc::new(std::sync::Mutex::new(SessionTable::new(table_cfg(n))));
+    let primary = shared(primary);
+    let secondary = shared(SessionTable::new(table_cfg(n)));
     let (producer, mut consumers) = delta_queues(&[RG1], n as usize + 1);
     let mut consumer = consumers.pop().expect("one queue");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -193,7 +195,7 @@ async fn tcp_delta_throughput(n: u32) -> f64 {
             while let Some(env) = dec.next_frame().expect("frame") {
                 let msg = env.msg.expect("message");
                 let replies = rx
-                    .on_message(&msg, &mut lock(&sec), false, rx_clock())
+                    .on_message(&msg, &mut Sliced(&sec), false, rx_clock())
                     .expect("valid");
                 for m in replies {
                     encode_frame(&pb::Envelope { msg: Some(m) }, &mut out);
@@ -248,7 +250,7 @@ async fn tcp_delta_throughput(n: u32) -> f64 {
         consumer.recv_many(&mut batch, 256).await;
         out.clear();
         let info = {
-            let t = lock(&primary);
+            let t = read(&primary);
             sender
                 .lock()
                 .expect("sender")

@@ -18,7 +18,9 @@
 //! 4. Effective priority = priority − weights of failed monitors (floor 0);
 //!    0 is ineligible. An ineligible node yields to an eligible peer; if
 //!    both are ineligible the current primary keeps the RG (degraded) rather
-//!    than leave it with no primary.
+//!    than leave it with no primary. A node that becomes eligible claims
+//!    an RG from an ineligible peer only on a heartbeat heard since then
+//!    (the peer may have claimed it meanwhile: no dual primary at start).
 //! 5. A manual override (from a committed manual failover) holds until
 //!    reset or until its node fails (ineligible or lost).
 //! 6. Two primaries (after a partition): the higher effective priority
@@ -40,7 +42,7 @@ mod rg;
 #[cfg(test)]
 mod tests;
 
-pub use rg::{MonitorConfig, RgConfig, RgState, RgStatus};
+pub use rg::{FULL_WEIGHT, MonitorConfig, RgConfig, RgState, RgStatus};
 
 use rg::{RgElection, Transfer};
 use std::collections::BTreeMap;
@@ -683,7 +685,20 @@ impl Election {
             (Some(_), None) => true,
             (None, _) => false,
         };
-        let (want, reason) = r.decide(me, now, peer_alive, in_grace, peer.as_ref(), peer_fresh);
+        let peer_since_eligible = match (peer_heard_at, r.eligible_since) {
+            (Some(h), Some(e)) => h > e,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        let (want, reason) = r.decide(
+            me,
+            now,
+            peer_alive,
+            in_grace,
+            peer.as_ref(),
+            peer_fresh,
+            peer_since_eligible,
+        );
         r.reason = reason.clone();
         let was_primary = r.state.forwards();
         // A primary whose peer reports a higher epoch (it claimed the RG

@@ -9,9 +9,45 @@ use tandem_proto::{Epoch, NodeId, RgId};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MonitorConfig {
-    /// Interface name (or `ip:<addr>` for a reachability probe).
+    /// Interface name (or `ip:<addr>` for a reachability probe, or
+    /// `dataplane:<device>` for the dataplane's health on a port).
     pub name: String,
     pub weight: u16,
+    /// The state assumed before the first report.
+    pub initially_up: bool,
+    /// Dampening overrides for this monitor (else the RG's).
+    pub down_after_ms: Option<u64>,
+    pub up_after_ms: Option<u64>,
+}
+
+/// The weight that makes a node ineligible whatever its priority.
+pub const FULL_WEIGHT: u16 = u16::MAX;
+
+impl MonitorConfig {
+    /// An interface link monitor: up until told otherwise, dampened.
+    pub fn interface(name: &str, weight: u16) -> MonitorConfig {
+        MonitorConfig {
+            name: name.into(),
+            weight,
+            initially_up: true,
+            down_after_ms: None,
+            up_after_ms: None,
+        }
+    }
+
+    /// The dataplane's health on `device`: at full weight, down until the
+    /// dataplane reports it running, and undampened (a dead worker does
+    /// not flap, and a node must not forward one moment longer than its
+    /// dataplane runs).
+    pub fn dataplane(device: &str) -> MonitorConfig {
+        MonitorConfig {
+            name: format!("dataplane:{device}"),
+            weight: FULL_WEIGHT,
+            initially_up: false,
+            down_after_ms: Some(0),
+            up_after_ms: Some(0),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +139,8 @@ struct Monitor {
     up: bool,
     raw_up: bool,
     raw_since: Millis,
+    down_after_ms: Option<u64>,
+    up_after_ms: Option<u64>,
 }
 
 /// Operator view of one RG.
@@ -144,6 +182,10 @@ pub(super) struct RgElection {
     pub reason: String,
     pub failovers: u64,
     monitors: BTreeMap<String, Monitor>,
+    /// When the effective priority last rose from 0 (the node became
+    /// eligible): what the peer reported before then describes a world in
+    /// which this node could not compete.
+    pub eligible_since: Option<Millis>,
 }
 
 impl RgElection {
@@ -156,9 +198,11 @@ impl RgElection {
                     m.name.clone(),
                     Monitor {
                         weight: m.weight,
-                        up: true,
-                        raw_up: true,
+                        up: m.initially_up,
+                        raw_up: m.initially_up,
                         raw_since: Millis(0),
+                        down_after_ms: m.down_after_ms,
+                        up_after_ms: m.up_after_ms,
                     },
                 )
             })
@@ -176,6 +220,7 @@ impl RgElection {
             reason: "starting".into(),
             failovers: 0,
             monitors,
+            eligible_since: None,
         }
     }
 
@@ -204,6 +249,21 @@ impl RgElection {
         u32::from(self.cfg.priority).saturating_sub(failed) as u16
     }
 
+    /// The monitors whose weight counts now, comma-separated.
+    fn failed_names(&self) -> String {
+        let v: Vec<&str> = self
+            .monitors
+            .iter()
+            .filter(|(_, m)| !m.up)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if v.is_empty() {
+            "monitors".into()
+        } else {
+            v.join(", ")
+        }
+    }
+
     fn hold_down_left(&self, now: Millis) -> u64 {
         self.last_move.map_or(0, |t| {
             self.cfg.hold_down_ms.saturating_sub(now.saturating_sub(t))
@@ -221,10 +281,22 @@ impl RgElection {
 
     /// Applies dampening: a raw change counts once it has lasted.
     pub fn tick_monitors(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let was_eligible = self.effective_priority() > 0;
+        self.tick_monitor_states(now, out);
+        if !was_eligible && self.effective_priority() > 0 {
+            self.eligible_since = Some(now);
+        }
+    }
+
+    fn tick_monitor_states(&mut self, now: Millis, out: &mut Vec<Action>) {
         let (down_after, up_after) = (self.cfg.monitor_down_after_ms, self.cfg.monitor_up_after_ms);
         for (name, m) in &mut self.monitors {
             let lasted = now.saturating_sub(m.raw_since);
-            let settle = if m.raw_up { up_after } else { down_after };
+            let settle = if m.raw_up {
+                m.up_after_ms.unwrap_or(up_after)
+            } else {
+                m.down_after_ms.unwrap_or(down_after)
+            };
             if m.up != m.raw_up && lasted >= settle {
                 m.up = m.raw_up;
                 out.push(Action::Event {
@@ -232,7 +304,11 @@ impl RgElection {
                     text: format!(
                         "monitor {name} {} (weight {})",
                         if m.up { "up" } else { "down" },
-                        m.weight
+                        if m.weight == FULL_WEIGHT {
+                            "full".to_string()
+                        } else {
+                            m.weight.to_string()
+                        }
                     ),
                 });
             }
@@ -248,6 +324,7 @@ impl RgElection {
         in_grace: bool,
         peer: Option<&pb::RgHeartbeat>,
         peer_fresh: bool,
+        peer_since_eligible: bool,
     ) -> (RgState, String) {
         use RgState::*;
         if self.disabled {
@@ -261,14 +338,17 @@ impl RgElection {
             if eff == 0 {
                 return (
                     Ineligible,
-                    "all monitored interfaces down; peer lost".into(),
+                    format!("ineligible ({} down); peer lost", self.failed_names()),
                 );
             }
             return (Primary, "peer lost".into());
         }
         let Some(p) = peer else {
             return if eff == 0 {
-                (Ineligible, "monitored interfaces down".into())
+                (
+                    Ineligible,
+                    format!("ineligible: {} down", self.failed_names()),
+                )
             } else {
                 (Primary, "peer does not run this RG".into())
             };
@@ -284,9 +364,23 @@ impl RgElection {
             if !peer_eligible && self.state.forwards() {
                 return (Primary, "degraded: no eligible node, keeping the RG".into());
             }
-            return (Ineligible, "monitored interfaces down (weight 0)".into());
+            return (
+                Ineligible,
+                format!("ineligible: {} down", self.failed_names()),
+            );
         }
         if !peer_eligible {
+            // The peer may have claimed the RG since it said so, when this
+            // node could not compete: only a report heard since this node
+            // became eligible may make it claim.
+            if !self.state.forwards() && !peer_since_eligible {
+                // Secondary, not ineligible: the peer must see this node
+                // compete meanwhile.
+                return (
+                    Secondary,
+                    "eligible: waiting for a peer heartbeat sent since".into(),
+                );
+            }
             return (Primary, "peer ineligible".into());
         }
         // A transfer we agreed to: keep forwarding until the peer commits.
@@ -405,7 +499,7 @@ impl RgElection {
             b.push("disabled".into());
         }
         if self.effective_priority() == 0 {
-            b.push("ineligible: monitored interfaces down".into());
+            b.push(format!("ineligible: {} down", self.failed_names()));
         }
         if !peer_alive {
             b.push("peer not reachable".into());

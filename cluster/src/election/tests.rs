@@ -9,10 +9,7 @@ const T0: Millis = Millis(1_000_000);
 fn cfg(node: u8, priority: u16, preempt: bool) -> ElectionConfig {
     let mut rg = RgConfig::new(RG1, priority);
     rg.preempt = preempt;
-    rg.monitors = vec![MonitorConfig {
-        name: "trust0".into(),
-        weight: 255,
-    }];
+    rg.monitors = vec![MonitorConfig::interface("trust0", 255)];
     ElectionConfig {
         node: NodeId(node),
         cluster_id: 1,
@@ -511,4 +508,61 @@ fn heartbeats_of_another_protocol_version_keep_the_peer_alive() {
     ancient.protocol_version = 0;
     e.on_heartbeat(&ancient, Path::Fab1, T0);
     assert_eq!(e.rejected_heartbeats(), 1, "below the oldest understood");
+}
+
+/// Both nodes start with their dataplane not yet running (a full-weight
+/// monitor that starts down) and come up a few ms apart, between two
+/// heartbeats: each last heard the other as ineligible. Neither may claim
+/// the RG on that stale report (both would: two forwarders); each waits,
+/// as an eligible secondary, for a heartbeat sent since, and the normal
+/// priority rule picks one.
+#[test]
+fn becoming_eligible_claims_only_on_a_peer_heartbeat_heard_since() {
+    let with_dataplane = |node, prio| {
+        let mut c = cfg(node, prio, false);
+        c.rgs[0].monitors.push(MonitorConfig::dataplane("t0"));
+        c
+    };
+    for (first, gap) in [(1, 30), (0, 30), (1, 0), (0, 5)] {
+        let mut d = Duo::new(with_dataplane(0, 200), with_dataplane(1, 100), T0);
+        // Heartbeats go out at T0 + 1 + 100 k.
+        d.run(2450);
+        assert!(d.forwarders(RG1).is_empty(), "nobody eligible yet");
+        assert_eq!(d.state(0, RG1), RgState::Ineligible);
+        d.set_monitor(first, "dataplane:t0", true);
+        assert_eq!(d.state(first, RG1), RgState::Secondary, "eligible, waiting");
+        d.run(gap);
+        d.set_monitor(1 - first, "dataplane:t0", true);
+        for _ in 0..1000 {
+            d.run(1);
+            assert!(
+                d.forwarders(RG1).len() <= 1,
+                "two forwarders at {:?} (first {first}, gap {gap})",
+                d.now
+            );
+        }
+        assert_single_forwarder(&d);
+        assert_eq!(d.state(0, RG1), RgState::Primary, "higher priority");
+    }
+}
+
+/// A dataplane monitor counts at full weight, without dampening.
+#[test]
+fn dead_dataplane_makes_the_node_ineligible_at_once() {
+    let mut a = cfg(0, 200, false);
+    a.rgs[0].monitors.push(MonitorConfig {
+        initially_up: true,
+        ..MonitorConfig::dataplane("t0")
+    });
+    let mut d = Duo::new(a, cfg(1, 100, false), T0);
+    d.run(1500);
+    assert_eq!(d.state(0, RG1), RgState::Primary);
+    d.set_monitor(0, "dataplane:t0", false);
+    d.run(1);
+    assert_eq!(d.state(0, RG1), RgState::Ineligible, "no dampening");
+    let st = &d.nodes[0].status(d.now).rgs[0];
+    assert_eq!(st.effective_priority, 0);
+    assert!(st.reason.contains("dataplane:t0"), "{}", st.reason);
+    d.run(300);
+    assert_eq!(d.state(1, RG1), RgState::Primary);
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tandem_dataplane::delta::DeltaConsumer;
-use tandem_dataplane::session::{Clock, ExportCursor, SessionKey, SharedTable, lock};
+use tandem_dataplane::session::{Clock, SessionKey, SharedTable, Sliced, read};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, FrameDecoder, FrameError, NodeId, PROTOCOL_VERSION, RgId, encode_frame};
 use tokio::sync::{Notify, mpsc, watch};
@@ -934,8 +934,8 @@ async fn read_rg_stream(
                 r.on_connect(peer_incarnation);
                 r
             });
-            let mut table = lock(&s.table);
-            rx.on_message(&msg, &mut table, local_primary, now)
+            // The receiver takes the write lock one slice at a time.
+            rx.on_message(&msg, &mut Sliced(&s.table), local_primary, now)
                 .map_err(|e| {
                     inc(&s.stats.conn.invalid_sessions);
                     Close::protocol(e.to_string())
@@ -995,20 +995,6 @@ async fn supervise_senders(
                     return Ok(());
                 }
             }
-        }
-    }
-}
-
-/// Ends an export walk even if the sender task is aborted mid-bulk.
-struct ExportGuard {
-    table: SharedTable,
-    cursor: Option<ExportCursor>,
-}
-
-impl Drop for ExportGuard {
-    fn drop(&mut self) {
-        if let Some(c) = self.cursor.take() {
-            lock(&self.table).end_export(c);
         }
     }
 }
@@ -1112,7 +1098,7 @@ fn send_deltas(
     }
     let now = (shared.clock)();
     let info = {
-        let table = lock(&shared.table);
+        let table = read(&shared.table);
         guard(sender).build_batch(keys, &table, now, out)
     };
     keys.clear();
@@ -1134,14 +1120,10 @@ async fn run_bulk(
 ) -> Result<(), Close> {
     let stats = shared.stats.rg(rg);
     let mut out = BytesMut::new();
-    let (cursor, count_hint) = {
-        let mut t = lock(&shared.table);
+    let (mut cursor, count_hint) = {
+        let t = read(&shared.table);
         let hint = t.rg_len(rg) as u64;
         (t.begin_export(rg), hint)
-    };
-    let mut export = ExportGuard {
-        table: shared.table.clone(),
-        cursor: Some(cursor),
     };
     guard(sender).begin_bulk((shared.clock)(), count_hint, &mut out);
     inc(&stats.bulks_sent);
@@ -1153,11 +1135,11 @@ async fn run_bulk(
             send_deltas(shared, sender, &stats, keys, &mut out);
         }
         let (n, more) = {
-            let table = lock(&shared.table);
-            let cursor = export.cursor.as_mut().expect("cursor held until the end");
+            // Shared access: exporting never stalls the workers.
+            let table = read(&shared.table);
             guard(sender).bulk_chunk(
                 &table,
-                cursor,
+                &mut cursor,
                 shared.cfg.bulk_chunk_sessions,
                 (shared.clock)(),
                 &mut out,
@@ -1169,7 +1151,6 @@ async fn run_bulk(
             break;
         }
     }
-    drop(export);
     let count = guard(sender).end_bulk(&mut out);
     write_out(send, &mut out).await?;
     debug!(%rg, sessions = count, "bulk export written");

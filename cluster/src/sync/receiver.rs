@@ -10,7 +10,9 @@ use super::super::stats::{RgSyncStats, add, inc};
 use crate::wire::{Record, RecordReader, WireError};
 use std::fmt;
 use std::sync::Arc;
-use tandem_dataplane::session::{BulkMark, Millis, SessionTable, SyncedSession};
+use tandem_dataplane::session::{
+    BulkMark, Millis, ReconcileReport, SLICE, SessionTable, Slices, SyncedSession,
+};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, RgId};
 
@@ -144,7 +146,7 @@ impl RgReceiver {
     pub fn on_message(
         &mut self,
         msg: &Msg,
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
@@ -190,7 +192,7 @@ impl RgReceiver {
     fn on_batch(
         &mut self,
         b: &pb::DeltaBatch,
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
@@ -226,7 +228,7 @@ impl RgReceiver {
         &mut self,
         b: &pb::DeltaBatch,
         ops: &[Record],
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
@@ -253,22 +255,29 @@ impl RgReceiver {
         }
         let mark = self.bulk.as_ref().map(|x| x.mark);
         let (mut applied, mut refused) = (0, 0);
-        for i in skip..ops.len() {
-            if let Some(ahead) = ops.get(i + PREFETCH_AHEAD) {
-                match ahead {
-                    Record::Upsert(s) => table.prefetch_for_upsert(s),
-                    Record::Delete(k) => table.prefetch_for_key(k),
+        let mut at = skip;
+        while at < ops.len() {
+            let end = (at + SLICE).min(ops.len());
+            table.slice(|table| {
+                for i in at..end {
+                    if let Some(ahead) = ops[..end].get(i + PREFETCH_AHEAD) {
+                        match ahead {
+                            Record::Upsert(s) => table.prefetch_for_upsert(s),
+                            Record::Delete(k) => table.prefetch_for_key(k),
+                        }
+                    }
+                    let ok = match &ops[i] {
+                        Record::Upsert(s) => table.apply_peer_upsert(s, now, mark).is_ok(),
+                        Record::Delete(k) => table.apply_peer_delete(k).is_ok(),
+                    };
+                    if ok {
+                        applied += 1;
+                    } else {
+                        refused += 1;
+                    }
                 }
-            }
-            let ok = match &ops[i] {
-                Record::Upsert(s) => table.apply_peer_upsert(s, now, mark).is_ok(),
-                Record::Delete(k) => table.apply_peer_delete(k).is_ok(),
-            };
-            if ok {
-                applied += 1;
-            } else {
-                refused += 1;
-            }
+            });
+            at = end;
         }
         add(&self.stats.deltas_applied, applied);
         add(&self.stats.dropped_apply_refused, refused);
@@ -306,7 +315,7 @@ impl RgReceiver {
     fn on_bulk_begin(
         &mut self,
         b: &pb::BulkBegin,
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(b.rg)?;
@@ -314,12 +323,16 @@ impl RgReceiver {
             return Ok(Vec::new());
         }
         self.abort_bulk();
-        // Room for the whole bulk up front: no repeated growth mid-bulk.
-        table.reserve(
-            usize::try_from(b.count_hint)
-                .unwrap_or(usize::MAX)
-                .saturating_sub(table.rg_len(self.rg)),
-        );
+        // Room for the whole bulk up front: no repeated growth mid-bulk
+        // (a no-op for a preallocated table, the daemon's default).
+        let rg = self.rg;
+        table.slice(|table| {
+            table.reserve(
+                usize::try_from(b.count_hint)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(table.rg_len(rg)),
+            )
+        });
         let mark = BulkMark(self.next_mark);
         self.next_mark = self.next_mark.checked_add(1).unwrap_or(1);
         self.bulk = Some(InBulk {
@@ -344,7 +357,7 @@ impl RgReceiver {
     fn on_bulk_chunk(
         &mut self,
         c: &pb::BulkChunk,
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
@@ -388,7 +401,7 @@ impl RgReceiver {
         &mut self,
         c: &pb::BulkChunk,
         sessions: &[SyncedSession],
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
         now: Millis,
     ) -> Result<Vec<Msg>, RxError> {
@@ -398,16 +411,19 @@ impl RgReceiver {
         self.current_bulk(c.bulk_id, c.epoch)?;
         let bulk = self.bulk.as_mut().expect("checked");
         bulk.received += sessions.len() as u64;
-        let tally = table.apply_peer_upserts(sessions, now, Some(bulk.mark));
-        add(&self.stats.bulk_sessions_applied, tally.applied);
-        add(&self.stats.dropped_apply_refused, tally.refused);
+        let mark = Some(bulk.mark);
+        for slice in sessions.chunks(SLICE) {
+            let tally = table.slice(|t| t.apply_peer_upserts(slice, now, mark));
+            add(&self.stats.bulk_sessions_applied, tally.applied);
+            add(&self.stats.dropped_apply_refused, tally.refused);
+        }
         Ok(Vec::new())
     }
 
     fn on_bulk_end(
         &mut self,
         e: &pb::BulkEnd,
-        table: &mut SessionTable,
+        table: &mut impl Slices,
         local_primary: bool,
     ) -> Result<Vec<Msg>, RxError> {
         self.check_rg(e.rg)?;
@@ -424,7 +440,18 @@ impl RgReceiver {
                 .into_iter()
                 .collect());
         }
-        let report = table.reconcile_rg_marked(self.rg, bulk.mark);
+        // In slices: a 1M-session reconcile never holds the table for more
+        // than SLICE sessions. Messages of this RG wait until it is done
+        // (this stream is handled in order), so nothing applied after the
+        // bulk can be mistaken for stale.
+        let rg = self.rg;
+        let mut cursor = table.slice(|t| t.begin_export(rg));
+        let mut report = ReconcileReport::default();
+        while table.slice(|t| {
+            t.reconcile_chunk(&mut cursor, SLICE, &mut report, |r| {
+                SessionTable::is_marked(r, bulk.mark)
+            })
+        }) {}
         inc(&self.stats.bulks_received);
         add(&self.stats.reconcile_deleted, report.deleted);
         Ok(vec![Msg::BulkAck(pb::BulkAck {

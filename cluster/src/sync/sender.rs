@@ -9,9 +9,7 @@ use crate::wire::{MAX_RECORD, put_delete, put_upsert};
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashSet;
 use std::collections::VecDeque;
-use tandem_dataplane::session::{
-    ExportCursor, Millis, Origin, SessionKey, SessionTable, SyncedSession,
-};
+use tandem_dataplane::session::{ExportCursor, Millis, SessionKey, SessionTable, SyncedSession};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, RgId, encode_frame};
 
@@ -185,7 +183,7 @@ impl RgSender {
                     info.deletes += 1;
                     put_delete(records, key);
                 }
-                Some(r) if r.owner_rg == self.rg && r.origin == Origin::LocalOwned => {
+                Some(r) if r.owner_rg == self.rg && table.is_authoritative(r) => {
                     info.upserts += 1;
                     put_upsert(records, &r.to_synced(now));
                 }
@@ -288,7 +286,7 @@ impl RgSender {
         sessions.clear();
         // A bulk carries only what this node is authoritative for.
         let more = table.export_chunk(cursor, max, now, &mut sessions, |r| {
-            r.origin == Origin::LocalOwned
+            table.is_authoritative(r)
         });
         let n = sessions.len() as u64;
         if n > 0 {

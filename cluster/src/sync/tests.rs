@@ -119,7 +119,6 @@ impl Pair {
                 break;
             }
         }
-        self.primary.end_export(cur);
         let mut out = BytesMut::new();
         self.tx.end_bulk(&mut out);
         self.wire.extend_from_slice(&out);
@@ -219,7 +218,6 @@ fn interrupted_bulk_deletes_nothing_and_next_bulk_converges() {
     p.tx.begin_bulk(NOW, 0, &mut out);
     let mut cur = p.primary.begin_export(RG1);
     p.tx.bulk_chunk(&p.primary, &mut cur, 1, NOW, &mut out);
-    p.primary.end_export(cur);
     p.wire.extend_from_slice(&out);
     p.deliver();
     p.rx.on_disconnect();

@@ -1,43 +1,65 @@
 //! fwd-bench: forwarding rates, each against its baseline in the same run.
 //!
 //! `cargo run --release -p tandem-dataplane --bin fwd-bench -- --json`
-//! prints one `{"name":..,"value":..,"unit":..}` object per line:
+//! prints one `{"name":..,"value":..,"unit":..}` object per line. Every
+//! core figure runs the real worker ([`Worker::burst`]: read lock per
+//! burst, prefetch, packet core) on frames from memory, in bursts of 32.
 //!
-//! - `core_pps_per_core`: the packet core alone (no I/O) forwarding
-//!   established, source-NATed UDP flows from memory on one core.
+//! - `core_pps_per_core`: established, source-NATed UDP flows (1,024) on
+//!   one core.
 //! - `core_fabric_redirect_pps`: the same frames entering the node that is
 //!   not primary: classified, encapsulated for the fabric, decapsulated and
 //!   processed by the owner (both nodes' work on one core), and
 //!   `fabric_redirect_cost_ratio` = direct / redirected.
-//! - `core_pps_1m_sessions` and `core_pps_1m_sessions_prefetch`: the same
-//!   core with 1,000,000 established sessions (no NAT: one SNAT address has
-//!   only 64k ports), frames of random flows in bursts of 32, processed one
-//!   by one as is, then with the worker's burst prefetch
-//!   (`Core::prefetch_sessions`) first; `burst_prefetch_speedup` is their
-//!   ratio.
-//! - `afxdp_fwd_pps` vs `kernel_nft_fwd_pps` (root only): client -> firewall
-//!   -> server over veth in network namespaces with the same UDP generator,
-//!   through the AF_XDP dataplane and then through Linux forwarding with
-//!   nftables conntrack + masquerade; rates are frames arriving at the
-//!   server, loss is against frames the client sent.
+//! - `core_pps_1m_sessions` and `core_pps_1m_sessions_prefetch`: 1,000,000
+//!   established sessions (no NAT: one SNAT address has only 64k ports),
+//!   random flows, without and with the burst prefetch;
+//!   `burst_prefetch_speedup` is their ratio.
+//! - `core_pps_1_worker`, `core_pps_2_workers`, `worker_scaling_2`: the
+//!   same 1M-session table shared by one, then two worker threads (pinned
+//!   to CPUs 0 and 1), each forwarding its half of the flows.
+//! - `fwd_latency_p99_us_idle`, `..._during_bulk`, `..._during_export`
+//!   and the longest single burst (`fwd_longest_burst_us_*`): time to
+//!   forward one burst of 32 established packets (lock wait included) on
+//!   CPU 0 with 1M sessions, alone, then while CPU 1 applies a 1M-session
+//!   bulk for another RG and reconciles it (in `SLICE`-session slices, as
+//!   the sync receiver does), then while CPU 1 exports the 1M sessions
+//!   (as a bulk export or `show security flow session` does).
+//! - `core_instructions_per_packet` (with `--instructions`, needs
+//!   valgrind): instructions per established packet of the 1,024-flow
+//!   core, counted by callgrind as the difference between two runs of
+//!   different lengths (setup cancels out). Wall-clock pps differs up to
+//!   2x between machines of this kind; instructions do not.
+//! - root only, client -> firewall -> server over veth with 2 queues in
+//!   network namespaces: `afxdp_fwd_pps_1_worker`, `afxdp_fwd_pps`
+//!   (2 workers) vs `kernel_nft_fwd_pps` (Linux forwarding, nftables
+//!   conntrack + masquerade), same UDP generator (rates are frames arriving
+//!   at the server, loss is against frames the client sent; the generator
+//!   is the limit, see `*_offered_pps`); and `tcp_throughput_gbps` for
+//!   Tandem (2 workers) vs `kernel_nft_tcp_throughput_gbps` (iperf3 -P 4,
+//!   both with TX checksum offload off, which the AF_XDP path needs).
 
 use arc_swap::ArcSwap;
 use std::hint::black_box;
 use std::net::UdpSocket;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
-use tandem_dataplane::core::{Core, Verdict};
+use tandem_dataplane::core::{Arrival, Verdict};
 use tandem_dataplane::delta::delta_queues;
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::frames::{L4, build};
 use tandem_dataplane::os;
 use tandem_dataplane::packet::Mac;
-use tandem_dataplane::session::{Addr, InterfaceId, Millis, SessionTable, TableConfig, lock};
-use tandem_dataplane::testbed::{Firewall, Topo, in_ns, sample_config, sh};
+use tandem_dataplane::session::{
+    self, Addr, BulkMark, FlowCounters, InterfaceId, Millis, PolicyId, ReconcileReport, SLICE,
+    SessionKey, SessionTable, SyncedSession, TableConfig, TcpState, ZoneId, lock, read,
+};
+use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns, sample_config, sh};
+use tandem_dataplane::worker::{Shared, Worker};
 use tandem_fabric::header::OVERHEAD;
 use tandem_fabric::{FabricMap, Link, RgOwner};
 use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
@@ -49,14 +71,19 @@ const VMAC_T: Mac = [0x02, 0, 0x5e, 0, 1, 1];
 const CLIENT_MAC: Mac = [0xcc, 0, 0, 0, 0, 1];
 const SERVER_MAC: Mac = [0x55, 0, 0, 0, 0, 1];
 const NOW: Millis = Millis(10_000);
+const BURST: usize = 32;
 
 struct Args {
     json: bool,
     flows: u16,
     seconds: f64,
     skip_io: bool,
-    /// Sessions of the big-table core bench (0: skip it).
+    /// Sessions of the big-table core benches (0: skip them).
     big: u32,
+    instructions: bool,
+    /// Internal: run exactly this many established packets and exit (what
+    /// `--instructions` runs under callgrind).
+    count_packets: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -66,12 +93,22 @@ fn parse_args() -> Result<Args, String> {
         seconds: 3.0,
         skip_io: false,
         big: 1_000_000,
+        instructions: false,
+        count_packets: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--json" => a.json = true,
             "--core-only" => a.skip_io = true,
+            "--instructions" => a.instructions = true,
+            "--count-packets" => {
+                a.count_packets = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .ok_or("--count-packets needs a number")?,
+                );
+            }
             "--flows" => {
                 a.flows = it
                     .next()
@@ -95,7 +132,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: fwd-bench [--json] [--core-only] [--flows N] [--seconds S] [--big-sessions N]"
+                    "usage: fwd-bench [--json] [--core-only] [--instructions] [--flows N] [--seconds S] [--big-sessions N]"
                         .into(),
                 );
             }
@@ -109,7 +146,7 @@ fn emit(json: bool, name: &str, value: f64, unit: &str) {
     if json {
         println!("{{\"name\":\"{name}\",\"value\":{value:.3},\"unit\":\"{unit}\"}}");
     } else {
-        println!("{name:<28} {value:>14.1} {unit}");
+        println!("{name:<36} {value:>14.1} {unit}");
     }
 }
 
@@ -117,19 +154,15 @@ fn v4(s: &str) -> Addr {
     s.parse::<std::net::Ipv4Addr>().expect("literal").into()
 }
 
-/// A node's packet core for the sample config, primary for RG1 or not.
-fn core(primary: bool) -> Core {
-    core_with(primary, true, TableConfig::default())
-}
-
-fn core_with(primary: bool, snat: bool, table: TableConfig) -> Core {
+/// A node's shared state for the sample config, primary for RG1 or not.
+fn node(primary: bool, snat: bool, table: TableConfig) -> Arc<Shared> {
     let mut compiled = Compiled::new(&sample_config()).expect("sample config");
     compiled.ifaces[0].mac = [0xaa, 0, 0, 0, 0, 1];
     compiled.ifaces[1].mac = [0xaa, 0, 0, 0, 0, 2];
     if !snat {
         compiled.snat.clear();
     }
-    let table = Arc::new(Mutex::new(SessionTable::new(table)));
+    let table = session::shared(SessionTable::new(table));
     if primary {
         lock(&table).promote_rg(RgId(1));
     }
@@ -142,11 +175,18 @@ fn core_with(primary: bool, snat: bool, table: TableConfig) -> Core {
     )])));
     // The queue is never drained here: deltas past it are dropped and
     // counted, as when the sync layer falls behind (bounded by design).
-    let (producer, _consumers) = delta_queues(&[RgId(1)], 1 << 16);
-    let mut c = Core::new(Arc::new(compiled), table, roles, producer);
-    c.add_neighbor(T, v4("10.1.0.10"), CLIENT_MAC);
-    c.add_neighbor(U, v4("192.0.2.100"), SERVER_MAC);
-    c
+    let (producer, consumers) = delta_queues(&[RgId(1)], 1 << 16);
+    std::mem::forget(consumers);
+    let shared = Arc::new(Shared {
+        cfg: Arc::new(compiled),
+        table,
+        roles,
+        neighbors: Arc::default(),
+        deltas: producer,
+    });
+    shared.neighbors.insert(T, v4("10.1.0.10"), CLIENT_MAC);
+    shared.neighbors.insert(U, v4("192.0.2.100"), SERVER_MAC);
+    shared
 }
 
 /// A UDP frame from the client to the server, as the trust side sends it.
@@ -169,25 +209,66 @@ fn flow_frames(flows: u16) -> Vec<Vec<u8>> {
     (0..flows).map(|i| client_udp(10_000 + i, 9000)).collect()
 }
 
-/// Runs `one` over the frames round-robin for `seconds`; frames per second.
-fn rate(frames: &[Vec<u8>], seconds: f64, mut one: impl FnMut(&mut [u8]) -> bool) -> f64 {
-    let mut buf = vec![0u8; 2048];
+/// Bursts of frames from memory through a worker: buffers reused, each
+/// burst's frames copied in fresh (the wire would bring new bytes).
+struct Bursts {
+    bufs: Vec<(Vec<u8>, Arrival)>,
+    verdicts: Vec<Verdict>,
+}
+
+impl Bursts {
+    fn new() -> Bursts {
+        Bursts {
+            bufs: Vec::new(),
+            verdicts: Vec::with_capacity(BURST),
+        }
+    }
+
+    /// One burst of `frames`; the number of Tx verdicts.
+    fn run(&mut self, w: &mut Worker, frames: &[Vec<u8>], arrival: Arrival) -> usize {
+        self.bufs
+            .resize_with(frames.len(), || (vec![0; 2048], arrival));
+        for ((b, a), f) in self.bufs.iter_mut().zip(frames) {
+            b.resize(f.len(), 0);
+            b.copy_from_slice(f);
+            *a = arrival;
+        }
+        w.burst(&mut self.bufs[..frames.len()], NOW, &mut self.verdicts);
+        self.verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::Tx { .. }))
+            .count()
+    }
+}
+
+/// Forwards `frames` in bursts of 32, round-robin, for `seconds` (or until
+/// `stop`); frames per second. Every frame must be forwarded.
+fn rate(w: &mut Worker, frames: &[Vec<u8>], seconds: f64, stop: Option<&AtomicBool>) -> f64 {
+    let mut b = Bursts::new();
     let mut done = 0u64;
-    let mut ok = 0u64;
     let start = Instant::now();
     let limit = Duration::from_secs_f64(seconds);
     'outer: loop {
-        for f in frames {
-            buf[..f.len()].copy_from_slice(f);
-            ok += u64::from(one(&mut buf[..f.len()]));
-            done += 1;
-            if done.is_multiple_of(4096) && start.elapsed() >= limit {
+        for burst in frames.chunks(BURST) {
+            let ok = b.run(w, burst, Arrival::Wire(T));
+            assert_eq!(ok, burst.len(), "every frame was forwarded");
+            done += burst.len() as u64;
+            if done.is_multiple_of(4096)
+                && (start.elapsed() >= limit || stop.is_some_and(|s| s.load(Ordering::Relaxed)))
+            {
                 break 'outer;
             }
         }
     }
-    assert_eq!(ok, done, "every frame was forwarded");
     done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Creates one session per frame (first packets through the worker).
+fn create_sessions(w: &mut Worker, frames: &[Vec<u8>]) {
+    let mut b = Bursts::new();
+    for burst in frames.chunks(BURST) {
+        assert_eq!(b.run(w, burst, Arrival::Wire(T)), burst.len(), "created");
+    }
 }
 
 fn fabric_map(peer_owns: bool) -> Arc<ArcSwap<FabricMap>> {
@@ -212,45 +293,55 @@ fn fabric_map(peer_owns: bool) -> Arc<ArcSwap<FabricMap>> {
 
 fn core_benches(a: &Args) {
     let frames = flow_frames(a.flows);
-    let mut owner = core(true);
-    // First packets create the sessions; the measured loop is established
-    // forwarding (lookup, NAT rewrite, TTL, checksums, counters).
-    for f in &frames {
-        let mut b = f.clone();
-        assert!(matches!(owner.process(&mut b, T, NOW), Verdict::Tx { .. }));
-    }
-    let direct = rate(&frames, a.seconds, |b| {
-        matches!(black_box(owner.process(b, T, NOW)), Verdict::Tx { .. })
-    });
+    let mut owner = Worker::new(node(true, true, TableConfig::default()));
+    create_sessions(&mut owner, &frames);
+    let direct = rate(&mut owner, &frames, a.seconds, None);
     emit(a.json, "core_pps_per_core", direct, "pps");
 
-    let mut other = core(false);
+    let mut other = Worker::new(node(false, true, TableConfig::default()));
     let mut to_owner = FabricForwarder::new(fabric_map(true), Arc::default());
     let mut from_peer = FabricForwarder::new(fabric_map(false), Arc::default());
-    let mut wire = vec![0u8; 2048];
-    let redirected = rate(&frames, a.seconds, |b| {
-        let Verdict::Fabric { rg } = other.process(b, T, NOW) else {
-            return false;
-        };
-        // As the worker does it: the prefix written in front of the frame
-        // in its buffer, validated and stripped in place at the owner.
-        let Some(tx) = to_owner.to_owner(rg, T) else {
-            return false;
-        };
-        let len = b.len();
-        wire[OVERHEAD..OVERHEAD + len].copy_from_slice(b);
-        wire[..OVERHEAD].copy_from_slice(&tx.prefix);
-        let Some(FabricInbound::Process { iface }) =
-            from_peer.arrived_on_fabric(&wire[..OVERHEAD + len], InterfaceId(FAB))
-        else {
-            return false;
-        };
-        wire.copy_within(OVERHEAD..OVERHEAD + len, 0);
-        matches!(
-            black_box(owner.process_from_fabric(&mut wire[..len], iface, NOW)),
-            Verdict::Tx { .. }
-        )
-    });
+    let mut at_other = Bursts::new();
+    let mut at_owner = Bursts::new();
+    let mut inner: Vec<Vec<u8>> = vec![Vec::with_capacity(2048); BURST];
+    let mut done = 0u64;
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(a.seconds);
+    'outer: loop {
+        for burst in frames.chunks(BURST) {
+            at_other.run(&mut other, burst, Arrival::Wire(T));
+            // As the worker does it: the prefix written in front of the
+            // frame in its buffer, validated and stripped in place at the
+            // owner.
+            let mut n = 0;
+            for (i, v) in at_other.verdicts.iter().enumerate() {
+                let Verdict::Fabric { rg } = *v else {
+                    panic!("{v:?}: the peer owns RG1");
+                };
+                let tx = to_owner.to_owner(rg, T).expect("fabric link");
+                let frame = &at_other.bufs[i].0;
+                let wire = &mut inner[n];
+                wire.clear();
+                wire.extend_from_slice(&tx.prefix);
+                wire.extend_from_slice(frame);
+                let Some(FabricInbound::Process { iface }) =
+                    from_peer.arrived_on_fabric(wire, InterfaceId(FAB))
+                else {
+                    panic!("fabric frame refused");
+                };
+                assert_eq!(iface, T);
+                wire.drain(..OVERHEAD);
+                n += 1;
+            }
+            let ok = at_owner.run(&mut owner, &inner[..n], Arrival::FabricIngress(T));
+            assert_eq!(ok, n, "every redirected frame was forwarded by the owner");
+            done += n as u64;
+            if start.elapsed() >= limit {
+                break 'outer;
+            }
+        }
+    }
+    let redirected = done as f64 / start.elapsed().as_secs_f64();
     emit(a.json, "core_fabric_redirect_pps", redirected, "pps");
     emit(
         a.json,
@@ -260,15 +351,13 @@ fn core_benches(a: &Args) {
     );
 }
 
-/// Established forwarding with `n` sessions in the table: random flows in
-/// bursts of 32, without and with the worker's burst prefetch.
-fn big_table_benches(a: &Args) {
-    let n = a.big;
-    let mut c = core_with(
+/// `n` established flows (no NAT) in one table, frames of random flows.
+fn big_table(n: u32, extra_capacity: usize) -> (Arc<Shared>, Vec<Vec<u8>>) {
+    let shared = node(
         true,
         false,
         TableConfig {
-            capacity: n as usize,
+            capacity: n as usize + extra_capacity,
             preallocate: true,
             ..TableConfig::default()
         },
@@ -277,11 +366,12 @@ fn big_table_benches(a: &Args) {
     let mut frames: Vec<Vec<u8>> = (0..n)
         .map(|i| client_udp(1024 + (i % 64_000) as u16, 9000 + (i / 64_000) as u16))
         .collect();
-    for f in &frames {
-        let mut b = f.clone();
-        assert!(matches!(c.process(&mut b, T, NOW), Verdict::Tx { .. }));
-    }
-    assert_eq!(lock(c.table()).len(), n as usize, "one session per flow");
+    create_sessions(&mut Worker::new(shared.clone()), &frames);
+    assert_eq!(
+        read(&shared.table).len(),
+        n as usize,
+        "one session per flow"
+    );
     // A fixed shuffle: every run measures the same access pattern.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for i in (1..frames.len()).rev() {
@@ -290,33 +380,45 @@ fn big_table_benches(a: &Args) {
         x ^= x << 17;
         frames.swap(i, (x % (i as u64 + 1)) as usize);
     }
-    let mut bufs = vec![vec![0u8; 128]; 32];
-    let mut run = |prefetch: bool| {
-        let mut done = 0u64;
-        let start = Instant::now();
-        let limit = Duration::from_secs_f64(a.seconds);
-        'outer: loop {
-            for burst in frames.chunks(32) {
-                for (b, f) in bufs.iter_mut().zip(burst) {
-                    b[..f.len()].copy_from_slice(f);
-                }
-                if prefetch {
-                    c.prefetch_sessions(bufs.iter().zip(burst).map(|(b, f)| (&b[..f.len()], T)));
-                }
-                for (b, f) in bufs.iter_mut().zip(burst) {
-                    let v = black_box(c.process(&mut b[..f.len()], T, NOW));
-                    assert!(matches!(v, Verdict::Tx { .. }), "established");
-                }
-                done += burst.len() as u64;
-                if start.elapsed() >= limit {
-                    break 'outer;
-                }
-            }
-        }
-        done as f64 / start.elapsed().as_secs_f64()
-    };
-    let plain = run(false);
-    let prefetched = run(true);
+    (shared, frames)
+}
+
+/// `workers` threads, worker i pinned to CPU i and forwarding the i-th
+/// share of `frames` for `seconds`; total frames per second.
+fn parallel_rate(shared: &Arc<Shared>, frames: &[Vec<u8>], workers: usize, seconds: f64) -> f64 {
+    let barrier = Arc::new(Barrier::new(workers + 1));
+    let shares: Vec<Vec<Vec<u8>>> = (0..workers)
+        .map(|w| frames.iter().skip(w).step_by(workers).cloned().collect())
+        .collect();
+    let threads: Vec<_> = shares
+        .into_iter()
+        .enumerate()
+        .map(|(i, share)| {
+            let (shared, barrier) = (shared.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let _ = os::pin_to_cpu(i % os::cpus());
+                let mut w = Worker::new(shared);
+                barrier.wait();
+                rate(&mut w, &share, seconds, None)
+            })
+        })
+        .collect();
+    barrier.wait();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("bench worker"))
+        .sum()
+}
+
+/// Established forwarding with `n` sessions: prefetch off/on, then one and
+/// two workers on one shared table.
+fn big_table_benches(a: &Args) {
+    let (shared, frames) = big_table(a.big, 0);
+    let mut w = Worker::new(shared.clone());
+    w.set_prefetch(false);
+    let plain = rate(&mut w, &frames, a.seconds, None);
+    w.set_prefetch(true);
+    let prefetched = rate(&mut w, &frames, a.seconds, None);
     emit(a.json, "core_pps_1m_sessions", plain, "pps");
     emit(a.json, "core_pps_1m_sessions_prefetch", prefetched, "pps");
     emit(
@@ -325,6 +427,233 @@ fn big_table_benches(a: &Args) {
         prefetched / plain,
         "ratio",
     );
+    let one = parallel_rate(&shared, &frames, 1, a.seconds);
+    let two = parallel_rate(&shared, &frames, 2, a.seconds);
+    emit(a.json, "core_pps_1_worker", one, "pps");
+    emit(a.json, "core_pps_2_workers", two, "pps");
+    emit(a.json, "worker_scaling_2", two / one, "ratio");
+}
+
+/// A peer session of RG2 for the bulk the latency bench applies.
+fn rg2_session(i: u32) -> SyncedSession {
+    let key = SessionKey::new(
+        std::net::Ipv4Addr::from(0x0a02_0000 + i),
+        40_000 + (i % 20_000) as u16,
+        std::net::Ipv4Addr::new(198, 51, 100, 1),
+        443,
+        6,
+        ZoneId(1),
+    );
+    SyncedSession {
+        key,
+        reverse: session::reverse_key(&key, ZoneId(2), session::Nat::NONE),
+        owner_rg: RgId(2),
+        ingress_if: T,
+        egress_if: U,
+        policy: PolicyId(1),
+        tcp_state: TcpState::Established,
+        timeout_ms: 1_800_000,
+        age_ms: 1000,
+        idle_ms: 10,
+        counters: FlowCounters::default(),
+    }
+}
+
+/// Burst latencies (ns) of one worker on CPU 0 forwarding `frames` until
+/// `stop`, or for `bursts` bursts when `stop` is None.
+fn burst_latencies(
+    shared: &Arc<Shared>,
+    frames: &[Vec<u8>],
+    stop: Option<Arc<AtomicBool>>,
+    bursts: usize,
+) -> Vec<u64> {
+    let shared = shared.clone();
+    let frames = frames.to_vec();
+    std::thread::spawn(move || {
+        let _ = os::pin_to_cpu(0);
+        let mut w = Worker::new(shared);
+        let mut b = Bursts::new();
+        let mut lat = Vec::with_capacity(bursts.max(1 << 16));
+        'outer: loop {
+            for burst in frames.chunks(BURST) {
+                let t = Instant::now();
+                let ok = b.run(&mut w, burst, Arrival::Wire(T));
+                lat.push(t.elapsed().as_nanos() as u64);
+                assert_eq!(ok, burst.len());
+                let done = match &stop {
+                    Some(s) => s.load(Ordering::Relaxed),
+                    None => lat.len() >= bursts,
+                };
+                if done {
+                    break 'outer;
+                }
+            }
+        }
+        lat
+    })
+    .join()
+    .expect("latency worker")
+}
+
+fn p99_and_max(mut v: Vec<u64>) -> (f64, f64) {
+    v.sort_unstable();
+    let p99 = v[(v.len() * 99 / 100).min(v.len() - 1)];
+    (p99 as f64 / 1e3, *v.last().unwrap_or(&0) as f64 / 1e3)
+}
+
+/// Runs `job` on CPU 1 while a worker on CPU 0 forwards; the worker's
+/// burst latencies and the job's duration.
+fn during(
+    shared: &Arc<Shared>,
+    frames: &[Vec<u8>],
+    job: impl FnOnce(&Arc<Shared>) + Send + 'static,
+) -> (Vec<u64>, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (shared.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let _ = os::pin_to_cpu(1 % os::cpus());
+        // Let the worker start first.
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        job(&s);
+        let took = t.elapsed().as_secs_f64();
+        st.store(true, Ordering::Relaxed);
+        took
+    });
+    let lat = burst_latencies(shared, frames, Some(stop), 0);
+    (lat, writer.join().expect("writer"))
+}
+
+/// A bulk of `n` sessions for RG2 applied and reconciled as the sync
+/// receiver does it: 512-session chunks, each applied in SLICE-session
+/// slices through `lock_between_bursts`, then a sliced reconcile.
+fn apply_bulk(shared: &Shared, bulk: &[SyncedSession]) {
+    let mark = BulkMark(7);
+    for chunk in bulk.chunks(512) {
+        for slice in chunk.chunks(SLICE) {
+            let mut t = session::lock_between_bursts(&shared.table);
+            let tally = t.apply_peer_upserts(slice, NOW, Some(mark));
+            assert_eq!(tally.refused, 0);
+        }
+    }
+    let mut cursor = read(&shared.table).begin_export(RgId(2));
+    let mut report = ReconcileReport::default();
+    while session::lock_between_bursts(&shared.table).reconcile_chunk(
+        &mut cursor,
+        SLICE,
+        &mut report,
+        |r| SessionTable::is_marked(r, mark),
+    ) {}
+    assert_eq!(report.deleted, 0);
+}
+
+/// Exports every session of RG1 in 512-session chunks under the read lock.
+fn export_all(shared: &Shared) -> usize {
+    let mut cursor = read(&shared.table).begin_export(RgId(1));
+    let mut out = Vec::with_capacity(512);
+    let mut n = 0;
+    loop {
+        out.clear();
+        let more = read(&shared.table).export_chunk(&mut cursor, 512, NOW, &mut out, |_| true);
+        n += black_box(&out).len();
+        if !more {
+            return n;
+        }
+    }
+}
+
+fn latency_benches(a: &Args) {
+    let n = a.big;
+    let (shared, frames) = big_table(n, n as usize + 1024);
+    let idle = burst_latencies(&shared, &frames, None, 200_000);
+    let (idle_p99, idle_max) = p99_and_max(idle);
+    emit(a.json, "fwd_latency_p99_us_idle", idle_p99, "us");
+    emit(a.json, "fwd_longest_burst_us_idle", idle_max, "us");
+    let bulk: Vec<SyncedSession> = (0..n).map(rg2_session).collect();
+    let (lat, took) = during(&shared, &frames, move |s| apply_bulk(s, &bulk));
+    assert_eq!(read(&shared.table).rg_len(RgId(2)), n as usize);
+    let (p99, max) = p99_and_max(lat);
+    emit(a.json, "fwd_latency_p99_us_during_bulk", p99, "us");
+    emit(a.json, "fwd_longest_burst_us_during_bulk", max, "us");
+    emit(
+        a.json,
+        "fwd_latency_during_bulk_vs_idle",
+        p99 / idle_p99,
+        "ratio",
+    );
+    emit(a.json, "bulk_apply_1m_while_forwarding_s", took, "s");
+    let (lat, took) = during(&shared, &frames, move |s| {
+        assert_eq!(export_all(s), n as usize);
+    });
+    let (p99, max) = p99_and_max(lat);
+    emit(a.json, "fwd_latency_p99_us_during_export", p99, "us");
+    emit(a.json, "fwd_longest_burst_us_during_export", max, "us");
+    emit(
+        a.json,
+        "fwd_latency_during_export_vs_idle",
+        p99 / idle_p99,
+        "ratio",
+    );
+    emit(a.json, "export_1m_while_forwarding_s", took, "s");
+}
+
+/// `--count-packets N`: the 1,024-flow core forwarding exactly N packets.
+fn count_packets(n: u64) {
+    let frames = flow_frames(1024);
+    let mut w = Worker::new(node(true, true, TableConfig::default()));
+    create_sessions(&mut w, &frames);
+    let mut b = Bursts::new();
+    let mut done = 0;
+    while done < n {
+        for burst in frames.chunks(BURST) {
+            b.run(&mut w, burst, Arrival::Wire(T));
+            done += burst.len() as u64;
+            if done >= n {
+                break;
+            }
+        }
+    }
+}
+
+/// Instructions of this binary run with `--count-packets n` under callgrind.
+fn callgrind_instructions(n: u64) -> Result<u64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::env::temp_dir().join(format!("fwd-bench-cg-{}-{n}.out", std::process::id()));
+    let status = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(&exe)
+        .args(["--count-packets", &n.to_string()])
+        .output()
+        .map_err(|e| format!("valgrind (apt package valgrind): {e}"))?;
+    if !status.status.success() {
+        return Err(format!(
+            "valgrind failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        ));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&out);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no totals in the callgrind output".into())
+}
+
+fn instruction_bench(a: &Args) -> Result<(), String> {
+    let (small, large) = (50_000u64, 250_000u64);
+    let i0 = callgrind_instructions(small)?;
+    let i1 = callgrind_instructions(large)?;
+    emit(
+        a.json,
+        "core_instructions_per_packet",
+        (i1.saturating_sub(i0)) as f64 / (large - small) as f64,
+        "instructions",
+    );
+    Ok(())
 }
 
 /// Packet counter of `dev` in namespace `ns` (`rx` or `tx`).
@@ -470,22 +799,83 @@ fn configure_kernel(topo: &Topo) {
     sh(&["ip", "-n", s, "neigh", "flush", "all"]);
 }
 
+/// iperf3 -P 4 from the client to the server for `seconds`: Gbit/s
+/// received.
+fn tcp_throughput(topo: &Topo, seconds: f64) -> Result<f64, String> {
+    let [c, _, s] = &topo.ns;
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", s, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("iperf3 server: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = format!("{}", seconds.ceil().max(1.0) as u64);
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            c,
+            "iperf3",
+            "-c",
+            "192.0.2.100",
+            "-p",
+            "5201",
+            "-P",
+            "4",
+            "-t",
+            &secs,
+            "-J",
+        ])
+        .output()
+        .map_err(|e| format!("iperf3 client: {e}"))?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("iperf3: {e}"));
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| "iperf3 reported no throughput".into())
+}
+
+fn afxdp(topo: &Topo, workers: usize) -> Firewall {
+    Firewall::start_with(
+        &topo.ns[1],
+        FirewallSpec {
+            workers: Some(workers),
+            ..FirewallSpec::sample()
+        },
+    )
+}
+
 fn io_benches(a: &Args) -> Result<(), String> {
     if let Err(why) = os::privileged() {
         return Err(format!(
             "skipping the AF_XDP vs kernel comparison: needs root (network namespaces, XDP): {why}"
         ));
     }
-    let which = Command::new("sh")
-        .args(["-c", "command -v nft"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !which.status.success() {
+    let has = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has("nft") {
         return Err("skipping the AF_XDP vs kernel comparison: `nft` (apt package nftables) is not installed".into());
     }
-    let topo = Topo::new("b");
-    let fw = Firewall::start(&topo.ns[1]);
-    let x = measure(&topo, a.flows.min(64), a.seconds);
+    let flows = a.flows.min(64);
+    let topo = Topo::with_queues("b", 2);
+    let fw = afxdp(&topo, 1);
+    let one = measure(&topo, flows, a.seconds);
+    fw.stop();
+    emit(a.json, "afxdp_fwd_pps_1_worker", one.pps, "pps");
+    let fw = afxdp(&topo, 2);
+    let x = measure(&topo, flows, a.seconds);
+    let tcp = has("iperf3").then(|| tcp_throughput(&topo, a.seconds));
     let stats = fw.stop();
     emit(a.json, "afxdp_fwd_pps", x.pps, "pps");
     emit(a.json, "afxdp_fwd_loss_pct", x.loss_pct, "%");
@@ -497,7 +887,7 @@ fn io_benches(a: &Args) -> Result<(), String> {
         "count",
     );
     configure_kernel(&topo);
-    let k = measure(&topo, a.flows.min(64), a.seconds);
+    let k = measure(&topo, flows, a.seconds);
     emit(a.json, "kernel_nft_fwd_pps", k.pps, "pps");
     emit(a.json, "kernel_nft_fwd_loss_pct", k.loss_pct, "%");
     emit(a.json, "kernel_nft_offered_pps", k.offered_pps, "pps");
@@ -507,6 +897,27 @@ fn io_benches(a: &Args) -> Result<(), String> {
         x.pps / k.pps.max(1.0),
         "ratio",
     );
+    match tcp {
+        None => eprintln!(
+            "skipping the TCP throughput comparison: iperf3 (apt package iperf3) is not installed"
+        ),
+        Some(Err(e)) => eprintln!("TCP throughput through Tandem: {e}"),
+        Some(Ok(t)) => {
+            emit(a.json, "tcp_throughput_gbps", t, "Gbit/s");
+            match tcp_throughput(&topo, a.seconds) {
+                Ok(kt) => {
+                    emit(a.json, "kernel_nft_tcp_throughput_gbps", kt, "Gbit/s");
+                    emit(
+                        a.json,
+                        "tcp_throughput_vs_kernel_ratio",
+                        t / kt.max(1e-9),
+                        "ratio",
+                    );
+                }
+                Err(e) => eprintln!("TCP throughput through the kernel: {e}"),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -518,9 +929,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(n) = a.count_packets {
+        count_packets(n);
+        return std::process::ExitCode::SUCCESS;
+    }
     core_benches(&a);
+    if a.instructions
+        && let Err(e) = instruction_bench(&a)
+    {
+        eprintln!("instructions per packet: {e}");
+    }
     if a.big > 0 {
         big_table_benches(&a);
+        latency_benches(&a);
     }
     if !a.skip_io
         && let Err(e) = io_benches(&a)

@@ -50,21 +50,44 @@ use tandem_proto::RgId;
 use wheel::{NOT_QUEUED, Wheel, WheelEntry};
 
 /// The table as the daemon shares it between the dataplane workers and the
-/// sync layer. Workers hold the shared (read) side for one burst and take
-/// the exclusive side only from the first frame of a burst that creates a
-/// session or changes one's state; every other writer holds it for one
-/// bounded slice (`SLICE` sessions) at a time. The lock is writer-preferring
-/// (Linux futex `RwLock`): a waiting writer is not starved by bursts.
-pub type SharedTable = std::sync::Arc<std::sync::RwLock<SessionTable>>;
+/// sync layer ([`TableCell`]).
+pub type SharedTable = std::sync::Arc<TableCell>;
+
+/// A table behind a reader-writer lock, with the one fairness rule the
+/// dataplane needs.
+///
+/// Workers hold the shared (read) side for one burst and take the
+/// exclusive side only from the first frame of a burst that creates a
+/// session or changes one's state. Every other writer — the sync receiver,
+/// reconcile, expiry — works in slices of at most [`SLICE`] sessions and
+/// takes the lock through [`lock_between_bursts`], which first lets any
+/// worker that is waiting to read go ahead. A back-to-back writer (a bulk
+/// of a million sessions) therefore costs a worker at most one slice of
+/// waiting per burst, never a run of slices; the lock itself is
+/// writer-preferring (Linux futex `RwLock`), so workers do not starve the
+/// writer either.
+pub struct TableCell {
+    rw: std::sync::RwLock<SessionTable>,
+    /// Workers waiting for the read side now.
+    readers_waiting: std::sync::atomic::AtomicU32,
+}
 
 /// Sessions a writer other than a worker handles per exclusive hold (a
 /// slice of a bulk chunk, a reconcile, an expiry pass): the bound on how
-/// long it can make a worker wait (~64 × 0.2 µs at 1M sessions).
-pub const SLICE: usize = 64;
+/// long it can make a worker wait (32 × ~0.3 µs at 1M sessions).
+pub const SLICE: usize = 32;
+
+/// Longest a background writer defers to waiting readers before it takes
+/// the lock anyway (a worker never holds the read side for longer than a
+/// burst, so this is only reached if workers read back to back).
+const DEFER_MAX: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// A new shared table.
 pub fn shared(t: SessionTable) -> SharedTable {
-    std::sync::Arc::new(std::sync::RwLock::new(t))
+    std::sync::Arc::new(TableCell {
+        rw: std::sync::RwLock::new(t),
+        readers_waiting: std::sync::atomic::AtomicU32::new(0),
+    })
 }
 
 /// Exclusive access to a shared table. A panic while holding the lock
@@ -72,12 +95,59 @@ pub fn shared(t: SessionTable) -> SharedTable {
 /// can observe an error), so a poisoned lock is taken over rather than
 /// propagated.
 pub fn lock(t: &SharedTable) -> std::sync::RwLockWriteGuard<'_, SessionTable> {
-    t.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    t.rw.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Exclusive access for a writer that is not a worker (one slice of a
+/// longer job): waits until no worker is waiting to read (at most
+/// [`DEFER_MAX`]), then locks.
+pub fn lock_between_bursts(t: &SharedTable) -> std::sync::RwLockWriteGuard<'_, SessionTable> {
+    use std::sync::atomic::Ordering;
+    if t.readers_waiting.load(Ordering::Relaxed) > 0 {
+        let start = std::time::Instant::now();
+        while t.readers_waiting.load(Ordering::Relaxed) > 0 && start.elapsed() < DEFER_MAX {
+            std::hint::spin_loop();
+        }
+    }
+    lock(t)
 }
 
 /// Shared access to a shared table (lookups, touch, export, show).
 pub fn read(t: &SharedTable) -> std::sync::RwLockReadGuard<'_, SessionTable> {
-    t.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    use std::sync::atomic::Ordering;
+    if let Ok(g) = t.rw.try_read() {
+        return g;
+    }
+    t.readers_waiting.fetch_add(1, Ordering::Relaxed);
+    let g =
+        t.rw.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    t.readers_waiting.fetch_sub(1, Ordering::Relaxed);
+    g
+}
+
+/// Exclusive access to a table one bounded slice of work at a time: a
+/// caller that applies or walks many sessions (the sync receiver) does it
+/// in calls of at most [`SLICE`] sessions, and a shared table is unlocked
+/// between calls so workers proceed.
+pub trait Slices {
+    fn slice<R>(&mut self, f: impl FnOnce(&mut SessionTable) -> R) -> R;
+}
+
+impl Slices for SessionTable {
+    fn slice<R>(&mut self, f: impl FnOnce(&mut SessionTable) -> R) -> R {
+        f(self)
+    }
+}
+
+/// A [`SharedTable`] as [`Slices`]: the write lock per slice.
+pub struct Sliced<'a>(pub &'a SharedTable);
+
+impl Slices for Sliced<'_> {
+    fn slice<R>(&mut self, f: impl FnOnce(&mut SessionTable) -> R) -> R {
+        f(&mut lock_between_bursts(self.0))
+    }
 }
 
 /// Where the table's `now` comes from. Every user of one table must read
@@ -1197,6 +1267,10 @@ impl SessionTable {
         if !valid {
             return Err(InsertError::InvalidKey);
         }
+        if self.primary_rgs.contains(&s.owner_rg) || !s.owner_rg.is_data() {
+            // This node is authoritative for the RG: the peer's copy is not.
+            return Err(InsertError::LocalOwnedConflict);
+        }
         let created = Millis(now.0.saturating_sub(s.age_ms));
         let last_seen = Millis(now.0.saturating_sub(s.idle_ms)).max(created);
         let mut outcome = PeerApply::Inserted;
@@ -1386,7 +1460,10 @@ impl SessionTable {
     }
 
     fn export_handles(&self, rg: RgId) -> impl Iterator<Item = u32> + '_ {
-        self.rgs.get(&rg).into_iter().flat_map(|m| m.iter().copied())
+        self.rgs
+            .get(&rg)
+            .into_iter()
+            .flat_map(|m| m.iter().copied())
     }
 
     // ----- role changes --------------------------------------------------

@@ -74,16 +74,17 @@ fn addr(r: &SessionRecord) -> usize {
 mod tests {
     use super::*;
 
-    /// The burst lookups prefetch `key..=origin` and `origin..reverse end`;
-    /// a reordered record would silently add a dependent miss per lookup.
+    /// The burst lookups prefetch `key..=tcp_state` and `tcp_state..reverse
+    /// end`; a reordered record would silently add a dependent miss per
+    /// lookup.
     #[test]
-    fn record_layout_keeps_each_key_next_to_origin() {
+    fn record_layout_keeps_each_key_next_to_the_slab_niche() {
         use super::super::key::SessionKey;
         use std::mem::{offset_of, size_of};
         let key = size_of::<SessionKey>();
         assert_eq!(offset_of!(SessionRecord, key), 0);
-        assert_eq!(offset_of!(SessionRecord, origin), key);
-        assert!(offset_of!(SessionRecord, reverse) - offset_of!(SessionRecord, origin) <= 8);
+        assert_eq!(offset_of!(SessionRecord, tcp_state), key);
+        assert!(offset_of!(SessionRecord, reverse) - offset_of!(SessionRecord, tcp_state) <= 8);
         // 160 bytes: the slab entry is the record (the niche holds the
         // occupancy), part of the 300-byte-per-session budget.
         assert_eq!(size_of::<SessionRecord>(), 160);

@@ -281,6 +281,7 @@ mod generic {
 
     pub fn expiry_removes_companions<F: Family>() {
         let mut t = SessionTable::default();
+        t.promote_rg(RG1); // local sessions expire here
         let h = t
             .insert(snat_session::<F>(RG1, 1, 1, 1024..=65535), now())
             .unwrap();
@@ -395,6 +396,7 @@ fn duplicate_forward_key_is_refused() {
 #[test]
 fn touch_extends_life_and_counts_both_directions() {
     let mut t = SessionTable::default();
+    t.promote_rg(RG1); // local sessions expire here
     let h = t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
     t.set_tcp_state(h, TcpState::Established, now());
     let est = t.config().timeouts.tcp_established_ms as u64;
@@ -408,7 +410,7 @@ fn touch_extends_life_and_counts_both_directions() {
     );
     let r = t.get(h).unwrap();
     assert_eq!(
-        r.counters,
+        r.counters(),
         FlowCounters {
             fwd_packets: 1,
             fwd_bytes: 100,
@@ -423,6 +425,7 @@ fn touch_extends_life_and_counts_both_directions() {
 #[test]
 fn shorter_timeout_after_fin_expires_early() {
     let mut t = SessionTable::default();
+    t.promote_rg(RG1); // local sessions expire here
     let h = t.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
     t.set_tcp_state(h, TcpState::Established, now());
     t.set_tcp_state(h, TcpState::TimeWait, now());
@@ -443,6 +446,7 @@ fn shorter_timeout_after_fin_expires_early() {
 #[test]
 fn closed_sessions_leave_no_wheel_entries_under_churn() {
     let mut t = small_table(1000);
+    t.promote_rg(RG1); // local sessions expire here
     let mut live = std::collections::VecDeque::new();
     for i in 0..20_000u32 {
         let h = t
@@ -490,6 +494,7 @@ fn peer_synced_sessions_do_not_expire_on_the_secondary() {
 #[test]
 fn first_expire_with_large_clock_does_not_walk_from_zero() {
     let mut t = SessionTable::default();
+    t.promote_rg(RG1); // local sessions expire here
     let big = Millis(u64::MAX / 4);
     t.insert(plain_session::<V4>(RG1, 1, 1), big).unwrap();
     assert_eq!(t.expire(big, |_| {}), 0);
@@ -503,6 +508,7 @@ fn expiry_after_long_pause_visits_each_bucket_once() {
         wheel_tick_ms: 100,
         ..TableConfig::default()
     });
+    t.promote_rg(RG1); // local sessions expire here
     for i in 0..50 {
         t.insert(plain_session::<V4>(RG1, i, 1), now()).unwrap();
     }
@@ -593,7 +599,7 @@ fn peer_times_are_rebased_from_ages() {
     let mut rx = SessionTable::default();
     rx.apply_peer_upsert(&s, Millis(100_000), None).unwrap();
     let r = rx.get(rx.lookup_forward(&s.key).unwrap()).unwrap();
-    assert_eq!((r.created, r.last_seen), (Millis(96_000), Millis(99_000)));
+    assert_eq!((r.created, r.last_seen()), (Millis(96_000), Millis(99_000)));
 }
 
 #[test]
@@ -641,14 +647,15 @@ fn batch_upserts_equal_one_by_one_including_updates_and_refusals() {
     let mut moved = batch[4].clone();
     moved.reverse.dst_port = moved.reverse.dst_port.wrapping_add(1);
     batch.push(moved);
-    // The receiver is primary for RG1 and owns a session with batch[7]'s
-    // key: that upsert is refused (counted), the others still apply.
+    // The receiver is primary for RG2 and owns a session of it with
+    // batch[7]'s key: that upsert is refused (counted), the others still
+    // apply.
     let setup = || {
         let mut rx = SessionTable::default();
-        let mut own = snat_session::<V4>(RG1, 7, 1, 40000..=40000);
+        let mut own = snat_session::<V4>(RG2, 7, 1, 40000..=40000);
         own.key = batch[7].key;
         rx.insert(own, now()).unwrap();
-        rx.promote_rg(RG1);
+        rx.promote_rg(RG2);
         rx
     };
     let mut one_by_one = setup();
@@ -687,7 +694,7 @@ fn promote_and_demote_flip_only_that_rg() {
     }
     assert_eq!(t.promote_rg(RG1), 2);
     assert!(t.is_primary(RG1));
-    let origins: Vec<(RgId, Origin)> = t.iter().map(|(_, r)| (r.owner_rg, r.origin)).collect();
+    let origins: Vec<(RgId, Origin)> = t.iter().map(|(_, r)| (r.owner_rg, t.origin(r))).collect();
     assert!(
         origins
             .iter()
@@ -695,7 +702,7 @@ fn promote_and_demote_flip_only_that_rg() {
     );
     assert_eq!(t.promote_rg(RG1), 0, "idempotent");
     assert_eq!(t.demote_rg(RG1), 2);
-    assert!(t.iter().all(|(_, r)| r.origin == Origin::PeerSynced));
+    assert!(t.iter().all(|(_, r)| t.origin(r) == Origin::PeerSynced));
 }
 
 #[test]
@@ -707,14 +714,17 @@ fn export_cursor_is_stable_while_sessions_are_removed() {
     let mut cur = t.begin_export(RG1);
     let mut out = Vec::new();
     assert!(t.export_chunk(&mut cur, 10, now(), &mut out, |_| true));
-    // Remove sessions already exported: a swap-remove would move unexported
-    // ones into visited slots; holes prevent that.
-    for h in &hs[..10] {
-        t.remove(*h, RemoveReason::Closed);
+    // Remove sessions already exported: the walk goes down the member list
+    // and a swap-remove only moves the last member, so nothing unvisited
+    // moves into the visited part.
+    let exported: Vec<SessionKey> = out.iter().map(|s| s.key).collect();
+    for k in &exported {
+        let h = t.lookup_forward(k).unwrap();
+        t.remove(h, RemoveReason::Closed);
     }
+    assert_eq!(hs.len(), 100);
     ok(&t);
     while t.export_chunk(&mut cur, 7, now(), &mut out, |_| true) {}
-    t.end_export(cur);
     assert_eq!(
         out.len(),
         100,
@@ -913,6 +923,7 @@ proptest! {
                 Op::ExportWalk { rg, remove_during } => {
                     let rg = RgId(rg.into());
                     let before = t.rg_len(rg);
+                    let present: Vec<SessionKey> = t.export_rg(rg).map(|r| r.key).collect();
                     let mut cur = t.begin_export(rg);
                     let mut out = Vec::new();
                     let mut more = t.export_chunk(&mut cur, 3, clock, &mut out, |_| true);
@@ -923,8 +934,11 @@ proptest! {
                     while more {
                         more = t.export_chunk(&mut cur, 3, clock, &mut out, |_| true);
                     }
-                    t.end_export(cur);
                     prop_assert!(out.len() >= before.saturating_sub(1) && out.len() <= before);
+                    let exported: FxHashSet<SessionKey> = out.iter().map(|s| s.key).collect();
+                    for k in present.iter().filter(|k| t.lookup_forward(k).is_some()) {
+                        prop_assert!(exported.contains(k), "a session present for the whole walk was skipped");
+                    }
                 }
             }
             if let Err(e) = t.verify_invariants() {
@@ -934,7 +948,7 @@ proptest! {
         // Every local session eventually expires; only peer-synced copies
         // (removed by their owner's deletes or a reconcile) remain.
         t.expire(Millis(clock.0 + 10_000_000), |_| {});
-        prop_assert!(t.iter().all(|(_, r)| r.is_peer_synced()));
+        prop_assert!(t.iter().all(|(_, r)| t.origin(r) == Origin::PeerSynced));
         for rg in t.rgs() {
             t.reconcile_rg(rg, |_| false);
         }
