@@ -87,6 +87,8 @@ pub struct WorkerView {
     pub index: usize,
     pub state: WorkerState,
     pub sockets: Vec<(String, u32)>,
+    /// Frames consumed from each socket (same order as `sockets`).
+    pub socket_rx: Vec<u64>,
     pub core: Arc<CoreStats>,
     pub io: Arc<IoStats>,
     pub heartbeat_ms: u64,
@@ -159,6 +161,12 @@ impl Health {
                     .sockets
                     .iter()
                     .map(|s| (s.device.clone(), s.queue))
+                    .collect(),
+                socket_rx: w
+                    .link
+                    .socket_rx
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
                     .collect(),
                 core: w.core.clone(),
                 io: w.io.clone(),

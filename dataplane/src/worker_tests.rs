@@ -175,7 +175,7 @@ fn peer_delete_between_lookup_and_use_never_panics_or_reads_another_session() {
     let a = read(&shared.table)
         .lookup_forward(&client_key(40000))
         .unwrap();
-    // A FIN of A needs the write lock (state change). While the worker
+    // The server's SYN-ACK needs the write lock (a state change). While the worker
     // waits for it, A is deleted (a peer delete, a reconcile, expiry) and
     // its slot reused by another client's session with another NAT port.
     let reused = RefCell::new(None::<SessionHandle>);
@@ -191,20 +191,23 @@ fn peer_delete_between_lookup_and_use_never_panics_or_reads_another_session() {
             *reused.borrow_mut() = Some(t.insert(b, NOW).expect("B fits"));
         })),
     };
-    let mut burst = frames(vec![
-        from_client(40000, packet::TCP_FIN | packet::TCP_ACK),
-        from_server(40000, packet::TCP_ACK),
-    ]);
+    let mut burst = vec![
+        (
+            from_server(40000, packet::TCP_SYN | packet::TCP_ACK),
+            Arrival::Wire(U),
+        ),
+        (from_client(40000, packet::TCP_ACK), Arrival::Wire(T)),
+    ];
     let mut verdicts = Vec::new();
     w.burst_with(&hook, &mut burst[..], NOW, &mut verdicts);
     assert_eq!(*reused.borrow(), Some(a), "B took A's slot");
     assert_eq!(
         verdicts,
         vec![
-            Verdict::Drop(DropReason::NoSession),
             // A reply to A's NAT port belongs to no session now: it is
             // traffic to the VIP itself.
             Verdict::Drop(DropReason::LocalDelivery),
+            Verdict::Drop(DropReason::NoSession),
         ],
         "A's frames never use B's record"
     );
