@@ -369,7 +369,10 @@ fn supervise(
             reason: "starting".into(),
         })
         .collect();
-    let xdp = match XdpAttachment::attach(&indexes, cfg.attach) {
+    // Loaded, not attached yet: the workers bind and register their
+    // sockets first, so no frame meets the program before its queue's
+    // socket exists.
+    let mut xdp = match XdpAttachment::load(&indexes) {
         Ok(x) => x,
         Err(e) => return health.fail(e.0),
     };
@@ -453,6 +456,21 @@ fn supervise(
         threads.push(t);
     }
     drop(senders);
+    let bound = std::time::Instant::now();
+    while guard(&health.workers)
+        .iter()
+        .any(|w| w.state == WorkerState::Starting)
+        && bound.elapsed() < Duration::from_secs(30)
+        && !stop.load(Ordering::Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Attached even if a worker failed: the other ports (and RGs) still
+    // work; health reports the failed ones.
+    if let Err(e) = xdp.attach_all(&indexes, cfg.attach) {
+        health.fail(e.0);
+        stop.store(true, Ordering::Relaxed);
+    }
     let mut watch = Watch::default();
     while !stop.load(Ordering::Relaxed) {
         let now = clock();

@@ -151,6 +151,15 @@ impl XdpAttachment {
         ports: &[(u32, PortMode, u32)],
         mode: AttachMode,
     ) -> Result<XdpAttachment, XdpError> {
+        let mut this = XdpAttachment::load(ports)?;
+        this.attach_all(ports, mode)?;
+        Ok(this)
+    }
+
+    /// Loads the program and configures the ports without attaching it:
+    /// sockets can be bound and registered first, so no frame reaches the
+    /// program before its queue's socket exists.
+    pub fn load(ports: &[(u32, PortMode, u32)]) -> Result<XdpAttachment, XdpError> {
         // The skeleton borrows its open object for as long as it lives; the
         // daemon loads once, so the object is simply kept for the process.
         let obj = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -187,9 +196,20 @@ impl XdpAttachment {
                 .if_mode
                 .update(&ifindex.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
                 .map_err(err("writing if_mode"))?;
-            this.attach_one(ifindex as i32, mode)?;
         }
         Ok(this)
+    }
+
+    /// Attaches the loaded program to every port.
+    pub fn attach_all(
+        &mut self,
+        ports: &[(u32, PortMode, u32)],
+        mode: AttachMode,
+    ) -> Result<(), XdpError> {
+        for &(ifindex, _, _) in ports {
+            self.attach_one(ifindex as i32, mode)?;
+        }
+        Ok(())
     }
 
     fn attach_one(&mut self, ifindex: i32, mode: AttachMode) -> Result<(), XdpError> {
