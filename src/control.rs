@@ -2,7 +2,7 @@
 //! prost frames (`ControlRequest` in, `ControlReply` frames out, the last
 //! with `done`). One request per connection.
 
-use crate::daemon::Node;
+use crate::daemon::{self, Node};
 use crate::views;
 use bytes::BytesMut;
 use std::os::unix::fs::PermissionsExt;
@@ -119,12 +119,43 @@ async fn handle(mut s: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
             Err(_) => Err(format!("redundancy group {} out of range", r.rg)),
         },
         Some(Cmd::Sessions(q)) => return export_sessions(&mut s, &node, q).await,
+        Some(Cmd::Dataplane(d)) => dataplane_command(&node, d.action()).await,
         None => Err("empty request".into()),
     };
     match result {
         Ok(json) => write_reply(&mut s, json, String::new(), true).await,
         Err(e) => write_reply(&mut s, String::new(), e, true).await,
     }
+}
+
+/// Stops, starts or restarts the dataplane (blocking work off the runtime).
+async fn dataplane_command(
+    node: &Arc<Node>,
+    action: pb::dataplane_command::Action,
+) -> Result<String, String> {
+    use pb::dataplane_command::Action;
+    let n = node.clone();
+    let run = move || -> Result<&'static str, String> {
+        match action {
+            Action::Stop => {
+                if daemon::stop_dataplane(&n, "by operator") {
+                    Ok("stopped")
+                } else {
+                    Err("the dataplane is not running".into())
+                }
+            }
+            Action::Start => daemon::start_dataplane(&n).map(|()| "started"),
+            Action::Restart => {
+                daemon::stop_dataplane(&n, "restarting by operator");
+                daemon::start_dataplane(&n).map(|()| "restarted")
+            }
+            Action::Unspecified => Err("no dataplane action".into()),
+        }
+    };
+    let result = tokio::task::spawn_blocking(run)
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(serde_json::json!({"dataplane": result}).to_string())
 }
 
 /// Streams the sessions of one RG (or all) as JSON lines, in chunks taken

@@ -8,6 +8,7 @@
 //! tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json]
 //! tandem request chassis cluster failover redundancy-group N node M
 //! tandem request chassis cluster failover reset redundancy-group N
+//! tandem request chassis dataplane stop|start|restart
 //! tandem witness --listen ADDR --key-file FILE --cluster-id N
 //! tandem lab up|down|demo [--peer-compare] [--json]
 //! tandem lab peer-compare [--json]
@@ -38,6 +39,7 @@ const USAGE: &str = "usage:
   tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
+  tandem request chassis dataplane stop|start|restart [--socket PATH]
   tandem witness --listen ADDR --key-file FILE --cluster-id N
   tandem lab up|down|demo [--peer-compare] [--json]
   tandem lab peer-compare [--json]";
@@ -152,6 +154,9 @@ fn main() -> ExitCode {
             "redundancy-group",
             rg,
         ] => rt.block_on(request_failover(&opts, rg, None)),
+        ["request", "chassis", "dataplane", action] => {
+            rt.block_on(request_dataplane(&opts, action))
+        }
         ["witness"] => {
             init_tracing();
             rt.block_on(witness(&opts))
@@ -426,6 +431,29 @@ async fn request_failover(opts: &Opts, rg: &str, node: Option<&str>) -> Result<(
             Some(n) => println!("redundancy group {rg}: failover to node{n} committed"),
             None => println!("redundancy group {rg}: manual failover reset"),
         }
+    }
+    Ok(())
+}
+
+async fn request_dataplane(opts: &Opts, action: &str) -> Result<(), String> {
+    use pb::dataplane_command::Action;
+    let action = match action {
+        "stop" => Action::Stop,
+        "start" => Action::Start,
+        "restart" => Action::Restart,
+        _ => return Err(USAGE.into()),
+    };
+    let v = one(
+        opts,
+        req(pb::control_request::Cmd::Dataplane(pb::DataplaneCommand {
+            action: action as i32,
+        })),
+    )
+    .await?;
+    if opts.json {
+        println!("{v}");
+    } else {
+        println!("dataplane {}", v["dataplane"].as_str().unwrap_or("?"));
     }
     Ok(())
 }

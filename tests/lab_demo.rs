@@ -43,6 +43,11 @@ fn lab_demo_keeps_every_tcp_connection_through_fabric_cut_failover_crash_and_rej
     // kept flowing across both).
     assert!(figures["fabric_frames_via_fab0"] > 0.0, "{figures:?}");
     assert!(figures["fabric_frames_via_fab1"] > 0.0, "{figures:?}");
+    // The primary whose dataplane stopped gave the RG up to its peer.
+    assert!(
+        figures.contains_key("dataplane_stop_takeover_ms"),
+        "{figures:?}"
+    );
     for k in [
         "manual_failover_gap_ms",
         "crash_failover_gap_ms",

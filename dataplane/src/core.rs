@@ -440,7 +440,7 @@ impl Core {
         let mut cx = Cx { table, env, fx };
         let v = match arrival {
             Arrival::Wire(ingress) => self.wire(frame, ingress, &mut cx),
-            Arrival::FabricIngress(ingress) => self.from_fabric(frame, ingress, &mut cx),
+            Arrival::FabricIngress(ingress) => self.fabric_ingress(frame, ingress, &mut cx),
             Arrival::FabricEgress(iface) => self.transmit_from_fabric(frame, iface, &mut cx),
         };
         self.fabric_stage = FabricStage::Wire;
@@ -965,7 +965,7 @@ impl Core {
     /// A frame the peer sent over the fabric to be processed as if it had
     /// arrived on this node's member of `ingress`. Its destination MAC was
     /// the peer's; it is taken as addressed to this node.
-    fn from_fabric(
+    fn fabric_ingress(
         &mut self,
         frame: &mut [u8],
         ingress: InterfaceId,

@@ -227,8 +227,8 @@ impl Worker {
             let (f, arrival) = frames.frame(i);
             let v = loop {
                 let mut view = match (&mut write, &read) {
-                    (Some(w), _) => TableView::Exclusive(&mut **w),
-                    (None, Some(r)) => TableView::Shared(&**r),
+                    (Some(w), _) => TableView::Exclusive(w),
+                    (None, Some(r)) => TableView::Shared(r),
                     (None, None) => unreachable!("a lock is held for the whole burst"),
                 };
                 match self.core.process(f, arrival, &mut view, &env, &mut self.fx) {

@@ -178,7 +178,7 @@ impl XdpAttachment {
             redirected: handle(&skel.maps.per_socket_redirected, "per_socket_redirected")?,
             unserved: handle(&skel.maps.per_socket_unserved, "per_socket_unserved")?,
         });
-        let mut this = XdpAttachment {
+        let this = XdpAttachment {
             skel,
             attached: Vec::new(),
             maps,

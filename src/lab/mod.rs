@@ -568,6 +568,7 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
         value: rejoin.as_secs_f64() * 1e3,
         unit: "ms",
     });
+    dataplane_phase(rt, &traffic, first, second, &mut report)?;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let result = traffic.finish();
@@ -606,6 +607,88 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
             result.survived_pct
         ));
     }
+    Ok(())
+}
+
+/// The primary's dataplane stops (as if its workers died): the node must
+/// give up the RG — it is ineligible while its dataplane does not serve
+/// the reths — and the peer take over within the detection time, with the
+/// reason in the first node's status. Started again, it comes back and is
+/// eligible once its workers run.
+fn dataplane_phase(
+    rt: &Runtime,
+    traffic: &Traffic,
+    primary: usize,
+    other: usize,
+    report: &mut Vec<Figure>,
+) -> Result<(), String> {
+    step(&format!(
+        "request chassis dataplane stop on node{primary} (primary): it must give up RG1"
+    ));
+    let dp = |action| pb::ControlRequest {
+        cmd: Some(pb::control_request::Cmd::Dataplane(pb::DataplaneCommand {
+            action: action as i32,
+        })),
+    };
+    let t = Instant::now();
+    rt.block_on(control::request(
+        &socket(primary),
+        dp(pb::dataplane_command::Action::Stop),
+        |_| {},
+    ))?;
+    wait_for(
+        rt,
+        "the peer to take over from the node without a dataplane",
+        Duration::from_secs(10),
+        |a, b| {
+            let (p, o) = if primary == 0 { (a, b) } else { (b, a) };
+            o.is_some_and(is_primary) && p.is_some_and(|p| !is_primary(p))
+        },
+    )?;
+    let takeover = t.elapsed();
+    let st = rt.block_on(status(primary))?;
+    let reason = rg1(&st)["reason"].as_str().unwrap_or("").to_string();
+    let error = st["dataplane_error"].as_str().unwrap_or("").to_string();
+    if !reason.contains("dataplane:") || !error.contains("stopped") {
+        return Err(format!(
+            "node{primary} does not say why it gave up RG1: reason {reason:?}, dataplane {error:?}"
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    traffic.check_flowing("after the primary's dataplane stopped")?;
+    let gap = traffic.largest_gap_since(t);
+    step(&format!(
+        "node{other} took over in {} ms; node{primary} says: {reason} ({error}); largest probe gap {gap:.1} ms",
+        takeover.as_millis()
+    ));
+    report.push(Figure {
+        name: "dataplane_stop_takeover_ms",
+        value: takeover.as_secs_f64() * 1e3,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "dataplane_stop_gap_ms",
+        value: gap,
+        unit: "ms",
+    });
+    step(&format!("request chassis dataplane start on node{primary}"));
+    rt.block_on(control::request(
+        &socket(primary),
+        dp(pb::dataplane_command::Action::Start),
+        |_| {},
+    ))?;
+    wait_for(
+        rt,
+        "the restarted dataplane to run and its node to be eligible again",
+        Duration::from_secs(10),
+        |a, b| {
+            let p = if primary == 0 { a } else { b };
+            p.is_some_and(|p| {
+                p["dataplane"]["running"] == true && rg1(p)["effective_priority"].as_u64() > Some(0)
+            })
+        },
+    )?;
+    traffic.check_flowing("after the dataplane restart")?;
     Ok(())
 }
 

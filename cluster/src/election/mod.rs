@@ -690,15 +690,14 @@ impl Election {
             (_, None) => true,
             (None, Some(_)) => false,
         };
-        let (want, reason) = r.decide(
-            me,
-            now,
-            peer_alive,
+        let view = rg::PeerView {
+            alive: peer_alive,
             in_grace,
-            peer.as_ref(),
-            peer_fresh,
-            peer_since_eligible,
-        );
+            heartbeat: peer.as_ref(),
+            fresh: peer_fresh,
+            since_eligible: peer_since_eligible,
+        };
+        let (want, reason) = r.decide(me, now, &view);
         r.reason = reason.clone();
         let was_primary = r.state.forwards();
         // A primary whose peer reports a higher epoch (it claimed the RG

@@ -80,6 +80,21 @@ impl RgConfig {
     }
 }
 
+/// What a decision knows about the peer.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerView<'a> {
+    /// Heard on some path within the threshold.
+    pub alive: bool,
+    /// This node is still in its startup grace.
+    pub in_grace: bool,
+    /// The peer's last report for this RG.
+    pub heartbeat: Option<&'a pb::RgHeartbeat>,
+    /// That report came after this node's last ownership change.
+    pub fresh: bool,
+    /// ... and after this node last became eligible.
+    pub since_eligible: bool,
+}
+
 /// Role of this node for one RG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum RgState {
@@ -316,16 +331,14 @@ impl RgElection {
     }
 
     /// The role this RG should have now, and why.
-    pub fn decide(
-        &self,
-        me: NodeId,
-        now: Millis,
-        peer_alive: bool,
-        in_grace: bool,
-        peer: Option<&pb::RgHeartbeat>,
-        peer_fresh: bool,
-        peer_since_eligible: bool,
-    ) -> (RgState, String) {
+    pub fn decide(&self, me: NodeId, now: Millis, view: &PeerView) -> (RgState, String) {
+        let PeerView {
+            alive: peer_alive,
+            in_grace,
+            heartbeat: peer,
+            fresh: peer_fresh,
+            since_eligible: peer_since_eligible,
+        } = *view;
         use RgState::*;
         if self.disabled {
             return (Disabled, "disabled (priority 0 or by operator)".into());

@@ -303,7 +303,7 @@ fn core_benches(a: &Args) {
     let mut from_peer = FabricForwarder::new(fabric_map(false), Arc::default());
     let mut at_other = Bursts::new();
     let mut at_owner = Bursts::new();
-    let mut inner: Vec<Vec<u8>> = vec![Vec::with_capacity(2048); BURST];
+    let mut inner: Vec<Vec<u8>> = (0..BURST).map(|_| Vec::with_capacity(2048)).collect();
     let mut done = 0u64;
     let start = Instant::now();
     let limit = Duration::from_secs_f64(a.seconds);
