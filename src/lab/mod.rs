@@ -191,8 +191,31 @@ fn build_topology() -> Result<(), String> {
         ("tl-n1", "u0", "sw-n1u", "br-untrust"),
     ];
     for (ns, dev, sw, br) in attach {
+        // The reth members have 2 RX queues (flows spread over them by
+        // hash), so each node runs 2 dataplane workers; the fabric links
+        // keep 1, so one worker hands its fabric frames to the other.
+        let q = if NODE_NS.contains(&ns) { "2" } else { "1" };
         sh(&[
-            "ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", sw, "netns",
+            "ip",
+            "link",
+            "add",
+            dev,
+            "numtxqueues",
+            q,
+            "numrxqueues",
+            q,
+            "netns",
+            ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            sw,
+            "numtxqueues",
+            q,
+            "numrxqueues",
+            q,
+            "netns",
             "tl-sw",
         ])?;
         sh(&["ip", "-n", "tl-sw", "link", "set", sw, "master", br, "up"])?;
