@@ -20,7 +20,7 @@
 //! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
 //! most 32 descriptors per kick, so TX goes out in chunks of 32.
 
-use crate::core::{Arrival, Verdict};
+use crate::core::{Arrival, Verdict, bump};
 use crate::session::{Clock, InterfaceId, Millis};
 use crate::worker::{FrameBurst, Worker};
 use crate::xdp::{PortMode, XdpMaps};
@@ -81,7 +81,7 @@ impl std::fmt::Display for AfXdpError {
 impl std::error::Error for AfXdpError {}
 
 /// I/O counters of one worker's shell (the core counts forwarding
-/// decisions).
+/// decisions). Only the worker writes them ([`bump`]).
 #[derive(Debug, Default)]
 pub struct IoStats {
     pub rx_frames: AtomicU64,
@@ -400,12 +400,12 @@ impl AfXdp {
                 return;
             }
             TxRoute::None => {
-                self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                bump(&self.io.tx_no_socket, 1);
                 return;
             }
         };
         let Some(mut d) = self.free.pop() else {
-            self.io.tx_no_frame.fetch_add(1, Ordering::Relaxed);
+            bump(&self.io.tx_no_frame, 1);
             return;
         };
         // SAFETY: `d` came from the free pool; its frame is ours alone.
@@ -421,8 +421,8 @@ impl AfXdp {
 
     fn hand_off(&self, tx: &mpsc::SyncSender<Handoff>, iface: InterfaceId, frame: &[u8]) {
         match tx.try_send((iface, frame.to_vec())) {
-            Ok(()) => self.io.handoff_sent.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.io.handoff_dropped.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => bump(&self.io.handoff_sent, 1),
+            Err(_) => bump(&self.io.handoff_dropped, 1),
         };
     }
 
@@ -450,16 +450,14 @@ impl AfXdp {
                 let n = match unsafe { p.tx.produce_and_wakeup(chunk) } {
                     Ok(n) => n,
                     Err(_) => {
-                        self.io.wakeup_errors.fetch_add(1, Ordering::Relaxed);
+                        bump(&self.io.wakeup_errors, 1);
                         // SAFETY: as above.
                         unsafe { p.tx.produce(chunk) }
                     }
                 };
-                self.io.tx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                bump(&self.io.tx_frames, n as u64);
                 if n < chunk.len() {
-                    self.io
-                        .tx_ring_full
-                        .fetch_add((chunk.len() - n) as u64, Ordering::Relaxed);
+                    bump(&self.io.tx_ring_full, (chunk.len() - n) as u64);
                     self.free.extend_from_slice(&chunk[n..]);
                 }
             }
@@ -569,9 +567,9 @@ impl AfXdp {
                 let s = &mut self.sockets[si];
                 s.in_fill -= n.min(s.in_fill);
                 if let Some(c) = link.socket_rx.get(si) {
-                    c.fetch_add(n as u64, Ordering::Relaxed);
+                    bump(c, n as u64);
                 }
-                self.io.rx_frames.fetch_add(n as u64, Ordering::Relaxed);
+                bump(&self.io.rx_frames, n as u64);
                 self.batch(
                     si,
                     &mut descs[..n],
@@ -615,11 +613,11 @@ impl AfXdp {
                 break;
             };
             n += 1;
-            self.io.handoff_received.fetch_add(1, Ordering::Relaxed);
+            bump(&self.io.handoff_received, 1);
             match self.socket_of(iface) {
                 Some(_) => self.send_copy(iface, &frame),
                 None => {
-                    self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                    bump(&self.io.tx_no_socket, 1);
                 }
             }
         }
@@ -688,7 +686,7 @@ impl AfXdp {
         // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
         let mut data = unsafe { self.umem.data_mut(d) };
         let Some(inbound) = fabric.arrived_on_fabric(data.contents(), port) else {
-            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            bump(&self.io.fabric_unhandled, 1);
             return None;
         };
         let len = data.contents().len();
@@ -729,7 +727,7 @@ impl AfXdp {
                 self.send_to_fabric(tx, d, len);
             }
             Verdict::Fabric { .. } => {
-                self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+                bump(&self.io.fabric_unhandled, 1);
                 self.free.push(*d);
             }
             Verdict::Drop(_) => self.free.push(*d),
@@ -752,7 +750,7 @@ impl AfXdp {
                 self.free.push(*d);
             }
             TxRoute::None => {
-                self.io.tx_no_socket.fetch_add(1, Ordering::Relaxed);
+                bump(&self.io.tx_no_socket, 1);
                 self.free.push(*d);
             }
         }
@@ -762,7 +760,7 @@ impl AfXdp {
     /// place (shifted right by the prefix) and queues it on the fabric port.
     fn send_to_fabric(&mut self, tx: Option<FabricTx>, d: &mut FrameDesc, len: usize) {
         let Some(tx) = tx else {
-            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            bump(&self.io.fabric_unhandled, 1);
             self.free.push(*d);
             return;
         };
@@ -773,7 +771,7 @@ impl AfXdp {
         if data.contents().len() != total {
             // Does not fit the UMEM frame (cannot happen for frames within
             // the data MTU): drop and count.
-            self.io.fabric_unhandled.fetch_add(1, Ordering::Relaxed);
+            bump(&self.io.fabric_unhandled, 1);
             self.free.push(*d);
             return;
         }

@@ -30,6 +30,7 @@ use crate::session::{
     SessionTable, SnatRequest, TcpState, proto,
 };
 use rustc_hash::FxHashMap;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_proto::{RgId, RoleMap};
@@ -133,8 +134,16 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// Adds `n` to a counter only one thread writes: a plain load and store,
+/// not a locked read-modify-write (which would also stall the loads a
+/// burst's prefetch started); readers see it a moment later.
+#[inline]
+pub fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 /// Counters of one worker's core, shared with the daemon (metrics, CLI),
-/// which sums the workers.
+/// which sums the workers. Only the worker writes them ([`bump`]).
 #[derive(Debug)]
 pub struct CoreStats {
     pub rx: AtomicU64,
@@ -301,14 +310,16 @@ impl Cx<'_, '_, '_> {
     }
 }
 
-/// One worker's packet core.
+/// One worker's packet core. Its own state is small and lives in cells,
+/// so every rule takes `&self` and borrows the configuration in place
+/// (cloning the `Arc` per frame would write a line all workers share).
 pub struct Core {
     cfg: Arc<Compiled>,
     /// Neighbors asked for recently, so a burst asks once (ms of the ask).
-    pending: FxHashMap<(InterfaceId, Addr), Millis>,
+    pending: RefCell<FxHashMap<(InterfaceId, Addr), Millis>>,
     pub stats: Arc<CoreStats>,
     /// Which fabric hand-off, if any, the frame in hand came by.
-    fabric_stage: FabricStage,
+    fabric_stage: Cell<FabricStage>,
 }
 
 /// How the frame being handled reached this node.
@@ -335,9 +346,9 @@ impl Core {
         let stats = Arc::new(CoreStats::new(cfg.policies.len()));
         Core {
             cfg,
-            pending: FxHashMap::default(),
+            pending: RefCell::default(),
             stats,
-            fabric_stage: FabricStage::Wire,
+            fabric_stage: Cell::new(FabricStage::Wire),
         }
     }
 
@@ -346,7 +357,7 @@ impl Core {
     }
 
     fn drop(&self, r: DropReason) -> Verdict {
-        self.stats.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.drops[r as usize], 1);
         Verdict::Drop(r)
     }
 
@@ -360,11 +371,11 @@ impl Core {
     }
 
     /// Records a neighbor's MAC (for the driver to share) unless known.
-    fn learn(&mut self, cx: &mut Cx, iface: InterfaceId, a: Addr, mac: Mac) {
+    fn learn(&self, cx: &mut Cx, iface: InterfaceId, a: Addr, mac: Mac) {
         if cx.neighbor(iface, a) != Some(mac) {
             cx.fx.learned.push(((iface, a), mac));
         }
-        self.pending.remove(&(iface, a));
+        self.pending.borrow_mut().remove(&(iface, a));
     }
 
     fn owned_anywhere(&self, a: &Addr) -> bool {
@@ -430,7 +441,7 @@ impl Core {
     /// `Err` only under shared access, before anything was changed or
     /// counted for this frame.
     pub fn process(
-        &mut self,
+        &self,
         frame: &mut [u8],
         arrival: Arrival,
         table: &mut TableView,
@@ -443,25 +454,25 @@ impl Core {
             Arrival::FabricIngress(ingress) => self.fabric_ingress(frame, ingress, &mut cx),
             Arrival::FabricEgress(iface) => self.transmit_from_fabric(frame, iface, &mut cx),
         };
-        self.fabric_stage = FabricStage::Wire;
+        self.fabric_stage.set(FabricStage::Wire);
         let v = v?;
-        self.stats.rx.fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.rx, 1);
         match v {
-            Verdict::Tx { .. } => self.stats.tx.fetch_add(1, Ordering::Relaxed),
-            Verdict::Reply { .. } => self.stats.replies.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
+            Verdict::Tx { .. } => bump(&self.stats.tx, 1),
+            Verdict::Reply { .. } => bump(&self.stats.replies, 1),
+            _ => {}
         };
         Ok(v)
     }
 
     /// A frame from the wire (or, unwrapped, from the fabric) of `ingress`.
     fn wire(
-        &mut self,
+        &self,
         frame: &mut [u8],
         ingress: InterfaceId,
         cx: &mut Cx,
     ) -> Result<Verdict, NeedsExclusive> {
-        let cfg = self.cfg.clone();
+        let cfg = &*self.cfg;
         let Some(ifc) = cfg.iface(ingress) else {
             return Ok(self.drop(DropReason::UnknownInterface));
         };
@@ -477,13 +488,13 @@ impl Core {
             packet::ETHERTYPE_IPV4 | packet::ETHERTYPE_IPV6 => {
                 match self.mac_is_ours(cx, ifc, &eth.dst) {
                     None => self.drop(DropReason::NotForUs),
-                    Some(false) if self.fabric_stage == FabricStage::Ingress => {
+                    Some(false) if self.fabric_stage.get() == FabricStage::Ingress => {
                         self.ip(frame, ifc, eth.ethertype, cx)?
                     }
                     Some(false) => {
                         // Sent to the RG's virtual MAC while the peer owns it.
                         let rg = ifc.rg().expect("virtual MAC implies a reth");
-                        self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+                        bump(&self.stats.to_fabric, 1);
                         Verdict::Fabric { rg }
                     }
                     Some(true) => self.ip(frame, ifc, eth.ethertype, cx)?,
@@ -495,7 +506,7 @@ impl Core {
 
     // ----- ARP -----------------------------------------------------------
 
-    fn arp(&mut self, f: &mut [u8], ifc: &Iface, cx: &mut Cx) -> Verdict {
+    fn arp(&self, f: &mut [u8], ifc: &Iface, cx: &mut Cx) -> Verdict {
         let Some(a) = f.get(ETH_HLEN..ETH_HLEN + 28) else {
             return self.drop(DropReason::Malformed);
         };
@@ -531,7 +542,7 @@ impl Core {
     // ----- IP ------------------------------------------------------------
 
     fn ip(
-        &mut self,
+        &self,
         f: &mut [u8],
         ifc: &Iface,
         ethertype: u16,
@@ -595,7 +606,7 @@ impl Core {
     /// Traffic to one of this node's addresses: echo requests are
     /// answered, the rest is not the dataplane's (control traffic uses the
     /// kernel's own interfaces).
-    fn local(&mut self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &Cx) -> Verdict {
+    fn local(&self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &Cx) -> Verdict {
         let dst = Addr(ip.dst);
         let echo = match ip.family {
             Family::V4 => ip.proto == proto::ICMP && f.get(ip.l4) == Some(&8),
@@ -622,7 +633,7 @@ impl Core {
     }
 
     fn neighbor_solicitation(
-        &mut self,
+        &self,
         f: &mut [u8],
         ip: &Ip,
         ifc: &Iface,
@@ -651,7 +662,7 @@ impl Core {
         Verdict::Reply { len }
     }
 
-    fn neighbor_advertisement(&mut self, f: &[u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) {
+    fn neighbor_advertisement(&self, f: &[u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) {
         if let Some(target) = f
             .get(ip.l4 + 8..ip.l4 + 24)
             .map(|t| Addr(t.try_into().expect("16")))
@@ -666,7 +677,7 @@ impl Core {
     // ----- sessions ------------------------------------------------------
 
     fn established(
-        &mut self,
+        &self,
         f: &mut [u8],
         ip: &mut Ip,
         h: Hit,
@@ -680,7 +691,7 @@ impl Core {
             .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
         if owner.is_data() && !cx.is_primary(owner) {
-            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.to_fabric, 1);
             return Ok(Verdict::Fabric { rg: owner });
         }
         let flags = packet::tcp_flags(f, ip);
@@ -726,7 +737,7 @@ impl Core {
     }
 
     fn first_packet(
-        &mut self,
+        &self,
         f: &mut [u8],
         ip: &mut Ip,
         ifc: &Iface,
@@ -735,7 +746,7 @@ impl Core {
     ) -> Result<Verdict, NeedsExclusive> {
         let now = cx.env.now;
         let flags = packet::tcp_flags(f, ip);
-        let cfg = self.cfg.clone();
+        let cfg = &*self.cfg;
         // Destination NAT first: policy and routing see the real server.
         let dnat = cfg
             .dnat
@@ -760,7 +771,7 @@ impl Core {
         // before judging it.
         let owner = out.rg().or(ifc.rg()).unwrap_or(RgId(0));
         if owner.is_data() && !cx.is_primary(owner) {
-            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.to_fabric, 1);
             return Ok(Verdict::Fabric { rg: owner });
         }
         // Only a flow's first packet creates a session: a bare SYN, an echo
@@ -782,13 +793,13 @@ impl Core {
         };
         let hits = &self.stats.policy_hits[(policy.id.0 - 1) as usize];
         if !policy.permit {
-            hits.fetch_add(1, Ordering::Relaxed);
+            bump(hits, 1);
             return Ok(self.drop(DropReason::PolicyDeny));
         }
         // Creating the session is the first change: from here on the
         // frame needs exclusive access.
         let t = cx.table.exclusive()?;
-        hits.fetch_add(1, Ordering::Relaxed);
+        bump(hits, 1);
         let snat = cfg
             .snat
             .iter()
@@ -827,7 +838,7 @@ impl Core {
             Err(InsertError::PortsExhausted) => return Ok(self.drop(DropReason::PortsExhausted)),
             Err(_) => return Ok(self.drop(DropReason::SessionRefused)),
         };
-        self.stats.sessions_created.fetch_add(1, Ordering::Relaxed);
+        bump(&self.stats.sessions_created, 1);
         if owner.is_data() {
             cx.fx.deltas.push((owner, key));
         }
@@ -846,7 +857,7 @@ impl Core {
     /// An ICMP error about a packet of a session: translate the outer
     /// destination and the embedded header back, then forward like the
     /// session's reverse (or forward) traffic.
-    fn icmp_error(&mut self, f: &mut [u8], outer: &mut Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
+    fn icmp_error(&self, f: &mut [u8], outer: &mut Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
         let inner_l3 = outer.l4 + 8;
         let inner = match outer.family {
             Family::V4 => packet::parse_ipv4_embedded(f, inner_l3, outer.end),
@@ -880,7 +891,7 @@ impl Core {
             return self.drop(DropReason::IcmpErrorNoSession);
         };
         if owner.is_data() && !cx.is_primary(owner) {
-            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.to_fabric, 1);
             return Verdict::Fabric { rg: owner };
         }
         // The embedded packet is the session's traffic in `dir.opposite`
@@ -923,8 +934,8 @@ impl Core {
 
     /// Routes the (translated) packet by its destination: egress port,
     /// next hop, neighbor MAC, TTL.
-    fn forward(&mut self, f: &mut [u8], ip: &Ip, cx: &mut Cx) -> Verdict {
-        let cfg = self.cfg.clone();
+    fn forward(&self, f: &mut [u8], ip: &Ip, cx: &mut Cx) -> Verdict {
+        let cfg = &*self.cfg;
         let dst = Addr(ip.dst);
         let Some(route) = cfg.route(&dst) else {
             return self.drop(DropReason::NoRoute);
@@ -936,7 +947,7 @@ impl Core {
             && !cx.is_primary(rg)
         {
             packet::dec_ttl(f, ip);
-            self.stats.to_fabric.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.to_fabric, 1);
             return Verdict::FabricEgress {
                 rg,
                 iface: out.id,
@@ -947,12 +958,12 @@ impl Core {
     }
 
     /// Next-hop MAC and transmit on `out`.
-    fn link_out(&mut self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, cx: &mut Cx) -> Verdict {
+    fn link_out(&self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, cx: &mut Cx) -> Verdict {
         let Some(mac) = cx.neighbor(out.id, hop) else {
             self.resolve(out, hop, cx);
             return self.drop(DropReason::NeighborMiss);
         };
-        if self.fabric_stage != FabricStage::Egress {
+        if self.fabric_stage.get() != FabricStage::Egress {
             packet::dec_ttl(f, ip);
         }
         packet::set_macs(f, mac, out.tx_mac());
@@ -966,7 +977,7 @@ impl Core {
     /// arrived on this node's member of `ingress`. Its destination MAC was
     /// the peer's; it is taken as addressed to this node.
     fn fabric_ingress(
-        &mut self,
+        &self,
         frame: &mut [u8],
         ingress: InterfaceId,
         cx: &mut Cx,
@@ -974,7 +985,7 @@ impl Core {
         let Some(ifc) = self.cfg.iface(ingress) else {
             return Ok(self.drop(DropReason::UnknownInterface));
         };
-        self.fabric_stage = FabricStage::Ingress;
+        self.fabric_stage.set(FabricStage::Ingress);
         // Only the first run of a frame may rewrite it: a re-run (after
         // NeedsExclusive) sees the same bytes.
         if frame.len() >= 6 {
@@ -992,12 +1003,12 @@ impl Core {
     /// A frame the peer processed (sessions, NAT, TTL) for this node to
     /// transmit on `iface`, which it owns: only the link layer is done here.
     fn transmit_from_fabric(
-        &mut self,
+        &self,
         frame: &mut [u8],
         iface: InterfaceId,
         cx: &mut Cx,
     ) -> Result<Verdict, NeedsExclusive> {
-        let cfg = self.cfg.clone();
+        let cfg = &*self.cfg;
         let Some(out) = cfg.iface(iface) else {
             return Ok(self.drop(DropReason::UnknownInterface));
         };
@@ -1015,15 +1026,16 @@ impl Core {
         };
         let dst = Addr(ip.dst);
         let hop = cfg.route(&dst).and_then(|r| r.gateway).unwrap_or(dst);
-        self.fabric_stage = FabricStage::Egress;
+        self.fabric_stage.set(FabricStage::Egress);
         Ok(self.link_out(frame, &ip, out, hop, cx))
     }
 
     /// Asks for `hop`'s MAC (at most every 100 ms per neighbor).
-    fn resolve(&mut self, out: &Iface, hop: Addr, cx: &mut Cx) {
+    fn resolve(&self, out: &Iface, hop: Addr, cx: &mut Cx) {
         let now = cx.env.now;
         if self
             .pending
+            .borrow()
             .get(&(out.id, hop))
             .is_some_and(|t| now.saturating_sub(*t) < 100)
         {
@@ -1032,10 +1044,12 @@ impl Core {
         let Some(src) = egress_address(out, hop.is_v4()) else {
             return;
         };
-        if self.pending.len() >= PENDING_LIMIT {
-            self.pending.clear();
+        let mut pending = self.pending.borrow_mut();
+        if pending.len() >= PENDING_LIMIT {
+            pending.clear();
         }
-        self.pending.insert((out.id, hop), now);
+        pending.insert((out.id, hop), now);
+        drop(pending);
         let frame = if hop.is_v4() {
             build_arp(1, out.tx_mac(), packet::BROADCAST, &src, &hop)
         } else {
@@ -1048,15 +1062,15 @@ impl Core {
         if fx.frames.len() < OUTBOX_LIMIT {
             fx.frames.push((iface, frame));
         } else {
-            self.stats.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            bump(&self.stats.outbox_dropped, 1);
         }
     }
 
     /// On becoming primary for `rg`: gratuitous ARP for every IPv4 VIP and
     /// an unsolicited NA for every IPv6 VIP, from the virtual MAC, so the
     /// segment's switches and hosts move to this node at once.
-    pub fn announce(&mut self, rg: RgId, fx: &mut Effects) {
-        let cfg = self.cfg.clone();
+    pub fn announce(&self, rg: RgId, fx: &mut Effects) {
+        let cfg = &*self.cfg;
         for ifc in cfg.ifaces.iter().filter(|i| i.rg() == Some(rg)) {
             let (_, vmac, vips) = ifc.reth.as_ref().expect("reth");
             for vip in vips {

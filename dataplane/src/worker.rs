@@ -20,7 +20,7 @@
 use crate::config::Compiled;
 use crate::core::{
     Arrival, Core, CoreStats, Effects, Env, NeedsExclusive, NeighborMap, OUTBOX_LIMIT, TableView,
-    Verdict,
+    Verdict, bump,
 };
 use crate::delta::DeltaProducer;
 use crate::packet::Mac;
@@ -30,18 +30,20 @@ use crate::session::{
 use arc_swap::ArcSwap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use tandem_proto::{RgId, RoleMap};
 
 /// Most neighbors a node learns; beyond it new ones are refused and
 /// counted (a spoofed ARP flood cannot grow memory without bound).
 pub const NEIGHBOR_LIMIT: usize = 16_384;
 
-/// Next-hop MACs shared by a node's workers: read once per burst, written
-/// after a burst that learned something new.
+/// Next-hop MACs shared by a node's workers: loaded once per burst
+/// (`ArcSwap`: no shared write on the read side), replaced copy-on-write
+/// after a burst that learned something new or changed — rare, and bounded
+/// by [`NEIGHBOR_LIMIT`].
 #[derive(Debug, Default)]
 pub struct Neighbors {
-    map: RwLock<NeighborMap>,
+    map: ArcSwap<NeighborMap>,
     /// Learned neighbors refused because the map held [`NEIGHBOR_LIMIT`].
     pub refused: AtomicU64,
 }
@@ -49,38 +51,40 @@ pub struct Neighbors {
 impl Neighbors {
     /// A static neighbor (tests, configuration); never refused.
     pub fn insert(&self, iface: InterfaceId, ip: Addr, mac: Mac) {
-        self.write().insert((iface, ip), mac);
+        self.map.rcu(|m| {
+            let mut m = NeighborMap::clone(m);
+            m.insert((iface, ip), mac);
+            m
+        });
     }
 
     pub fn get(&self, iface: InterfaceId, ip: Addr) -> Option<Mac> {
-        self.read().get(&(iface, ip)).copied()
+        self.map.load().get(&(iface, ip)).copied()
     }
 
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.map.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, NeighborMap> {
-        self.map.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, NeighborMap> {
-        self.map.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn learn(&self, learned: &[((InterfaceId, Addr), Mac)]) {
-        let mut m = self.write();
-        for (k, mac) in learned {
-            if m.len() < NEIGHBOR_LIMIT || m.contains_key(k) {
-                m.insert(*k, *mac);
-            } else {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+        let mut refused = 0;
+        self.map.rcu(|m| {
+            refused = 0;
+            let mut m = NeighborMap::clone(m);
+            for (k, mac) in learned {
+                if m.len() < NEIGHBOR_LIMIT || m.contains_key(k) {
+                    m.insert(*k, *mac);
+                } else {
+                    refused += 1;
+                }
             }
-        }
+            m
+        });
+        self.refused.fetch_add(refused, Ordering::Relaxed);
     }
 }
 
@@ -144,8 +148,15 @@ const PREFETCH_MAX: usize = 64;
 
 /// One dataplane thread's core and scratch space.
 pub struct Worker {
-    core: Core,
     shared: Arc<Shared>,
+    state: BurstState,
+}
+
+/// Everything of a worker but its handle on the shared state (so a burst
+/// borrows the two apart, without touching the `Arc`'s count: that line
+/// is shared by every worker).
+struct BurstState {
+    core: Core,
     fx: Effects,
     keys: Vec<SessionKey>,
     /// Frames the core built (ARP/ND requests, announcements) for the I/O
@@ -157,23 +168,25 @@ pub struct Worker {
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Worker {
         Worker {
-            core: Core::new(shared.cfg.clone()),
+            state: BurstState {
+                core: Core::new(shared.cfg.clone()),
+                fx: Effects::default(),
+                keys: Vec::with_capacity(PREFETCH_MAX),
+                outbox: Vec::new(),
+                prefetch: true,
+            },
             shared,
-            fx: Effects::default(),
-            keys: Vec::with_capacity(PREFETCH_MAX),
-            outbox: Vec::new(),
-            prefetch: true,
         }
     }
 
     /// Turns the burst prefetch off or on (benchmarks measure its effect;
     /// results never depend on it).
     pub fn set_prefetch(&mut self, on: bool) {
-        self.prefetch = on;
+        self.state.prefetch = on;
     }
 
     pub fn stats(&self) -> &Arc<CoreStats> {
-        &self.core.stats
+        &self.state.core.stats
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -181,7 +194,12 @@ impl Worker {
     }
 
     pub fn config(&self) -> &Compiled {
-        self.core.config()
+        self.state.core.config()
+    }
+
+    /// The core (its flow keys, for tests and benchmarks).
+    pub fn core(&self) -> &Core {
+        &self.state.core
     }
 
     /// Runs one burst against the node's table; one verdict per frame, in
@@ -192,8 +210,8 @@ impl Worker {
         now: Millis,
         verdicts: &mut Vec<Verdict>,
     ) {
-        let shared = self.shared.clone();
-        self.burst_with(&shared.table, frames, now, verdicts);
+        let Worker { shared, state } = self;
+        state.burst(shared, &shared.table, frames, now, verdicts);
     }
 
     /// [`Worker::burst`] against any [`TableLock`].
@@ -204,11 +222,45 @@ impl Worker {
         now: Millis,
         verdicts: &mut Vec<Verdict>,
     ) {
+        let Worker { shared, state } = self;
+        state.burst(shared, lock, frames, now, verdicts);
+    }
+
+    /// One frame as a burst of one (tests, the slow path).
+    pub fn process(&mut self, frame: &mut [u8], arrival: Arrival, now: Millis) -> Verdict {
+        let mut verdicts = Vec::with_capacity(1);
+        self.burst(&mut [(frame, arrival)][..], now, &mut verdicts);
+        verdicts[0]
+    }
+
+    /// Queues gratuitous ARP / unsolicited NA for `rg`'s VIPs (on becoming
+    /// primary; one worker of the node does it).
+    pub fn announce(&mut self, rg: RgId) {
+        let s = &mut self.state;
+        s.fx.frames.clear();
+        s.core.announce(rg, &mut s.fx);
+        s.take_frames();
+    }
+
+    /// Frames the core built, for the I/O shell to send.
+    pub fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
+        &mut self.state.outbox
+    }
+}
+
+impl BurstState {
+    fn burst<L: TableLock, F: FrameBurst + ?Sized>(
+        &mut self,
+        shared: &Shared,
+        lock: &L,
+        frames: &mut F,
+        now: Millis,
+        verdicts: &mut Vec<Verdict>,
+    ) {
         verdicts.clear();
         self.fx.clear();
-        let shared = self.shared.clone();
         let roles = shared.roles.load();
-        let neighbors = shared.neighbors.read();
+        let neighbors = shared.neighbors.map.load();
         let env = Env {
             roles: &roles,
             neighbors: &neighbors,
@@ -238,10 +290,7 @@ impl Worker {
                         // lock (the same thread holding both deadlocks).
                         read = None;
                         write = Some(lock.write());
-                        self.core
-                            .stats
-                            .exclusive_bursts
-                            .fetch_add(1, Ordering::Relaxed);
+                        bump(&self.core.stats.exclusive_bursts, 1);
                     }
                 }
             };
@@ -249,8 +298,7 @@ impl Worker {
         }
         drop(read);
         drop(write);
-        drop(neighbors);
-        self.apply_effects();
+        self.apply_effects(shared);
     }
 
     /// Starts the loads of the burst's sessions (frames from the wire only:
@@ -270,17 +318,14 @@ impl Worker {
         }
     }
 
-    fn apply_effects(&mut self) {
+    fn apply_effects(&mut self, shared: &Shared) {
         for (rg, key) in self.fx.deltas.drain(..) {
-            if !self.shared.deltas.push(rg, key) {
-                self.core
-                    .stats
-                    .deltas_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+            if !shared.deltas.push(rg, key) {
+                bump(&self.core.stats.deltas_dropped, 1);
             }
         }
         if !self.fx.learned.is_empty() {
-            self.shared.neighbors.learn(&self.fx.learned);
+            shared.neighbors.learn(&self.fx.learned);
         }
         self.take_frames();
     }
@@ -290,37 +335,9 @@ impl Worker {
             if self.outbox.len() < OUTBOX_LIMIT {
                 self.outbox.push(f);
             } else {
-                self.core
-                    .stats
-                    .outbox_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.core.stats.outbox_dropped, 1);
             }
         }
-    }
-
-    /// One frame as a burst of one (tests, the slow path).
-    pub fn process(&mut self, frame: &mut [u8], arrival: Arrival, now: Millis) -> Verdict {
-        let mut verdicts = Vec::with_capacity(1);
-        self.burst(&mut [(frame, arrival)][..], now, &mut verdicts);
-        verdicts[0]
-    }
-
-    /// Queues gratuitous ARP / unsolicited NA for `rg`'s VIPs (on becoming
-    /// primary; one worker of the node does it).
-    pub fn announce(&mut self, rg: RgId) {
-        self.fx.frames.clear();
-        self.core.announce(rg, &mut self.fx);
-        self.take_frames();
-    }
-
-    /// Frames the core built, for the I/O shell to send.
-    pub fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
-        &mut self.outbox
-    }
-
-    /// The core (its flow keys, for tests and benchmarks).
-    pub fn core(&self) -> &Core {
-        &self.core
     }
 }
 

@@ -18,13 +18,8 @@
 //! - `core_pps_1_worker`, `core_pps_2_workers`, `worker_scaling_2`: the
 //!   same 1M-session table shared by one, then two worker threads (pinned
 //!   to CPUs 0 and 1), each forwarding its half of the flows.
-//! - `fwd_latency_p99_us_idle`, `..._during_bulk`, `..._during_export`
-//!   and the longest single burst (`fwd_longest_burst_us_*`): time to
-//!   forward one burst of 32 established packets (lock wait included) on
-//!   CPU 0 with 1M sessions, alone, then while CPU 1 applies a 1M-session
-//!   bulk for another RG and reconciles it (in `SLICE`-session slices, as
-//!   the sync receiver does), then while CPU 1 exports the 1M sessions
-//!   (as a bulk export or `show security flow session` does).
+//!   (Forwarding latency while the node applies or exports a bulk is
+//!   measured with the real sync in `sync-bench --only latency`.)
 //! - `core_instructions_per_packet` (with `--instructions`, needs
 //!   valgrind): instructions per established packet of the 1,024-flow
 //!   core, counted by callgrind as the difference between two runs of
@@ -40,7 +35,6 @@
 //!   both with TX checksum offload off, which the AF_XDP path needs).
 
 use arc_swap::ArcSwap;
-use std::hint::black_box;
 use std::net::UdpSocket;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,8 +49,7 @@ use tandem_dataplane::frames::{L4, build};
 use tandem_dataplane::os;
 use tandem_dataplane::packet::Mac;
 use tandem_dataplane::session::{
-    self, Addr, BulkMark, FlowCounters, InterfaceId, Millis, PolicyId, ReconcileReport, SLICE,
-    SessionKey, SessionTable, SyncedSession, TableConfig, TcpState, ZoneId, lock, read,
+    self, Addr, InterfaceId, Millis, SessionTable, TableConfig, lock, read,
 };
 use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns, sample_config, sh};
 use tandem_dataplane::worker::{Shared, Worker};
@@ -434,169 +427,6 @@ fn big_table_benches(a: &Args) {
     emit(a.json, "worker_scaling_2", two / one, "ratio");
 }
 
-/// A peer session of RG2 for the bulk the latency bench applies.
-fn rg2_session(i: u32) -> SyncedSession {
-    let key = SessionKey::new(
-        std::net::Ipv4Addr::from(0x0a02_0000 + i),
-        40_000 + (i % 20_000) as u16,
-        std::net::Ipv4Addr::new(198, 51, 100, 1),
-        443,
-        6,
-        ZoneId(1),
-    );
-    SyncedSession {
-        key,
-        reverse: session::reverse_key(&key, ZoneId(2), session::Nat::NONE),
-        owner_rg: RgId(2),
-        ingress_if: T,
-        egress_if: U,
-        policy: PolicyId(1),
-        tcp_state: TcpState::Established,
-        timeout_ms: 1_800_000,
-        age_ms: 1000,
-        idle_ms: 10,
-        counters: FlowCounters::default(),
-    }
-}
-
-/// Burst latencies (ns) of one worker on CPU 0 forwarding `frames` until
-/// `stop`, or for `bursts` bursts when `stop` is None.
-fn burst_latencies(
-    shared: &Arc<Shared>,
-    frames: &[Vec<u8>],
-    stop: Option<Arc<AtomicBool>>,
-    bursts: usize,
-) -> Vec<u64> {
-    let shared = shared.clone();
-    let frames = frames.to_vec();
-    std::thread::spawn(move || {
-        let _ = os::pin_to_cpu(0);
-        let mut w = Worker::new(shared);
-        let mut b = Bursts::new();
-        let mut lat = Vec::with_capacity(bursts.max(1 << 16));
-        'outer: loop {
-            for burst in frames.chunks(BURST) {
-                let t = Instant::now();
-                let ok = b.run(&mut w, burst, Arrival::Wire(T));
-                lat.push(t.elapsed().as_nanos() as u64);
-                assert_eq!(ok, burst.len());
-                let done = match &stop {
-                    Some(s) => s.load(Ordering::Relaxed),
-                    None => lat.len() >= bursts,
-                };
-                if done {
-                    break 'outer;
-                }
-            }
-        }
-        lat
-    })
-    .join()
-    .expect("latency worker")
-}
-
-fn p99_and_max(mut v: Vec<u64>) -> (f64, f64) {
-    v.sort_unstable();
-    let p99 = v[(v.len() * 99 / 100).min(v.len() - 1)];
-    (p99 as f64 / 1e3, *v.last().unwrap_or(&0) as f64 / 1e3)
-}
-
-/// Runs `job` on CPU 1 while a worker on CPU 0 forwards; the worker's
-/// burst latencies and the job's duration.
-fn during(
-    shared: &Arc<Shared>,
-    frames: &[Vec<u8>],
-    job: impl FnOnce(&Arc<Shared>) + Send + 'static,
-) -> (Vec<u64>, f64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s, st) = (shared.clone(), stop.clone());
-    let writer = std::thread::spawn(move || {
-        let _ = os::pin_to_cpu(1 % os::cpus());
-        // Let the worker start first.
-        std::thread::sleep(Duration::from_millis(20));
-        let t = Instant::now();
-        job(&s);
-        let took = t.elapsed().as_secs_f64();
-        st.store(true, Ordering::Relaxed);
-        took
-    });
-    let lat = burst_latencies(shared, frames, Some(stop), 0);
-    (lat, writer.join().expect("writer"))
-}
-
-/// A bulk of `n` sessions for RG2 applied and reconciled as the sync
-/// receiver does it: 512-session chunks, each applied in SLICE-session
-/// slices through `lock_between_bursts`, then a sliced reconcile.
-fn apply_bulk(shared: &Shared, bulk: &[SyncedSession]) {
-    let mark = BulkMark(7);
-    for chunk in bulk.chunks(512) {
-        for slice in chunk.chunks(SLICE) {
-            let mut t = session::lock_between_bursts(&shared.table);
-            let tally = t.apply_peer_upserts(slice, NOW, Some(mark));
-            assert_eq!(tally.refused, 0);
-        }
-    }
-    let mut cursor = read(&shared.table).begin_export(RgId(2));
-    let mut report = ReconcileReport::default();
-    while session::lock_between_bursts(&shared.table).reconcile_chunk(
-        &mut cursor,
-        SLICE,
-        &mut report,
-        |r| SessionTable::is_marked(r, mark),
-    ) {}
-    assert_eq!(report.deleted, 0);
-}
-
-/// Exports every session of RG1 in 512-session chunks under the read lock.
-fn export_all(shared: &Shared) -> usize {
-    let mut cursor = read(&shared.table).begin_export(RgId(1));
-    let mut out = Vec::with_capacity(512);
-    let mut n = 0;
-    loop {
-        out.clear();
-        let more = read(&shared.table).export_chunk(&mut cursor, 512, NOW, &mut out, |_| true);
-        n += black_box(&out).len();
-        if !more {
-            return n;
-        }
-    }
-}
-
-fn latency_benches(a: &Args) {
-    let n = a.big;
-    let (shared, frames) = big_table(n, n as usize + 1024);
-    let idle = burst_latencies(&shared, &frames, None, 200_000);
-    let (idle_p99, idle_max) = p99_and_max(idle);
-    emit(a.json, "fwd_latency_p99_us_idle", idle_p99, "us");
-    emit(a.json, "fwd_longest_burst_us_idle", idle_max, "us");
-    let bulk: Vec<SyncedSession> = (0..n).map(rg2_session).collect();
-    let (lat, took) = during(&shared, &frames, move |s| apply_bulk(s, &bulk));
-    assert_eq!(read(&shared.table).rg_len(RgId(2)), n as usize);
-    let (p99, max) = p99_and_max(lat);
-    emit(a.json, "fwd_latency_p99_us_during_bulk", p99, "us");
-    emit(a.json, "fwd_longest_burst_us_during_bulk", max, "us");
-    emit(
-        a.json,
-        "fwd_latency_during_bulk_vs_idle",
-        p99 / idle_p99,
-        "ratio",
-    );
-    emit(a.json, "bulk_apply_1m_while_forwarding_s", took, "s");
-    let (lat, took) = during(&shared, &frames, move |s| {
-        assert_eq!(export_all(s), n as usize);
-    });
-    let (p99, max) = p99_and_max(lat);
-    emit(a.json, "fwd_latency_p99_us_during_export", p99, "us");
-    emit(a.json, "fwd_longest_burst_us_during_export", max, "us");
-    emit(
-        a.json,
-        "fwd_latency_during_export_vs_idle",
-        p99 / idle_p99,
-        "ratio",
-    );
-    emit(a.json, "export_1m_while_forwarding_s", took, "s");
-}
-
 /// `--count-packets N`: the 1,024-flow core forwarding exactly N packets.
 fn count_packets(n: u64) {
     let frames = flow_frames(1024);
@@ -941,7 +771,6 @@ fn main() -> std::process::ExitCode {
     }
     if a.big > 0 {
         big_table_benches(&a);
-        latency_benches(&a);
     }
     if !a.skip_io
         && let Err(e) = io_benches(&a)

@@ -45,7 +45,9 @@ pub(super) struct HandleIndex {
     slots: Vec<Slot>,
     /// log2 of the slot count.
     bits: u32,
-    len: usize,
+    /// On a cache line of its own: every insert and removal writes it, and
+    /// workers on other cores read `slots`/`bits` for every lookup.
+    len: super::LineOf<usize>,
 }
 
 impl Default for HandleIndex {
@@ -59,7 +61,7 @@ impl HandleIndex {
         HandleIndex {
             slots: vec![VACANT; 1 << bits],
             bits,
-            len: 0,
+            len: super::LineOf(0),
         }
     }
 
@@ -120,7 +122,7 @@ impl HandleIndex {
 
     /// Makes room for `additional` more entries without growing later.
     pub fn reserve(&mut self, additional: usize) {
-        let need = self.len + additional;
+        let need = self.len.0 + additional;
         let mut bits = self.bits;
         while need * 4 > (1usize << bits) * 3 {
             bits += 1;
@@ -136,11 +138,11 @@ impl HandleIndex {
 
     pub fn insert(&mut self, tag: Tag, handle: u32) {
         debug_assert_ne!(handle, EMPTY, "handle space exhausted");
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
+        if (self.len.0 + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
         self.place(Slot { handle, tag: tag.0 });
-        self.len += 1;
+        self.len.0 += 1;
     }
 
     fn place(&mut self, slot: Slot) {
@@ -153,7 +155,7 @@ impl HandleIndex {
     }
 
     fn grow(&mut self) {
-        self.reserve(self.slots.len() * 3 / 4 + 1 - self.len);
+        self.reserve(self.slots.len() * 3 / 4 + 1 - self.len.0);
     }
 
     /// Removes exactly this handle's entry; false if it was not there.
@@ -188,12 +190,12 @@ impl HandleIndex {
             }
         }
         self.slots[hole] = VACANT;
-        self.len -= 1;
+        self.len.0 -= 1;
         true
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.len.0
     }
 }
 

@@ -140,10 +140,15 @@ pub struct FlowCounters {
 /// atomics), so forwarding an established flow needs no exclusive access to
 /// the table; everything else in a record changes only under `&mut`.
 ///
-/// `last_seen` moves forward only, and is stored only when the millisecond
-/// changes (one store per flow per millisecond, not per packet). Two
-/// workers racing on it may leave the older of two near-equal times — a few
-/// microseconds, never a regression past a value either of them read.
+/// Updates are plain loads and stores, not locked read-modify-writes: a
+/// locked instruction per packet would cost more than the rest of the
+/// update and stall the loads a burst's prefetch started. One direction of
+/// a flow arrives on one RX queue (RSS hashes the 5-tuple), so one worker
+/// writes each direction's counters and they are exact; only if two
+/// workers count the same direction of the same session at the same
+/// instant (a flow moving between the wire and the fabric) can one
+/// increment be lost. `last_seen` moves forward only, and is stored only
+/// when the millisecond changes.
 #[derive(Debug, Default)]
 pub struct Activity {
     last_seen: AtomicU64,
@@ -170,8 +175,8 @@ impl Activity {
             Direction::Forward => (&self.fwd_packets, &self.fwd_bytes),
             Direction::Reverse => (&self.rev_packets, &self.rev_bytes),
         };
-        packets.fetch_add(1, Relaxed);
-        octets.fetch_add(u64::from(bytes), Relaxed);
+        packets.store(packets.load(Relaxed).wrapping_add(1), Relaxed);
+        octets.store(octets.load(Relaxed).wrapping_add(u64::from(bytes)), Relaxed);
         self.advance(now);
     }
 

@@ -41,7 +41,12 @@ impl SlotAddr {
     /// may have moved the buffer).
     #[inline]
     pub fn update(&mut self, slab: &Slab<SessionRecord>, h: usize) {
-        self.base = addr(&slab[h]).wrapping_sub(h.wrapping_mul(self.stride));
+        let base = addr(&slab[h]).wrapping_sub(h.wrapping_mul(self.stride));
+        // Written only when the buffer moved: workers on other cores read
+        // this line for every prefetch.
+        if base != self.base {
+            self.base = base;
+        }
     }
 
     /// Starts loading the `len` bytes at `offset` in slot `h`'s record:

@@ -14,6 +14,7 @@
 //! when it pops early. A shorter timeout moves the entry earlier.
 
 use super::key::SessionKey;
+use super::segvec::SegVec;
 use super::record::Millis;
 
 /// `wheel_pos` of a record whose entry is out of the wheel (being
@@ -28,7 +29,9 @@ pub(super) struct WheelEntry {
 }
 
 pub(super) struct Wheel {
-    buckets: Vec<Vec<WheelEntry>>,
+    /// Segmented: a bucket of a million entries (one tick's sessions)
+    /// grows without a copy.
+    buckets: Vec<SegVec<WheelEntry>>,
     mask: u64,
     tick_ms: u64,
     /// Absolute tick of the first time seen; ticks are counted from it so a
@@ -45,7 +48,7 @@ impl Wheel {
     pub fn new(buckets: usize, tick_ms: u64) -> Wheel {
         let n = buckets.next_power_of_two().max(2);
         Wheel {
-            buckets: (0..n).map(|_| Vec::new()).collect(),
+            buckets: (0..n).map(|_| SegVec::default()).collect(),
             mask: (n - 1) as u64,
             tick_ms: tick_ms.max(1),
             origin: None,
