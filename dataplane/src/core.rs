@@ -632,13 +632,7 @@ impl Core {
         Verdict::Reply { len: ip.end }
     }
 
-    fn neighbor_solicitation(
-        &self,
-        f: &mut [u8],
-        ip: &Ip,
-        ifc: &Iface,
-        cx: &mut Cx,
-    ) -> Verdict {
+    fn neighbor_solicitation(&self, f: &mut [u8], ip: &Ip, ifc: &Iface, cx: &mut Cx) -> Verdict {
         // type 135: 4 bytes header, 4 reserved, 16 target, options.
         let Some(target) = f
             .get(ip.l4 + 8..ip.l4 + 24)

@@ -29,8 +29,8 @@ use crate::session::{
 };
 use arc_swap::ArcSwap;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_proto::{RgId, RoleMap};
 
 /// Most neighbors a node learns; beyond it new ones are refused and

@@ -24,10 +24,10 @@
 
 mod index;
 pub mod key;
-mod segvec;
-mod shared;
 pub mod ports;
 pub mod record;
+mod segvec;
+mod shared;
 mod slot_addr;
 mod wheel;
 
@@ -35,18 +35,20 @@ mod wheel;
 mod tests;
 
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
-pub use shared::{SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared};
 pub use record::{
     Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
     TcpState, Timeouts, reverse_key,
+};
+pub use shared::{
+    SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
 };
 
 use index::{HandleIndex, Tag};
 use ports::PortAllocator;
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
-use slab::Slab;
 use segvec::SegVec;
+use slab::Slab;
 use slot_addr::SlotAddr;
 use std::mem::{offset_of, size_of};
 use std::ops::RangeInclusive;
@@ -455,6 +457,10 @@ impl SessionTable {
         let mut t = SessionTable::empty(cfg);
         if t.cfg.preallocate {
             t.reserve(t.cfg.capacity);
+            // The NAT index too: grown on demand, a million-session bulk
+            // of NATed sessions rehashed it inside one writer's slice
+            // (tens of ms with the workers waiting).
+            t.nat.reserve(t.cfg.capacity);
             t.prefault_slab();
         }
         t

@@ -14,8 +14,8 @@
 //! when it pops early. A shorter timeout moves the entry earlier.
 
 use super::key::SessionKey;
-use super::segvec::SegVec;
 use super::record::Millis;
+use super::segvec::SegVec;
 
 /// `wheel_pos` of a record whose entry is out of the wheel (being
 /// looked at by an expiry pass).
