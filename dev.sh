@@ -9,10 +9,12 @@ cd "$(dirname "$0")"
 # Build and test prerequisites. clang/llvm/libelf/zlib/m4/pkg-config build
 # the XDP program and libxdp (see docs/ARCHITECTURE.md); iproute2 builds the
 # network-namespace topologies of the root tests and the lab; nftables is
-# fwd-bench's kernel baseline; nftables, conntrackd, conntrack and keepalived
-# are the Linux-standard stack the demo compares against (--peer-compare).
+# fwd-bench's kernel baseline and iperf3 its TCP bulk sender; valgrind counts
+# the packet core's instructions (fwd-bench --instructions); nftables,
+# conntrackd, conntrack and keepalived are the Linux-standard stack the demo
+# compares against (--peer-compare).
 APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables
-    conntrackd conntrack keepalived)
+    iperf3 valgrind conntrackd conntrack keepalived)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 
@@ -48,8 +50,10 @@ run_tests() {
     cargo test --workspace --locked
     log "bench smoke: session-bench at 100k sessions (checks invariants after every phase)"
     cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 100000 --rounds 1 --json
-    log "bench smoke: fwd-bench (packet core, fabric redirect; AF_XDP vs nftables when root)"
+    log "bench smoke: fwd-bench (packet core, workers, fabric redirect; AF_XDP and TCP vs nftables when root)"
     cargo run --release --locked -q -p tandem-dataplane --bin fwd-bench -- --seconds 1 --json
+    log "bench smoke: forwarding latency while the real sync applies and exports a 200k-session bulk"
+    cargo run --release --locked -q -p tandem-cluster --bin sync-bench -- --only latency --bulk 200000 --json
 }
 
 run_demo() {

@@ -412,6 +412,36 @@ pub async fn metrics(node: &Node) -> String {
             None => line(&format!("sessions_{k}"), "", v.as_u64().unwrap_or(0)),
         }
     }
+    for w in stats["workers"].as_array().into_iter().flatten() {
+        let l = format!("worker=\"{}\"", w["worker"]);
+        for k in [
+            "rx",
+            "tx",
+            "to_fabric",
+            "sessions_created",
+            "exclusive_bursts",
+        ] {
+            line(
+                &format!("worker_{k}"),
+                &l,
+                w["dataplane"][k].as_u64().unwrap_or(0),
+            );
+        }
+        line("worker_running", &l, u64::from(w["state"] == "running"));
+    }
+    for p in st["dataplane"]["ports"].as_array().into_iter().flatten() {
+        line(
+            "dataplane_port_serving",
+            &format!("device={}", p["device"]),
+            u64::from(p["serving"] == true),
+        );
+    }
+    for (k, v) in stats["xdp"].as_object().into_iter().flatten() {
+        line(&format!("xdp_{k}"), "", v.as_u64().unwrap_or(0));
+    }
+    for (k, v) in stats["io"].as_object().into_iter().flatten() {
+        line(&format!("io_{k}"), "", v.as_u64().unwrap_or(0));
+    }
     let f = node.fabric_stats.snapshot();
     for (i, link) in ["fab0", "fab1"].iter().enumerate() {
         let l = format!("link=\"{link}\"");
