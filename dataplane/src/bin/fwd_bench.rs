@@ -474,7 +474,7 @@ fn callgrind_instructions(n: u64) -> Result<u64, String> {
 }
 
 fn instruction_bench(a: &Args) -> Result<(), String> {
-    let (small, large) = (50_000u64, 250_000u64);
+    let (small, large) = (100_000u64, 400_000u64);
     let i0 = callgrind_instructions(small)?;
     let i1 = callgrind_instructions(large)?;
     emit(
@@ -701,8 +701,13 @@ fn io_benches(a: &Args) -> Result<(), String> {
     let topo = Topo::with_queues("b", 2);
     let fw = afxdp(&topo, 1);
     let one = measure(&topo, flows, a.seconds);
+    let tcp_one = has("iperf3").then(|| tcp_throughput(&topo, a.seconds));
     fw.stop();
     emit(a.json, "afxdp_fwd_pps_1_worker", one.pps, "pps");
+    emit(a.json, "afxdp_offered_pps_1_worker", one.offered_pps, "pps");
+    if let Some(Ok(t)) = &tcp_one {
+        emit(a.json, "tcp_throughput_gbps_1_worker", *t, "Gbit/s");
+    }
     let fw = afxdp(&topo, 2);
     let x = measure(&topo, flows, a.seconds);
     let tcp = has("iperf3").then(|| tcp_throughput(&topo, a.seconds));
@@ -743,6 +748,14 @@ fn io_benches(a: &Args) -> Result<(), String> {
                         t / kt.max(1e-9),
                         "ratio",
                     );
+                    if let Some(Ok(t1)) = tcp_one {
+                        emit(
+                            a.json,
+                            "tcp_throughput_1_worker_vs_kernel_ratio",
+                            t1 / kt.max(1e-9),
+                            "ratio",
+                        );
+                    }
                 }
                 Err(e) => eprintln!("TCP throughput through the kernel: {e}"),
             }
