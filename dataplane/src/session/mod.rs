@@ -373,6 +373,9 @@ const REV_KEY_SPAN: (usize, usize) = (
     offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
 );
 
+/// Members a walk (export, reconcile) takes and prefetches at a time.
+const WALK_BATCH: usize = 32;
+
 /// What one [`SessionTable::expire_slice`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExpireSlice {
@@ -1344,25 +1347,32 @@ impl SessionTable {
         report: &mut ReconcileReport,
         mut is_current: impl FnMut(&SessionRecord) -> bool,
     ) -> bool {
-        let mut seen = 0;
-        while seen < max {
-            let Some(h) = self.next_member(cursor) else {
+        let mut left = max;
+        let mut batch = [0u32; WALK_BATCH];
+        while left > 0 {
+            // The next members, their records loading together; removing
+            // one of them only moves members among these slots or from
+            // above the cursor, and handles stay valid (see ExportCursor).
+            let n = self.next_members(cursor, &mut batch[..left.min(WALK_BATCH)]);
+            if n == 0 {
                 return false;
-            };
-            seen += 1;
-            let r = &self.slab[h as usize];
-            if self.is_authoritative(r) {
-                continue;
             }
-            report.examined += 1;
-            if is_current(r) {
-                continue;
+            left -= n;
+            for &h in &batch[..n] {
+                let r = &self.slab[h as usize];
+                if self.is_authoritative(r) {
+                    continue;
+                }
+                report.examined += 1;
+                if is_current(r) {
+                    continue;
+                }
+                if nat_companion(&r.key, &r.reverse).is_some() {
+                    report.deleted_with_nat += 1;
+                }
+                self.remove_handle(h, RemoveReason::Reconciled);
+                report.deleted += 1;
             }
-            if nat_companion(&r.key, &r.reverse).is_some() {
-                report.deleted_with_nat += 1;
-            }
-            self.remove_handle(h, RemoveReason::Reconciled);
-            report.deleted += 1;
         }
         cursor.pos > 0
     }
@@ -1423,12 +1433,21 @@ impl SessionTable {
         }
     }
 
-    /// The next member of the walk, if any.
-    #[inline]
-    fn next_member(&self, cursor: &mut ExportCursor) -> Option<u32> {
-        let m = self.rgs.get(&cursor.rg)?;
-        cursor.pos = cursor.pos.min(m.len()).checked_sub(1)?;
-        Some(m[cursor.pos])
+    /// Takes the next members of the walk into `out` (as many as fit) and
+    /// starts loading their records; how many it took.
+    fn next_members(&self, cursor: &mut ExportCursor, out: &mut [u32]) -> usize {
+        let Some(m) = self.rgs.get(&cursor.rg) else {
+            cursor.pos = 0;
+            return 0;
+        };
+        cursor.pos = cursor.pos.min(m.len());
+        let n = out.len().min(cursor.pos);
+        for o in out.iter_mut().take(n) {
+            cursor.pos -= 1;
+            *o = m[cursor.pos];
+            self.prefetch_record(SessionHandle(*o));
+        }
+        n
     }
 
     /// Appends up to `max` sessions for which `keep` holds to `out` in peer
@@ -1442,14 +1461,18 @@ impl SessionTable {
         keep: impl Fn(&SessionRecord) -> bool,
     ) -> bool {
         let mut taken = 0;
+        let mut batch = [0u32; WALK_BATCH];
         while taken < max {
-            let Some(h) = self.next_member(cursor) else {
+            let n = self.next_members(cursor, &mut batch[..(max - taken).min(WALK_BATCH)]);
+            if n == 0 {
                 return false;
-            };
-            let r = &self.slab[h as usize];
-            if keep(r) {
-                out.push(r.to_synced(now));
-                taken += 1;
+            }
+            for &h in &batch[..n] {
+                let r = &self.slab[h as usize];
+                if keep(r) {
+                    out.push(r.to_synced(now));
+                    taken += 1;
+                }
             }
         }
         cursor.pos > 0

@@ -9,12 +9,14 @@
 //! stalled the workers for 40 ms. Blocks of `B` elements grow by one
 //! allocation of `B` at a time instead.
 
-/// Elements per block.
-const B: usize = 1024;
+/// Elements per block (a power of two).
+const SHIFT: usize = 10;
+const B: usize = 1 << SHIFT;
 
 #[derive(Clone, Debug)]
 pub(super) struct SegVec<T> {
-    blocks: Vec<Vec<T>>,
+    /// Full-size blocks; only the first `len` elements are meaningful.
+    blocks: Vec<Box<[T]>>,
     len: usize,
 }
 
@@ -27,7 +29,7 @@ impl<T> Default for SegVec<T> {
     }
 }
 
-impl<T: Copy> SegVec<T> {
+impl<T: Copy + Default> SegVec<T> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -36,17 +38,21 @@ impl<T: Copy> SegVec<T> {
         self.len == 0
     }
 
+    #[inline]
     pub fn push(&mut self, v: T) {
-        let block = self.len / B;
+        let (block, at) = (self.len >> SHIFT, self.len & (B - 1));
         if block == self.blocks.len() {
-            self.blocks.push(Vec::with_capacity(B));
+            // A whole block at once, written now: its pages are faulted in
+            // here, not one by one under later pushes.
+            self.blocks.push(vec![T::default(); B].into_boxed_slice());
         }
-        self.blocks[block].push(v);
+        self.blocks[block][at] = v;
         self.len += 1;
     }
 
+    #[inline]
     pub fn get(&self, i: usize) -> Option<&T> {
-        (i < self.len).then(|| &self.blocks[i / B][i % B])
+        (i < self.len).then(|| &self.blocks[i >> SHIFT][i & (B - 1)])
     }
 
     pub fn last(&self) -> Option<&T> {
@@ -55,39 +61,43 @@ impl<T: Copy> SegVec<T> {
 
     /// Removes element `i` by moving the last element into its place;
     /// returns the removed element (None if `i` is out of range).
+    #[inline]
     pub fn swap_remove(&mut self, i: usize) -> Option<T> {
         if i >= self.len {
             return None;
         }
-        let last = self.len - 1;
-        let tail = self.blocks[last / B].pop().expect("len counts it");
         self.len -= 1;
+        let last = self.len;
+        let tail = self.blocks[last >> SHIFT][last & (B - 1)];
         // Emptied blocks are kept for the next growth, as a `Vec` keeps its
         // capacity: memory is the largest size reached, and refilling
         // after churn neither allocates nor faults pages in.
         if i == last {
             return Some(tail);
         }
-        Some(std::mem::replace(&mut self.blocks[i / B][i % B], tail))
+        Some(std::mem::replace(
+            &mut self.blocks[i >> SHIFT][i & (B - 1)],
+            tail,
+        ))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        self.blocks.iter().flatten()
-    }
-
-    /// Bytes held (blocks kept for regrowth included).
-    #[cfg(test)]
-    pub fn capacity(&self) -> usize {
-        self.blocks.len() * B
+        self.blocks.iter().flat_map(|b| b.iter()).take(self.len)
     }
 
     pub fn clear(&mut self) {
         self.blocks.clear();
         self.len = 0;
     }
+
+    /// Elements the kept blocks hold room for.
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * B
+    }
 }
 
-impl<T: Copy> std::ops::Index<usize> for SegVec<T> {
+impl<T: Copy + Default> std::ops::Index<usize> for SegVec<T> {
     type Output = T;
     fn index(&self, i: usize) -> &T {
         self.get(i).expect("index within the length")

@@ -21,7 +21,7 @@ use super::segvec::SegVec;
 /// looked at by an expiry pass).
 pub(super) const NOT_QUEUED: u32 = u32::MAX;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct WheelEntry {
     pub key: SessionKey,
     pub handle: u32,
