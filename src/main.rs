@@ -241,7 +241,7 @@ pub fn format_status(v: &Value) -> String {
         }
     );
     if let Some(e) = v["dataplane_error"].as_str() {
-        let _ = writeln!(s, "DATAPLANE ERROR: {e}");
+        let _ = writeln!(s, "Dataplane not serving: {e}");
     }
     let _ = writeln!(s);
     for rg in v["rgs"].as_array().into_iter().flatten() {

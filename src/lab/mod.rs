@@ -436,12 +436,14 @@ pub fn up(rt: &Runtime) -> Result<(), String> {
     step("waiting for the election and the first bulk sync");
     wait_for(
         rt,
-        "a primary and a synced secondary",
+        "both dataplanes, a primary and a synced secondary",
         Duration::from_secs(40),
         |a, b| match (a, b) {
             (Some(a), Some(b)) => {
                 a["peer_alive"] == true
                     && b["peer_alive"] == true
+                    && a["dataplane"]["running"] == true
+                    && b["dataplane"]["running"] == true
                     && (is_primary(a) != is_primary(b))
                     && (rg1(a)["in_sync"] == true || rg1(b)["in_sync"] == true)
             }
