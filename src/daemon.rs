@@ -356,11 +356,13 @@ pub fn start_dataplane(node: &Arc<Node>) -> Result<(), String> {
         }))
         .collect();
     let shared = Arc::new(Shared {
-        cfg: Arc::new(compiled),
-        table: node.table.clone(),
-        roles: node.cluster.role_swap(),
         neighbors: node.neighbors.clone(),
-        deltas: node.deltas.clone(),
+        ..Shared::new(
+            Arc::new(compiled),
+            node.table.clone(),
+            node.cluster.role_swap(),
+            node.deltas.clone(),
+        )
     });
     let (map, stats) = (node.fabric_map.clone(), node.fabric_stats.clone());
     let hooks: HookFactory = Arc::new(move |_| {

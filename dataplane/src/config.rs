@@ -129,7 +129,15 @@ pub struct InterfaceConfig {
     pub addresses: Vec<Prefix>,
     #[serde(default)]
     pub reth: Option<RethConfig>,
+    /// Largest IP packet sent on the interface (default 1500). A larger
+    /// packet is answered with fragmentation needed (IPv4 with DF) or
+    /// packet too big (IPv6).
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
+
+/// Default interface MTU.
+pub const DEFAULT_MTU: u16 = 1500;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,7 +224,18 @@ pub struct DataplaneConfig {
     /// queues.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// ICMP messages the node sends (errors and echo replies), per second,
+    /// and the burst above it (a token bucket shared by the workers).
+    #[serde(default)]
+    pub icmp_rate: Option<u32>,
+    #[serde(default)]
+    pub icmp_burst: Option<u32>,
 }
+
+/// Default ICMP rate limit: messages per second and burst (as Linux's
+/// `icmp_msgs_per_sec` / `icmp_msgs_burst`).
+pub const DEFAULT_ICMP_RATE: u32 = 1000;
+pub const DEFAULT_ICMP_BURST: u32 = 50;
 
 /// Most dataplane workers a configuration may ask for.
 pub const MAX_WORKERS: usize = 64;
@@ -253,6 +272,7 @@ pub struct Iface {
     pub mac: Mac,
     pub addresses: Vec<Prefix>,
     pub reth: Option<(RgId, Mac, Vec<Prefix>)>,
+    pub mtu: u16,
 }
 
 impl Iface {
@@ -337,6 +357,9 @@ pub struct Compiled {
     pub dnat: Vec<Dnat>,
     /// Longest prefix first.
     pub routes: Vec<Route>,
+    /// ICMP the node sends: per second, and burst.
+    pub icmp_rate: u32,
+    pub icmp_burst: u32,
 }
 
 impl Compiled {
@@ -345,6 +368,19 @@ impl Compiled {
             && !(1..=MAX_WORKERS).contains(&w)
         {
             return Err(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
+        }
+        for c in &cfg.interfaces {
+            if let Some(m) = c.mtu
+                && !(1280..=9000).contains(&m)
+            {
+                return Err(format!(
+                    "interface {}: mtu {m} is not in 1280..=9000",
+                    c.name
+                ));
+            }
+        }
+        if cfg.icmp_rate == Some(0) || cfg.icmp_burst == Some(0) {
+            return Err("icmp_rate and icmp_burst must be positive".into());
         }
         let mut zones: Vec<String> = Vec::new();
         let mut zone = |name: &str| -> ZoneId {
@@ -378,6 +414,7 @@ impl Compiled {
                 mac: [0; 6],
                 addresses: c.addresses.clone(),
                 reth,
+                mtu: c.mtu.unwrap_or(DEFAULT_MTU),
             });
         }
         let known_zone = |z: &str, what: &str, zones: &[String]| -> Result<ZoneId, String> {
@@ -490,6 +527,8 @@ impl Compiled {
             snat,
             dnat,
             routes,
+            icmp_rate: cfg.icmp_rate.unwrap_or(DEFAULT_ICMP_RATE),
+            icmp_burst: cfg.icmp_burst.unwrap_or(DEFAULT_ICMP_BURST),
         })
     }
 
@@ -578,6 +617,7 @@ mod tests {
                 zone: "trust".into(),
                 addresses: vec![],
                 reth: None,
+                mtu: None,
             }],
             policies: vec![PolicyConfig {
                 name: "p1".into(),

@@ -24,6 +24,7 @@
 //! driver runs it again with exclusive access.
 
 use crate::config::{Compiled, Iface};
+use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
     Addr, Direction, InsertError, InterfaceId, Millis, NewSession, SessionHandle, SessionKey,
@@ -56,10 +57,17 @@ pub enum DropReason {
     UnknownInterface,
     IcmpErrorNoSession,
     FabricUnavailable,
+    /// An IPv6 extension header not walked, or too long a chain.
+    ExtensionHeader,
+    /// Larger than the egress interface's MTU (answered with
+    /// fragmentation needed / packet too big where allowed).
+    MtuExceeded,
+    /// An echo request to the node beyond the ICMP rate limit.
+    IcmpRateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::VlanTagged,
@@ -78,6 +86,9 @@ impl DropReason {
         DropReason::UnknownInterface,
         DropReason::IcmpErrorNoSession,
         DropReason::FabricUnavailable,
+        DropReason::ExtensionHeader,
+        DropReason::MtuExceeded,
+        DropReason::IcmpRateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +111,9 @@ impl DropReason {
             DropReason::UnknownInterface => "unknown-interface",
             DropReason::IcmpErrorNoSession => "icmp-error-no-session",
             DropReason::FabricUnavailable => "fabric-unavailable",
+            DropReason::ExtensionHeader => "extension-header",
+            DropReason::MtuExceeded => "mtu-exceeded",
+            DropReason::IcmpRateLimited => "icmp-rate-limited",
         }
     }
 }
@@ -264,6 +278,8 @@ pub struct NeedsExclusive;
 pub struct Env<'e> {
     pub roles: &'e RoleMap,
     pub neighbors: &'e NeighborMap,
+    /// The node's ICMP rate limit.
+    pub icmp: &'e TokenBucket,
     pub now: Millis,
 }
 
@@ -551,6 +567,9 @@ impl Core {
         let mut ip = match parse_ip(f, ethertype) {
             Ok(ip) => ip,
             Err(ParseError::Fragment) => return Ok(self.drop(DropReason::Fragment)),
+            Err(ParseError::UnsupportedExtensionHeader) => {
+                return Ok(self.drop(DropReason::ExtensionHeader));
+            }
             Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
         let dst = Addr(ip.dst);
@@ -586,10 +605,11 @@ impl Core {
             return Ok(self.local(f, &ip, ifc, cx));
         }
         if ip.ttl <= 1 {
+            self.answer(f, &ip, ifc, IcmpError::TimeExceeded, cx);
             return Ok(self.drop(DropReason::TtlExceeded));
         }
         match hit {
-            Some(h) => self.established(f, &mut ip, h, cx),
+            Some(h) => self.established(f, &mut ip, ifc, h, cx),
             None => self.first_packet(f, &mut ip, ifc, key, cx),
         }
     }
@@ -614,6 +634,9 @@ impl Core {
         };
         if !echo || !self.owns(cx, ifc, &dst) {
             return self.drop(DropReason::LocalDelivery);
+        }
+        if !cx.env.icmp.take(cx.env.now) {
+            return self.drop(DropReason::IcmpRateLimited);
         }
         let src = ip.src;
         let mut ip = *ip;
@@ -674,6 +697,7 @@ impl Core {
         &self,
         f: &mut [u8],
         ip: &mut Ip,
+        ifc: &Iface,
         h: Hit,
         cx: &mut Cx,
     ) -> Result<Verdict, NeedsExclusive> {
@@ -684,9 +708,16 @@ impl Core {
             .get(h.handle)
             .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
+        let out = match h.dir {
+            Direction::Forward => r.egress_if,
+            Direction::Reverse => r.ingress_if,
+        };
         if owner.is_data() && !cx.is_primary(owner) {
             bump(&self.stats.to_fabric, 1);
             return Ok(Verdict::Fabric { rg: owner });
+        }
+        if let Some(v) = self.mtu_check(f, ip, ifc, out, cx) {
+            return Ok(v);
         }
         let flags = packet::tcp_flags(f, ip);
         let next = if key.proto == proto::TCP {
@@ -753,10 +784,8 @@ impl Core {
             })
             .map(|d| (d.to, d.to_port));
         let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
-        let Some(route) = cfg.route(&dst) else {
-            return Ok(self.drop(DropReason::NoRoute));
-        };
-        let Some(out) = cfg.iface(route.iface) else {
+        let Some(out) = cfg.route(&dst).and_then(|r| cfg.iface(r.iface)) else {
+            self.answer(f, ip, ifc, IcmpError::NoRoute, cx);
             return Ok(self.drop(DropReason::NoRoute));
         };
         // The session belongs to the RG of its egress reth (else ingress).
@@ -789,6 +818,9 @@ impl Core {
         if !policy.permit {
             bump(hits, 1);
             return Ok(self.drop(DropReason::PolicyDeny));
+        }
+        if let Some(v) = self.mtu_check(f, ip, ifc, out.id, cx) {
+            return Ok(v);
         }
         // Creating the session is the first change: from here on the
         // frame needs exclusive access.
@@ -922,8 +954,55 @@ impl Core {
                 }
             }
         }
+        // Forwarded like any packet: its TTL must allow it (never an ICMP
+        // error about an ICMP error, RFC 1812 §4.3.2.7).
+        if outer.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
         packet::fix_icmp_checksum(f, outer);
         self.forward(f, outer, cx)
+    }
+
+    /// An ICMP error about the packet `ip` in `f` (as it arrived, before
+    /// any rewrite) back to its sender, from this node's address on the
+    /// ingress interface, if the rate limit and RFC 1812 / 4443 allow.
+    /// Frames that came over the fabric are not answered here (the
+    /// interface they name is the peer's).
+    fn answer(&self, f: &[u8], ip: &Ip, ifc: &Iface, kind: IcmpError, cx: &mut Cx) {
+        if self.fabric_stage.get() != FabricStage::Wire || !icmp::may_answer(f, ip) {
+            return;
+        }
+        let Some(src) = egress_address(ifc, ip.family == Family::V4) else {
+            return;
+        };
+        if !cx.env.icmp.take(cx.env.now) {
+            return;
+        }
+        if let Some(frame) = icmp::build_error(f, ip, kind, &src, ifc.tx_mac()) {
+            self.queue(cx.fx, ifc.id, frame);
+        }
+    }
+
+    /// A packet larger than `out`'s MTU is dropped (counted); with DF (and
+    /// always for IPv6) its sender is told the MTU (fragmentation needed /
+    /// packet too big), so path-MTU discovery works through the pair.
+    fn mtu_check(
+        &self,
+        f: &[u8],
+        ip: &Ip,
+        ifc: &Iface,
+        out: InterfaceId,
+        cx: &mut Cx,
+    ) -> Option<Verdict> {
+        let mtu = self.cfg.iface(out)?.mtu;
+        if ip.end - ip.l3 <= usize::from(mtu) {
+            return None;
+        }
+        let df = ip.family == Family::V6 || f.get(ip.l3 + 6).is_some_and(|b| b & 0x40 != 0);
+        if df {
+            self.answer(f, ip, ifc, IcmpError::TooBig { mtu }, cx);
+        }
+        Some(self.drop(DropReason::MtuExceeded))
     }
 
     /// Routes the (translated) packet by its destination: egress port,

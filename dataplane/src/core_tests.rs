@@ -45,6 +45,7 @@ fn config() -> DataplaneConfig {
                     vmac: "02:00:5e:00:01:01".into(),
                     vips: vec![p("10.1.0.1/24"), p("2001:db8:1::1/64")],
                 }),
+                mtu: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -56,6 +57,7 @@ fn config() -> DataplaneConfig {
                     vmac: "02:00:5e:00:01:02".into(),
                     vips: vec![p("192.0.2.1/24"), p("2001:db8:2::1/64")],
                 }),
+                mtu: None,
             },
         ],
         policies: vec![
@@ -110,6 +112,8 @@ fn config() -> DataplaneConfig {
         }],
         routes: vec![],
         workers: None,
+        icmp_rate: None,
+        icmp_burst: None,
     }
 }
 
@@ -131,13 +135,12 @@ fn node(
     deltas: crate::delta::DeltaProducer,
 ) -> Node {
     Node {
-        w: Worker::new(Arc::new(Shared {
-            cfg: Arc::new(compiled),
+        w: Worker::new(Arc::new(Shared::new(
+            Arc::new(compiled),
             table,
             roles,
-            neighbors: Arc::default(),
             deltas,
-        })),
+        ))),
     }
 }
 
@@ -178,7 +181,14 @@ impl Node {
 }
 
 fn rig(primary: bool) -> Rig {
-    let mut compiled = Compiled::new(&config()).unwrap();
+    rig_with(primary, |_| {})
+}
+
+/// A rig over the test config as `change` leaves it.
+fn rig_with(primary: bool, change: impl FnOnce(&mut DataplaneConfig)) -> Rig {
+    let mut cfg = config();
+    change(&mut cfg);
+    let mut compiled = Compiled::new(&cfg).unwrap();
     compiled.ifaces[0].mac = NODE_MAC_T;
     compiled.ifaces[1].mac = NODE_MAC_U;
     let table = shared(SessionTable::new(TableConfig::default()));
@@ -1100,3 +1110,6 @@ fn burst_prefetch_keys_are_the_lookup_keys_both_ways() {
     }
     assert!(r.core.flow_key(&[0u8; 10], T).is_none());
 }
+
+#[path = "core_l3_tests.rs"]
+mod l3;

@@ -11,6 +11,7 @@ pub mod core;
 pub mod delta;
 pub mod fabric_hook;
 pub mod frames;
+pub mod icmp;
 pub mod os;
 pub mod packet;
 pub mod session;

@@ -26,6 +26,10 @@ pub enum ParseError {
     BadIpTotalLength,
     Fragment,
     UnsupportedEtherType,
+    /// An IPv6 extension header the dataplane does not walk (mobility,
+    /// HIP, shim6, experimental), or a chain longer than
+    /// [`MAX_EXTENSION_HEADERS`].
+    UnsupportedExtensionHeader,
 }
 
 impl ParseError {
@@ -37,6 +41,7 @@ impl ParseError {
             ParseError::BadIpTotalLength => "bad-ip-total-length",
             ParseError::Fragment => "fragment",
             ParseError::UnsupportedEtherType => "unsupported-ethertype",
+            ParseError::UnsupportedExtensionHeader => "unsupported-extension-header",
         }
     }
 }
@@ -214,20 +219,74 @@ pub fn parse_ipv6(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
     if l3 + 40 + payload > f.len() {
         return Err(ParseError::BadIpTotalLength);
     }
-    let next = h[6];
-    if next == 44 {
-        return Err(ParseError::Fragment);
-    }
+    let end = l3 + 40 + payload;
+    let (proto, l4) = walk_extension_headers(f, h[6], l3 + 40, end)?;
     Ok(Ip {
         family: Family::V6,
         l3,
-        l4: l3 + 40,
-        end: l3 + 40 + payload,
-        proto: next,
+        l4,
+        end,
+        proto,
         ttl: h[7],
         src: h[8..24].try_into().expect("16 bytes"),
         dst: h[24..40].try_into().expect("16 bytes"),
     })
+}
+
+/// Longest IPv6 extension-header chain walked; a longer one is dropped.
+pub const MAX_EXTENSION_HEADERS: usize = 8;
+
+/// Walks IPv6 extension headers (RFC 8200) from `next` at `at` to the
+/// upper-layer protocol: hop-by-hop options (0), routing (43), destination
+/// options (60) and authentication (51) are stepped over; an atomic
+/// fragment header (offset 0, no more fragments) too. A real fragment is
+/// `ParseError::Fragment`; ESP (50) and "no next header" (59) end the walk
+/// as upper layers without ports. Headers not walked (mobility 135, HIP
+/// 139, shim6 140, experimental 253/254) are refused, as is a chain longer
+/// than [`MAX_EXTENSION_HEADERS`] or one running past `end`.
+pub fn walk_extension_headers(
+    f: &[u8],
+    mut next: u8,
+    mut at: usize,
+    end: usize,
+) -> Result<(u8, usize), ParseError> {
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        let len = match next {
+            0 | 43 | 60 => {
+                let h = f
+                    .get(at..at + 2)
+                    .filter(|_| at + 2 <= end)
+                    .ok_or(ParseError::Truncated)?;
+                (usize::from(h[1]) + 1) * 8
+            }
+            51 => {
+                let h = f
+                    .get(at..at + 2)
+                    .filter(|_| at + 2 <= end)
+                    .ok_or(ParseError::Truncated)?;
+                (usize::from(h[1]) + 2) * 4
+            }
+            44 => {
+                let h = f
+                    .get(at..at + 8)
+                    .filter(|_| at + 8 <= end)
+                    .ok_or(ParseError::Truncated)?;
+                let off_m = u16::from_be_bytes([h[2], h[3]]);
+                if off_m & 0xfff9 != 0 {
+                    return Err(ParseError::Fragment);
+                }
+                8
+            }
+            135 | 139 | 140 | 253 | 254 => return Err(ParseError::UnsupportedExtensionHeader),
+            proto => return Ok((proto, at)),
+        };
+        if at + len > end {
+            return Err(ParseError::Truncated);
+        }
+        next = f[at];
+        at += len;
+    }
+    Err(ParseError::UnsupportedExtensionHeader)
 }
 
 /// Decrements TTL / hop limit (IPv4: incremental header checksum).
@@ -437,12 +496,17 @@ pub fn parse_ipv6_embedded(f: &[u8], l3: usize, end: usize) -> Option<Ip> {
     if h[0] >> 4 != 6 || l3 + 48 > end {
         return None;
     }
+    // Extension headers are walked as far as they are quoted.
+    let (proto, l4) = walk_extension_headers(f, h[6], l3 + 40, end).ok()?;
+    if l4 + 8 > end {
+        return None;
+    }
     Some(Ip {
         family: Family::V6,
         l3,
-        l4: l3 + 40,
+        l4,
         end,
-        proto: h[6],
+        proto,
         ttl: h[7],
         src: h[8..24].try_into().expect("16 bytes"),
         dst: h[24..40].try_into().expect("16 bytes"),

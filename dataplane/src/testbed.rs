@@ -132,6 +132,7 @@ pub fn sample_config() -> DataplaneConfig {
                     vmac: "02:00:5e:00:01:01".into(),
                     vips: vec![p("10.1.0.1/24")],
                 }),
+                mtu: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -143,6 +144,7 @@ pub fn sample_config() -> DataplaneConfig {
                     vmac: "02:00:5e:00:01:02".into(),
                     vips: vec![p("192.0.2.1/24")],
                 }),
+                mtu: None,
             },
         ],
         policies: vec![
@@ -187,6 +189,8 @@ pub fn sample_config() -> DataplaneConfig {
         }],
         routes: vec![],
         workers: None,
+        icmp_rate: None,
+        icmp_burst: None,
     }
 }
 
@@ -296,13 +300,7 @@ impl Firewall {
                     mode: PortMode::Fabric,
                 }))
                 .collect();
-            let shared = Arc::new(Shared {
-                cfg: Arc::new(compiled),
-                table: t,
-                roles,
-                neighbors: Arc::default(),
-                deltas: producer,
-            });
+            let shared = Arc::new(Shared::new(Arc::new(compiled), t, roles, producer));
             let hooks: HookFactory = match (spec.hooks, spec.fabric) {
                 (Some(h), _) => h,
                 (None, Some(f)) => Arc::new(move |_| {

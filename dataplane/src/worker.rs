@@ -23,6 +23,7 @@ use crate::core::{
     Verdict, bump,
 };
 use crate::delta::DeltaProducer;
+use crate::icmp::TokenBucket;
 use crate::packet::Mac;
 use crate::session::{
     self, Addr, InterfaceId, Millis, SLICE, SessionKey, SessionTable, SharedTable,
@@ -95,6 +96,28 @@ pub struct Shared {
     pub roles: Arc<ArcSwap<RoleMap>>,
     pub neighbors: Arc<Neighbors>,
     pub deltas: DeltaProducer,
+    /// The node's ICMP rate limit.
+    pub icmp: Arc<TokenBucket>,
+}
+
+impl Shared {
+    /// A node's shared state with an empty neighbor map and the
+    /// configuration's ICMP limit.
+    pub fn new(
+        cfg: Arc<Compiled>,
+        table: SharedTable,
+        roles: Arc<ArcSwap<RoleMap>>,
+        deltas: DeltaProducer,
+    ) -> Shared {
+        Shared {
+            icmp: Arc::new(TokenBucket::new(cfg.icmp_rate, cfg.icmp_burst)),
+            cfg,
+            table,
+            roles,
+            neighbors: Arc::default(),
+            deltas,
+        }
+    }
 }
 
 /// How a worker gets at the table: the daemon's [`SharedTable`], or a
@@ -264,6 +287,7 @@ impl BurstState {
         let env = Env {
             roles: &roles,
             neighbors: &neighbors,
+            icmp: &shared.icmp,
             now,
         };
         // The burst holds the read lock, or — from the first frame that

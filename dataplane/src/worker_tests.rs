@@ -48,13 +48,7 @@ fn node() -> (Arc<Shared>, Vec<DeltaConsumer>) {
         },
     )])));
     let (deltas, consumers) = delta_queues(&[RG1, RgId(2)], 1 << 16);
-    let shared = Arc::new(Shared {
-        cfg: Arc::new(compiled),
-        table,
-        roles,
-        neighbors: Arc::default(),
-        deltas,
-    });
+    let shared = Arc::new(Shared::new(Arc::new(compiled), table, roles, deltas));
     shared.neighbors.insert(T, v4("10.1.0.10"), CLIENT_MAC);
     shared.neighbors.insert(U, v4("192.0.2.100"), SERVER_MAC);
     (shared, consumers)

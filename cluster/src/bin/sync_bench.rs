@@ -381,19 +381,14 @@ fn rg2_dataplane(table: tandem_dataplane::session::SharedTable) -> Arc<Shared> {
     // The worker's own delta queue is never drained (bounded; drops are
     // counted): node1 syncs RG2 from its table in the export phase.
     std::mem::forget(consumers);
-    let shared = Arc::new(Shared {
-        cfg: Arc::new(compiled),
-        table,
-        roles: Arc::new(ArcSwap::from_pointee(RoleMap::from([(
-            RG2,
-            RgRole {
-                primary: true,
-                epoch: Epoch(1),
-            },
-        )]))),
-        neighbors: Arc::default(),
-        deltas,
-    });
+    let roles = Arc::new(ArcSwap::from_pointee(RoleMap::from([(
+        RG2,
+        RgRole {
+            primary: true,
+            epoch: Epoch(1),
+        },
+    )])));
+    let shared = Arc::new(Shared::new(Arc::new(compiled), table, roles, deltas));
     let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().expect("literal").into();
     shared
         .neighbors

@@ -170,13 +170,7 @@ fn node(primary: bool, snat: bool, table: TableConfig) -> Arc<Shared> {
     // counted, as when the sync layer falls behind (bounded by design).
     let (producer, consumers) = delta_queues(&[RgId(1)], 1 << 16);
     std::mem::forget(consumers);
-    let shared = Arc::new(Shared {
-        cfg: Arc::new(compiled),
-        table,
-        roles,
-        neighbors: Arc::default(),
-        deltas: producer,
-    });
+    let shared = Arc::new(Shared::new(Arc::new(compiled), table, roles, producer));
     shared.neighbors.insert(T, v4("10.1.0.10"), CLIENT_MAC);
     shared.neighbors.insert(U, v4("192.0.2.100"), SERVER_MAC);
     shared
