@@ -580,6 +580,7 @@ impl AfXdp {
                     now,
                 );
             }
+            worker.tick(now);
             let built = std::mem::take(worker.outbox());
             for (iface, frame) in &built {
                 self.send_copy(*iface, frame);
@@ -730,7 +731,7 @@ impl AfXdp {
                 bump(&self.io.fabric_unhandled, 1);
                 self.free.push(*d);
             }
-            Verdict::Drop(_) => self.free.push(*d),
+            Verdict::Drop(_) | Verdict::Held => self.free.push(*d),
         }
     }
 

@@ -145,6 +145,9 @@ pub enum Verdict {
         iface: InterfaceId,
         len: usize,
     },
+    /// Copied into the neighbor-resolution hold queue (sent when the
+    /// next hop answers): the buffer is free.
+    Held,
     Drop(DropReason),
 }
 
@@ -166,6 +169,11 @@ pub struct CoreStats {
     pub to_fabric: AtomicU64,
     pub sessions_created: AtomicU64,
     pub deltas_dropped: AtomicU64,
+    /// Frames held for neighbor resolution, and of them sent once it
+    /// resolved (the rest expired or found the queue full:
+    /// `drops[neighbor-miss]`).
+    pub held: AtomicU64,
+    pub held_sent: AtomicU64,
     /// Bursts that went from shared to exclusive table access.
     pub exclusive_bursts: AtomicU64,
     /// Frames the core wanted to send beyond [`OUTBOX_LIMIT`] (dropped).
@@ -184,6 +192,8 @@ impl CoreStats {
             to_fabric: AtomicU64::new(0),
             sessions_created: AtomicU64::new(0),
             deltas_dropped: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            held_sent: AtomicU64::new(0),
             exclusive_bursts: AtomicU64::new(0),
             outbox_dropped: AtomicU64::new(0),
             drops: Default::default(),
@@ -204,6 +214,8 @@ impl CoreStats {
             (&self.to_fabric, &other.to_fabric),
             (&self.sessions_created, &other.sessions_created),
             (&self.deltas_dropped, &other.deltas_dropped),
+            (&self.held, &other.held),
+            (&self.held_sent, &other.held_sent),
             (&self.exclusive_bursts, &other.exclusive_bursts),
             (&self.outbox_dropped, &other.outbox_dropped),
         ];
@@ -228,6 +240,22 @@ pub const OUTBOX_LIMIT: usize = 256;
 /// Neighbors asked for recently, per worker. Bounded: when full it is
 /// cleared (at worst a neighbor is asked for again).
 const PENDING_LIMIT: usize = 4096;
+
+/// Frames held while their next hop resolves: per neighbor, per worker in
+/// total, and for how long (beyond: dropped as `neighbor-miss`).
+pub const HOLD_PER_NEIGHBOR: usize = 4;
+pub const HOLD_TOTAL: usize = 64;
+pub const HOLD_MS: u64 = 1000;
+
+/// A frame waiting for its next hop's MAC (TTL already decremented, source
+/// MAC written).
+#[derive(Debug)]
+struct HeldFrame {
+    iface: InterfaceId,
+    hop: Addr,
+    frame: Vec<u8>,
+    since: Millis,
+}
 
 /// Next-hop MACs by (interface, address), shared by a node's workers.
 pub type NeighborMap = FxHashMap<(InterfaceId, Addr), Mac>;
@@ -333,6 +361,8 @@ pub struct Core {
     cfg: Arc<Compiled>,
     /// Neighbors asked for recently, so a burst asks once (ms of the ask).
     pending: RefCell<FxHashMap<(InterfaceId, Addr), Millis>>,
+    /// Frames waiting for their next hop (bounded, see [`HOLD_TOTAL`]).
+    held: RefCell<Vec<HeldFrame>>,
     pub stats: Arc<CoreStats>,
     /// Which fabric hand-off, if any, the frame in hand came by.
     fabric_stage: Cell<FabricStage>,
@@ -363,6 +393,7 @@ impl Core {
         Core {
             cfg,
             pending: RefCell::default(),
+            held: RefCell::default(),
             stats,
             fabric_stage: Cell::new(FabricStage::Wire),
         }
@@ -1032,13 +1063,15 @@ impl Core {
 
     /// Next-hop MAC and transmit on `out`.
     fn link_out(&self, f: &mut [u8], ip: &Ip, out: &Iface, hop: Addr, cx: &mut Cx) -> Verdict {
-        let Some(mac) = cx.neighbor(out.id, hop) else {
-            self.resolve(out, hop, cx);
-            return self.drop(DropReason::NeighborMiss);
-        };
+        let mac = cx.neighbor(out.id, hop);
         if self.fabric_stage.get() != FabricStage::Egress {
             packet::dec_ttl(f, ip);
         }
+        let Some(mac) = mac else {
+            self.resolve(out, hop, cx);
+            packet::set_macs(f, packet::BROADCAST, out.tx_mac());
+            return self.hold(out.id, hop, &f[..ip.end], cx.env.now);
+        };
         packet::set_macs(f, mac, out.tx_mac());
         Verdict::Tx {
             iface: out.id,
@@ -1129,6 +1162,59 @@ impl Core {
             build_ns(out.tx_mac(), &src, &hop)
         };
         self.queue(cx.fx, out.id, frame);
+    }
+
+    /// Keeps a copy of a ready frame until `hop` resolves (bounded).
+    fn hold(&self, iface: InterfaceId, hop: Addr, frame: &[u8], now: Millis) -> Verdict {
+        let mut held = self.held.borrow_mut();
+        let same = held
+            .iter()
+            .filter(|h| h.iface == iface && h.hop == hop)
+            .count();
+        if held.len() >= HOLD_TOTAL || same >= HOLD_PER_NEIGHBOR {
+            drop(held);
+            return self.drop(DropReason::NeighborMiss);
+        }
+        held.push(HeldFrame {
+            iface,
+            hop,
+            frame: frame.to_vec(),
+            since: now,
+        });
+        bump(&self.stats.held, 1);
+        Verdict::Held
+    }
+
+    /// Whether frames are waiting for a next hop.
+    pub fn has_held(&self) -> bool {
+        !self.held.borrow().is_empty()
+    }
+
+    /// Sends the held frames whose next hop is now known (`neighbors`, and
+    /// what `fx` learned) and drops those held longer than [`HOLD_MS`].
+    pub fn release_held(&self, neighbors: &NeighborMap, now: Millis, fx: &mut Effects) {
+        let mut held = std::mem::take(&mut *self.held.borrow_mut());
+        held.retain_mut(|h| {
+            let mac = fx
+                .learned
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == (h.iface, h.hop))
+                .map(|(_, m)| *m)
+                .or_else(|| neighbors.get(&(h.iface, h.hop)).copied());
+            if let Some(mac) = mac {
+                h.frame[0..6].copy_from_slice(&mac);
+                self.queue(fx, h.iface, std::mem::take(&mut h.frame));
+                bump(&self.stats.held_sent, 1);
+                return false;
+            }
+            if now.saturating_sub(h.since) >= HOLD_MS {
+                self.drop(DropReason::NeighborMiss);
+                return false;
+            }
+            true
+        });
+        *self.held.borrow_mut() = held;
     }
 
     fn queue(&self, fx: &mut Effects, iface: InterfaceId, frame: Vec<u8>) {

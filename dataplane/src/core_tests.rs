@@ -4,6 +4,7 @@ use super::*;
 use crate::config::{
     DataplaneConfig, DnatRule, InterfaceConfig, PolicyAction, PolicyConfig, RethConfig, SnatRule,
 };
+use crate::core::{HOLD_MS, HOLD_PER_NEIGHBOR, HOLD_TOTAL};
 use crate::delta::delta_queues;
 use crate::frames::{L4, build, ip_packet, verify_checksums};
 use crate::session::{Origin, SessionTable, TableConfig, lock, read, shared};
@@ -595,52 +596,94 @@ fn neighbor_solicitation_for_a_vip_gets_an_advertisement() {
 }
 
 #[test]
-fn unknown_next_hop_queues_one_arp_request_and_learns_the_reply() {
+fn first_packets_to_an_unresolved_next_hop_are_held_and_sent_when_it_answers() {
     let mut r = rig(true);
-    let mut syn = build(
-        VMAC_T,
-        CLIENT_MAC,
-        v4("10.1.0.10"),
-        v4("192.0.2.77"),
-        64,
-        &tcp(packet::TCP_SYN, 40001, 443),
-    );
-    assert_eq!(
-        run(&mut r, &mut syn, T),
-        Verdict::Drop(DropReason::NeighborMiss)
-    );
-    let mut again = build(
-        VMAC_T,
-        CLIENT_MAC,
-        v4("10.1.0.10"),
-        v4("192.0.2.77"),
-        64,
-        &tcp(packet::TCP_SYN, 40001, 443),
-    );
-    assert_eq!(
-        run(&mut r, &mut again, T),
-        Verdict::Drop(DropReason::NeighborMiss)
-    );
+    let syn = |sport| {
+        build(
+            VMAC_T,
+            CLIENT_MAC,
+            v4("10.1.0.10"),
+            v4("192.0.2.77"),
+            64,
+            &tcp(packet::TCP_SYN, sport, 443),
+        )
+    };
+    assert_eq!(run(&mut r, &mut syn(40001), T), Verdict::Held);
+    assert_eq!(run(&mut r, &mut syn(40002), T), Verdict::Held);
     assert_eq!(r.core.outbox().len(), 1, "asked once");
     let (iface, req) = r.core.outbox().pop().unwrap();
     assert_eq!(iface, U);
     assert_eq!(&req[ETH_HLEN + 24..ETH_HLEN + 28], &[192, 0, 2, 77]);
+    // The answer releases both, in order, NATed, TTL decremented once.
     let mut reply = build_arp(2, [0x77; 6], VMAC_U, &v4("192.0.2.77"), &v4("192.0.2.1"));
     run(&mut r, &mut reply, U);
-    let mut third = build(
-        VMAC_T,
-        CLIENT_MAC,
-        v4("10.1.0.10"),
-        v4("192.0.2.77"),
-        64,
-        &tcp(packet::TCP_SYN, 40001, 443),
-    );
-    // The session exists now (created by the first SYN): retransmission.
+    let sent: Vec<_> = r.core.outbox().drain(..).collect();
+    assert_eq!(sent.len(), 2, "the held frames went out");
+    for ((iface, f), sport) in sent.iter().zip([40001, 40002]) {
+        assert_eq!(*iface, U);
+        assert_eq!(packet::mac_at(f, 0).unwrap(), [0x77; 6]);
+        assert_eq!(packet::mac_at(f, 6).unwrap(), VMAC_U);
+        let ip = ip_of(f);
+        assert_eq!(ip.ttl, 63);
+        assert_eq!(Addr(ip.src), v4("192.0.2.1"));
+        assert_eq!(packet::ports(f, &ip).unwrap(), (sport, 443));
+        verify_checksums(f).unwrap();
+    }
+    assert_eq!(r.core.stats().held_sent.load(Ordering::Relaxed), 2);
+    // Known now: forwarded at once.
+    let mut third = syn(40001);
     assert!(matches!(
         run(&mut r, &mut third, T),
         Verdict::Tx { iface: U, .. }
     ));
     assert_eq!(packet::mac_at(&third, 0).unwrap(), [0x77; 6]);
+}
+
+#[test]
+fn the_hold_queue_is_bounded_and_expires_with_a_counter() {
+    let mut r = rig(true);
+    let to = |host: u8, sport| {
+        build(
+            VMAC_T,
+            CLIENT_MAC,
+            v4("10.1.0.10"),
+            Addr::v4(std::net::Ipv4Addr::new(192, 0, 2, host)),
+            64,
+            &L4::Udp {
+                sport,
+                dport: 9,
+                payload: vec![1; 8],
+            },
+        )
+    };
+    let verdicts: Vec<_> = (0..6)
+        .map(|i| run(&mut r, &mut to(77, 1000 + i), T))
+        .collect();
+    assert_eq!(
+        verdicts.iter().filter(|v| **v == Verdict::Held).count(),
+        HOLD_PER_NEIGHBOR,
+        "{verdicts:?}"
+    );
+    assert_eq!(r.core.stats().dropped(DropReason::NeighborMiss), 2);
+    // 70 more hosts; 192.0.2.100 is the DNAT address, forwarded at once
+    // to the known server. Of the other 69, 60 fit under HOLD_TOTAL.
+    for host in 80..150u8 {
+        run(&mut r, &mut to(host, 2000), T);
+    }
+    assert_eq!(
+        r.core.stats().held.load(Ordering::Relaxed) as usize,
+        HOLD_TOTAL
+    );
+    assert_eq!(r.core.stats().dropped(DropReason::NeighborMiss), 2 + 9);
+    // Nobody answers: after HOLD_MS they are dropped and counted.
+    r.core.w.tick(Millis(NOW.0 + HOLD_MS));
+    assert!(!r.core.w.core().has_held());
+    assert_eq!(r.core.stats().held_sent.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        r.core.stats().dropped(DropReason::NeighborMiss),
+        2 + 9 + HOLD_TOTAL as u64,
+        "every held frame that expired is counted"
+    );
 }
 
 #[test]

@@ -440,6 +440,14 @@ fn supervise(
                         return;
                     }
                 };
+                // Dropped before `io` on unwind: the worker is marked exited
+                // before its sockets close, so the health check blames the
+                // panic, not the frames that then find no socket.
+                let _exit_before_sockets = ExitGuard {
+                    health: health.clone(),
+                    worker: w,
+                    stop: stop.clone(),
+                };
                 let mut worker = Worker::new(shared);
                 {
                     let mut ws = guard(&health.workers);
@@ -507,7 +515,7 @@ impl Drop for ExitGuard {
         let Some(slot) = ws.get_mut(self.worker) else {
             return;
         };
-        if matches!(slot.state, WorkerState::Failed(_)) {
+        if matches!(slot.state, WorkerState::Failed(_) | WorkerState::Exited(_)) {
             return;
         }
         let why = if panicked { "panicked" } else { "exited" };

@@ -256,6 +256,19 @@ impl Worker {
         verdicts[0]
     }
 
+    /// Between bursts: sends held frames whose next hop another worker
+    /// learned meanwhile, expires the rest. Cheap when nothing is held.
+    pub fn tick(&mut self, now: Millis) {
+        let s = &mut self.state;
+        if !s.core.has_held() {
+            return;
+        }
+        s.fx.clear();
+        let neighbors = self.shared.neighbors.map.load();
+        s.core.release_held(&neighbors, now, &mut s.fx);
+        s.take_frames();
+    }
+
     /// Queues gratuitous ARP / unsolicited NA for `rg`'s VIPs (on becoming
     /// primary; one worker of the node does it).
     pub fn announce(&mut self, rg: RgId) {
@@ -322,6 +335,9 @@ impl BurstState {
         }
         drop(read);
         drop(write);
+        if self.core.has_held() {
+            self.core.release_held(&neighbors, now, &mut self.fx);
+        }
         self.apply_effects(shared);
     }
 

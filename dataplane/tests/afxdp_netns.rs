@@ -289,7 +289,13 @@ fn a_panicking_worker_is_reported_with_its_ports() {
     .join();
     let health = &fw.dataplane().health;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while health.running() && std::time::Instant::now() < deadline {
+    while (health.running()
+        || !health
+            .ports()
+            .iter()
+            .all(|p| p.reason.contains("worker 0 panicked")))
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
