@@ -348,11 +348,36 @@ pub fn kill_node(n: usize) {
     }
 }
 
+/// The status fields the lab's waits look at, for a timeout report.
+fn status_digest(st: Option<&Value>) -> String {
+    let Some(st) = st else {
+        return "no answer on the control socket".into();
+    };
+    let rgs: Vec<String> = st["rgs"]
+        .as_array()
+        .map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            format!(
+                "rg {} {} in_sync={} epoch={}",
+                r["rg"], r["state"], r["in_sync"], r["epoch"]
+            )
+        })
+        .collect();
+    format!(
+        "peer_alive={} dataplane={}\n{}",
+        st["peer_alive"],
+        st["dataplane"],
+        rgs.join("\n")
+    )
+}
+
 fn node_log_tail(n: usize) -> String {
     let s = std::fs::read_to_string(format!("{DIR}/node{n}.log")).unwrap_or_default();
     s.lines()
         .rev()
-        .take(15)
+        .take(40)
         .collect::<Vec<_>>()
         .into_iter()
         .rev()
@@ -410,7 +435,9 @@ fn wait_for(
         }
         if start.elapsed() > timeout {
             return Err(format!(
-                "timed out waiting for {what}\n--- node0 log ---\n{}\n--- node1 log ---\n{}",
+                "timed out waiting for {what}\n--- node0 status ---\n{}\n--- node1 status ---\n{}\n--- node0 log ---\n{}\n--- node1 log ---\n{}",
+                status_digest(a.as_ref()),
+                status_digest(b.as_ref()),
                 node_log_tail(0),
                 node_log_tail(1)
             ));
@@ -437,7 +464,8 @@ pub fn up(rt: &Runtime) -> Result<(), String> {
     wait_for(
         rt,
         "both dataplanes, a primary and a synced secondary",
-        Duration::from_secs(40),
+        // Hosts differ 2x; a dual-primary start resolves and re-bulks.
+        Duration::from_secs(60),
         |a, b| match (a, b) {
             (Some(a), Some(b)) => {
                 a["peer_alive"] == true
