@@ -20,7 +20,7 @@
 //! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
 //! most 32 descriptors per kick, so TX goes out in chunks of 32.
 
-use crate::core::{Arrival, Verdict, bump};
+use crate::core::{Arrival, FabricOut, Verdict, bump};
 use crate::session::{Clock, InterfaceId, Millis};
 use crate::worker::{FrameBurst, Worker};
 use crate::xdp::{PortMode, XdpMaps};
@@ -419,6 +419,23 @@ impl AfXdp {
         self.sockets[sock].pending.push(d);
     }
 
+    /// A frame the core released for the peer: wrapped and sent (copied)
+    /// on the fabric port the hook names.
+    fn send_copy_to_fabric(&mut self, out: FabricOut, frame: &[u8], fabric: &mut dyn FabricHook) {
+        let tx = match out {
+            FabricOut::ToOwner { rg, ingress } => fabric.to_owner(rg, ingress),
+            FabricOut::Egress { rg, iface } => fabric.egress_to_owner(rg, iface),
+        };
+        let Some(tx) = tx else {
+            bump(&self.io.fabric_unhandled, 1);
+            return;
+        };
+        let mut wrapped = Vec::with_capacity(fabric_header::OVERHEAD + frame.len());
+        wrapped.extend_from_slice(&tx.prefix);
+        wrapped.extend_from_slice(frame);
+        self.send_copy(tx.port, &wrapped);
+    }
+
     fn hand_off(&self, tx: &mpsc::SyncSender<Handoff>, iface: InterfaceId, frame: &[u8]) {
         match tx.try_send((iface, frame.to_vec())) {
             Ok(()) => bump(&self.io.handoff_sent, 1),
@@ -588,6 +605,15 @@ impl AfXdp {
             let mut recycled = built;
             recycled.clear();
             *worker.outbox() = recycled;
+            if !worker.fabric_outbox().is_empty() {
+                let released = std::mem::take(worker.fabric_outbox());
+                for (out, frame) in &released {
+                    self.send_copy_to_fabric(*out, frame, fabric);
+                }
+                let mut recycled = released;
+                recycled.clear();
+                *worker.fabric_outbox() = recycled;
+            }
             let handed = self.drain_inbox();
             self.flush_tx();
             self.reap_completions(&mut scratch);

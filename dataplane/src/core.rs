@@ -2,7 +2,8 @@
 //! every rule is unit-tested on crafted frames without root.
 //!
 //! Per frame: Ethernet (untagged), ARP and ICMPv6 neighbor discovery for the
-//! node's and its primary RGs' addresses, IPv4/IPv6 with TCP/UDP/ICMP;
+//! node's and its primary RGs' addresses, IPv4/IPv6 with TCP/UDP/ICMP
+//! (fragments follow their datagram's first, [`crate::frag`]);
 //! session lookup (forward, reverse, and the embedded header of ICMP
 //! errors); on a miss for a first packet: DNAT, route, zones and policy,
 //! SNAT with a port from the table's allocator, session creation with its
@@ -24,6 +25,7 @@
 //! driver runs it again with exclusive access.
 
 use crate::config::{Compiled, Iface};
+use crate::frag::{DatagramKey, Fate, FragError, FragTable};
 use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
@@ -40,6 +42,8 @@ use tandem_proto::{RgId, RoleMap};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
     Malformed,
+    /// A fragment of a datagram whose first fragment was dropped (or that
+    /// was poisoned by an overlap).
     Fragment,
     VlanTagged,
     UnsupportedEtherType,
@@ -64,10 +68,21 @@ pub enum DropReason {
     MtuExceeded,
     /// An echo request to the node beyond the ICMP rate limit.
     IcmpRateLimited,
+    /// A fragment overlapping another of its datagram (RFC 5722).
+    FragmentOverlap,
+    /// A first fragment without its whole transport header, or an IPv4
+    /// TCP fragment at offset 8 (RFC 1858).
+    FragmentTiny,
+    /// A datagram beyond 65535 bytes or of too many fragments.
+    FragmentTooBig,
+    /// No room to track the datagram or hold the fragment.
+    FragmentTableFull,
+    /// An early fragment whose first never came in time.
+    FragmentTimeout,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::VlanTagged,
@@ -89,12 +104,17 @@ impl DropReason {
         DropReason::ExtensionHeader,
         DropReason::MtuExceeded,
         DropReason::IcmpRateLimited,
+        DropReason::FragmentOverlap,
+        DropReason::FragmentTiny,
+        DropReason::FragmentTooBig,
+        DropReason::FragmentTableFull,
+        DropReason::FragmentTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
-            DropReason::Fragment => "fragment",
+            DropReason::Fragment => "fragment-of-dropped-datagram",
             DropReason::VlanTagged => "vlan-tagged",
             DropReason::UnsupportedEtherType => "unsupported-ethertype",
             DropReason::NotForUs => "not-for-us",
@@ -114,6 +134,11 @@ impl DropReason {
             DropReason::ExtensionHeader => "extension-header",
             DropReason::MtuExceeded => "mtu-exceeded",
             DropReason::IcmpRateLimited => "icmp-rate-limited",
+            DropReason::FragmentOverlap => "fragment-overlap",
+            DropReason::FragmentTiny => "fragment-tiny",
+            DropReason::FragmentTooBig => "fragment-too-big",
+            DropReason::FragmentTableFull => "fragment-table-full",
+            DropReason::FragmentTimeout => "fragment-timeout",
         }
     }
 }
@@ -174,6 +199,11 @@ pub struct CoreStats {
     /// `drops[neighbor-miss]`).
     pub held: AtomicU64,
     pub held_sent: AtomicU64,
+    /// IP fragments handled; early ones (before their first) held, and of
+    /// them released when it came (the rest: `drops[fragment-timeout]`).
+    pub fragments: AtomicU64,
+    pub fragments_held: AtomicU64,
+    pub fragments_released: AtomicU64,
     /// Bursts that went from shared to exclusive table access.
     pub exclusive_bursts: AtomicU64,
     /// Frames the core wanted to send beyond [`OUTBOX_LIMIT`] (dropped).
@@ -194,6 +224,9 @@ impl CoreStats {
             deltas_dropped: AtomicU64::new(0),
             held: AtomicU64::new(0),
             held_sent: AtomicU64::new(0),
+            fragments: AtomicU64::new(0),
+            fragments_held: AtomicU64::new(0),
+            fragments_released: AtomicU64::new(0),
             exclusive_bursts: AtomicU64::new(0),
             outbox_dropped: AtomicU64::new(0),
             drops: Default::default(),
@@ -216,6 +249,9 @@ impl CoreStats {
             (&self.deltas_dropped, &other.deltas_dropped),
             (&self.held, &other.held),
             (&self.held_sent, &other.held_sent),
+            (&self.fragments, &other.fragments),
+            (&self.fragments_held, &other.fragments_held),
+            (&self.fragments_released, &other.fragments_released),
             (&self.exclusive_bursts, &other.exclusive_bursts),
             (&self.outbox_dropped, &other.outbox_dropped),
         ];
@@ -320,6 +356,9 @@ pub struct Effects {
     pub learned: Vec<((InterfaceId, Addr), Mac)>,
     /// Frames to send (bounded by [`OUTBOX_LIMIT`]).
     pub frames: Vec<(InterfaceId, Vec<u8>)>,
+    /// Frames for the peer over the fabric (released early fragments;
+    /// bounded by [`OUTBOX_LIMIT`]).
+    pub fabric: Vec<(FabricOut, Vec<u8>)>,
 }
 
 impl Effects {
@@ -327,7 +366,19 @@ impl Effects {
         self.deltas.clear();
         self.learned.clear();
         self.frames.clear();
+        self.fabric.clear();
     }
+}
+
+/// Where a frame the core sends to the peer goes there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FabricOut {
+    /// Unprocessed, for the owner of `rg` to process as arriving on its
+    /// member of `ingress` (as [`Verdict::Fabric`]).
+    ToOwner { rg: RgId, ingress: InterfaceId },
+    /// Processed, for the owner of `rg` to transmit on `iface` (as
+    /// [`Verdict::FabricEgress`]).
+    Egress { rg: RgId, iface: InterfaceId },
 }
 
 /// One frame's borrowed world.
@@ -363,6 +414,10 @@ pub struct Core {
     pending: RefCell<FxHashMap<(InterfaceId, Addr), Millis>>,
     /// Frames waiting for their next hop (bounded, see [`HOLD_TOTAL`]).
     held: RefCell<Vec<HeldFrame>>,
+    /// Datagrams whose fragments are in flight ([`crate::frag`]).
+    frags: RefCell<FragTable>,
+    /// When the fragment table was last expired.
+    frags_expired: Cell<Millis>,
     pub stats: Arc<CoreStats>,
     /// Which fabric hand-off, if any, the frame in hand came by.
     fabric_stage: Cell<FabricStage>,
@@ -394,6 +449,8 @@ impl Core {
             cfg,
             pending: RefCell::default(),
             held: RefCell::default(),
+            frags: RefCell::default(),
+            frags_expired: Cell::new(Millis(0)),
             stats,
             fabric_stage: Cell::new(FabricStage::Wire),
         }
@@ -479,7 +536,9 @@ impl Core {
         if eth.ethertype != packet::ETHERTYPE_IPV4 && eth.ethertype != packet::ETHERTYPE_IPV6 {
             return None;
         }
-        let ip = parse_ip(f, eth.ethertype).ok()?;
+        let ip = parse_ip(f, eth.ethertype)
+            .ok()
+            .filter(|ip| ip.frag.is_none())?;
         let ports = packet::ports(f, &ip).ok()?;
         Some(packet_key(&ip, ports, ifc))
     }
@@ -597,34 +656,48 @@ impl Core {
     ) -> Result<Verdict, NeedsExclusive> {
         let mut ip = match parse_ip(f, ethertype) {
             Ok(ip) => ip,
-            Err(ParseError::Fragment) => return Ok(self.drop(DropReason::Fragment)),
             Err(ParseError::UnsupportedExtensionHeader) => {
                 return Ok(self.drop(DropReason::ExtensionHeader));
             }
             Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
+        if ip.frag.is_some() {
+            return self.fragment(f, &mut ip, ifc, cx);
+        }
+        self.datagram(f, &mut ip, ifc, cx)
+    }
+
+    /// A packet with its transport header: a whole datagram, or the first
+    /// fragment of one.
+    fn datagram(
+        &self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
         let dst = Addr(ip.dst);
         // ICMPv6 neighbor discovery addressed to us (or solicited-node
         // multicast) is answered here.
         if ip.family == Family::V6 && ip.proto == proto::ICMPV6 {
             match f.get(ip.l4) {
-                Some(135) => return Ok(self.neighbor_solicitation(f, &ip, ifc, cx)),
+                Some(135) => return Ok(self.neighbor_solicitation(f, ip, ifc, cx)),
                 Some(136) => {
-                    self.neighbor_advertisement(f, &ip, ifc, cx);
+                    self.neighbor_advertisement(f, ip, ifc, cx);
                     return Ok(self.drop(DropReason::ArpNotForUs));
                 }
                 Some(133 | 134) => return Ok(self.drop(DropReason::LocalDelivery)),
                 _ => {}
             }
         }
-        let ports = match packet::ports(f, &ip) {
+        let ports = match packet::ports(f, ip) {
             Ok(p) => p,
             Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
-        if (ip.proto == proto::ICMP || ip.proto == proto::ICMPV6) && packet::is_icmp_error(f, &ip) {
-            return Ok(self.icmp_error(f, &mut ip, ifc, cx));
+        if (ip.proto == proto::ICMP || ip.proto == proto::ICMPV6) && packet::is_icmp_error(f, ip) {
+            return Ok(self.icmp_error(f, ip, ifc, cx));
         }
-        let key = packet_key(&ip, ports, ifc);
+        let key = packet_key(ip, ports, ifc);
         let hit = cx
             .table
             .get()
@@ -633,16 +706,261 @@ impl Core {
         // Sessions first: replies to a SNAT address (a VIP) are traffic to
         // forward, not to this node.
         if hit.is_none() && self.owned_anywhere(&dst) && !self.dnat_matches(&key) {
-            return Ok(self.local(f, &ip, ifc, cx));
+            return Ok(self.local(f, ip, ifc, cx));
         }
         if ip.ttl <= 1 {
-            self.answer(f, &ip, ifc, IcmpError::TimeExceeded, cx);
+            self.answer(f, ip, ifc, IcmpError::TimeExceeded, cx);
             return Ok(self.drop(DropReason::TtlExceeded));
         }
         match hit {
-            Some(h) => self.established(f, &mut ip, ifc, h, cx),
-            None => self.first_packet(f, &mut ip, ifc, key, cx),
+            Some(h) => self.established(f, ip, ifc, h, cx),
+            None => self.first_packet(f, ip, ifc, key, cx),
         }
+    }
+
+    // ----- fragments -----------------------------------------------------
+
+    /// A fragment: the first goes through [`Core::datagram`] and fixes the
+    /// datagram's fate; later ones follow it (held while it is unknown).
+    fn fragment(
+        &self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let fr = ip.frag.expect("a fragment");
+        let range = ip.frag_range().expect("a fragment");
+        let last = !fr.more;
+        let data = range.1 - range.0;
+        if data == 0 || (fr.more && !data.is_multiple_of(8)) {
+            return Ok(self.drop(DropReason::Malformed));
+        }
+        // IPv4 counts its header in the 65535; IPv6 its fragmentable part.
+        let header = if ip.family == Family::V4 {
+            (fr.data - ip.l3) as u32
+        } else {
+            0
+        };
+        if range.1 + header > crate::frag::MAX_DATAGRAM {
+            return Ok(self.drop(DropReason::FragmentTooBig));
+        }
+        if fr.is_first() && !whole_transport_header(ip) {
+            return Ok(self.drop(DropReason::FragmentTiny));
+        }
+        // RFC 1858: offset 8 would rewrite a TCP header's flags.
+        if ip.family == Family::V4 && ip.proto == proto::TCP && fr.offset == 8 {
+            return Ok(self.drop(DropReason::FragmentTiny));
+        }
+        let key = DatagramKey {
+            src: ip.src,
+            dst: ip.dst,
+            id: fr.id,
+            proto: ip.proto,
+            ingress: ifc.id,
+        };
+        let now = cx.env.now;
+        let checked = self.frags.borrow().check(&key, range, last);
+        let fate = match checked {
+            Ok(fate) => fate,
+            Err(e) => {
+                let held = self.frags.borrow_mut().poison(key, now);
+                bump(
+                    &self.stats.drops[DropReason::Fragment as usize],
+                    held as u64,
+                );
+                return Ok(self.drop(match e {
+                    FragError::Overlap => DropReason::FragmentOverlap,
+                    FragError::TooBig => DropReason::FragmentTooBig,
+                    FragError::Full => DropReason::FragmentTableFull,
+                }));
+            }
+        };
+        if fate == Fate::Dropped {
+            // Its first was dropped, or it was poisoned.
+            self.track(key, range, last, fate, now);
+            return Ok(self.drop(DropReason::Fragment));
+        }
+        if fr.is_first() {
+            let flow = packet::ports(f, ip).ok().map(|p| packet_key(ip, p, ifc));
+            // May return NeedsExclusive: nothing above changed anything.
+            let v = self.datagram(f, ip, ifc, cx)?;
+            bump(&self.stats.fragments, 1);
+            let fate = match (v, flow) {
+                (Verdict::Drop(_), _) | (_, None) => Fate::Dropped,
+                (Verdict::Fabric { rg }, _) => Fate::Fabric(rg),
+                (_, Some(k)) => Fate::Flow(k),
+            };
+            self.track(key, range, last, fate, now);
+            self.release_fragments(key, fate, ifc, cx);
+            return Ok(v);
+        }
+        match fate {
+            Fate::Pending => {
+                let via_fabric = self.fabric_stage.get() == FabricStage::Ingress;
+                let held =
+                    self.frags
+                        .borrow_mut()
+                        .hold(key, range, last, &f[..ip.end], via_fabric, now);
+                Ok(match held {
+                    Ok(()) => {
+                        bump(&self.stats.fragments, 1);
+                        bump(&self.stats.fragments_held, 1);
+                        Verdict::Held
+                    }
+                    Err(_) => self.drop(DropReason::FragmentTableFull),
+                })
+            }
+            fate => {
+                let v = self.later_fragment(f, ip, ifc, fate, cx)?;
+                bump(&self.stats.fragments, 1);
+                self.track(key, range, last, fate, now);
+                Ok(v)
+            }
+        }
+    }
+
+    fn track(&self, key: DatagramKey, range: (u32, u32), last: bool, fate: Fate, now: Millis) {
+        if self
+            .frags
+            .borrow_mut()
+            .record(key, range, last, fate, now)
+            .is_err()
+        {
+            // Handled all the same; the datagram's later fragments will be
+            // held and time out.
+            bump(&self.stats.drops[DropReason::FragmentTableFull as usize], 1);
+        }
+    }
+
+    /// A fragment after the first, whose datagram's fate is known: the
+    /// first's session (addresses translated, nothing of the transport
+    /// header here), the fabric, or a drop. Never an ICMP error about it.
+    fn later_fragment(
+        &self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        fate: Fate,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let flow = match fate {
+            Fate::Flow(k) => k,
+            Fate::Fabric(rg) if self.fabric_stage.get() == FabricStage::Wire => {
+                bump(&self.stats.to_fabric, 1);
+                return Ok(Verdict::Fabric { rg });
+            }
+            Fate::Fabric(_) => return Ok(self.drop(DropReason::FabricUnavailable)),
+            Fate::Pending | Fate::Dropped => return Ok(self.drop(DropReason::Fragment)),
+        };
+        if ip.ttl <= 1 {
+            return Ok(self.drop(DropReason::TtlExceeded));
+        }
+        let hit = cx
+            .table
+            .get()
+            .lookup(&flow)
+            .map(|(handle, dir)| Hit { handle, dir });
+        match hit {
+            Some(h) => self.established(f, ip, ifc, h, cx),
+            // Expired or deleted since its first fragment.
+            None => Ok(self.drop(DropReason::NoSession)),
+        }
+    }
+
+    /// The early fragments of a datagram whose first just went through
+    /// (their ranges were checked and recorded when held): each is handled
+    /// as if it arrived now, its output queued (frames to send, frames for
+    /// the fabric) for the driver.
+    fn release_fragments(&self, key: DatagramKey, fate: Fate, ifc: &Iface, cx: &mut Cx) {
+        let held = self.frags.borrow_mut().take_held(&key);
+        if held.is_empty() {
+            return;
+        }
+        let stage = self.fabric_stage.get();
+        for h in held {
+            let mut frame = h.frame;
+            let Some(mut ip) = packet::parse_eth(&frame)
+                .ok()
+                .and_then(|e| parse_ip(&frame, e.ethertype).ok())
+                .filter(|ip| ip.frag.is_some())
+            else {
+                self.drop(DropReason::Malformed);
+                continue;
+            };
+            self.fabric_stage.set(if h.via_fabric {
+                FabricStage::Ingress
+            } else {
+                FabricStage::Wire
+            });
+            let v = self
+                .later_fragment(&mut frame, &mut ip, ifc, fate, cx)
+                .unwrap_or_else(|NeedsExclusive| {
+                    // Later fragments change no table structure (no TCP
+                    // flags to move a state): this cannot happen.
+                    self.drop(DropReason::Fragment)
+                });
+            bump(&self.stats.fragments_released, 1);
+            match v {
+                Verdict::Tx { iface, len } => {
+                    frame.truncate(len);
+                    bump(&self.stats.tx, 1);
+                    self.queue(cx.fx, iface, frame);
+                }
+                Verdict::Fabric { rg } => {
+                    self.queue_fabric(
+                        cx.fx,
+                        FabricOut::ToOwner {
+                            rg,
+                            ingress: ifc.id,
+                        },
+                        frame,
+                    );
+                }
+                Verdict::FabricEgress { rg, iface, len } => {
+                    frame.truncate(len);
+                    self.queue_fabric(cx.fx, FabricOut::Egress { rg, iface }, frame);
+                }
+                Verdict::Reply { .. } | Verdict::Held | Verdict::Drop(_) => {}
+            }
+        }
+        self.fabric_stage.set(stage);
+    }
+
+    fn queue_fabric(&self, fx: &mut Effects, out: FabricOut, frame: Vec<u8>) {
+        if fx.fabric.len() < OUTBOX_LIMIT {
+            fx.fabric.push((out, frame));
+        } else {
+            bump(&self.stats.outbox_dropped, 1);
+        }
+    }
+
+    /// Whether fragments are being tracked (the driver expires them).
+    pub fn has_fragments(&self) -> bool {
+        !self.frags.borrow().is_empty()
+    }
+
+    /// Datagrams tracked, and bytes of early fragments held.
+    pub fn fragments_tracked(&self) -> usize {
+        self.frags.borrow().len()
+    }
+
+    pub fn fragment_bytes_held(&self) -> usize {
+        self.frags.borrow().held_bytes()
+    }
+
+    /// Forgets datagrams past [`crate::frag::TIMEOUT_MS`] (at most every
+    /// 100 ms); their early fragments are dropped and counted.
+    pub fn expire_fragments(&self, now: Millis) {
+        if now.saturating_sub(self.frags_expired.get()) < 100 {
+            return;
+        }
+        self.frags_expired.set(now);
+        let gone = self.frags.borrow_mut().expire(now);
+        bump(
+            &self.stats.drops[DropReason::FragmentTimeout as usize],
+            gone.held as u64,
+        );
     }
 
     fn dnat_matches(&self, key: &SessionKey) -> bool {
@@ -663,7 +981,8 @@ impl Core {
             Family::V4 => ip.proto == proto::ICMP && f.get(ip.l4) == Some(&8),
             Family::V6 => ip.proto == proto::ICMPV6 && f.get(ip.l4) == Some(&128),
         };
-        if !echo || !self.owns(cx, ifc, &dst) {
+        // A fragmented echo would need reassembly to answer: not ours.
+        if !echo || ip.frag.is_some() || !self.owns(cx, ifc, &dst) {
             return self.drop(DropReason::LocalDelivery);
         }
         if !cx.env.icmp.take(cx.env.now) {
@@ -1395,6 +1714,17 @@ fn build_ns(mac: Mac, src: &Addr, target: &Addr) -> Vec<u8> {
 }
 
 /// The IP header of a frame whose ethertype is IPv4 or IPv6.
+/// A first fragment must carry the transport header the session keys on
+/// and the flags it tracks (TCP: all 20 bytes; UDP, ICMP: 8).
+fn whole_transport_header(ip: &Ip) -> bool {
+    let need = match ip.proto {
+        proto::TCP => 20,
+        proto::UDP | proto::ICMP | proto::ICMPV6 => 8,
+        _ => 0,
+    };
+    ip.l4 + need <= ip.end
+}
+
 fn parse_ip(f: &[u8], ethertype: u16) -> Result<Ip, ParseError> {
     if ethertype == packet::ETHERTYPE_IPV4 {
         packet::parse_ipv4(f, ETH_HLEN)

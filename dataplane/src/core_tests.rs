@@ -170,6 +170,12 @@ impl Node {
     fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
         self.w.outbox()
     }
+    fn fabric_outbox(&mut self) -> &mut Vec<(FabricOut, Vec<u8>)> {
+        self.w.fabric_outbox()
+    }
+    fn tick(&mut self, now: Millis) {
+        self.w.tick(now)
+    }
     fn announce(&mut self, rg: RgId) {
         self.w.announce(rg)
     }
@@ -665,8 +671,8 @@ fn the_hold_queue_is_bounded_and_expires_with_a_counter() {
         "{verdicts:?}"
     );
     assert_eq!(r.core.stats().dropped(DropReason::NeighborMiss), 2);
-    // 70 more hosts; 192.0.2.100 is the DNAT address, forwarded at once
-    // to the known server. Of the other 69, 60 fit under HOLD_TOTAL.
+    // 70 more hosts; 192.0.2.100 is a known neighbor (the server),
+    // forwarded at once. Of the other 69, 60 fit under HOLD_TOTAL.
     for host in 80..150u8 {
         run(&mut r, &mut to(host, 2000), T);
     }
@@ -1156,3 +1162,6 @@ fn burst_prefetch_keys_are_the_lookup_keys_both_ways() {
 
 #[path = "core_l3_tests.rs"]
 mod l3;
+
+#[path = "core_frag_tests.rs"]
+mod frag;

@@ -165,7 +165,9 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
             return Err("IPv4 header checksum".into());
         }
     }
-    if let Some(at) = l4_checksum_at(ip.proto, ip.l4) {
+    // A fragment's transport checksum covers its whole datagram:
+    // [`reassemble`] the fragments to check it.
+    if let Some(at) = l4_checksum_at(ip.proto, ip.l4).filter(|_| ip.frag.is_none()) {
         let stored = packet::be16(f, at).map_err(|e| format!("{e:?}"))?;
         if !(ip.proto == 17 && ip.family == Family::V4 && stored == 0) {
             let want = packet::l4_checksum(f, &ip, at);
@@ -184,4 +186,102 @@ pub fn verify_checksums(f: &[u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Splits a whole IPv4 or IPv6 frame into fragments whose IP packets are
+/// at most `max_ip` bytes (IPv6: a fragment header is inserted after the
+/// base header; extension headers of the original are not supported),
+/// with identification `id`, in datagram order.
+pub fn fragments(frame: &[u8], max_ip: usize, id: u32) -> Vec<Vec<u8>> {
+    let eth = packet::parse_eth(frame).expect("a frame");
+    let v4 = eth.ethertype == packet::ETHERTYPE_IPV4;
+    let l3 = eth.l3;
+    let (hlen, end) = if v4 {
+        let ip = packet::parse_ipv4(frame, l3).expect("IPv4");
+        (ip.l4 - l3, ip.end)
+    } else {
+        let ip = packet::parse_ipv6(frame, l3).expect("IPv6");
+        (40, ip.end)
+    };
+    let payload = &frame[l3 + hlen..end];
+    let frag_hlen = if v4 { hlen } else { 48 };
+    let step = (max_ip - frag_hlen) / 8 * 8;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < payload.len() {
+        let chunk = &payload[off..(off + step).min(payload.len())];
+        let more = off + chunk.len() < payload.len();
+        let mut f = frame[..l3 + hlen].to_vec();
+        if v4 {
+            let total = hlen + chunk.len();
+            f[l3 + 2..l3 + 4].copy_from_slice(&(total as u16).to_be_bytes());
+            f[l3 + 4..l3 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+            let flags = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+            f[l3 + 6..l3 + 8].copy_from_slice(&flags.to_be_bytes());
+            packet::ipv4_header_checksum(&mut f, l3, hlen);
+        } else {
+            let next = f[l3 + 6];
+            f[l3 + 6] = 44;
+            let plen = 8 + chunk.len();
+            f[l3 + 4..l3 + 6].copy_from_slice(&(plen as u16).to_be_bytes());
+            let off_m = off as u16 | u16::from(more);
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&off_m.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        }
+        f.extend_from_slice(chunk);
+        if f.len() < 60 {
+            f.resize(60, 0);
+        }
+        out.push(f);
+        off += chunk.len();
+    }
+    out
+}
+
+/// Rebuilds the whole frame from fragments (any order; as [`fragments`]
+/// makes them, or as the dataplane rewrote them), so a test can check the
+/// datagram's transport checksum. `None` if they do not make one datagram.
+pub fn reassemble(frags: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut parts: Vec<(u32, bool, &[u8], &Vec<u8>)> = Vec::new();
+    for f in frags {
+        let eth = packet::parse_eth(f).ok()?;
+        let ip = match eth.ethertype {
+            packet::ETHERTYPE_IPV4 => packet::parse_ipv4(f, eth.l3),
+            packet::ETHERTYPE_IPV6 => packet::parse_ipv6(f, eth.l3),
+            _ => return None,
+        }
+        .ok()?;
+        let fr = ip.frag?;
+        parts.push((fr.offset, fr.more, &f[fr.data..ip.end], f));
+    }
+    parts.sort_by_key(|p| p.0);
+    let first = parts.first()?.3;
+    let eth = packet::parse_eth(first).ok()?;
+    let l3 = eth.l3;
+    let v4 = eth.ethertype == packet::ETHERTYPE_IPV4;
+    let mut payload = Vec::new();
+    for (off, _, data, _) in &parts {
+        if *off as usize != payload.len() {
+            return None;
+        }
+        payload.extend_from_slice(data);
+    }
+    if parts.last()?.1 {
+        return None;
+    }
+    let mut f;
+    if v4 {
+        let hlen = usize::from(first[l3] & 0x0f) * 4;
+        f = first[..l3 + hlen].to_vec();
+        f[l3 + 2..l3 + 4].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
+        f[l3 + 6..l3 + 8].copy_from_slice(&[0, 0]);
+        packet::ipv4_header_checksum(&mut f, l3, hlen);
+    } else {
+        f = first[..l3 + 40].to_vec();
+        f[l3 + 6] = first[l3 + 40];
+        f[l3 + 4..l3 + 6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&payload);
+    Some(f)
 }

@@ -114,7 +114,9 @@ pub fn may_answer(f: &[u8], ip: &Ip) -> bool {
         Family::V4 => a[12] >= 224 || a[12..16] == [0, 0, 0, 0] || a[12..16] == [255; 4],
         Family::V6 => a[0] == 0xff || *a == [0; 16],
     };
-    !icmp_error && !bad(&ip.src) && !bad(&ip.dst)
+    // Never about a later fragment (RFC 1812 §4.3.2.7): it has no
+    // transport header to quote.
+    ip.has_l4() && !icmp_error && !bad(&ip.src) && !bad(&ip.dst)
 }
 
 /// An ICMP error from `src` to the sender of the packet `ip` in `f`,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod delta;
 pub mod fabric_hook;
+pub mod frag;
 pub mod frames;
 pub mod icmp;
 pub mod os;

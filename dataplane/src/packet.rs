@@ -24,7 +24,8 @@ pub enum ParseError {
     BadIpVersion,
     BadIpHeaderLength,
     BadIpTotalLength,
-    Fragment,
+    /// A fragment header where it may not be (a second one in a chain).
+    BadFragment,
     UnsupportedEtherType,
     /// An IPv6 extension header the dataplane does not walk (mobility,
     /// HIP, shim6, experimental), or a chain longer than
@@ -39,7 +40,7 @@ impl ParseError {
             ParseError::BadIpVersion => "bad-ip-version",
             ParseError::BadIpHeaderLength => "bad-ip-header-length",
             ParseError::BadIpTotalLength => "bad-ip-total-length",
-            ParseError::Fragment => "fragment",
+            ParseError::BadFragment => "bad-fragment",
             ParseError::UnsupportedEtherType => "unsupported-ethertype",
             ParseError::UnsupportedExtensionHeader => "unsupported-extension-header",
         }
@@ -163,9 +164,49 @@ pub struct Ip {
     pub ttl: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// Set when the packet is a fragment of a larger datagram.
+    pub frag: Option<Frag>,
+}
+
+/// Where a fragment sits in its datagram (IPv4 flags/offset, or the IPv6
+/// fragment header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frag {
+    /// Identification: 16 bits in IPv4, 32 in IPv6.
+    pub id: u32,
+    /// Offset of this fragment's data in the datagram's fragmentable part,
+    /// in bytes (a multiple of 8).
+    pub offset: u32,
+    /// More fragments follow.
+    pub more: bool,
+    /// Where this fragment's data starts in the frame.
+    pub data: usize,
+}
+
+impl Frag {
+    pub fn is_first(&self) -> bool {
+        self.offset == 0
+    }
 }
 
 impl Ip {
+    /// Whether the transport header is in this packet: not a fragment, or
+    /// the first fragment. Later fragments carry only data: no ports, no
+    /// flags, no transport checksum to keep.
+    pub fn has_l4(&self) -> bool {
+        self.frag.is_none_or(|f| f.is_first())
+    }
+
+    /// The fragment data's byte range in its datagram, if a fragment.
+    pub fn frag_range(&self) -> Option<(u32, u32)> {
+        self.frag.map(|f| {
+            (
+                f.offset,
+                f.offset + (self.end.saturating_sub(f.data)) as u32,
+            )
+        })
+    }
+
     pub fn src_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(self.src[12], self.src[13], self.src[14], self.src[15])
     }
@@ -193,11 +234,13 @@ pub fn parse_ipv4(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
     if total < ihl || l3 + total > f.len() {
         return Err(ParseError::BadIpTotalLength);
     }
-    let frag = u16::from_be_bytes([h[6], h[7]]);
-    if frag & 0x3fff != 0 {
-        // More-fragments or a fragment offset: no transport header to key on.
-        return Err(ParseError::Fragment);
-    }
+    let flags = u16::from_be_bytes([h[6], h[7]]);
+    let frag = (flags & 0x3fff != 0).then(|| Frag {
+        id: u32::from(u16::from_be_bytes([h[4], h[5]])),
+        offset: u32::from(flags & 0x1fff) * 8,
+        more: flags & 0x2000 != 0,
+        data: l3 + ihl,
+    });
     Ok(Ip {
         family: Family::V4,
         l3,
@@ -207,6 +250,7 @@ pub fn parse_ipv4(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
         ttl: h[8],
         src: mapped([h[12], h[13], h[14], h[15]]),
         dst: mapped([h[16], h[17], h[18], h[19]]),
+        frag,
     })
 }
 
@@ -220,7 +264,7 @@ pub fn parse_ipv6(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
         return Err(ParseError::BadIpTotalLength);
     }
     let end = l3 + 40 + payload;
-    let (proto, l4) = walk_extension_headers(f, h[6], l3 + 40, end)?;
+    let (proto, l4, frag) = walk_extension_headers(f, h[6], l3 + 40, end)?;
     Ok(Ip {
         family: Family::V6,
         l3,
@@ -230,6 +274,7 @@ pub fn parse_ipv6(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
         ttl: h[7],
         src: h[8..24].try_into().expect("16 bytes"),
         dst: h[24..40].try_into().expect("16 bytes"),
+        frag,
     })
 }
 
@@ -239,17 +284,22 @@ pub const MAX_EXTENSION_HEADERS: usize = 8;
 /// Walks IPv6 extension headers (RFC 8200) from `next` at `at` to the
 /// upper-layer protocol: hop-by-hop options (0), routing (43), destination
 /// options (60) and authentication (51) are stepped over; an atomic
-/// fragment header (offset 0, no more fragments) too. A real fragment is
-/// `ParseError::Fragment`; ESP (50) and "no next header" (59) end the walk
-/// as upper layers without ports. Headers not walked (mobility 135, HIP
-/// 139, shim6 140, experimental 253/254) are refused, as is a chain longer
-/// than [`MAX_EXTENSION_HEADERS`] or one running past `end`.
+/// fragment header (offset 0, no more fragments) too. The first fragment
+/// of a datagram is walked on to its transport header (RFC 7112: the whole
+/// chain is in the first fragment) and reported in the [`Frag`]; a later
+/// fragment ends the walk at its fragment header (its data follows, its
+/// protocol is the header's next-header). ESP (50) and "no next header"
+/// (59) end the walk as upper layers without ports. Headers not walked
+/// (mobility 135, HIP 139, shim6 140, experimental 253/254) are refused,
+/// as is a chain longer than [`MAX_EXTENSION_HEADERS`], one running past
+/// `end`, or a second fragment header.
 pub fn walk_extension_headers(
     f: &[u8],
     mut next: u8,
     mut at: usize,
     end: usize,
-) -> Result<(u8, usize), ParseError> {
+) -> Result<(u8, usize, Option<Frag>), ParseError> {
+    let mut frag = None;
     for _ in 0..MAX_EXTENSION_HEADERS {
         let len = match next {
             0 | 43 | 60 => {
@@ -272,13 +322,25 @@ pub fn walk_extension_headers(
                     .filter(|_| at + 8 <= end)
                     .ok_or(ParseError::Truncated)?;
                 let off_m = u16::from_be_bytes([h[2], h[3]]);
-                if off_m & 0xfff9 != 0 {
-                    return Err(ParseError::Fragment);
+                let this = Frag {
+                    id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                    offset: u32::from(off_m & 0xfff8),
+                    more: off_m & 1 != 0,
+                    data: at + 8,
+                };
+                if frag.is_some() {
+                    return Err(ParseError::BadFragment);
                 }
+                if this.offset != 0 {
+                    return Ok((h[0], at + 8, Some(this)));
+                }
+                // Offset 0 and no more fragments: an atomic fragment, the
+                // whole datagram (RFC 6946).
+                frag = this.more.then_some(this);
                 8
             }
             135 | 139 | 140 | 253 | 254 => return Err(ParseError::UnsupportedExtensionHeader),
-            proto => return Ok((proto, at)),
+            proto => return Ok((proto, at, frag)),
         };
         if at + len > end {
             return Err(ParseError::Truncated);
@@ -319,6 +381,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// Offset of the transport checksum field, if the protocol has one we keep
 /// valid across rewrites (UDP with checksum 0 over IPv4 has none).
 pub fn l4_checksum_offset(f: &[u8], ip: &Ip) -> Option<usize> {
+    if !ip.has_l4() {
+        return None;
+    }
     let at = match ip.proto {
         6 => ip.l4 + 16,
         17 => {
@@ -337,6 +402,9 @@ pub fn l4_checksum_offset(f: &[u8], ip: &Ip) -> Option<usize> {
 /// Ports (TCP/UDP) or the ICMP echo identifier, as the session key uses
 /// them: `(src, dst)`. ICMP echo: request `(id, 0)`, reply `(0, id)`.
 pub fn ports(f: &[u8], ip: &Ip) -> Result<(u16, u16), ParseError> {
+    if !ip.has_l4() {
+        return Ok((0, 0));
+    }
     match ip.proto {
         6 | 17 => {
             if ip.l4 + 8 > ip.end {
@@ -361,7 +429,7 @@ pub fn ports(f: &[u8], ip: &Ip) -> Result<(u16, u16), ParseError> {
 }
 
 pub fn tcp_flags(f: &[u8], ip: &Ip) -> u8 {
-    if ip.proto == 6 && ip.l4 + 14 <= ip.end {
+    if ip.proto == 6 && ip.has_l4() && ip.l4 + 14 <= ip.end {
         f[ip.l4 + 13]
     } else {
         0
@@ -370,6 +438,9 @@ pub fn tcp_flags(f: &[u8], ip: &Ip) -> u8 {
 
 /// ICMP errors that carry an offending packet's header.
 pub fn is_icmp_error(f: &[u8], ip: &Ip) -> bool {
+    if !ip.has_l4() {
+        return false;
+    }
     let Some(&ty) = f.get(ip.l4) else {
         return false;
     };
@@ -418,6 +489,9 @@ pub fn set_addr(f: &mut [u8], ip: &mut Ip, dst: bool, new: &[u8; 16]) {
 
 /// Rewrites a port (or the ICMP echo id), keeping the checksum valid.
 pub fn set_port(f: &mut [u8], ip: &Ip, dst: bool, port: u16) {
+    if !ip.has_l4() {
+        return;
+    }
     let at = match ip.proto {
         6 | 17 => ip.l4 + if dst { 2 } else { 0 },
         1 | 58 => ip.l4 + 4, // echo identifier
@@ -488,6 +562,7 @@ pub fn parse_ipv4_embedded(f: &[u8], l3: usize, end: usize) -> Option<Ip> {
         ttl: h[8],
         src: mapped([h[12], h[13], h[14], h[15]]),
         dst: mapped([h[16], h[17], h[18], h[19]]),
+        frag: None,
     })
 }
 
@@ -497,8 +572,8 @@ pub fn parse_ipv6_embedded(f: &[u8], l3: usize, end: usize) -> Option<Ip> {
         return None;
     }
     // Extension headers are walked as far as they are quoted.
-    let (proto, l4) = walk_extension_headers(f, h[6], l3 + 40, end).ok()?;
-    if l4 + 8 > end {
+    let (proto, l4, frag) = walk_extension_headers(f, h[6], l3 + 40, end).ok()?;
+    if l4 + 8 > end || frag.is_some_and(|f| !f.is_first()) {
         return None;
     }
     Some(Ip {
@@ -510,6 +585,7 @@ pub fn parse_ipv6_embedded(f: &[u8], l3: usize, end: usize) -> Option<Ip> {
         ttl: h[7],
         src: h[8..24].try_into().expect("16 bytes"),
         dst: h[24..40].try_into().expect("16 bytes"),
+        frag: None,
     })
 }
 

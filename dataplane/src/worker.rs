@@ -19,8 +19,8 @@
 
 use crate::config::Compiled;
 use crate::core::{
-    Arrival, Core, CoreStats, Effects, Env, NeedsExclusive, NeighborMap, OUTBOX_LIMIT, TableView,
-    Verdict, bump,
+    Arrival, Core, CoreStats, Effects, Env, FabricOut, NeedsExclusive, NeighborMap, OUTBOX_LIMIT,
+    TableView, Verdict, bump,
 };
 use crate::delta::DeltaProducer;
 use crate::icmp::TokenBucket;
@@ -185,6 +185,9 @@ struct BurstState {
     /// Frames the core built (ARP/ND requests, announcements) for the I/O
     /// shell to send; at most [`OUTBOX_LIMIT`].
     outbox: Vec<(InterfaceId, Vec<u8>)>,
+    /// Frames the core released for the peer (early fragments whose first
+    /// went to the fabric); at most [`OUTBOX_LIMIT`].
+    fabric_outbox: Vec<(FabricOut, Vec<u8>)>,
     prefetch: bool,
 }
 
@@ -196,6 +199,7 @@ impl Worker {
                 fx: Effects::default(),
                 keys: Vec::with_capacity(PREFETCH_MAX),
                 outbox: Vec::new(),
+                fabric_outbox: Vec::new(),
                 prefetch: true,
             },
             shared,
@@ -257,9 +261,13 @@ impl Worker {
     }
 
     /// Between bursts: sends held frames whose next hop another worker
-    /// learned meanwhile, expires the rest. Cheap when nothing is held.
+    /// learned meanwhile, expires the rest and old fragment datagrams.
+    /// Cheap when nothing is held.
     pub fn tick(&mut self, now: Millis) {
         let s = &mut self.state;
+        if s.core.has_fragments() {
+            s.core.expire_fragments(now);
+        }
         if !s.core.has_held() {
             return;
         }
@@ -281,6 +289,12 @@ impl Worker {
     /// Frames the core built, for the I/O shell to send.
     pub fn outbox(&mut self) -> &mut Vec<(InterfaceId, Vec<u8>)> {
         &mut self.state.outbox
+    }
+
+    /// Frames the core released for the peer, for the I/O shell to wrap
+    /// and send on the fabric.
+    pub fn fabric_outbox(&mut self) -> &mut Vec<(FabricOut, Vec<u8>)> {
+        &mut self.state.fabric_outbox
     }
 }
 
@@ -374,6 +388,13 @@ impl BurstState {
         for f in self.fx.frames.drain(..) {
             if self.outbox.len() < OUTBOX_LIMIT {
                 self.outbox.push(f);
+            } else {
+                bump(&self.core.stats.outbox_dropped, 1);
+            }
+        }
+        for f in self.fx.fabric.drain(..) {
+            if self.fabric_outbox.len() < OUTBOX_LIMIT {
+                self.fabric_outbox.push(f);
             } else {
                 bump(&self.core.stats.outbox_dropped, 1);
             }
