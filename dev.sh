@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 # conntrackd, conntrack and keepalived are the Linux-standard stack the demo
 # compares against (--peer-compare).
 APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables
-    iperf3 valgrind conntrackd conntrack keepalived)
+    iperf3 valgrind conntrackd conntrack keepalived iputils-ping iputils-tracepath traceroute)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!   client ns            fw ns                             server ns
-//!   c0 10.1.0.10/24 ---- t0 [reth0: VIP 10.1.0.1]
-//!                           [reth1: VIP 192.0.2.1]  u0 ---- s0 192.0.2.100/24
+//!   c0 10.1.0.10/24 ---- t0 [reth0: VIP 10.1.0.1, 2001:db8:1::1]
+//!   2001:db8:1::10/64       [reth1: VIP 192.0.2.1, 2001:db8:2::1]  u0 ---- s0 192.0.2.100/24
+//!                                                                   2001:db8:2::100/64
 //! ```
 //! with the sample policy (trust -> untrust permitted and source-NATed,
 //! 192.0.2.1:8080 port-forwarded to the client's port 80) and an AF_XDP
@@ -105,6 +106,38 @@ impl Topo {
         sh(&["ip", "-n", c, "addr", "add", "10.1.0.10/24", "dev", "c0"]);
         sh(&["ip", "-n", c, "route", "add", "default", "via", "10.1.0.1"]);
         sh(&["ip", "-n", s, "addr", "add", "192.0.2.100/24", "dev", "s0"]);
+        // IPv6 hosts (no duplicate-address wait); the firewall's kernel
+        // keeps out of IPv6 on the dataplane's ports.
+        for (n, dev, addr) in [
+            (c, "c0", "2001:db8:1::10/64"),
+            (s, "s0", "2001:db8:2::100/64"),
+        ] {
+            sh(&[
+                "ip", "-n", n, "-6", "addr", "add", addr, "dev", dev, "nodad",
+            ]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:1::1",
+        ]);
+        for dev in ["t0", "u0"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                f,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=1"),
+            ]);
+        }
         Topo { ns }
     }
 }
@@ -130,7 +163,7 @@ pub fn sample_config() -> DataplaneConfig {
                 reth: Some(RethConfig {
                     rg: 1,
                     vmac: "02:00:5e:00:01:01".into(),
-                    vips: vec![p("10.1.0.1/24")],
+                    vips: vec![p("10.1.0.1/24"), p("2001:db8:1::1/64")],
                 }),
                 mtu: None,
             },
@@ -142,7 +175,7 @@ pub fn sample_config() -> DataplaneConfig {
                 reth: Some(RethConfig {
                     rg: 1,
                     vmac: "02:00:5e:00:01:02".into(),
-                    vips: vec![p("192.0.2.1/24")],
+                    vips: vec![p("192.0.2.1/24"), p("2001:db8:2::1/64")],
                 }),
                 mtu: None,
             },
