@@ -22,7 +22,7 @@
 
 use crate::core::{Arrival, FabricOut, Verdict, bump};
 use crate::session::{Clock, InterfaceId, Millis};
-use crate::worker::{FrameBurst, Worker};
+use crate::worker::{AnnounceSchedule, FrameBurst, Worker};
 use crate::xdp::{PortMode, XdpMaps};
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use tandem_fabric::header as fabric_header;
-use tandem_proto::{RgId, RoleMap};
+use tandem_proto::RgId;
 use tracing::{info, warn};
 use xsk_rs::config::{BindFlags, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
@@ -553,23 +553,15 @@ impl AfXdp {
         let mut arrivals: Vec<Arrival> = Vec::with_capacity(BATCH);
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(BATCH);
         let roles = worker.shared().roles.clone();
-        let mut last_roles: Arc<RoleMap> = Arc::new(RoleMap::new());
+        let mut schedule =
+            AnnounceSchedule::new(worker.config().garp_count, worker.config().garp_interval_ms);
         let mut last_stats = Millis(0);
         while !stop.load(Ordering::Relaxed) {
             let now = clock();
             link.heartbeat.store(now.0, Ordering::Relaxed);
             if announce {
-                let current = roles.load_full();
-                if !Arc::ptr_eq(&current, &last_roles) {
-                    for (rg, r) in current.iter() {
-                        let was = last_roles
-                            .get(rg)
-                            .is_some_and(|o| o.primary && o.epoch == r.epoch);
-                        if r.primary && !was {
-                            worker.announce(*rg);
-                        }
-                    }
-                    last_roles = current;
+                for rg in schedule.due(&roles.load_full(), now) {
+                    worker.announce(rg);
                 }
             }
             let mut received = 0;

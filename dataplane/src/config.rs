@@ -230,12 +230,25 @@ pub struct DataplaneConfig {
     pub icmp_rate: Option<u32>,
     #[serde(default)]
     pub icmp_burst: Option<u32>,
+    /// Gratuitous ARPs / unsolicited NAs sent for each VIP on becoming
+    /// primary for an RG, and the interval between them (switches that
+    /// missed the first, a peer's stale announcement racing it).
+    #[serde(default)]
+    pub garp_count: Option<u32>,
+    #[serde(default)]
+    pub garp_interval_ms: Option<u64>,
 }
 
 /// Default ICMP rate limit: messages per second and burst (as Linux's
 /// `icmp_msgs_per_sec` / `icmp_msgs_burst`).
 pub const DEFAULT_ICMP_RATE: u32 = 1000;
 pub const DEFAULT_ICMP_BURST: u32 = 50;
+
+/// Default announcements on promotion: 4, a second apart (as SRX's
+/// `gratuitous-arp-count`); at most [`MAX_GARP_COUNT`].
+pub const DEFAULT_GARP_COUNT: u32 = 4;
+pub const DEFAULT_GARP_INTERVAL_MS: u64 = 1000;
+pub const MAX_GARP_COUNT: u32 = 16;
 
 /// Most dataplane workers a configuration may ask for.
 pub const MAX_WORKERS: usize = 64;
@@ -360,6 +373,8 @@ pub struct Compiled {
     /// ICMP the node sends: per second, and burst.
     pub icmp_rate: u32,
     pub icmp_burst: u32,
+    pub garp_count: u32,
+    pub garp_interval_ms: u64,
 }
 
 impl Compiled {
@@ -381,6 +396,16 @@ impl Compiled {
         }
         if cfg.icmp_rate == Some(0) || cfg.icmp_burst == Some(0) {
             return Err("icmp_rate and icmp_burst must be positive".into());
+        }
+        if let Some(n) = cfg.garp_count
+            && !(1..=MAX_GARP_COUNT).contains(&n)
+        {
+            return Err(format!("garp_count: {n} is not in 1..={MAX_GARP_COUNT}"));
+        }
+        if let Some(ms) = cfg.garp_interval_ms
+            && !(100..=60_000).contains(&ms)
+        {
+            return Err(format!("garp_interval_ms: {ms} is not in 100..=60000"));
         }
         let mut zones: Vec<String> = Vec::new();
         let mut zone = |name: &str| -> ZoneId {
@@ -529,6 +554,8 @@ impl Compiled {
             routes,
             icmp_rate: cfg.icmp_rate.unwrap_or(DEFAULT_ICMP_RATE),
             icmp_burst: cfg.icmp_burst.unwrap_or(DEFAULT_ICMP_BURST),
+            garp_count: cfg.garp_count.unwrap_or(DEFAULT_GARP_COUNT),
+            garp_interval_ms: cfg.garp_interval_ms.unwrap_or(DEFAULT_GARP_INTERVAL_MS),
         })
     }
 

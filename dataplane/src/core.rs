@@ -1683,7 +1683,10 @@ fn build_na(
     let m = &mut f[ETH_HLEN + 40..len];
     m.fill(0);
     m[0] = 136;
-    m[4] = if solicited { 0x60 } else { 0x20 }; // solicited + override / override
+    // Router (the node routes for every address it answers for, and a
+    // gateway VIP must be seen as a router, RFC 4861 §4.4), override, and
+    // solicited when answering.
+    m[4] = if solicited { 0xe0 } else { 0xa0 };
     m[8..24].copy_from_slice(&target.0);
     m[24] = 2;
     m[25] = 1;

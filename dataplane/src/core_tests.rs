@@ -115,6 +115,8 @@ fn config() -> DataplaneConfig {
         workers: None,
         icmp_rate: None,
         icmp_burst: None,
+        garp_count: None,
+        garp_interval_ms: None,
     }
 }
 
@@ -594,6 +596,7 @@ fn neighbor_solicitation_for_a_vip_gets_an_advertisement() {
     };
     ns.truncate(len);
     assert_eq!(ns[ETH_HLEN + 40], 136);
+    assert_eq!(ns[ETH_HLEN + 44], 0xe0, "router, solicited, override");
     assert_eq!(
         &ns[ETH_HLEN + 40 + 8..ETH_HLEN + 40 + 24],
         &v6("2001:db8:1::1").0
@@ -890,6 +893,17 @@ fn announce_sends_garp_and_unsolicited_na_from_the_virtual_mac() {
         "gratuitous: sender = target"
     );
     verify_checksums(&frames[1].1).unwrap();
+    let na = frames
+        .iter()
+        .map(|(_, f)| f)
+        .find(|f| packet::parse_eth(f).unwrap().ethertype == packet::ETHERTYPE_IPV6)
+        .expect("an unsolicited NA");
+    assert_eq!(na[ETH_HLEN + 40], 136);
+    assert_eq!(
+        na[ETH_HLEN + 44],
+        0xa0,
+        "router and override, not solicited: hosts keep the VIP as their router"
+    );
 }
 
 proptest! {

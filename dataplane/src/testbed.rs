@@ -224,6 +224,8 @@ pub fn sample_config() -> DataplaneConfig {
         workers: None,
         icmp_rate: None,
         icmp_burst: None,
+        garp_count: None,
+        garp_interval_ms: None,
     }
 }
 

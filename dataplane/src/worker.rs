@@ -402,6 +402,72 @@ impl BurstState {
     }
 }
 
+/// When to announce (gratuitous ARP / unsolicited NA) each RG's VIPs:
+/// at once on becoming primary, then `count - 1` more times `interval_ms`
+/// apart, for as long as the node stays primary at the same epoch (a
+/// demotion or a new epoch cancels the rest; a new promotion starts over).
+pub struct AnnounceSchedule {
+    count: u32,
+    interval_ms: u64,
+    last: Arc<RoleMap>,
+    pending: Vec<PendingAnnounce>,
+}
+
+struct PendingAnnounce {
+    rg: RgId,
+    epoch: tandem_proto::Epoch,
+    left: u32,
+    next: Millis,
+}
+
+impl AnnounceSchedule {
+    pub fn new(count: u32, interval_ms: u64) -> AnnounceSchedule {
+        AnnounceSchedule {
+            count: count.max(1),
+            interval_ms,
+            last: Arc::new(RoleMap::new()),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The RGs to announce now, given the current role map.
+    pub fn due(&mut self, roles: &Arc<RoleMap>, now: Millis) -> Vec<RgId> {
+        if !Arc::ptr_eq(roles, &self.last) {
+            for (rg, r) in roles.iter() {
+                let was = self
+                    .last
+                    .get(rg)
+                    .is_some_and(|o| o.primary && o.epoch == r.epoch);
+                if r.primary && !was {
+                    self.pending.retain(|p| p.rg != *rg);
+                    self.pending.push(PendingAnnounce {
+                        rg: *rg,
+                        epoch: r.epoch,
+                        left: self.count,
+                        next: now,
+                    });
+                }
+            }
+            self.last = roles.clone();
+        }
+        self.pending.retain(|p| {
+            roles
+                .get(&p.rg)
+                .is_some_and(|r| r.primary && r.epoch == p.epoch)
+        });
+        let mut due = Vec::new();
+        for p in &mut self.pending {
+            if now >= p.next {
+                due.push(p.rg);
+                p.left -= 1;
+                p.next = Millis(now.0 + self.interval_ms);
+            }
+        }
+        self.pending.retain(|p| p.left > 0);
+        due
+    }
+}
+
 /// Expires idle sessions of `shared`'s table in slices of
 /// [`SLICE`] entries, releasing the write lock between slices so workers
 /// proceed; a delete delta goes out for each expired session of a data RG.

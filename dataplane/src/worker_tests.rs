@@ -501,3 +501,46 @@ proptest! {
         }
     }
 }
+
+fn roles_of(entries: &[(u16, bool, u64)]) -> Arc<RoleMap> {
+    Arc::new(
+        entries
+            .iter()
+            .map(|&(rg, primary, epoch)| {
+                (
+                    RgId(rg),
+                    tandem_proto::RgRole {
+                        primary,
+                        epoch: tandem_proto::Epoch(epoch),
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn a_promotion_is_announced_count_times_an_interval_apart() {
+    let mut s = AnnounceSchedule::new(3, 1000);
+    let primary = roles_of(&[(1, true, 2), (2, false, 1)]);
+    assert_eq!(s.due(&primary, Millis(5_000)), vec![RgId(1)]);
+    assert!(s.due(&primary, Millis(5_999)).is_empty());
+    assert_eq!(s.due(&primary, Millis(6_000)), vec![RgId(1)]);
+    assert_eq!(s.due(&primary, Millis(7_000)), vec![RgId(1)]);
+    assert!(s.due(&primary, Millis(8_000)).is_empty(), "three in all");
+    // The same role map again (a new Arc, same epoch): not a promotion.
+    let same = roles_of(&[(1, true, 2), (2, false, 1)]);
+    assert!(s.due(&same, Millis(9_000)).is_empty());
+}
+
+#[test]
+fn a_demotion_cancels_the_remaining_announcements_and_a_new_epoch_restarts_them() {
+    let mut s = AnnounceSchedule::new(4, 1000);
+    assert_eq!(s.due(&roles_of(&[(1, true, 2)]), Millis(0)), vec![RgId(1)]);
+    let demoted = roles_of(&[(1, false, 3)]);
+    assert!(s.due(&demoted, Millis(1_000)).is_empty());
+    assert!(s.due(&demoted, Millis(2_000)).is_empty());
+    let back = roles_of(&[(1, true, 4)]);
+    assert_eq!(s.due(&back, Millis(2_500)), vec![RgId(1)]);
+    assert_eq!(s.due(&back, Millis(3_500)), vec![RgId(1)]);
+}
