@@ -342,8 +342,7 @@ pub fn start_dataplane(node: &Arc<Node>) -> Result<(), String> {
         }
     }
     let ports: Vec<PortSpec> = compiled
-        .ifaces
-        .iter()
+        .ports()
         .map(|i| PortSpec {
             iface: i.id,
             device: i.device.clone(),

@@ -20,7 +20,9 @@
 //! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
 //! most 32 descriptors per kick, so TX goes out in chunks of 32.
 
-use crate::core::{Arrival, FabricOut, Verdict, bump};
+use crate::config::Compiled;
+use crate::core::{Arrival, CoreStats, DropReason, FabricOut, Verdict, bump};
+use crate::packet;
 use crate::session::{Clock, InterfaceId, Millis};
 use crate::worker::{AnnounceSchedule, FrameBurst, Worker};
 use crate::xdp::{PortMode, XdpMaps};
@@ -216,6 +218,9 @@ pub struct AfXdp {
     routes: Vec<TxRoute>,
     /// Frames other workers handed this one.
     inbox: Option<mpsc::Receiver<Handoff>>,
+    /// Logical interfaces (802.1Q units) by port and tag, from the
+    /// worker's configuration when it runs.
+    units: Option<Arc<Compiled>>,
     pub io: Arc<IoStats>,
 }
 
@@ -357,6 +362,7 @@ impl AfXdp {
             sockets,
             routes,
             inbox,
+            units: None,
             io: Arc::default(),
         };
         this.refill();
@@ -389,9 +395,62 @@ impl AfXdp {
         }
     }
 
-    /// Copies a frame into a free UMEM frame and queues it on `iface`
-    /// (frames the core built, frames handed over by other workers).
+    /// Where frames of logical interface `id` leave: its port and its
+    /// 802.1Q tag.
+    fn egress_of(&self, id: InterfaceId) -> (InterfaceId, Option<u16>) {
+        self.units
+            .as_ref()
+            .map_or((id, None), |cfg| cfg.egress_of(id))
+    }
+
+    /// A frame from data port `port`: the logical interface its tag (or
+    /// its absence) names, the tag removed in place. `None` (counted) for
+    /// a tag, or an untagged frame, that no unit is configured for: a
+    /// tagged frame is never taken as untagged.
+    fn wire_unit(
+        &mut self,
+        d: &mut FrameDesc,
+        port: InterfaceId,
+        stats: &CoreStats,
+    ) -> Option<Arrival> {
+        // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
+        let mut data = unsafe { self.umem.data_mut(d) };
+        let vlan = packet::vlan_of(data.contents());
+        let unit = match &self.units {
+            Some(cfg) if cfg.ifaces.iter().any(|i| i.vlan.is_some()) => cfg.unit(port, vlan),
+            _ => vlan.is_none().then_some(port),
+        };
+        let Some(unit) = unit else {
+            bump(&stats.drops[DropReason::VlanTagged as usize], 1);
+            return None;
+        };
+        if vlan.is_some() {
+            let len = packet::strip_vlan(data.contents_mut());
+            data.cursor().set_pos(len);
+        }
+        Some(Arrival::Wire(unit))
+    }
+
+    /// Copies a frame of logical interface `iface` into a free UMEM frame
+    /// (tagged for its unit) and queues it on its port (frames the core
+    /// built).
     fn send_copy(&mut self, iface: InterfaceId, frame: &[u8]) {
+        let (port, vlan) = self.egress_of(iface);
+        match vlan {
+            None => self.send_raw(port, frame),
+            Some(v) if frame.len() >= 12 => {
+                let mut tagged = vec![0u8; frame.len() + 4];
+                tagged[..frame.len()].copy_from_slice(frame);
+                let len = packet::insert_vlan(&mut tagged, frame.len(), v);
+                self.send_raw(port, &tagged[..len]);
+            }
+            Some(_) => bump(&self.io.tx_no_frame, 1),
+        }
+    }
+
+    /// Copies a frame ready for the wire into a free UMEM frame and queues
+    /// it on `port` (or hands it to the worker that has the port's socket).
+    fn send_raw(&mut self, iface: InterfaceId, frame: &[u8]) {
         let route = self.route(iface);
         let sock = match route {
             TxRoute::Socket(s) => s,
@@ -433,7 +492,7 @@ impl AfXdp {
         let mut wrapped = Vec::with_capacity(fabric_header::OVERHEAD + frame.len());
         wrapped.extend_from_slice(&tx.prefix);
         wrapped.extend_from_slice(frame);
-        self.send_copy(tx.port, &wrapped);
+        self.send_raw(tx.port, &wrapped);
     }
 
     fn hand_off(&self, tx: &mpsc::SyncSender<Handoff>, iface: InterfaceId, frame: &[u8]) {
@@ -553,6 +612,7 @@ impl AfXdp {
         let mut arrivals: Vec<Arrival> = Vec::with_capacity(BATCH);
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(BATCH);
         let roles = worker.shared().roles.clone();
+        self.units = Some(worker.shared().cfg.clone());
         let mut schedule =
             AnnounceSchedule::new(worker.config().garp_count, worker.config().garp_interval_ms);
         let mut last_stats = Millis(0);
@@ -634,7 +694,7 @@ impl AfXdp {
             n += 1;
             bump(&self.io.handoff_received, 1);
             match self.socket_of(iface) {
-                Some(_) => self.send_copy(iface, &frame),
+                Some(_) => self.send_raw(iface, &frame),
                 None => {
                     bump(&self.io.tx_no_socket, 1);
                 }
@@ -663,7 +723,7 @@ impl AfXdp {
         let mut kept = 0;
         for i in 0..descs.len() {
             let arrival = match mode {
-                PortMode::Data => Some(Arrival::Wire(iface)),
+                PortMode::Data => self.wire_unit(&mut descs[i], iface, worker.stats()),
                 PortMode::Fabric => self.unwrap_fabric(&mut descs[i], iface, fabric),
             };
             match arrival {
@@ -753,13 +813,27 @@ impl AfXdp {
         }
     }
 
-    /// Queues the first `len` bytes of `d` on `out`: on this worker's own
-    /// socket without a copy, else handed (copied) to the worker that has
-    /// one.
+    /// Queues the first `len` bytes of `d` on `out`'s port (tagged for an
+    /// 802.1Q unit): on this worker's own socket without a copy, else
+    /// handed (copied) to the worker that has one.
     fn transmit(&mut self, d: &mut FrameDesc, out: InterfaceId, len: usize) {
+        let (port, vlan) = self.egress_of(out);
         // SAFETY: the frame in `d` is ours until queued or freed.
         let mut data = unsafe { self.umem.data_mut(d) };
+        let len = match vlan {
+            None => len,
+            Some(v) => {
+                data.cursor().set_pos(len + 4);
+                if data.contents().len() != len + 4 || len < 12 {
+                    bump(&self.io.tx_no_frame, 1);
+                    self.free.push(*d);
+                    return;
+                }
+                packet::insert_vlan(data.contents_mut(), len, v)
+            }
+        };
         data.cursor().set_pos(len);
+        let out = port;
         match self.route(out) {
             TxRoute::Socket(s) => self.sockets[s].pending.push(*d),
             TxRoute::Handoff(tx) => {

@@ -134,6 +134,11 @@ pub struct InterfaceConfig {
     /// packet too big (IPv6).
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// 802.1Q unit: frames of this VLAN id on `device` are this logical
+    /// interface (its own zone, addresses, VIPs and RG), and frames it
+    /// sends carry the tag. Without it: the device's untagged frames.
+    #[serde(default)]
+    pub vlan: Option<u16>,
 }
 
 /// Default interface MTU.
@@ -286,6 +291,11 @@ pub struct Iface {
     pub addresses: Vec<Prefix>,
     pub reth: Option<(RgId, Mac, Vec<Prefix>)>,
     pub mtu: u16,
+    /// The 802.1Q tag of this unit (none: untagged).
+    pub vlan: Option<u16>,
+    /// The interface that stands for the device as a dataplane port: the
+    /// first unit configured on it (itself for untagged-only devices).
+    pub port: InterfaceId,
 }
 
 impl Iface {
@@ -384,7 +394,24 @@ impl Compiled {
         {
             return Err(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
         }
-        for c in &cfg.interfaces {
+        for (i, c) in cfg.interfaces.iter().enumerate() {
+            if let Some(v) = c.vlan
+                && !(1..=4094).contains(&v)
+            {
+                return Err(format!("interface {}: vlan {v} is not in 1..=4094", c.name));
+            }
+            if let Some(other) = cfg.interfaces[..i]
+                .iter()
+                .find(|o| o.device == c.device && o.vlan == c.vlan)
+            {
+                return Err(format!(
+                    "interface {}: device {} {} is interface {} already",
+                    c.name,
+                    c.device,
+                    c.vlan.map_or("untagged".into(), |v| format!("vlan {v}")),
+                    other.name
+                ));
+            }
             if let Some(m) = c.mtu
                 && !(1280..=9000).contains(&m)
             {
@@ -431,6 +458,11 @@ impl Compiled {
                     Some((RgId(r.rg), vmac, r.vips.clone()))
                 }
             };
+            let port = cfg
+                .interfaces
+                .iter()
+                .position(|o| o.device == c.device)
+                .expect("itself");
             ifaces.push(Iface {
                 id: InterfaceId(i as u16),
                 name: c.name.clone(),
@@ -440,6 +472,8 @@ impl Compiled {
                 addresses: c.addresses.clone(),
                 reth,
                 mtu: c.mtu.unwrap_or(DEFAULT_MTU),
+                vlan: c.vlan,
+                port: InterfaceId(port as u16),
             });
         }
         let known_zone = |z: &str, what: &str, zones: &[String]| -> Result<ZoneId, String> {
@@ -565,6 +599,26 @@ impl Compiled {
             .map_or("?", String::as_str)
     }
 
+    /// One interface per device: what the dataplane opens sockets on.
+    pub fn ports(&self) -> impl Iterator<Item = &Iface> {
+        self.ifaces.iter().filter(|i| i.port == i.id)
+    }
+
+    /// The logical interface a frame of `port` with 802.1Q tag `vlan` (none:
+    /// untagged) arrived on, if one is configured.
+    pub fn unit(&self, port: InterfaceId, vlan: Option<u16>) -> Option<InterfaceId> {
+        self.ifaces
+            .iter()
+            .find(|i| i.port == port && i.vlan == vlan)
+            .map(|i| i.id)
+    }
+
+    /// Where frames of interface `id` leave: its port and tag. Ids that are
+    /// not interfaces (the fabric port) are their own port, untagged.
+    pub fn egress_of(&self, id: InterfaceId) -> (InterfaceId, Option<u16>) {
+        self.iface(id).map_or((id, None), |i| (i.port, i.vlan))
+    }
+
     pub fn iface(&self, id: InterfaceId) -> Option<&Iface> {
         self.ifaces.get(usize::from(id.0))
     }
@@ -635,6 +689,83 @@ mod tests {
         assert!(parse_mac("zz:00:5e:00:01:01").is_err());
     }
 
+    fn unit(name: &str, device: &str, zone: &str, vlan: Option<u16>) -> InterfaceConfig {
+        InterfaceConfig {
+            name: name.into(),
+            device: device.into(),
+            zone: zone.into(),
+            addresses: vec![],
+            reth: None,
+            mtu: None,
+            vlan,
+        }
+    }
+
+    #[test]
+    fn vlan_units_share_a_port_and_map_tags_to_their_interface() {
+        let cfg = DataplaneConfig {
+            interfaces: vec![
+                unit("reth0", "eth0", "trust", None),
+                unit("reth1", "eth1", "untrust", None),
+                unit("reth0.100", "eth0", "guest", Some(100)),
+                unit("reth1.200", "eth1", "dmz", Some(200)),
+            ],
+            ..Default::default()
+        };
+        let c = Compiled::new(&cfg).unwrap();
+        let ports: Vec<&str> = c.ports().map(|i| i.name.as_str()).collect();
+        assert_eq!(ports, ["reth0", "reth1"], "one port per device");
+        assert_eq!(c.unit(InterfaceId(0), Some(100)), Some(InterfaceId(2)));
+        assert_eq!(c.unit(InterfaceId(0), None), Some(InterfaceId(0)));
+        assert_eq!(c.unit(InterfaceId(0), Some(200)), None, "eth1's tag");
+        assert_eq!(c.unit(InterfaceId(1), Some(200)), Some(InterfaceId(3)));
+        assert_eq!(c.egress_of(InterfaceId(3)), (InterfaceId(1), Some(200)));
+        assert_eq!(
+            c.egress_of(InterfaceId(9)),
+            (InterfaceId(9), None),
+            "fabric"
+        );
+        // Tagged only: untagged frames have no unit.
+        let cfg = DataplaneConfig {
+            interfaces: vec![unit("trunk.10", "eth0", "a", Some(10))],
+            ..Default::default()
+        };
+        let c = Compiled::new(&cfg).unwrap();
+        assert_eq!(c.ports().count(), 1);
+        assert_eq!(c.unit(InterfaceId(0), None), None);
+    }
+
+    #[test]
+    fn bad_vlan_units_are_refused_with_their_interface() {
+        for (units, want) in [
+            (
+                vec![unit("a", "eth0", "z", Some(0))],
+                "interface a: vlan 0 is not in 1..=4094",
+            ),
+            (
+                vec![unit("a", "eth0", "z", Some(4095))],
+                "interface a: vlan 4095 is not in 1..=4094",
+            ),
+            (
+                vec![
+                    unit("a", "eth0", "z", Some(7)),
+                    unit("b", "eth0", "y", Some(7)),
+                ],
+                "interface b: device eth0 vlan 7 is interface a already",
+            ),
+            (
+                vec![unit("a", "eth0", "z", None), unit("b", "eth0", "y", None)],
+                "interface b: device eth0 untagged is interface a already",
+            ),
+        ] {
+            let cfg = DataplaneConfig {
+                interfaces: units,
+                ..Default::default()
+            };
+            assert_eq!(Compiled::new(&cfg).unwrap_err(), want);
+        }
+    }
+
     #[test]
     fn bad_references_are_reported_with_their_rule() {
         let cfg = DataplaneConfig {
@@ -645,6 +776,7 @@ mod tests {
                 addresses: vec![],
                 reth: None,
                 mtu: None,
+                vlan: None,
             }],
             policies: vec![PolicyConfig {
                 name: "p1".into(),

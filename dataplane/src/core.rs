@@ -45,6 +45,8 @@ pub enum DropReason {
     /// A fragment of a datagram whose first fragment was dropped (or that
     /// was poisoned by an overlap).
     Fragment,
+    /// An 802.1Q tag (or an untagged frame) no unit is configured for on
+    /// the port, or a second tag (the shell strips the one it knows).
     VlanTagged,
     UnsupportedEtherType,
     NotForUs,
@@ -115,7 +117,7 @@ impl DropReason {
         match self {
             DropReason::Malformed => "malformed",
             DropReason::Fragment => "fragment-of-dropped-datagram",
-            DropReason::VlanTagged => "vlan-tagged",
+            DropReason::VlanTagged => "vlan-unknown",
             DropReason::UnsupportedEtherType => "unsupported-ethertype",
             DropReason::NotForUs => "not-for-us",
             DropReason::ArpNotForUs => "arp-not-for-us",

@@ -47,6 +47,7 @@ fn config() -> DataplaneConfig {
                     vips: vec![p("10.1.0.1/24"), p("2001:db8:1::1/64")],
                 }),
                 mtu: None,
+                vlan: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -59,6 +60,7 @@ fn config() -> DataplaneConfig {
                     vips: vec![p("192.0.2.1/24"), p("2001:db8:2::1/64")],
                 }),
                 mtu: None,
+                vlan: None,
             },
         ],
         policies: vec![

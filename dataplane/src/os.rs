@@ -53,19 +53,13 @@ pub fn mac(dev: &str) -> io::Result<Mac> {
     Ok(m)
 }
 
-/// RX queues of `dev` in the calling thread's network namespace, from the
-/// driver (ethtool channels: dedicated RX plus combined queues); 1 when
-/// the driver does not say.
-pub fn rx_queues(dev: &str) -> io::Result<u32> {
+/// One SIOCETHTOOL request on `dev`: `buf` is the ethtool struct (its
+/// first word the command), read and written by the kernel.
+fn ethtool(dev: &str, buf: &mut [u32]) -> io::Result<()> {
     if dev.len() >= libc::IFNAMSIZ {
         return Err(io::Error::other(format!("interface name {dev:?} too long")));
     }
-    const ETHTOOL_GCHANNELS: u32 = 0x3c;
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    // struct ethtool_channels: cmd, then max_{rx,tx,other,combined}, then
-    // {rx,tx,other,combined}_count.
-    let mut ch = [0u32; 9];
-    ch[0] = ETHTOOL_GCHANNELS;
     // SAFETY: a plain datagram socket used only for the ioctl below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -76,20 +70,66 @@ pub fn rx_queues(dev: &str) -> io::Result<u32> {
     for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
         *d = s as libc::c_char;
     }
-    req.ifr_ifru.ifru_data = ch.as_mut_ptr().cast();
-    // SAFETY: SIOCETHTOOL reads `req` and writes the channels struct that
-    // `ch` holds; both outlive the call.
+    req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast();
+    // SAFETY: SIOCETHTOOL reads `req` and reads/writes the struct `buf`
+    // holds (sized for the command by the caller); both outlive the call.
     let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
     let err = io::Error::last_os_error();
     // SAFETY: `fd` is ours.
     unsafe { libc::close(fd) };
-    if rc != 0 {
-        return match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => Ok(1),
-            _ => Err(err),
-        };
+    if rc != 0 { Err(err) } else { Ok(()) }
+}
+
+/// RX queues of `dev` in the calling thread's network namespace, from the
+/// driver (ethtool channels: dedicated RX plus combined queues); 1 when
+/// the driver does not say.
+pub fn rx_queues(dev: &str) -> io::Result<u32> {
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    // struct ethtool_channels: cmd, then max_{rx,tx,other,combined}, then
+    // {rx,tx,other,combined}_count.
+    let mut ch = [0u32; 9];
+    ch[0] = ETHTOOL_GCHANNELS;
+    match ethtool(dev, &mut ch) {
+        Ok(()) => Ok((ch[5] + ch[8]).max(1)),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(1),
+        Err(e) => Err(e),
     }
-    Ok((ch[5] + ch[8]).max(1))
+}
+
+const ETHTOOL_GFLAGS: u32 = 0x25;
+const ETHTOOL_SFLAGS: u32 = 0x26;
+/// `ETH_FLAG_RXVLAN`: the device takes 802.1Q tags out of received frames
+/// into metadata, where an XDP program does not see them.
+const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+
+/// Whether `dev` strips received 802.1Q tags (receive VLAN offload).
+pub fn rx_vlan_offload(dev: &str) -> io::Result<bool> {
+    let mut v = [ETHTOOL_GFLAGS, 0];
+    ethtool(dev, &mut v)?;
+    Ok(v[1] & ETH_FLAG_RXVLAN != 0)
+}
+
+/// Turns receive VLAN offload on or off on `dev`.
+pub fn set_rx_vlan_offload(dev: &str, on: bool) -> io::Result<()> {
+    let mut v = [ETHTOOL_GFLAGS, 0];
+    ethtool(dev, &mut v)?;
+    let flags = if on {
+        v[1] | ETH_FLAG_RXVLAN
+    } else {
+        v[1] & !ETH_FLAG_RXVLAN
+    };
+    if flags == v[1] {
+        return Ok(());
+    }
+    let mut v = [ETHTOOL_SFLAGS, flags];
+    ethtool(dev, &mut v)?;
+    if rx_vlan_offload(dev)? != on {
+        return Err(io::Error::other(format!(
+            "{dev}: receive VLAN offload is fixed {}",
+            if on { "off" } else { "on" }
+        )));
+    }
+    Ok(())
 }
 
 /// Pins the calling thread to `cpu` (best effort: an error is returned,

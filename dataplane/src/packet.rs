@@ -138,6 +138,34 @@ pub fn parse_eth(f: &[u8]) -> Result<Eth, ParseError> {
     })
 }
 
+/// The VLAN id of a frame's 802.1Q tag, if it has one.
+pub fn vlan_of(f: &[u8]) -> Option<u16> {
+    (be16(f, 12).ok()? == ETHERTYPE_VLAN)
+        .then(|| be16(f, 14).ok().map(|tci| tci & 0x0fff))
+        .flatten()
+}
+
+/// Removes a frame's 802.1Q tag in place (what follows moves up 4
+/// bytes); the new length. A frame without one is left as it is.
+pub fn strip_vlan(f: &mut [u8]) -> usize {
+    if f.len() < 18 || vlan_of(f).is_none() {
+        return f.len();
+    }
+    f.copy_within(16.., 12);
+    f.len() - 4
+}
+
+/// Inserts an 802.1Q tag for VLAN `vid` after the MACs of the `len`-byte
+/// frame at the start of `buf` (which must hold `len + 4`); the new
+/// length.
+pub fn insert_vlan(buf: &mut [u8], len: usize, vid: u16) -> usize {
+    debug_assert!(buf.len() >= len + 4 && len >= 12);
+    buf.copy_within(12..len, 16);
+    put16(buf, 12, ETHERTYPE_VLAN);
+    put16(buf, 14, vid & 0x0fff);
+    len + 4
+}
+
 pub fn set_macs(f: &mut [u8], dst: Mac, src: Mac) {
     f[0..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&src);
@@ -647,6 +675,25 @@ mod tests {
         let inc = csum_replace_bytes(c, &old, &new);
         ipv4_header_checksum(&mut hdr, 0, 20);
         assert_eq!(inc, be16(&hdr, 10).unwrap());
+    }
+
+    #[test]
+    fn vlan_tags_strip_and_insert_back_to_the_same_frame() {
+        let mut f: Vec<u8> = (0..64u8).collect();
+        put16(&mut f, 12, ETHERTYPE_IPV4);
+        let untagged = f.clone();
+        let mut buf = f.clone();
+        buf.resize(68, 0);
+        let len = insert_vlan(&mut buf, 64, 100);
+        assert_eq!(len, 68);
+        assert_eq!(vlan_of(&buf), Some(100));
+        assert_eq!(&buf[..12], &untagged[..12]);
+        assert_eq!(&buf[16..], &untagged[12..]);
+        let len = strip_vlan(&mut buf);
+        assert_eq!(&buf[..len], &untagged[..]);
+        assert_eq!(vlan_of(&untagged), None);
+        let mut short = [0x81u8; 15];
+        assert_eq!(strip_vlan(&mut short), 15, "too short to carry a tag");
     }
 
     #[test]

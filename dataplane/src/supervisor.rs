@@ -358,6 +358,13 @@ fn supervise(
         indexes.push((ifindex, p.mode, slot as u32));
         queues.push(n);
     }
+    // 802.1Q tags must reach the frames (a tagged frame must never look
+    // untagged): receive VLAN offload off on data ports while the
+    // dataplane runs; restored when this returns.
+    let _offload = match VlanOffloadOff::apply(&ports) {
+        Ok(g) => g,
+        Err(e) => return health.fail(e),
+    };
     *guard(&health.ports) = ports
         .iter()
         .zip(&queues)
@@ -495,6 +502,49 @@ fn supervise(
     health.running.store(false, Ordering::Relaxed);
     drop(xdp);
     info!("dataplane stopped, XDP detached");
+}
+
+/// Receive VLAN offload turned off on data ports, turned back on when
+/// dropped.
+struct VlanOffloadOff {
+    restore: Vec<String>,
+}
+
+impl VlanOffloadOff {
+    fn apply(ports: &[PortSpec]) -> Result<VlanOffloadOff, String> {
+        let mut g = VlanOffloadOff {
+            restore: Vec::new(),
+        };
+        for p in ports.iter().filter(|p| p.mode == PortMode::Data) {
+            match os::rx_vlan_offload(&p.device) {
+                Ok(true) => {
+                    os::set_rx_vlan_offload(&p.device, false).map_err(|e| {
+                        format!(
+                            "{}: cannot turn receive VLAN offload off ({e}): 802.1Q tags would not reach the dataplane",
+                            p.device
+                        )
+                    })?;
+                    info!(device = %p.device, "receive VLAN offload off while the dataplane runs");
+                    g.restore.push(p.device.clone());
+                }
+                Ok(false) => {}
+                // No such feature (no offload to turn off).
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => warn!(device = %p.device, error = %e, "reading receive VLAN offload"),
+            }
+        }
+        Ok(g)
+    }
+}
+
+impl Drop for VlanOffloadOff {
+    fn drop(&mut self) {
+        for dev in &self.restore {
+            if let Err(e) = os::set_rx_vlan_offload(dev, true) {
+                warn!(device = %dev, error = %e, "restoring receive VLAN offload");
+            }
+        }
+    }
 }
 
 /// Marks its worker exited when its thread ends while the dataplane was

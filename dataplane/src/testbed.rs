@@ -166,6 +166,7 @@ pub fn sample_config() -> DataplaneConfig {
                     vips: vec![p("10.1.0.1/24"), p("2001:db8:1::1/64")],
                 }),
                 mtu: None,
+                vlan: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -178,6 +179,7 @@ pub fn sample_config() -> DataplaneConfig {
                     vips: vec![p("192.0.2.1/24"), p("2001:db8:2::1/64")],
                 }),
                 mtu: None,
+                vlan: None,
             },
         ],
         policies: vec![
@@ -322,8 +324,7 @@ impl Firewall {
                 .max()
                 .unwrap_or(0);
             let ports: Vec<PortSpec> = compiled
-                .ifaces
-                .iter()
+                .ports()
                 .map(|i| PortSpec {
                     iface: i.id,
                     device: i.device.clone(),

@@ -4,7 +4,9 @@
 //
 // Mode per ingress ifindex (if_mode map, written by the loader):
 //   DATA   - IPv4, IPv6 and ARP go to the socket (the dataplane answers ARP
-//            and ND for its addresses and VIPs); other ethertypes pass.
+//            and ND for its addresses and VIPs), untagged or with one
+//            802.1Q tag (the dataplane maps the tag to its unit, or drops
+//            and counts it); other ethertypes pass.
 //   FABRIC - only fabric-encapsulated frames (ethertype 0x88b5) go to the
 //            socket; heartbeats and sync (IP) on the fabric link pass.
 // The socket's slot in xsks is in the upper bits of the mode value.
@@ -16,6 +18,7 @@
 #define MODE_DATA 1
 #define MODE_FABRIC 2
 #define ETH_P_FABRIC 0x88b5
+#define ETH_P_VLAN 0x8100
 
 // One socket per (port slot, RX queue): key = slot << QUEUE_BITS | queue.
 // The loader refuses configurations beyond these bounds.
@@ -101,6 +104,15 @@ int xdp_tandem(struct xdp_md *ctx)
     }
     __u32 slot = *mode >> 8;
     __u16 proto = bpf_ntohs(eth->h_proto);
+    if (proto == ETH_P_VLAN && (*mode & 0xff) == MODE_DATA) {
+        // The encapsulated ethertype follows the tag control information.
+        __be16 *inner = (void *)(eth + 1) + 2;
+        if ((void *)(inner + 1) > data_end) {
+            count(C_TOO_SHORT);
+            return XDP_PASS;
+        }
+        proto = bpf_ntohs(*inner);
+    }
     int ours;
     if ((*mode & 0xff) == MODE_FABRIC)
         ours = proto == ETH_P_FABRIC;
