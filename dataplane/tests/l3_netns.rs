@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 use tandem_dataplane::core::DropReason;
 use tandem_dataplane::os;
+use tandem_dataplane::packet;
 use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns};
 
 fn skip() -> bool {
@@ -226,4 +227,289 @@ fn tracepath_learns_a_smaller_egress_mtu_from_the_firewall() {
     }
     let stats = fw.stop();
     assert!(stats.dropped(DropReason::MtuExceeded) >= 2);
+}
+
+/// A raw AF_PACKET socket on a device, reading each frame's 802.1Q tag
+/// from the kernel's auxiliary data (the receive path moves an in-band
+/// tag there).
+struct RawPort {
+    fd: i32,
+}
+
+impl RawPort {
+    fn open(dev: &str) -> RawPort {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket calls on values built here; errors checked.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = os::ifindex(dev).unwrap() as i32;
+            let rc = libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let on: i32 = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                (&on as *const i32).cast(),
+                4,
+            );
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            RawPort { fd }
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: `frame` is valid for its length.
+        let n = unsafe { libc::send(self.fd, frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame received (not our own sends) and its VLAN id, within
+    /// `wait`.
+    fn recv_until(
+        &self,
+        wait: Duration,
+        mut want: impl FnMut(&[u8], Option<u16>) -> bool,
+    ) -> Option<(Vec<u8>, Option<u16>)> {
+        let end = std::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 9000];
+        let mut cmsg = [0u64; 16];
+        while std::time::Instant::now() < end {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            // SAFETY: msghdr is plain data; every pointer set below is
+            // valid for the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cmsg);
+            // SAFETY: as above.
+            let n = unsafe { libc::recvmsg(self.fd, &mut msg, 0) };
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let mut vlan = None;
+            // SAFETY: walking the control messages the kernel wrote.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&msg);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA
+                    {
+                        let aux = &*(libc::CMSG_DATA(c) as *const libc::tpacket_auxdata);
+                        if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                            vlan = Some(aux.tp_vlan_tci & 0x0fff);
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&msg, c);
+                }
+            }
+            let frame = &buf[..n as usize];
+            if want(frame, vlan) {
+                return Some((frame.to_vec(), vlan));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for RawPort {
+    fn drop(&mut self) {
+        // SAFETY: ours.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+fn tagged(mut frame: Vec<u8>, vid: u16) -> Vec<u8> {
+    let len = frame.len();
+    frame.resize(len + 4, 0);
+    let n = packet::insert_vlan(&mut frame, len, vid);
+    frame.truncate(n);
+    frame
+}
+
+/// A client segment on VLAN 100 of the trust port (`reth0.100`, zone
+/// guest, VIP 10.100.0.1) beside the untagged one, driven with tagged
+/// frames from a raw socket (this kernel may lack 802.1Q devices): ARP for
+/// its VIP is answered on VLAN 100 with the unit's virtual MAC, its UDP to
+/// the server is source-NATed and the answer comes back tagged 100, the
+/// session keeps the unit as its interface, a tag no unit is configured
+/// for (VLAN 200) is dropped and counted, and an untagged frame to the
+/// unit's virtual MAC is not taken for the unit.
+#[test]
+fn a_vlan_unit_is_its_own_segment_and_unknown_tags_are_dropped() {
+    use tandem_dataplane::config::{InterfaceConfig, PolicyAction, PolicyConfig, RethConfig};
+    use tandem_dataplane::core::build_arp;
+    use tandem_dataplane::frames::{L4, build};
+    use tandem_dataplane::session::{Addr, InterfaceId, lock};
+    if skip() {
+        return;
+    }
+    let topo = Topo::new("v");
+    let mut spec = FirewallSpec::sample();
+    spec.config.interfaces.push(InterfaceConfig {
+        name: "reth0.100".into(),
+        device: "t0".into(),
+        zone: "guest".into(),
+        addresses: vec![],
+        reth: Some(RethConfig {
+            rg: 1,
+            vmac: "02:00:5e:00:01:03".into(),
+            vips: vec!["10.100.0.1/24".parse().unwrap()],
+        }),
+        mtu: None,
+        vlan: Some(100),
+    });
+    spec.config.policies.push(PolicyConfig {
+        name: "guest-out".into(),
+        from_zone: "guest".into(),
+        to_zone: "untrust".into(),
+        source: vec![],
+        destination: vec![],
+        protocol: None,
+        ports: vec![],
+        action: PolicyAction::Permit,
+    });
+    let mut snat = spec.config.snat[0].clone();
+    snat.name = "guest-out".into();
+    snat.from_zone = "guest".into();
+    spec.config.snat.push(snat);
+    let fw = Firewall::start_with(&topo.ns[1], spec);
+    let (seen_tx, seen_rx) = mpsc::channel();
+    let server = in_ns(&topo.ns[2], move || {
+        let u = UdpSocket::bind("0.0.0.0:9000").unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = u.recv_from(&mut buf).unwrap();
+        u.send_to(&buf[..n], from).unwrap();
+        seen_tx.send(from).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let client = in_ns(&topo.ns[0], || {
+        let port = RawPort::open("c0");
+        let cmac = os::mac("c0").unwrap();
+        let me: Addr = "10.100.0.10".parse::<std::net::Ipv4Addr>().unwrap().into();
+        let vip: Addr = "10.100.0.1".parse::<std::net::Ipv4Addr>().unwrap().into();
+        let is_arp_reply = |f: &[u8], v: Option<u16>| {
+            v == Some(100) && f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+        };
+        let mut vmac = None;
+        for _ in 0..3 {
+            port.send(&tagged(
+                build_arp(1, cmac, packet::BROADCAST, &me, &vip),
+                100,
+            ));
+            if let Some((f, _)) = port.recv_until(Duration::from_secs(1), is_arp_reply) {
+                vmac = Some(packet::mac_at(&f, 22).unwrap());
+                break;
+            }
+        }
+        let vmac = vmac.expect("ARP for the guest VIP answered on VLAN 100");
+        let server: Addr = "192.0.2.100".parse::<std::net::Ipv4Addr>().unwrap().into();
+        let udp = build(
+            vmac,
+            cmac,
+            me,
+            server,
+            64,
+            &L4::Udp {
+                sport: 40100,
+                dport: 9000,
+                payload: b"from vlan 100".to_vec(),
+            },
+        );
+        let mut answer = None;
+        for _ in 0..3 {
+            port.send(&tagged(udp.clone(), 100));
+            answer = port.recv_until(Duration::from_secs(1), |f, _| {
+                f.len() > 42 && f[12..14] == [8, 0] && f[23] == 17 && f[26..30] == [192, 0, 2, 100]
+            });
+            if answer.is_some() {
+                break;
+            }
+        }
+        let (f, vlan) = answer.expect("the server's answer");
+        // Unknown tag: nobody answers.
+        let other: Addr = "10.200.0.1".parse::<std::net::Ipv4Addr>().unwrap().into();
+        let me200: Addr = "10.200.0.10".parse::<std::net::Ipv4Addr>().unwrap().into();
+        port.send(&tagged(
+            build_arp(1, cmac, packet::BROADCAST, &me200, &other),
+            200,
+        ));
+        port.send(&tagged(
+            build_arp(1, cmac, packet::BROADCAST, &me200, &other),
+            200,
+        ));
+        let answered_200 = port
+            .recv_until(Duration::from_millis(500), |f, _| {
+                f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+            })
+            .is_some();
+        // Untagged, to the unit's virtual MAC: the trust unit's frame.
+        port.send(&udp);
+        (vmac, f, vlan, answered_200)
+    });
+    let (vmac, answer, vlan, answered_200) = client.join().expect("client");
+    server.join().unwrap();
+    assert_eq!(vmac, [0x02, 0, 0x5e, 0, 1, 3], "the unit's virtual MAC");
+    assert_eq!(vlan, Some(100), "the answer carries the unit's tag");
+    assert_eq!(&answer[30..34], &[10, 100, 0, 10]);
+    assert_eq!(&answer[42..answer.len().min(55)], b"from vlan 100");
+    assert_eq!(
+        seen_rx.recv().unwrap().ip().to_string(),
+        "192.0.2.1",
+        "SNAT"
+    );
+    assert!(!answered_200, "no unit for VLAN 200");
+    {
+        let t = lock(&fw.table);
+        let (_, rec) = t
+            .iter()
+            .find(|(_, r)| r.key.dst_port == 9000)
+            .expect("the UDP session");
+        assert_eq!(rec.ingress_if, InterfaceId(2), "the unit, not the port");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = fw.stop();
+    assert_eq!(
+        stats.dropped(DropReason::VlanTagged),
+        2,
+        "the VLAN 200 ARPs"
+    );
+    assert!(
+        stats.dropped(DropReason::NotForUs) >= 1,
+        "untagged to the unit's MAC is not the unit's"
+    );
 }
