@@ -299,6 +299,27 @@ fn build_topology() -> Result<(), String> {
         "dev",
         "s0",
     ])?;
+    // Dual stack: IPv6 hosts (no duplicate-address wait) behind the VIPs
+    // 2001:db8:1::1 and 2001:db8:2::1.
+    for (ns, dev, addr) in [
+        ("tl-client", "c0", "2001:db8:1::10/64"),
+        ("tl-server", "s0", "2001:db8:2::100/64"),
+    ] {
+        sh(&[
+            "ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad",
+        ])?;
+    }
+    sh(&[
+        "ip",
+        "-n",
+        "tl-client",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "2001:db8:1::1",
+    ])?;
     Ok(())
 }
 
@@ -497,10 +518,10 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
     let (first, second) = if primary0 { (0usize, 1usize) } else { (1, 0) };
     step(&format!("node{first} is primary for RG1"));
     step(
-        "starting traffic: 4 TCP streams and 1000 UDP probes/s through SNAT, 1 TCP stream through the DNAT port-forward, 3000 short UDP flows",
+        "starting traffic: 4 TCP streams and 1000 UDP probes/s through SNAT, 1 TCP stream through the DNAT port-forward, 3000 short UDP flows; over IPv6, 2 TCP streams and 1000 UDP probes/s through SNAT66",
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = Traffic::start(stop.clone())?;
+    let traffic = Traffic::start(stop.clone(), true)?;
     std::thread::sleep(Duration::from_secs(3));
     traffic.check_flowing("before failover")?;
     let mut report = Vec::new();
@@ -543,6 +564,7 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
         value: manual_gap,
         unit: "ms",
     });
+    push_v6_gap(&mut report, &traffic, "manual_failover_gap_v6_ms", t1);
     let synced = synced_sessions(rt, first)?;
     report.push(Figure {
         name: "sessions_synced_before_crash",
@@ -583,6 +605,7 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
         value: crash_gap,
         unit: "ms",
     });
+    push_v6_gap(&mut report, &traffic, "crash_failover_gap_v6_ms", t2);
 
     // Rejoin: the restarted node imports the RG by bulk.
     step(&format!(
@@ -645,6 +668,18 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
         value: result.probes_lost as f64,
         unit: "count",
     });
+    if let Some((sent, lost)) = result.probes6 {
+        report.push(Figure {
+            name: "udp6_probes_sent",
+            value: sent as f64,
+            unit: "count",
+        });
+        report.push(Figure {
+            name: "udp6_probes_lost",
+            value: lost as f64,
+            unit: "count",
+        });
+    }
     let mut notes = result.notes.clone();
     if peer_compare {
         down();
@@ -724,6 +759,7 @@ fn dataplane_phase(
         value: gap,
         unit: "ms",
     });
+    push_v6_gap(report, traffic, "dataplane_stop_gap_v6_ms", t);
     step(&format!("request chassis dataplane start on node{primary}"));
     rt.block_on(control::request(
         &socket(primary),
@@ -813,6 +849,7 @@ fn fabric_phase(
         value: steer_gap,
         unit: "ms",
     });
+    push_v6_gap(report, traffic, "fabric_steer_gap_v6_ms", t0);
     report.push(Figure {
         name: "fabric_frames_via_fab1",
         value: via_fab1 as f64,
@@ -823,7 +860,20 @@ fn fabric_phase(
         value: cut_gap,
         unit: "ms",
     });
+    push_v6_gap(report, traffic, "fabric_fab0_cut_gap_v6_ms", t1);
     Ok(())
+}
+
+/// The IPv6 probes' largest gap since `t`, beside the IPv4 figure (dual
+/// stack).
+fn push_v6_gap(report: &mut Vec<Figure>, traffic: &Traffic, name: &'static str, t: Instant) {
+    if let Some(gap) = traffic.largest_v6_gap_since(t) {
+        report.push(Figure {
+            name,
+            value: gap,
+            unit: "ms",
+        });
+    }
 }
 
 /// Frames node `n` sent over fabric link `link` (0 = fab0).

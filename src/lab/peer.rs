@@ -406,7 +406,8 @@ fn measure() -> Result<Vec<Figure>, String> {
     let second = 1 - first;
     step(&format!("peer: node{first} is keepalived master"));
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = Traffic::start(stop.clone())?;
+    // IPv4 only: the peer stack's keepalived/conntrackd set-up is IPv4.
+    let traffic = Traffic::start(stop.clone(), false)?;
     std::thread::sleep(Duration::from_secs(3));
     traffic.check_flowing("peer stack, before failover")?;
     let mut report = Vec::new();

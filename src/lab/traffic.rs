@@ -4,7 +4,10 @@
 //! - 1 TCP stream server -> 192.0.2.1:8080 (DNAT to client:80), same rhythm;
 //! - UDP probes client -> server:5002 every 1 ms, echoed: the largest gap
 //!   between echoes is the traffic gap of an event;
-//! - 3000 one-datagram UDP flows (sessions to sync).
+//! - 3000 one-datagram UDP flows (sessions to sync);
+//! - dual stack: 2 more TCP streams and the same UDP probes over IPv6,
+//!   client -> [2001:db8:2::100] (SNAT66 to 2001:db8:2::1), their gaps
+//!   reported beside the IPv4 ones.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -22,11 +25,19 @@ struct Stream {
     error: Mutex<Option<String>>,
 }
 
+/// One family's 1 ms UDP probes: when each echo came back, how many went.
+#[derive(Default)]
+struct Probes {
+    rx: Arc<Mutex<Vec<Instant>>>,
+    sent: Arc<AtomicU64>,
+}
+
 pub struct Traffic {
     stop: Arc<AtomicBool>,
     streams: Vec<Arc<Stream>>,
-    probe_rx: Arc<Mutex<Vec<Instant>>>,
-    probes_sent: Arc<AtomicU64>,
+    probes: Probes,
+    /// The IPv6 probes, when dual stack.
+    probes6: Option<Probes>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -35,7 +46,66 @@ pub struct Outcome {
     pub survived_pct: f64,
     pub probes_sent: u64,
     pub probes_lost: u64,
+    /// IPv6 probes (dual stack only).
+    pub probes6: Option<(u64, u64)>,
     pub notes: Vec<String>,
+}
+
+/// Sends a probe to `target` every 1 ms from namespace `ns` and records
+/// when each echo came back, until `stop`.
+fn run_probes(target: &'static str, probes: &Probes, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    let (rx, sent) = (probes.rx.clone(), probes.sent.clone());
+    in_ns("tl-client", move || {
+        let bind = if target.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let Ok(u) = UdpSocket::bind(bind) else {
+            return;
+        };
+        if u.connect(target).is_err() {
+            return;
+        }
+        let Ok(r) = u.try_clone() else { return };
+        let s2 = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let _ = r.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = [0u8; 16];
+            while !s2.load(Ordering::Relaxed) {
+                if r.recv(&mut buf).is_ok() {
+                    rx.lock().expect("lock").push(Instant::now());
+                }
+            }
+        });
+        let start = Instant::now();
+        let mut seq = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let _ = u.send(&seq.to_be_bytes());
+            sent.fetch_add(1, Ordering::Relaxed);
+            seq += 1;
+            let due = start + Duration::from_millis(seq);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        let _ = receiver.join();
+    })
+}
+
+/// The largest interval between two consecutive echoes from just before
+/// `t` until now, in ms.
+fn largest_gap(rx: &Mutex<Vec<Instant>>, t: Instant) -> f64 {
+    let rx = rx.lock().expect("lock");
+    let from = t.checked_sub(Duration::from_millis(100)).unwrap_or(t);
+    let times: Vec<&Instant> = rx.iter().filter(|x| **x >= from).collect();
+    let mut gap = times
+        .first()
+        .map_or(0.0, |f| f.duration_since(t.min(**f)).as_secs_f64() * 1e3);
+    for w in times.windows(2) {
+        gap = f64::max(gap, w[1].duration_since(*w[0]).as_secs_f64() * 1e3);
+    }
+    gap
 }
 
 fn in_ns(ns: &'static str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
@@ -113,19 +183,21 @@ fn run_stream(st: Arc<Stream>, target: &'static str, stop: Arc<AtomicBool>) {
 }
 
 impl Traffic {
-    pub fn start(stop: Arc<AtomicBool>) -> Result<Traffic, String> {
+    /// Starts the traffic; `dual_stack` adds the IPv6 streams and probes.
+    pub fn start(stop: Arc<AtomicBool>, dual_stack: bool) -> Result<Traffic, String> {
         let mut threads = Vec::new();
-        // Servers first.
+        // Servers first (dual-stack sockets: IPv4 clients arrive mapped).
         let s = stop.clone();
         threads.push(in_ns("tl-server", move || {
-            match TcpListener::bind("0.0.0.0:5001") {
+            match TcpListener::bind("[::]:5001").or_else(|_| TcpListener::bind("0.0.0.0:5001")) {
                 Ok(l) => echo_server(l, s),
                 Err(e) => eprintln!("[lab] server tcp: {e}"),
             }
         }));
         let s = stop.clone();
         threads.push(in_ns("tl-server", move || {
-            let Ok(u) = UdpSocket::bind("0.0.0.0:5002") else {
+            let Ok(u) = UdpSocket::bind("[::]:5002").or_else(|_| UdpSocket::bind("0.0.0.0:5002"))
+            else {
                 return;
             };
             let _ = u.set_read_timeout(Some(Duration::from_millis(200)));
@@ -156,11 +228,16 @@ impl Traffic {
         }));
         std::thread::sleep(Duration::from_millis(300));
         let mut streams = Vec::new();
-        for i in 0..5 {
-            let (ns, target, name) = if i < 4 {
-                ("tl-client", "192.0.2.100:5001", format!("snat-{i}"))
-            } else {
-                ("tl-server", "192.0.2.1:8080", "dnat-0".to_string())
+        let streams_v6 = if dual_stack { 2 } else { 0 };
+        for i in 0..5 + streams_v6 {
+            let (ns, target, name) = match i {
+                0..4 => ("tl-client", "192.0.2.100:5001", format!("snat-{i}")),
+                4 => ("tl-server", "192.0.2.1:8080", "dnat-0".to_string()),
+                _ => (
+                    "tl-client",
+                    "[2001:db8:2::100]:5001",
+                    format!("snat6-{}", i - 5),
+                ),
             };
             let st = Arc::new(Stream {
                 name,
@@ -171,40 +248,12 @@ impl Traffic {
             let s = stop.clone();
             threads.push(in_ns(ns, move || run_stream(st, target, s)));
         }
-        let probe_rx: Arc<Mutex<Vec<Instant>>> = Arc::default();
-        let probes_sent = Arc::new(AtomicU64::new(0));
-        let (s, rx, sent) = (stop.clone(), probe_rx.clone(), probes_sent.clone());
-        threads.push(in_ns("tl-client", move || {
-            let Ok(u) = UdpSocket::bind("0.0.0.0:0") else {
-                return;
-            };
-            if u.connect("192.0.2.100:5002").is_err() {
-                return;
-            }
-            let Ok(r) = u.try_clone() else { return };
-            let s2 = s.clone();
-            let receiver = std::thread::spawn(move || {
-                let _ = r.set_read_timeout(Some(Duration::from_millis(200)));
-                let mut buf = [0u8; 16];
-                while !s2.load(Ordering::Relaxed) {
-                    if r.recv(&mut buf).is_ok() {
-                        rx.lock().expect("lock").push(Instant::now());
-                    }
-                }
-            });
-            let start = Instant::now();
-            let mut seq = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                let _ = u.send(&seq.to_be_bytes());
-                sent.fetch_add(1, Ordering::Relaxed);
-                seq += 1;
-                let due = start + Duration::from_millis(seq);
-                if let Some(d) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-            }
-            let _ = receiver.join();
-        }));
+        let probes = Probes::default();
+        threads.push(run_probes("192.0.2.100:5002", &probes, stop.clone()));
+        let probes6 = dual_stack.then(Probes::default);
+        if let Some(p6) = &probes6 {
+            threads.push(run_probes("[2001:db8:2::100]:5002", p6, stop.clone()));
+        }
         let s = stop.clone();
         threads.push(in_ns("tl-client", move || {
             for _ in 0..3000 {
@@ -220,8 +269,8 @@ impl Traffic {
         Ok(Traffic {
             stop,
             streams,
-            probe_rx,
-            probes_sent,
+            probes,
+            probes6,
             threads,
         })
     }
@@ -238,26 +287,26 @@ impl Traffic {
                 return Err(format!("{when}: TCP stream {} is not flowing", st.name));
             }
         }
-        let last = self.probe_rx.lock().expect("lock").last().copied();
-        if last.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
-            return Err(format!("{when}: UDP probes are not coming back"));
+        for (family, p) in std::iter::once(("IPv4", &self.probes))
+            .chain(self.probes6.as_ref().map(|p| ("IPv6", p)))
+        {
+            let last = p.rx.lock().expect("lock").last().copied();
+            if last.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                return Err(format!("{when}: {family} UDP probes are not coming back"));
+            }
         }
         Ok(())
+    }
+
+    /// [`Traffic::largest_gap_since`] of the IPv6 probes (dual stack).
+    pub fn largest_v6_gap_since(&self, t: Instant) -> Option<f64> {
+        self.probes6.as_ref().map(|p| largest_gap(&p.rx, t))
     }
 
     /// The largest interval between two consecutive probe echoes from just
     /// before `t` until now, in ms: the traffic gap of the event at `t`.
     pub fn largest_gap_since(&self, t: Instant) -> f64 {
-        let rx = self.probe_rx.lock().expect("lock");
-        let from = t.checked_sub(Duration::from_millis(100)).unwrap_or(t);
-        let times: Vec<&Instant> = rx.iter().filter(|x| **x >= from).collect();
-        let mut gap = times
-            .first()
-            .map_or(0.0, |f| f.duration_since(t.min(**f)).as_secs_f64() * 1e3);
-        for w in times.windows(2) {
-            gap = f64::max(gap, w[1].duration_since(*w[0]).as_secs_f64() * 1e3);
-        }
-        gap
+        largest_gap(&self.probes.rx, t)
     }
 
     pub fn finish(self) -> Outcome {
@@ -277,13 +326,18 @@ impl Traffic {
                 None => true,
             })
             .count();
-        let sent = self.probes_sent.load(Ordering::Relaxed);
-        let got = self.probe_rx.lock().expect("lock").len() as u64;
+        let count = |p: &Probes| {
+            let sent = p.sent.load(Ordering::Relaxed);
+            let got = p.rx.lock().expect("lock").len() as u64;
+            (sent, sent.saturating_sub(got))
+        };
+        let (sent, lost) = count(&self.probes);
         Outcome {
             connections: self.streams.len(),
             survived_pct: 100.0 * survived as f64 / self.streams.len().max(1) as f64,
             probes_sent: sent,
-            probes_lost: sent.saturating_sub(got),
+            probes_lost: lost,
+            probes6: self.probes6.as_ref().map(count),
             notes,
         }
     }
