@@ -249,6 +249,7 @@ fn mapped(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+#[inline]
 pub fn parse_ipv4(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
     let h = f.get(l3..l3 + 20).ok_or(ParseError::Truncated)?;
     if h[0] >> 4 != 4 {
@@ -282,6 +283,7 @@ pub fn parse_ipv4(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
     })
 }
 
+#[inline]
 pub fn parse_ipv6(f: &[u8], l3: usize) -> Result<Ip, ParseError> {
     let h = f.get(l3..l3 + 40).ok_or(ParseError::Truncated)?;
     if h[0] >> 4 != 6 {
@@ -321,6 +323,7 @@ pub const MAX_EXTENSION_HEADERS: usize = 8;
 /// (mobility 135, HIP 139, shim6 140, experimental 253/254) are refused,
 /// as is a chain longer than [`MAX_EXTENSION_HEADERS`], one running past
 /// `end`, or a second fragment header.
+#[inline]
 pub fn walk_extension_headers(
     f: &[u8],
     mut next: u8,
