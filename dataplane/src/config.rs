@@ -139,6 +139,12 @@ pub struct InterfaceConfig {
     /// sends carry the tag. Without it: the device's untagged frames.
     #[serde(default)]
     pub vlan: Option<u16>,
+    /// TCP MSS clamp: SYNs and SYN-ACKs entering or leaving the interface
+    /// carry an MSS option of at most this (IPv4; IPv6 gets 20 less, its
+    /// header being 20 bytes longer). For links with a smaller MTU
+    /// behind them (PPPoE 1452, tunnels).
+    #[serde(default)]
+    pub tcp_mss: Option<u16>,
 }
 
 /// Default interface MTU.
@@ -293,6 +299,8 @@ pub struct Iface {
     pub mtu: u16,
     /// The 802.1Q tag of this unit (none: untagged).
     pub vlan: Option<u16>,
+    /// MSS clamp for IPv4 (see [`InterfaceConfig::tcp_mss`]).
+    pub tcp_mss: Option<u16>,
     /// The interface that stands for the device as a dataplane port: the
     /// first unit configured on it (itself for untagged-only devices).
     pub port: InterfaceId,
@@ -412,6 +420,14 @@ impl Compiled {
                     other.name
                 ));
             }
+            if let Some(m) = c.tcp_mss
+                && !(536..=8960).contains(&m)
+            {
+                return Err(format!(
+                    "interface {}: tcp_mss {m} is not in 536..=8960",
+                    c.name
+                ));
+            }
             if let Some(m) = c.mtu
                 && !(1280..=9000).contains(&m)
             {
@@ -473,6 +489,7 @@ impl Compiled {
                 reth,
                 mtu: c.mtu.unwrap_or(DEFAULT_MTU),
                 vlan: c.vlan,
+                tcp_mss: c.tcp_mss,
                 port: InterfaceId(port as u16),
             });
         }
@@ -698,6 +715,7 @@ mod tests {
             reth: None,
             mtu: None,
             vlan,
+            tcp_mss: None,
         }
     }
 
@@ -777,6 +795,7 @@ mod tests {
                 reth: None,
                 mtu: None,
                 vlan: None,
+                tcp_mss: None,
             }],
             policies: vec![PolicyConfig {
                 name: "p1".into(),

@@ -81,10 +81,21 @@ pub enum DropReason {
     FragmentTableFull,
     /// An early fragment whose first never came in time.
     FragmentTimeout,
+    /// A TCP segment outside the session's window ([`crate::tcp`]).
+    TcpOutOfWindow,
+    /// A RST outside the receiver's window (a blind reset).
+    TcpRstOutOfWindow,
+    /// An in-window RST that was not exact: answered with a challenge ACK
+    /// (RFC 5961), or dropped when the budget for them is spent.
+    TcpRstChallenged,
+    /// SYN with RST or FIN, or a segment without SYN, ACK or RST.
+    TcpBadFlags,
+    /// A SYN-ACK that does not acknowledge the session's SYN.
+    TcpSynAckMismatch,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 26] = [
+    pub const ALL: [DropReason; 31] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::VlanTagged,
@@ -111,6 +122,11 @@ impl DropReason {
         DropReason::FragmentTooBig,
         DropReason::FragmentTableFull,
         DropReason::FragmentTimeout,
+        DropReason::TcpOutOfWindow,
+        DropReason::TcpRstOutOfWindow,
+        DropReason::TcpRstChallenged,
+        DropReason::TcpBadFlags,
+        DropReason::TcpSynAckMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +157,11 @@ impl DropReason {
             DropReason::FragmentTooBig => "fragment-too-big",
             DropReason::FragmentTableFull => "fragment-table-full",
             DropReason::FragmentTimeout => "fragment-timeout",
+            DropReason::TcpOutOfWindow => "tcp-out-of-window",
+            DropReason::TcpRstOutOfWindow => "tcp-rst-out-of-window",
+            DropReason::TcpRstChallenged => "tcp-rst-challenged",
+            DropReason::TcpBadFlags => "tcp-bad-flags",
+            DropReason::TcpSynAckMismatch => "tcp-synack-mismatch",
         }
     }
 }
@@ -206,6 +227,13 @@ pub struct CoreStats {
     pub fragments: AtomicU64,
     pub fragments_held: AtomicU64,
     pub fragments_released: AtomicU64,
+    /// Challenge ACKs sent for inexact RSTs (RFC 5961).
+    pub tcp_challenge_acks: AtomicU64,
+    /// Segments forwarded for the endpoint to judge, the session unchanged
+    /// (a SYN inside a connection, a RST before the receiver is known).
+    pub tcp_passed: AtomicU64,
+    /// SYNs and SYN-ACKs whose MSS option was lowered (`tcp_mss`).
+    pub tcp_mss_clamped: AtomicU64,
     /// Bursts that went from shared to exclusive table access.
     pub exclusive_bursts: AtomicU64,
     /// Frames the core wanted to send beyond [`OUTBOX_LIMIT`] (dropped).
@@ -229,6 +257,9 @@ impl CoreStats {
             fragments: AtomicU64::new(0),
             fragments_held: AtomicU64::new(0),
             fragments_released: AtomicU64::new(0),
+            tcp_challenge_acks: AtomicU64::new(0),
+            tcp_passed: AtomicU64::new(0),
+            tcp_mss_clamped: AtomicU64::new(0),
             exclusive_bursts: AtomicU64::new(0),
             outbox_dropped: AtomicU64::new(0),
             drops: Default::default(),
@@ -254,6 +285,9 @@ impl CoreStats {
             (&self.fragments, &other.fragments),
             (&self.fragments_held, &other.fragments_held),
             (&self.fragments_released, &other.fragments_released),
+            (&self.tcp_challenge_acks, &other.tcp_challenge_acks),
+            (&self.tcp_passed, &other.tcp_passed),
+            (&self.tcp_mss_clamped, &other.tcp_mss_clamped),
             (&self.exclusive_bursts, &other.exclusive_bursts),
             (&self.outbox_dropped, &other.outbox_dropped),
         ];

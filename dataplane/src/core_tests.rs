@@ -48,6 +48,7 @@ fn config() -> DataplaneConfig {
                 }),
                 mtu: None,
                 vlan: None,
+                tcp_mss: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -61,6 +62,7 @@ fn config() -> DataplaneConfig {
                 }),
                 mtu: None,
                 vlan: None,
+                tcp_mss: None,
             },
         ],
         policies: vec![

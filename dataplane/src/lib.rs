@@ -17,6 +17,7 @@ pub mod os;
 pub mod packet;
 pub mod session;
 pub mod supervisor;
+pub mod tcp;
 pub mod testbed;
 pub mod worker;
 pub mod xdp;

@@ -167,6 +167,7 @@ pub fn sample_config() -> DataplaneConfig {
                 }),
                 mtu: None,
                 vlan: None,
+                tcp_mss: None,
             },
             InterfaceConfig {
                 name: "reth1".into(),
@@ -180,6 +181,7 @@ pub fn sample_config() -> DataplaneConfig {
                 }),
                 mtu: None,
                 vlan: None,
+                tcp_mss: None,
             },
         ],
         policies: vec![

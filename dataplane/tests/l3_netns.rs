@@ -391,6 +391,7 @@ fn a_vlan_unit_is_its_own_segment_and_unknown_tags_are_dropped() {
         }),
         mtu: None,
         vlan: Some(100),
+        tcp_mss: None,
     });
     spec.config.policies.push(PolicyConfig {
         name: "guest-out".into(),

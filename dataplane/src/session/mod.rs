@@ -37,7 +37,7 @@ mod tests;
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
 pub use record::{
     Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
-    TcpState, Timeouts, reverse_key,
+    TcpState, TcpTrack, Timeouts, reverse_key,
 };
 pub use shared::{
     SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
@@ -831,6 +831,7 @@ impl SessionTable {
             reverse,
             created: now,
             activity: Activity::new(now, FlowCounters::default()),
+            tcp: TcpTrack::default(),
             policy: s.policy,
             timeout_ms,
             ingress_if: s.ingress_if,
@@ -1278,6 +1279,7 @@ impl SessionTable {
                 reverse: s.reverse,
                 created,
                 activity: Activity::new(last_seen, s.counters),
+                tcp: TcpTrack::default(),
                 policy: s.policy,
                 timeout_ms: s.timeout_ms,
                 ingress_if: s.ingress_if,

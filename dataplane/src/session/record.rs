@@ -1,7 +1,8 @@
 //! What the table stores per session, and the timeouts that decide its life.
 
 use super::key::{Addr, NatBinding, SessionKey, ZoneId, proto};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use crate::tcp::{Side as TcpSide, Windows};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use tandem_proto::RgId;
 
 /// Milliseconds on the caller's monotonic clock. The table never reads a
@@ -226,6 +227,106 @@ impl PartialEq for Activity {
 
 impl Eq for Activity {}
 
+/// The session's TCP windows ([`crate::tcp::Windows`]), written by
+/// workers through a shared reference like [`Activity`]. Each field has one
+/// writer as long as each direction is handled by one worker: a segment
+/// writes its own side's edges and the other side's `maxend`, which only
+/// the other direction's segments read back. `tag` names the epoch of the
+/// owner RG the windows were learned in: windows of another epoch are
+/// stale (the peer forwarded the session meanwhile) and read as unknown,
+/// so a promotion relearns them without touching each session.
+#[derive(Debug, Default)]
+pub struct TcpTrack {
+    tag: AtomicU32,
+    sides: [TcpSideCells; 2],
+}
+
+#[derive(Debug, Default)]
+struct TcpSideCells {
+    end: AtomicU32,
+    maxend: AtomicU32,
+    maxwin: AtomicU32,
+    ack: AtomicU32,
+    /// win (16 bits) | scale << 16 | flags << 24.
+    meta: AtomicU32,
+}
+
+impl TcpTrack {
+    /// The tag of windows learned while the owner RG is in `epoch` (never
+    /// 0: 0 is "nothing learned").
+    pub fn tag_of(epoch: u64) -> u32 {
+        (epoch as u32).wrapping_add(1).max(1)
+    }
+
+    /// The windows learned under `tag`, or unknown ones.
+    pub fn load(&self, tag: u32) -> Windows {
+        let mut w = Windows::default();
+        if self.tag.load(Relaxed) != tag {
+            return w;
+        }
+        for (c, s) in self.sides.iter().zip(w.sides.iter_mut()) {
+            let meta = c.meta.load(Relaxed);
+            *s = TcpSide {
+                end: c.end.load(Relaxed),
+                maxend: c.maxend.load(Relaxed),
+                maxwin: c.maxwin.load(Relaxed),
+                ack: c.ack.load(Relaxed),
+                win: meta as u16,
+                scale: (meta >> 16) as u8,
+                flags: (meta >> 24) as u8,
+            };
+        }
+        w
+    }
+
+    /// Stores `new` under `tag`, writing only the fields that differ from
+    /// `was` (what [`TcpTrack::load`] returned), so a segment never
+    /// rewrites a field the other direction's worker owns.
+    pub fn store(&self, tag: u32, was: &Windows, new: &Windows) {
+        let retag = self.tag.load(Relaxed) != tag;
+        for ((c, o), n) in self.sides.iter().zip(&was.sides).zip(&new.sides) {
+            let put = |cell: &AtomicU32, old: u32, v: u32| {
+                if retag || old != v {
+                    cell.store(v, Relaxed);
+                }
+            };
+            put(&c.end, o.end, n.end);
+            put(&c.maxend, o.maxend, n.maxend);
+            put(&c.maxwin, o.maxwin, n.maxwin);
+            put(&c.ack, o.ack, n.ack);
+            let meta = |s: &TcpSide| {
+                u32::from(s.win) | u32::from(s.scale) << 16 | u32::from(s.flags) << 24
+            };
+            put(&c.meta, meta(o), meta(n));
+        }
+        if retag {
+            self.tag.store(tag, Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> (u32, Windows) {
+        let tag = self.tag.load(Relaxed);
+        (tag, self.load(tag))
+    }
+}
+
+impl Clone for TcpTrack {
+    fn clone(&self) -> TcpTrack {
+        let (tag, w) = self.snapshot();
+        let t = TcpTrack::default();
+        t.store(tag, &Windows::default(), &w);
+        t
+    }
+}
+
+impl PartialEq for TcpTrack {
+    fn eq(&self, o: &TcpTrack) -> bool {
+        self.snapshot() == o.snapshot()
+    }
+}
+
+impl Eq for TcpTrack {}
+
 /// Direction of a packet relative to the session's first packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -276,6 +377,8 @@ pub struct SessionRecord {
     pub created: Millis,
     /// Counters and last-seen time (see [`Activity`]).
     pub(super) activity: Activity,
+    /// TCP windows (see [`TcpTrack`]); unknown for other protocols.
+    pub tcp: TcpTrack,
     /// Position in the owner RG's member list.
     pub(super) rg_slot: u32,
     /// Due tick of this session's one timer-wheel entry (its bucket).
@@ -294,6 +397,7 @@ impl SessionRecord {
             reverse: SessionKey::default(),
             created: Millis(0),
             activity: Activity::default(),
+            tcp: TcpTrack::default(),
             policy: PolicyId(0),
             timeout_ms: 0,
             ingress_if: InterfaceId(0),
