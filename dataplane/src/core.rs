@@ -30,8 +30,9 @@ use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
     Addr, Direction, InsertError, InterfaceId, Millis, NewSession, SessionHandle, SessionKey,
-    SessionTable, SnatRequest, TcpState, proto,
+    SessionTable, SnatRequest, TcpState, TcpTrack, proto,
 };
+use crate::tcp;
 use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -1113,23 +1114,46 @@ impl Core {
             .get(h.handle)
             .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
+        let role = cx.env.roles.get(&owner).copied();
+        let tag = TcpTrack::tag_of(role.map_or(0, |r| r.epoch.0));
+        let was = if key.proto == proto::TCP {
+            r.tcp.load(tag)
+        } else {
+            tcp::Windows::default()
+        };
         let out = match h.dir {
             Direction::Forward => r.egress_if,
             Direction::Reverse => r.ingress_if,
         };
-        if owner.is_data() && !cx.is_primary(owner) {
+        if owner.is_data() && !role.is_some_and(|r| r.primary) {
             bump(&self.stats.to_fabric, 1);
             return Ok(Verdict::Fabric { rg: owner });
         }
         if let Some(v) = self.mtu_check(f, ip, ifc, out, cx) {
             return Ok(v);
         }
-        let flags = packet::tcp_flags(f, ip);
-        let next = if key.proto == proto::TCP {
-            next_tcp_state(state, h.dir, flags)
-        } else {
-            state
-        };
+        // TCP: the segment is judged against the session's windows (learned
+        // in the owner RG's current epoch) before anything is changed.
+        let mut learned = None;
+        let mut next = state;
+        if key.proto == proto::TCP && ip.has_l4() {
+            let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
+                return Ok(self.drop(DropReason::Malformed));
+            };
+            let mut w = was;
+            match tcp::track(&mut w, state, h.dir, &seg) {
+                tcp::Outcome::Accept(n) => {
+                    next = n;
+                    learned = Some((tag, was, w));
+                }
+                tcp::Outcome::Pass => bump(&self.stats.tcp_passed, 1),
+                tcp::Outcome::Challenge(c) => return Ok(self.challenge_ack(f, ip, ifc, c, cx)),
+                tcp::Outcome::Invalid(why) => return Ok(self.drop(tcp_drop(why))),
+            }
+            if seg.flags & tcp::SYN != 0 {
+                self.clamp_mss(f, ip, ifc, out);
+            }
+        }
         let len = (ip.end - ip.l3) as u32;
         if next != state {
             // The only change an established packet makes to the table's
@@ -1140,7 +1164,13 @@ impl Core {
                 cx.fx.deltas.push((owner, key));
             }
         }
-        cx.table.get().touch(h.handle, h.dir, len, now);
+        let t = cx.table.get();
+        if let Some((tag, was, w)) = learned
+            && let Some(r) = t.get(h.handle)
+        {
+            r.tcp.store(tag, &was, &w);
+        }
+        t.touch(h.handle, h.dir, len, now);
         match h.dir {
             Direction::Forward => {
                 if let Some((a, p)) = nat.snat {
@@ -1215,6 +1245,21 @@ impl Core {
         if !starts {
             return Ok(self.drop(DropReason::NoSession));
         }
+        // A SYN's windows are learned from it (and a SYN no endpoint sends
+        // is refused) before anything is created.
+        let syn = if key.proto == proto::TCP && ip.has_l4() {
+            let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
+                return Ok(self.drop(DropReason::Malformed));
+            };
+            let mut w = tcp::Windows::default();
+            match tcp::track(&mut w, TcpState::None, Direction::Forward, &seg) {
+                tcp::Outcome::Accept(_) => Some(w),
+                tcp::Outcome::Invalid(why) => return Ok(self.drop(tcp_drop(why))),
+                _ => return Ok(self.drop(DropReason::NoSession)),
+            }
+        } else {
+            None
+        };
         let policy = cfg.policy(ifc.zone, out.zone, &key.src, &dst, key.proto, dport);
         let Some(policy) = policy else {
             return Ok(self.drop(DropReason::NoPolicy));
@@ -1282,7 +1327,58 @@ impl Core {
             packet::set_port(f, ip, true, p);
         }
         t.touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
+        if let Some(w) = syn {
+            let epoch = cx.env.roles.get(&owner).map_or(0, |r| r.epoch.0);
+            if let Some(r) = t.get(handle) {
+                r.tcp
+                    .store(TcpTrack::tag_of(epoch), &tcp::Windows::default(), &w);
+            }
+            self.clamp_mss(f, ip, ifc, out.id);
+        }
         Ok(self.forward(f, ip, cx))
+    }
+
+    /// Lowers the MSS option of a SYN or SYN-ACK to the clamp of the
+    /// interface it came in on or leaves by (the smaller), keeping the
+    /// TCP checksum. IPv6 gets 20 bytes less than the configured value.
+    fn clamp_mss(&self, f: &mut [u8], ip: &Ip, ifc: &Iface, out: InterfaceId) {
+        let clamp = [Some(ifc.tcp_mss), self.cfg.iface(out).map(|o| o.tcp_mss)]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .min();
+        let Some(mut mss) = clamp else {
+            return;
+        };
+        if ip.family == Family::V6 {
+            mss = mss.saturating_sub(20);
+        }
+        if tcp::clamp_mss(f, ip.l4, ip.end, mss) {
+            bump(&self.stats.tcp_mss_clamped, 1);
+        }
+    }
+
+    /// Turns an inexact in-window RST into the challenge ACK RFC 5961
+    /// answers it with, sent back to the RST's sender as if by its peer
+    /// (within the node's ICMP budget, which covers everything the
+    /// firewall itself originates on the data path).
+    fn challenge_ack(
+        &self,
+        f: &mut [u8],
+        ip: &Ip,
+        ifc: &Iface,
+        c: tcp::Challenge,
+        cx: &Cx,
+    ) -> Verdict {
+        if !cx.env.icmp.take(cx.env.now) {
+            return self.drop(DropReason::TcpRstChallenged);
+        }
+        let Some(len) = tcp::build_challenge_ack(f, ip, ifc.tx_mac(), c) else {
+            return self.drop(DropReason::TcpRstChallenged);
+        };
+        bump(&self.stats.drops[DropReason::TcpRstChallenged as usize], 1);
+        bump(&self.stats.tcp_challenge_acks, 1);
+        Verdict::Reply { len }
     }
 
     /// An ICMP error about a packet of a session: translate the outer
@@ -1641,7 +1737,18 @@ fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
         .map(|p| p.addr)
 }
 
-/// TCP tracking: enough to pick timeouts and keep short-lived states short.
+/// The drop reason of a segment the tracker refused.
+fn tcp_drop(why: tcp::Invalid) -> DropReason {
+    match why {
+        tcp::Invalid::OutOfWindow => DropReason::TcpOutOfWindow,
+        tcp::Invalid::RstOutOfWindow => DropReason::TcpRstOutOfWindow,
+        tcp::Invalid::BadFlags => DropReason::TcpBadFlags,
+        tcp::Invalid::SynAckMismatch => DropReason::TcpSynAckMismatch,
+    }
+}
+
+/// The state a segment the tracker accepted moves the session to (a RST
+/// reaches here only when it was exact).
 pub fn next_tcp_state(s: TcpState, dir: Direction, flags: u8) -> TcpState {
     use TcpState::*;
     if flags & packet::TCP_RST != 0 {

@@ -237,12 +237,7 @@ fn tiny_first_fragments_and_tcp_at_offset_8_are_dropped() {
         v4("10.1.0.10"),
         v4("192.0.2.100"),
         64,
-        &L4::Tcp {
-            sport: 40000,
-            dport: 443,
-            flags: packet::TCP_SYN,
-            payload: vec![0; 64],
-        },
+        &L4::tcp(packet::TCP_SYN, 40000, 443, &[0; 64]),
     );
     // 16 bytes of TCP header in the first fragment: no flags to track.
     let frags = fragments(&syn, 36, 9);

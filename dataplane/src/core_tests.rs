@@ -230,12 +230,7 @@ fn rig_with(primary: bool, change: impl FnOnce(&mut DataplaneConfig)) -> Rig {
 }
 
 fn tcp(flags: u8, sport: u16, dport: u16) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags,
-        payload: b"hello".to_vec(),
-    }
+    L4::tcp(flags, sport, dport, b"hello")
 }
 
 fn ip_of(f: &[u8]) -> Ip {
@@ -832,7 +827,7 @@ fn rst_closes_and_expiry_emits_a_delete_delta() {
         v4("192.0.2.100"),
         v4("192.0.2.1"),
         64,
-        &tcp(packet::TCP_RST, 443, 40000),
+        &tcp(packet::TCP_RST | packet::TCP_ACK, 443, 40000),
     );
     assert!(matches!(run(&mut r, &mut rst, U), Verdict::Tx { .. }));
     let mut keys = Vec::new();

@@ -12,6 +12,8 @@ pub enum L4 {
         sport: u16,
         dport: u16,
         flags: u8,
+        seq: u32,
+        ack: u32,
         payload: Vec<u8>,
     },
     Udp {
@@ -24,6 +26,23 @@ pub enum L4 {
     /// An ICMP error (type/code) quoting `quoted` (an IP packet, no
     /// Ethernet header).
     IcmpError { kind: u8, code: u8, quoted: Vec<u8> },
+}
+
+impl L4 {
+    /// A TCP segment of a toy conversation in which both sides start at
+    /// sequence number 1000 and every segment acknowledges a SYN carrying
+    /// `payload`: segments of such a conversation, in any order, stay
+    /// inside each other's windows.
+    pub fn tcp(flags: u8, sport: u16, dport: u16, payload: &[u8]) -> L4 {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            seq: 1000,
+            ack: 1000 + payload.len() as u32 + 1,
+            payload: payload.to_vec(),
+        }
+    }
 }
 
 /// An Ethernet + IPv4/IPv6 frame from `src` to `dst` with `ttl`.
@@ -103,12 +122,15 @@ fn l4_bytes(l4: &L4, v4: bool) -> (u8, Vec<u8>) {
             sport,
             dport,
             flags,
+            seq,
+            ack,
             payload,
         } => {
             let mut b = vec![0u8; 20];
             b[0..2].copy_from_slice(&sport.to_be_bytes());
             b[2..4].copy_from_slice(&dport.to_be_bytes());
-            b[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            b[4..8].copy_from_slice(&seq.to_be_bytes());
+            b[8..12].copy_from_slice(&ack.to_be_bytes());
             b[12] = 5 << 4;
             b[13] = *flags;
             b[14..16].copy_from_slice(&65535u16.to_be_bytes());

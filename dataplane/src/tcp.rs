@@ -7,7 +7,9 @@
 //! when it starts no later than the highest sequence number the receiver
 //! allowed (`maxend`), ends no earlier than one receive window before what
 //! the sender already sent, and acknowledges nothing the receiver has not
-//! sent and no more than one window behind it. A RST closes the session
+//! sent and no more than one window behind it. (`maxend` is not stored:
+//! it is the receiver's latest acknowledgment plus the window sent with
+//! it, which keeps a session's windows in 32 bytes.) A RST closes the session
 //! only when its sequence number is exactly the receiver's next expected
 //! one (RFC 5961 §3): an in-window RST that is not exact is answered with a
 //! challenge ACK (a true peer then resets with the exact number), one out
@@ -22,11 +24,12 @@
 //! teaches the side that sent it. Window scaling is negotiated in the
 //! handshake only, so a picked-up session never learns the scale; once
 //! both sides have been seen its windows are checked with the largest
-//! scale (14) assumed, which keeps the ack checks exact and bounds the
-//! sequence checks by 2^30 bytes. RSTs are checked exactly from the first
+//! scale (14) assumed, which bounds the sequence and ack checks by 2^30
+//! bytes rather than by the true windows. RSTs are checked exactly from the first
 //! packet seen in the other direction on. The window state is relearned,
 //! never synced (no protocol change): see docs/PROTOCOL.md.
 
+use crate::packet::{self, Family, Ip, Mac};
 use crate::session::{Direction, TcpState};
 
 pub const FIN: u8 = 0x01;
@@ -144,15 +147,12 @@ pub const ACKED: u8 = 8;
 pub struct Side {
     /// Highest sequence number sent, plus one (its SND.NXT).
     pub end: u32,
-    /// Highest sequence number it may send: the other side's ack plus
-    /// window.
-    pub maxend: u32,
-    /// Largest window it advertised, scaled.
-    pub maxwin: u32,
-    /// Last acknowledgment it sent (its RCV.NXT).
+    /// Highest acknowledgment it sent (its RCV.NXT).
     pub ack: u32,
-    /// Last window it advertised, as on the wire.
+    /// The window it advertised with that acknowledgment, as on the wire.
     pub win: u16,
+    /// Largest window it advertised, as on the wire.
+    pub maxwin: u16,
     pub scale: u8,
     pub flags: u8,
 }
@@ -164,14 +164,11 @@ impl Side {
 
     /// A side that just sent SYN (or SYN-ACK) `s`.
     fn from_syn(s: &Segment) -> Side {
-        let end = s.end();
         Side {
-            end,
-            maxend: end,
-            // Windows in SYNs are never scaled (RFC 7323 §2.2).
-            maxwin: u32::from(s.win).max(1),
+            end: s.end(),
             ack: s.ack,
             win: s.win,
+            maxwin: s.win.max(1),
             scale: s.wscale.unwrap_or(0),
             flags: SEEN
                 | if s.wscale.is_some() { WSCALE } else { 0 }
@@ -179,13 +176,26 @@ impl Side {
         }
     }
 
-    /// The shift applied to this side's advertised windows.
+    /// The shift applied to this side's advertised windows: the scale
+    /// negotiated, or the largest one when the handshake was not seen.
+    /// (SYN windows are unscaled, so right after the handshake this is
+    /// lenient by the scale factor, never strict.)
     fn shift(&self) -> u8 {
         if self.is(HANDSHAKE) {
             self.scale
         } else {
             MAX_SCALE
         }
+    }
+
+    /// The highest sequence number the other side may send: this side's
+    /// acknowledgment plus its window.
+    pub fn allowed(&self) -> u32 {
+        self.ack.wrapping_add(u32::from(self.win) << self.shift())
+    }
+
+    fn maxwin_scaled(&self) -> u32 {
+        u32::from(self.maxwin) << self.shift()
     }
 }
 
@@ -279,7 +289,6 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
                 fwd.scale = 0;
                 rev.scale = 0;
             }
-            fwd.maxend = seg.ack.wrapping_add(u32::from(seg.win));
             fwd.flags |= HANDSHAKE;
             rev.flags |= HANDSHAKE;
             w.sides = [fwd, rev];
@@ -294,15 +303,17 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
     let (snd, rcv) = (was[s], was[r]);
     let end = seg.end();
     let ack = if seg.has(ACK) { seg.ack } else { rcv.end };
-    let win = u32::from(seg.win) << snd.shift();
     // Checked only once both sides are known; a picked-up session is
     // accepted as it comes until then.
-    if snd.is(SEEN) && rcv.is(SEEN) {
-        let ack_win = snd.maxwin.max(66_000);
-        let ok = !after(seg.seq, snd.maxend)
-            && after(end, snd.end.wrapping_sub(rcv.maxwin).wrapping_sub(1))
+    if snd.is(SEEN) && rcv.is(SEEN) && rcv.is(ACKED) {
+        let ack_win = snd.maxwin_scaled().max(66_000);
+        let ok = !after(seg.seq, rcv.allowed())
+            && after(
+                end,
+                snd.end.wrapping_sub(rcv.maxwin_scaled()).wrapping_sub(1),
+            )
             && (!seg.has(ACK)
-                || (!after(ack, rcv.end)
+                || ((!after(ack, rcv.end) || !rcv.is(HANDSHAKE))
                     && after(ack, rcv.end.wrapping_sub(ack_win).wrapping_sub(1))));
         if !ok {
             return Outcome::Invalid(Invalid::OutOfWindow);
@@ -312,32 +323,26 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
     let mut rcv = rcv;
     if !snd.is(SEEN) {
         snd.end = end;
-        snd.maxend = end;
-        snd.maxwin = win.max(1);
         snd.flags |= SEEN;
     }
     if after(end, snd.end) {
         snd.end = end;
     }
-    snd.maxwin = snd.maxwin.max(win);
-    snd.win = seg.win;
+    snd.maxwin = snd.maxwin.max(seg.win);
     if seg.has(ACK) {
-        snd.ack = ack;
-        snd.flags |= ACKED;
-        let allowed = ack.wrapping_add(win);
-        if !rcv.is(SEEN) {
-            // The receiver's next sequence number is what this side acks.
-            rcv.end = ack;
-            rcv.maxend = allowed;
-        } else if after(allowed, rcv.maxend) {
-            rcv.maxend = allowed;
+        // A reordered older acknowledgment teaches nothing; the window
+        // goes with the acknowledgment it was sent with.
+        if !snd.is(ACKED) || !before(ack, snd.ack) {
+            snd.ack = ack;
+            snd.win = seg.win;
         }
-    }
-    // Data the receiver sends may reach as far as this side's window
-    // after what it acked; a sender's own bound grows with the acks it
-    // receives (above, as the receiver of the other direction).
-    if !snd.is(HANDSHAKE) && after(snd.end, snd.maxend) {
-        snd.maxend = snd.end;
+        snd.flags |= ACKED;
+        if !rcv.is(SEEN) || (!rcv.is(HANDSHAKE) && after(ack, rcv.end)) {
+            // The receiver's next sequence number is at least what this
+            // side acks (in a picked-up session the receiver may have sent
+            // more before this node saw it).
+            rcv.end = ack;
+        }
     }
     w.sides[s] = snd;
     w.sides[r] = rcv;
@@ -363,12 +368,7 @@ fn judge_rst(w: &[Side; 2], state: TcpState, s: usize, r: usize, seg: &Segment) 
         // side only): the endpoint judges; the session stays.
         return Outcome::Pass;
     }
-    let window_end = if rcv.is(SEEN) && snd.is(SEEN) && snd.is(HANDSHAKE) {
-        snd.maxend
-    } else {
-        rcv.ack.wrapping_add(u32::from(rcv.win) << MAX_SCALE)
-    };
-    if !before(seg.seq, rcv.ack) && !after(seg.seq, window_end) {
+    if !before(seg.seq, rcv.ack) && !after(seg.seq, rcv.allowed()) {
         return Outcome::Challenge(Challenge {
             seq: rcv.end,
             ack: rcv.ack,
@@ -376,6 +376,99 @@ fn judge_rst(w: &[Side; 2], state: TcpState, s: usize, r: usize, seg: &Segment) 
         });
     }
     Outcome::Invalid(Invalid::RstOutOfWindow)
+}
+
+/// Lowers the MSS option of the SYN at `l4` (segment ending at `end`) to
+/// `mss`, keeping the checksum; whether it changed anything. A SYN without
+/// the option is left alone (its peer assumes 536 / 1220).
+pub fn clamp_mss(f: &mut [u8], l4: usize, end: usize, mss: u16) -> bool {
+    let Some(doff) = f.get(l4 + 12).map(|b| usize::from(b >> 4) * 4) else {
+        return false;
+    };
+    if doff < 20 || l4 + doff > end {
+        return false;
+    }
+    let mut at = l4 + 20;
+    while at < l4 + doff {
+        match f[at] {
+            0 => return false,
+            1 => at += 1,
+            kind => {
+                let len = f.get(at + 1).map_or(0, |l| usize::from(*l));
+                if len < 2 || at + len > l4 + doff {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let old = u16::from_be_bytes([f[at + 2], f[at + 3]]);
+                    if old <= mss {
+                        return false;
+                    }
+                    f[at + 2..at + 4].copy_from_slice(&mss.to_be_bytes());
+                    let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+                    let c = packet::csum_replace16(c, old, mss);
+                    f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+                    return true;
+                }
+                at += len;
+            }
+        }
+    }
+    false
+}
+
+/// Rewrites the RST in `f` into challenge ACK `c` to its sender: addresses
+/// and ports swapped, a bare 20-byte header, TTL/hop limit 64; the frame's
+/// new length. `None` if the frame is too short for it.
+pub fn build_challenge_ack(f: &mut [u8], ip: &Ip, smac: Mac, c: Challenge) -> Option<usize> {
+    let (sport, dport) = (
+        packet::be16(f, ip.l4).ok()?,
+        packet::be16(f, ip.l4 + 2).ok()?,
+    );
+    let l4 = ip.l3 + if ip.family == Family::V4 { 20 } else { 40 };
+    let end = l4 + 20;
+    if f.len() < end.max(ip.end) {
+        return None;
+    }
+    let dmac = packet::mac_at(f, 6).ok()?;
+    packet::set_macs(f, dmac, smac);
+    let reply = Ip {
+        family: ip.family,
+        l3: ip.l3,
+        l4,
+        end,
+        proto: 6,
+        ttl: 64,
+        src: ip.dst,
+        dst: ip.src,
+        frag: None,
+    };
+    match ip.family {
+        Family::V4 => {
+            let h = &mut f[ip.l3..l4];
+            h.copy_from_slice(&[
+                0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ]);
+            h[12..16].copy_from_slice(&ip.dst[12..]);
+            h[16..20].copy_from_slice(&ip.src[12..]);
+            packet::ipv4_header_checksum(f, ip.l3, 20);
+        }
+        Family::V6 => {
+            let h = &mut f[ip.l3..l4];
+            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+            h[8..24].copy_from_slice(&ip.dst);
+            h[24..40].copy_from_slice(&ip.src);
+        }
+    }
+    let t = &mut f[l4..end];
+    t[0..2].copy_from_slice(&dport.to_be_bytes());
+    t[2..4].copy_from_slice(&sport.to_be_bytes());
+    t[4..8].copy_from_slice(&c.seq.to_be_bytes());
+    t[8..12].copy_from_slice(&c.ack.to_be_bytes());
+    t[12..20].copy_from_slice(&[5 << 4, ACK, 0, 0, 0, 0, 0, 0]);
+    t[14..16].copy_from_slice(&c.win.to_be_bytes());
+    let sum = packet::l4_checksum(f, &reply, l4 + 16);
+    packet::put16(f, l4 + 16, sum);
+    Some(end)
 }
 
 #[cfg(test)]

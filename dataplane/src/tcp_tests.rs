@@ -52,11 +52,11 @@ fn handshake_learns_both_sides_and_the_negotiated_scale() {
         (C_ISN + 1, 7, s_next(), 7)
     );
     assert!(c.flags & HANDSHAKE != 0 && s.flags & HANDSHAKE != 0);
-    // The client may send up to what the server's SYN-ACK allowed (SYN
-    // windows are unscaled) and the server up to the client's ACK plus
-    // its scaled window.
-    assert_eq!(c.maxend, C_ISN + 1 + 1000);
-    assert_eq!(s.maxend, s_next().wrapping_add(1000 << 7));
+    // The client may send up to what the server's SYN-ACK allowed (its
+    // window taken as scaled: lenient until the server's next ACK) and
+    // the server up to the client's ACK plus its scaled window.
+    assert_eq!(s.allowed(), C_ISN + 1 + (1000 << 7));
+    assert_eq!(c.allowed(), s_next().wrapping_add(1000 << 7));
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn in_window_data_is_accepted_and_moves_the_edges() {
         track(&mut w, st, Reverse, &reply),
         Outcome::Accept(Established)
     );
-    assert_eq!(w.sides[0].maxend, C_ISN + 501 + (1000 << 7));
+    assert_eq!(w.sides[1].allowed(), C_ISN + 501 + (1000 << 7));
     assert_eq!(w.sides[1].ack, C_ISN + 501);
 }
 
@@ -93,8 +93,8 @@ fn in_window_data_is_accepted_and_moves_the_edges() {
 fn data_beyond_the_receivers_window_is_out_of_window() {
     let (mut w, st) = established();
     let before = w;
-    // The server allowed 1000 bytes (unscaled SYN-ACK window).
-    let d = seg(C_ISN + 1 + 1001, s_next(), ACK, 10);
+    // The server allowed 1000 << 7 bytes.
+    let d = seg(C_ISN + 1 + (1000 << 7) + 1, s_next(), ACK, 10);
     assert_eq!(
         track(&mut w, st, Forward, &d),
         Outcome::Invalid(Invalid::OutOfWindow)

@@ -55,12 +55,7 @@ fn node() -> (Arc<Shared>, Vec<DeltaConsumer>) {
 }
 
 fn tcp(flags: u8, sport: u16, dport: u16) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags,
-        payload: b"x".to_vec(),
-    }
+    L4::tcp(flags, sport, dport, b"x")
 }
 
 /// A frame of flow `port` (client 10.1.0.10:port -> server :443) from the
@@ -232,7 +227,9 @@ fn established_bursts_forward_under_the_shared_lock_only() {
     // Data of established flows: no state change, no write lock. A reader
     // holding the table meanwhile does not block the burst.
     let held = read(&shared.table);
-    let data: Vec<_> = (0..8).map(|i| from_client(41000 + i, 0)).collect();
+    let data: Vec<_> = (0..8)
+        .map(|i| from_client(41000 + i, packet::TCP_ACK))
+        .collect();
     w.burst(&mut frames(data)[..], NOW, &mut verdicts);
     drop(held);
     assert!(verdicts.iter().all(|v| matches!(v, Verdict::Tx { .. })));

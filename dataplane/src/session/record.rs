@@ -227,94 +227,97 @@ impl PartialEq for Activity {
 
 impl Eq for Activity {}
 
-/// The session's TCP windows ([`crate::tcp::Windows`]), written by
-/// workers through a shared reference like [`Activity`]. Each field has one
-/// writer as long as each direction is handled by one worker: a segment
-/// writes its own side's edges and the other side's `maxend`, which only
-/// the other direction's segments read back. `tag` names the epoch of the
-/// owner RG the windows were learned in: windows of another epoch are
-/// stale (the peer forwarded the session meanwhile) and read as unknown,
-/// so a promotion relearns them without touching each session.
+/// The session's TCP windows ([`crate::tcp::Windows`]) in 32 bytes,
+/// written by workers through a shared reference like [`Activity`]. Each
+/// side has one writer as long as each direction is handled by one worker:
+/// a segment writes its own side only (what it teaches of the other side
+/// is written only while that side is still unseen). Each side carries the
+/// tag of the owner RG's epoch it was learned in: a side of another epoch
+/// is stale (the peer forwarded the session meanwhile) and reads as
+/// unknown, so a promotion relearns windows without touching each session.
 #[derive(Debug, Default)]
 pub struct TcpTrack {
-    tag: AtomicU32,
     sides: [TcpSideCells; 2],
 }
 
 #[derive(Debug, Default)]
 struct TcpSideCells {
     end: AtomicU32,
-    maxend: AtomicU32,
-    maxwin: AtomicU32,
     ack: AtomicU32,
-    /// win (16 bits) | scale << 16 | flags << 24.
-    meta: AtomicU32,
+    /// win | maxwin << 16 | scale << 32 | flags << 40 | tag << 48.
+    meta: AtomicU64,
 }
 
 impl TcpTrack {
     /// The tag of windows learned while the owner RG is in `epoch` (never
     /// 0: 0 is "nothing learned").
-    pub fn tag_of(epoch: u64) -> u32 {
-        (epoch as u32).wrapping_add(1).max(1)
+    pub fn tag_of(epoch: u64) -> u16 {
+        (epoch as u16).wrapping_add(1).max(1)
     }
 
-    /// The windows learned under `tag`, or unknown ones.
-    pub fn load(&self, tag: u32) -> Windows {
+    /// The windows learned under `tag`; sides of another tag are unknown.
+    pub fn load(&self, tag: u16) -> Windows {
         let mut w = Windows::default();
-        if self.tag.load(Relaxed) != tag {
-            return w;
-        }
         for (c, s) in self.sides.iter().zip(w.sides.iter_mut()) {
             let meta = c.meta.load(Relaxed);
-            *s = TcpSide {
-                end: c.end.load(Relaxed),
-                maxend: c.maxend.load(Relaxed),
-                maxwin: c.maxwin.load(Relaxed),
-                ack: c.ack.load(Relaxed),
-                win: meta as u16,
-                scale: (meta >> 16) as u8,
-                flags: (meta >> 24) as u8,
-            };
+            if (meta >> 48) as u16 == tag {
+                *s = TcpSide {
+                    end: c.end.load(Relaxed),
+                    ack: c.ack.load(Relaxed),
+                    win: meta as u16,
+                    maxwin: (meta >> 16) as u16,
+                    scale: (meta >> 32) as u8,
+                    flags: (meta >> 40) as u8,
+                };
+            }
         }
         w
     }
 
-    /// Stores `new` under `tag`, writing only the fields that differ from
-    /// `was` (what [`TcpTrack::load`] returned), so a segment never
-    /// rewrites a field the other direction's worker owns.
-    pub fn store(&self, tag: u32, was: &Windows, new: &Windows) {
-        let retag = self.tag.load(Relaxed) != tag;
+    /// Stores `new` under `tag`, writing only the sides and fields that
+    /// differ from `was` (what [`TcpTrack::load`] returned).
+    pub fn store(&self, tag: u16, was: &Windows, new: &Windows) {
         for ((c, o), n) in self.sides.iter().zip(&was.sides).zip(&new.sides) {
-            let put = |cell: &AtomicU32, old: u32, v: u32| {
-                if retag || old != v {
-                    cell.store(v, Relaxed);
-                }
-            };
-            put(&c.end, o.end, n.end);
-            put(&c.maxend, o.maxend, n.maxend);
-            put(&c.maxwin, o.maxwin, n.maxwin);
-            put(&c.ack, o.ack, n.ack);
             let meta = |s: &TcpSide| {
-                u32::from(s.win) | u32::from(s.scale) << 16 | u32::from(s.flags) << 24
+                u64::from(s.win)
+                    | u64::from(s.maxwin) << 16
+                    | u64::from(s.scale) << 32
+                    | u64::from(s.flags) << 40
+                    | u64::from(tag) << 48
             };
-            put(&c.meta, meta(o), meta(n));
-        }
-        if retag {
-            self.tag.store(tag, Relaxed);
+            let retag = (c.meta.load(Relaxed) >> 48) as u16 != tag;
+            if !retag && o == n {
+                continue;
+            }
+            if retag || o.end != n.end {
+                c.end.store(n.end, Relaxed);
+            }
+            if retag || o.ack != n.ack {
+                c.ack.store(n.ack, Relaxed);
+            }
+            c.meta.store(meta(n), Relaxed);
         }
     }
 
-    fn snapshot(&self) -> (u32, Windows) {
-        let tag = self.tag.load(Relaxed);
-        (tag, self.load(tag))
+    fn snapshot(&self) -> [(u64, u32, u32); 2] {
+        self.sides.each_ref().map(|c| {
+            (
+                c.meta.load(Relaxed),
+                c.end.load(Relaxed),
+                c.ack.load(Relaxed),
+            )
+        })
     }
 }
 
 impl Clone for TcpTrack {
     fn clone(&self) -> TcpTrack {
-        let (tag, w) = self.snapshot();
         let t = TcpTrack::default();
-        t.store(tag, &Windows::default(), &w);
+        for (c, (meta, end, ack)) in t.sides.iter().zip(self.snapshot()) {
+            c.meta.store(meta, Relaxed);
+            c.end.store(end, Relaxed);
+            c.ack.store(ack, Relaxed);
+        }
         t
     }
 }

@@ -90,10 +90,11 @@ mod tests {
         assert_eq!(offset_of!(SessionRecord, key), 0);
         assert_eq!(offset_of!(SessionRecord, tcp_state), key);
         assert!(offset_of!(SessionRecord, reverse) - offset_of!(SessionRecord, tcp_state) <= 8);
-        // 160 bytes: the slab entry is the record (the niche holds the
-        // occupancy), part of the 300-byte-per-session budget.
-        assert_eq!(size_of::<SessionRecord>(), 160);
-        assert_eq!(SlotAddr::new().stride, 160);
+        // 192 bytes (160 + 32 of TCP windows): the slab entry is the
+        // record (the niche holds the occupancy), part of the
+        // 300-byte-per-session budget.
+        assert_eq!(size_of::<SessionRecord>(), 192);
+        assert_eq!(SlotAddr::new().stride, 192);
     }
 
     #[test]
