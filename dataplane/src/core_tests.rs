@@ -1178,3 +1178,6 @@ mod l3;
 
 #[path = "core_frag_tests.rs"]
 mod frag;
+
+#[path = "core_tcp_tests.rs"]
+mod tcp_tracking;
