@@ -1134,18 +1134,14 @@ impl Core {
         }
         // TCP: the segment is judged against the session's windows (learned
         // in the owner RG's current epoch) before anything is changed.
-        let mut learned = None;
+        let mut w = was;
         let mut next = state;
         if key.proto == proto::TCP && ip.has_l4() {
             let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
                 return Ok(self.drop(DropReason::Malformed));
             };
-            let mut w = was;
             match tcp::track(&mut w, state, h.dir, &seg) {
-                tcp::Outcome::Accept(n) => {
-                    next = n;
-                    learned = Some((tag, was, w));
-                }
+                tcp::Outcome::Accept(n) => next = n,
                 tcp::Outcome::Pass => bump(&self.stats.tcp_passed, 1),
                 tcp::Outcome::Challenge(c) => return Ok(self.challenge_ack(f, ip, ifc, c, cx)),
                 tcp::Outcome::Invalid(why) => return Ok(self.drop(tcp_drop(why))),
@@ -1165,7 +1161,10 @@ impl Core {
             }
         }
         let t = cx.table.get();
-        if let Some((tag, was, w)) = learned
+        // `w` differs from `was` only for an accepted segment that taught
+        // something (a retransmission teaches nothing).
+        if key.proto == proto::TCP
+            && w != was
             && let Some(r) = t.get(h.handle)
         {
             r.tcp.store(tag, &was, &w);

@@ -241,13 +241,6 @@ pub struct Challenge {
     pub win: u16,
 }
 
-fn idx(d: Direction) -> (usize, usize) {
-    match d {
-        Direction::Forward => (0, 1),
-        Direction::Reverse => (1, 0),
-    }
-}
-
 /// `a` is before `b` in sequence space.
 fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -261,7 +254,6 @@ fn after(a: u32, b: u32) -> bool {
 /// updates `w` when the segment is accepted (only then).
 pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) -> Outcome {
     use TcpState::*;
-    let (s, r) = idx(dir);
     if (seg.has(SYN) && seg.has(RST) | seg.has(FIN)) || seg.flags & (SYN | ACK | RST) == 0 {
         return Outcome::Invalid(Invalid::BadFlags);
     }
@@ -296,15 +288,19 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
         }
         return Outcome::Pass;
     }
-    let was = w.sides;
+    let syn_end = w.sides[0].end;
+    let [fwd, rev] = &mut w.sides;
+    let (snd, rcv) = match dir {
+        Direction::Forward => (fwd, rev),
+        Direction::Reverse => (rev, fwd),
+    };
     if seg.has(RST) {
-        return judge_rst(&was, state, s, r, seg);
+        return judge_rst(snd, rcv, state, syn_end, seg);
     }
-    let (snd, rcv) = (was[s], was[r]);
     let end = seg.end();
     let ack = if seg.has(ACK) { seg.ack } else { rcv.end };
     // Checked only once both sides are known; a picked-up session is
-    // accepted as it comes until then.
+    // accepted as it comes until then. Nothing changes before the checks.
     if snd.is(SEEN) && rcv.is(SEEN) && rcv.is(ACKED) {
         let ack_win = snd.maxwin_scaled().max(66_000);
         let ok = !after(seg.seq, rcv.allowed())
@@ -319,8 +315,6 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
             return Outcome::Invalid(Invalid::OutOfWindow);
         }
     }
-    let mut snd = snd;
-    let mut rcv = rcv;
     if !snd.is(SEEN) {
         snd.end = end;
         snd.flags |= SEEN;
@@ -344,13 +338,11 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
             rcv.end = ack;
         }
     }
-    w.sides[s] = snd;
-    w.sides[r] = rcv;
     Outcome::Accept(crate::core::next_tcp_state(state, dir, seg.flags))
 }
 
-fn judge_rst(w: &[Side; 2], state: TcpState, s: usize, r: usize, seg: &Segment) -> Outcome {
-    let (snd, rcv) = (w[s], w[r]);
+/// `syn_end`: the forward side's end (the SYN's, in SYN-SENT).
+fn judge_rst(snd: &Side, rcv: &Side, state: TcpState, syn_end: u32, seg: &Segment) -> Outcome {
     // RFC 5961 §3.2: exactly the receiver's RCV.NXT. The sender's own
     // SND.NXT is exact too: a reset sent while its last data is in flight.
     let exact = (rcv.is(ACKED) && seg.seq == rcv.ack) || (snd.is(SEEN) && seg.seq == snd.end);
@@ -358,7 +350,7 @@ fn judge_rst(w: &[Side; 2], state: TcpState, s: usize, r: usize, seg: &Segment) 
         // In SYN-SENT a RST answers the SYN: it is acceptable when it
         // acknowledges it (RFC 793), which the SYN-ACK check covers for
         // the other direction; a refused connection closes.
-        if state == TcpState::SynSent && !exact && !(seg.has(ACK) && seg.ack == w[0].end) {
+        if state == TcpState::SynSent && !exact && !(seg.has(ACK) && seg.ack == syn_end) {
             return Outcome::Invalid(Invalid::RstOutOfWindow);
         }
         return Outcome::Accept(TcpState::Closed);

@@ -57,6 +57,7 @@ use tandem_dataplane::packet::Mac;
 use tandem_dataplane::session::{
     self, Addr, InterfaceId, Millis, SessionTable, TableConfig, lock, read,
 };
+use tandem_dataplane::tcp;
 use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns, sample_config, sh};
 use tandem_dataplane::worker::{Shared, Worker};
 use tandem_fabric::header::OVERHEAD;
@@ -67,6 +68,7 @@ const T: InterfaceId = InterfaceId(0);
 const U: InterfaceId = InterfaceId(1);
 const FAB: u16 = 2;
 const VMAC_T: Mac = [0x02, 0, 0x5e, 0, 1, 1];
+const VMAC_U: Mac = [0x02, 0, 0x5e, 0, 1, 2];
 const CLIENT_MAC: Mac = [0xcc, 0, 0, 0, 0, 1];
 const SERVER_MAC: Mac = [0x55, 0, 0, 0, 0, 1];
 const NOW: Millis = Millis(10_000);
@@ -83,6 +85,8 @@ struct Args {
     /// Internal: run exactly this many established packets and exit (what
     /// `--instructions` runs under callgrind).
     count_packets: Option<u64>,
+    /// `--count-packets` over tracked TCP flows instead of UDP ones.
+    tcp: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -94,6 +98,7 @@ fn parse_args() -> Result<Args, String> {
         big: 1_000_000,
         instructions: false,
         count_packets: None,
+        tcp: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -101,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
             "--json" => a.json = true,
             "--core-only" => a.skip_io = true,
             "--instructions" => a.instructions = true,
+            "--tcp" => a.tcp = true,
             "--count-packets" => {
                 a.count_packets = Some(
                     it.next()
@@ -238,6 +244,84 @@ fn fragment_benches(a: &Args) {
     emit(a.json, "fragment_cost_ratio", base / fragmented, "ratio");
 }
 
+/// A TCP segment of flow `port` (client 10.1.0.10:port <-> server :443,
+/// source-NATed to 192.0.2.1 with the port kept).
+fn tcp_segment(port: u16, from_client: bool, flags: u8, seq: u32, ack: u32, len: usize) -> Vec<u8> {
+    let l4 = L4::Tcp {
+        sport: if from_client { port } else { 443 },
+        dport: if from_client { 443 } else { port },
+        flags,
+        seq,
+        ack,
+        payload: vec![0x5a; len],
+    };
+    if from_client {
+        build(
+            VMAC_T,
+            CLIENT_MAC,
+            v4("10.1.0.10"),
+            v4("192.0.2.100"),
+            64,
+            &l4,
+        )
+    } else {
+        build(
+            VMAC_U,
+            SERVER_MAC,
+            v4("192.0.2.100"),
+            v4("192.0.2.1"),
+            64,
+            &l4,
+        )
+    }
+}
+
+/// Established TCP flows with window tracking against the same number of
+/// UDP flows (`core_pps_per_core`'s frames), same run: the cost of
+/// tracking. Each flow's handshake goes through the worker; the measured
+/// frames are in-window client data segments (18 bytes, as the UDP
+/// frames), every check run in full.
+fn tcp_benches(a: &Args, udp: f64) {
+    let (mut w, data) = tcp_flows(a.flows);
+    let pps = rate(&mut w, &data, a.seconds, None);
+    emit(a.json, "core_pps_tcp_tracked", pps, "pps");
+    emit(a.json, "tcp_tracking_cost_ratio", udp / pps, "ratio");
+}
+
+/// A worker with `flows` established TCP flows (handshakes through it) and
+/// one in-window client data segment per flow.
+fn tcp_flows(flows: u16) -> (Worker, Vec<Vec<u8>>) {
+    const C: u32 = 1_000_000;
+    const S: u32 = 5_000_000;
+    let mut w = Worker::new(node(true, true, TableConfig::default()));
+    let mut b = Bursts::new();
+    let ports: Vec<u16> = (0..flows).map(|i| 30_000 + i).collect();
+    let steps: [(bool, u8, u32, u32); 3] = [
+        (true, tcp::SYN, C, 0),
+        (false, tcp::SYN | tcp::ACK, S, C + 1),
+        (true, tcp::ACK, C + 1, S + 1),
+    ];
+    for (from_client, flags, seq, ack) in steps {
+        let frames: Vec<_> = ports
+            .iter()
+            .map(|&p| tcp_segment(p, from_client, flags, seq, ack, 0))
+            .collect();
+        let at = if from_client { T } else { U };
+        for burst in frames.chunks(BURST) {
+            assert_eq!(
+                b.run(&mut w, burst, Arrival::Wire(at)),
+                burst.len(),
+                "handshake"
+            );
+        }
+    }
+    let data = ports
+        .iter()
+        .map(|&p| tcp_segment(p, true, tcp::ACK, C + 1, S + 1, 18))
+        .collect();
+    (w, data)
+}
+
 fn flow_frames(flows: u16) -> Vec<Vec<u8>> {
     (0..flows).map(|i| client_udp(10_000 + i, 9000)).collect()
 }
@@ -330,6 +414,7 @@ fn core_benches(a: &Args) {
     create_sessions(&mut owner, &frames);
     let direct = rate(&mut owner, &frames, a.seconds, None);
     emit(a.json, "core_pps_per_core", direct, "pps");
+    tcp_benches(a, direct);
 
     let mut other = Worker::new(node(false, true, TableConfig::default()));
     let mut to_owner = FabricForwarder::new(fabric_map(true), Arc::default());
@@ -468,10 +553,16 @@ fn big_table_benches(a: &Args) {
 }
 
 /// `--count-packets N`: the 1,024-flow core forwarding exactly N packets.
-fn count_packets(n: u64) {
-    let frames = flow_frames(1024);
-    let mut w = Worker::new(node(true, true, TableConfig::default()));
-    create_sessions(&mut w, &frames);
+/// With `--tcp`: the 1,024 tracked TCP flows of `core_pps_tcp_tracked`.
+fn count_packets(n: u64, tcp: bool) {
+    let (mut w, frames) = if tcp {
+        tcp_flows(1024)
+    } else {
+        let frames = flow_frames(1024);
+        let mut w = Worker::new(node(true, true, TableConfig::default()));
+        create_sessions(&mut w, &frames);
+        (w, frames)
+    };
     let mut b = Bursts::new();
     let mut done = 0;
     while done < n {
@@ -486,7 +577,7 @@ fn count_packets(n: u64) {
 }
 
 /// Instructions of this binary run with `--count-packets n` under callgrind.
-fn callgrind_instructions(n: u64) -> Result<u64, String> {
+fn callgrind_instructions(n: u64, tcp: bool) -> Result<u64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = std::env::temp_dir().join(format!("fwd-bench-cg-{}-{n}.out", std::process::id()));
     let status = Command::new("valgrind")
@@ -494,6 +585,7 @@ fn callgrind_instructions(n: u64) -> Result<u64, String> {
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(&exe)
         .args(["--count-packets", &n.to_string()])
+        .args(tcp.then_some("--tcp"))
         .output()
         .map_err(|e| format!("valgrind (apt package valgrind): {e}"))?;
     if !status.status.success() {
@@ -515,14 +607,19 @@ fn callgrind_instructions(n: u64) -> Result<u64, String> {
 
 fn instruction_bench(a: &Args) -> Result<(), String> {
     let (small, large) = (100_000u64, 400_000u64);
-    let i0 = callgrind_instructions(small)?;
-    let i1 = callgrind_instructions(large)?;
-    emit(
-        a.json,
-        "core_instructions_per_packet",
-        (i1.saturating_sub(i0)) as f64 / (large - small) as f64,
-        "instructions",
-    );
+    for (tcp, name) in [
+        (false, "core_instructions_per_packet"),
+        (true, "core_instructions_per_tcp_packet"),
+    ] {
+        let i0 = callgrind_instructions(small, tcp)?;
+        let i1 = callgrind_instructions(large, tcp)?;
+        emit(
+            a.json,
+            name,
+            (i1.saturating_sub(i0)) as f64 / (large - small) as f64,
+            "instructions",
+        );
+    }
     Ok(())
 }
 
@@ -813,7 +910,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Some(n) = a.count_packets {
-        count_packets(n);
+        count_packets(n, a.tcp);
         return std::process::ExitCode::SUCCESS;
     }
     core_benches(&a);

@@ -285,17 +285,17 @@ impl TcpTrack {
                     | u64::from(s.flags) << 40
                     | u64::from(tag) << 48
             };
-            let retag = (c.meta.load(Relaxed) >> 48) as u16 != tag;
-            if !retag && o == n {
-                continue;
-            }
+            let (stored, m) = (c.meta.load(Relaxed), meta(n));
+            let retag = (stored >> 48) as u16 != tag;
             if retag || o.end != n.end {
                 c.end.store(n.end, Relaxed);
             }
             if retag || o.ack != n.ack {
                 c.ack.store(n.ack, Relaxed);
             }
-            c.meta.store(meta(n), Relaxed);
+            if stored != m {
+                c.meta.store(m, Relaxed);
+            }
         }
     }
 
