@@ -104,7 +104,9 @@ impl Default for Timeouts {
             tcp_established_ms: 1_800_000,
             tcp_closing_ms: 30_000,
             tcp_time_wait_ms: 2_000,
-            udp_ms: 60_000,
+            // RFC 4787 REQ-5: a UDP mapping lives at least 2 minutes idle;
+            // 5 is the recommended default.
+            udp_ms: 300_000,
             icmp_ms: 60_000,
             other_ms: 30_000,
         }
