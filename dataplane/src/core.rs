@@ -1019,13 +1019,13 @@ impl Core {
         );
     }
 
+    /// A port forward of `key`'s destination, from its zone or hairpinned
+    /// from any other (see `first_packet`).
     fn dnat_matches(&self, key: &SessionKey) -> bool {
-        self.cfg.dnat.iter().any(|d| {
-            d.from == key.zone
-                && d.addr == key.dst
-                && d.proto == key.proto
-                && d.port == key.dst_port
-        })
+        self.cfg
+            .dnat
+            .iter()
+            .any(|d| d.addr == key.dst && d.proto == key.proto && d.port == key.dst_port)
     }
 
     /// Traffic to one of this node's addresses: echo requests are
@@ -1207,16 +1207,21 @@ impl Core {
         let flags = packet::tcp_flags(f, ip);
         let cfg = &*self.cfg;
         // Destination NAT first: policy and routing see the real server.
-        let dnat = cfg
+        // A rule's own zone is preferred; from any other zone the public
+        // address is reached by hairpinning (RFC 4787 REQ-9, RFC 5382
+        // REQ-8): an inside client using the port forward's public face.
+        let rule = |d: &&crate::config::Dnat| {
+            d.addr == key.dst && d.proto == key.proto && d.port == key.dst_port
+        };
+        let dnat_rule = cfg
             .dnat
             .iter()
-            .find(|d| {
-                d.from == ifc.zone
-                    && d.addr == key.dst
-                    && d.proto == key.proto
-                    && d.port == key.dst_port
-            })
-            .map(|d| (d.to, d.to_port));
+            .filter(rule)
+            .find(|d| d.from == ifc.zone)
+            .map(|d| (d, false))
+            .or_else(|| cfg.dnat.iter().find(rule).map(|d| (d, true)));
+        let dnat = dnat_rule.map(|(d, _)| (d.to, d.to_port));
+        let hairpin = dnat_rule.and_then(|(d, h)| h.then_some(d.addr));
         let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
         let Some(out) = cfg.route(&dst).and_then(|r| cfg.iface(r.iface)) else {
             self.answer(f, ip, ifc, IcmpError::NoRoute, cx);
@@ -1289,7 +1294,15 @@ impl Core {
                     addr,
                     ports: r.ports.0..=r.ports.1,
                 })
-            });
+            })
+            // A hairpinned session is also source-NATed to the public
+            // address, so the server answers through the firewall (not
+            // straight to a client on its own segment) and sees the
+            // address the client used.
+            .or(hairpin.map(|addr| SnatRequest {
+                addr,
+                ports: HAIRPIN_PORTS,
+            }));
         let new = NewSession {
             key,
             egress_zone: out.zone,
@@ -1735,6 +1748,10 @@ fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
         .find(|p| p.is_v4() == v4)
         .map(|p| p.addr)
 }
+
+/// Ports a hairpinned session's source may be translated to (the client's
+/// own port kept when free).
+const HAIRPIN_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
 
 /// The drop reason of a segment the tracker refused.
 fn tcp_drop(why: tcp::Invalid) -> DropReason {

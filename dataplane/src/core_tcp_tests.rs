@@ -338,3 +338,86 @@ fn a_smaller_mss_is_left_alone() {
     assert_eq!(mss_of(&syn), 1200);
     assert_eq!(r.core.stats().tcp_mss_clamped.load(Ordering::Relaxed), 0);
 }
+
+/// The test config plus a policy letting trust reach the port-forwarded
+/// server (which sits in trust) — what an operator adds for hairpinning.
+fn hairpin_rig() -> Rig {
+    rig_with(true, |c| {
+        c.policies.push(PolicyConfig {
+            name: "hairpin-web".into(),
+            from_zone: "trust".into(),
+            to_zone: "trust".into(),
+            source: vec![],
+            destination: vec!["10.1.0.10/32".parse().unwrap()],
+            protocol: Some("tcp".into()),
+            ports: vec!["80".into()],
+            action: PolicyAction::Permit,
+        })
+    })
+}
+
+#[test]
+fn dnat_hairpin_lets_an_inside_client_use_the_public_address() {
+    let mut r = hairpin_rig();
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.1"),
+        64,
+        &L4::tcp(packet::TCP_SYN, CPORT, 8080, b""),
+    );
+    assert!(matches!(
+        send(&mut r, &mut syn, true),
+        Verdict::Tx { iface: T, .. }
+    ));
+    let ip = ip_of(&syn);
+    // To the real server, from the public address: the server answers
+    // through the firewall.
+    assert_eq!(
+        (Addr(ip.src), Addr(ip.dst)),
+        (v4("192.0.2.1"), v4("10.1.0.10"))
+    );
+    assert_eq!(packet::ports(&syn, &ip).unwrap(), (CPORT, 80));
+    verify_checksums(&syn).unwrap();
+    let mut synack = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.1"),
+        64,
+        &L4::tcp(packet::TCP_SYN | packet::TCP_ACK, 80, CPORT, b""),
+    );
+    assert!(matches!(
+        send(&mut r, &mut synack, true),
+        Verdict::Tx { iface: T, .. }
+    ));
+    let ip = ip_of(&synack);
+    // Back to the client as if from the public address it dialled.
+    assert_eq!(
+        (Addr(ip.src), Addr(ip.dst)),
+        (v4("192.0.2.1"), v4("10.1.0.10"))
+    );
+    assert_eq!(packet::ports(&synack, &ip).unwrap(), (8080, CPORT));
+    verify_checksums(&synack).unwrap();
+    let t = read(r.core.table());
+    t.verify_invariants().unwrap();
+    assert_eq!(t.len(), 1);
+}
+
+#[test]
+fn dnat_hairpin_still_needs_a_policy() {
+    let mut r = rig(true);
+    let mut syn = build(
+        VMAC_T,
+        CLIENT_MAC,
+        v4("10.1.0.10"),
+        v4("192.0.2.1"),
+        64,
+        &L4::tcp(packet::TCP_SYN, CPORT, 8080, b""),
+    );
+    assert_eq!(
+        send(&mut r, &mut syn, true),
+        Verdict::Drop(DropReason::NoPolicy)
+    );
+}
