@@ -1,19 +1,21 @@
 //! TCP window tracking through a real AF_XDP firewall: a blind RST from
 //! off the path, with a sequence number the attacker had to guess, must
 //! not end a live connection, even after an idle pause longer than the
-//! closed-state timer. Needs root (network namespaces, XDP); skips with
+//! closed-state timer; and an inside client reaches a port forward through
+//! its public address (hairpinning). Needs root (network namespaces, XDP); skips with
 //! the reason otherwise.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
+use tandem_dataplane::config::{PolicyAction, PolicyConfig};
 use tandem_dataplane::core::DropReason;
 use tandem_dataplane::frames::{L4, ip_packet};
 use tandem_dataplane::os;
 use tandem_dataplane::session::{Addr, TcpState, Timeouts, lock};
 use tandem_dataplane::tcp;
-use tandem_dataplane::testbed::{Firewall, Topo, in_ns};
+use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns};
 
 fn skip() -> bool {
     if let Err(why) = os::privileged() {
@@ -140,4 +142,50 @@ fn blind_rsts_with_guessed_sequence_numbers_leave_a_live_connection_working() {
         stats.dropped(DropReason::TcpRstOutOfWindow) + stats.dropped(DropReason::TcpRstChallenged);
     assert_eq!(refused, 8, "every forged RST was refused");
     assert_eq!(stats.dropped(DropReason::NoSession), 0);
+}
+
+#[test]
+fn an_inside_client_reaches_the_port_forward_through_the_public_address() {
+    if skip() {
+        return;
+    }
+    let topo = Topo::new("h");
+    let mut spec = FirewallSpec::sample();
+    spec.config.policies.push(PolicyConfig {
+        name: "hairpin-web".into(),
+        from_zone: "trust".into(),
+        to_zone: "trust".into(),
+        source: vec![],
+        destination: vec!["10.1.0.10/32".parse().unwrap()],
+        protocol: Some("tcp".into()),
+        ports: vec!["80".into()],
+        action: PolicyAction::Permit,
+    });
+    let fw = Firewall::start_with(&topo.ns[1], spec);
+    // The port forward's target is the client host itself (port 80): the
+    // hairpin goes out the interface it came in on.
+    let client = in_ns(&topo.ns[0], || {
+        let l = TcpListener::bind("0.0.0.0:80").unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, from) = l.accept().unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+            from
+        });
+        let mut s =
+            TcpStream::connect_timeout(&"192.0.2.1:8080".parse().unwrap(), Duration::from_secs(10))
+                .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let got = echo(&mut s, b"hello");
+        (got, server.join().unwrap())
+    });
+    let (got, seen_from) = client.join().expect("client");
+    assert_eq!(got, b"hello");
+    assert_eq!(
+        seen_from.ip().to_string(),
+        "192.0.2.1",
+        "the server sees the public address"
+    );
+    fw.stop();
 }
