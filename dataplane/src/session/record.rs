@@ -237,6 +237,12 @@ impl Eq for Activity {}
 /// tag of the owner RG's epoch it was learned in: a side of another epoch
 /// is stale (the peer forwarded the session meanwhile) and reads as
 /// unknown, so a promotion relearns windows without touching each session.
+///
+/// When one direction briefly arrives at two workers (the wire and the
+/// fabric while a switch moves a MAC) their stores may interleave and one
+/// update be lost: the side then lags by a segment until its next one
+/// (an ACK beyond the lagging edge is refused once, and retransmitted by
+/// TCP), never a wrong session's state.
 #[derive(Debug, Default)]
 pub struct TcpTrack {
     sides: [TcpSideCells; 2],
