@@ -957,3 +957,32 @@ proptest! {
         prop_assert!(t.verify_invariants().is_ok());
     }
 }
+
+#[test]
+fn local_snat_never_takes_a_port_reserved_by_a_peer_synced_session() {
+    // The peer is primary for RG1 and source-NATed client 1 to port 3000;
+    // this node, primary for another RG, then NATs client 2 whose own port
+    // is 3000 to the same address: it must get another port, or the
+    // replies of one would reach the other after the next failover.
+    let mut tx = SessionTable::default();
+    let a = tx
+        .insert(snat_session::<V4>(RG1, 1, 3000, 1024..=65535), now())
+        .unwrap();
+    let mut rx = SessionTable::default();
+    rx.apply_peer_upsert(&tx.get(a).unwrap().to_synced(now()), now(), None)
+        .unwrap();
+    rx.promote_rg(RG2);
+    let b = rx
+        .insert(snat_session::<V4>(RG2, 2, 3000, 1024..=65535), now())
+        .unwrap();
+    let nat = rx.get(b).unwrap().nat().snat.unwrap();
+    assert_eq!(nat.0, V4::nat_addr());
+    assert_ne!(nat.1, 3000, "3000 is the peer's mapping");
+    assert_eq!(rx.reserved_ports(), 2);
+    // With 3000 the only port of the range, the local session is refused.
+    assert_eq!(
+        rx.insert(snat_session::<V4>(RG2, 3, 3000, 3000..=3000), now()),
+        Err(InsertError::PortsExhausted)
+    );
+    ok(&rx);
+}
