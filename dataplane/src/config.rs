@@ -3,7 +3,7 @@
 //! config; `Compiled` is the lookup form the packet core reads.
 
 use crate::packet::Mac;
-use crate::session::{Addr, InterfaceId, PolicyId, ZoneId};
+use crate::session::{Addr, InterfaceId, PolicyId, SessionKey, ZoneId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
@@ -368,6 +368,13 @@ pub struct Dnat {
     pub port: u16,
     pub to: Addr,
     pub to_port: u16,
+}
+
+impl Dnat {
+    /// `key` is addressed to this port forward's public address and port.
+    pub fn matches(&self, key: &SessionKey) -> bool {
+        self.addr == key.dst && self.proto == key.proto && self.port == key.dst_port
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -1022,10 +1022,7 @@ impl Core {
     /// A port forward of `key`'s destination, from its zone or hairpinned
     /// from any other (see `first_packet`).
     fn dnat_matches(&self, key: &SessionKey) -> bool {
-        self.cfg
-            .dnat
-            .iter()
-            .any(|d| d.addr == key.dst && d.proto == key.proto && d.port == key.dst_port)
+        self.cfg.dnat.iter().any(|d| d.matches(key))
     }
 
     /// Traffic to one of this node's addresses: echo requests are
@@ -1115,7 +1112,7 @@ impl Core {
             .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
         let role = cx.env.roles.get(&owner).copied();
-        let tag = TcpTrack::tag_of(role.map_or(0, |r| r.epoch.0));
+        let tag = tcp_tag(role.as_ref());
         let was = if key.proto == proto::TCP {
             r.tcp.load(tag)
         } else {
@@ -1210,16 +1207,12 @@ impl Core {
         // A rule's own zone is preferred; from any other zone the public
         // address is reached by hairpinning (RFC 4787 REQ-9, RFC 5382
         // REQ-8): an inside client using the port forward's public face.
-        let rule = |d: &&crate::config::Dnat| {
-            d.addr == key.dst && d.proto == key.proto && d.port == key.dst_port
-        };
         let dnat_rule = cfg
             .dnat
             .iter()
-            .filter(rule)
-            .find(|d| d.from == ifc.zone)
+            .find(|d| d.matches(&key) && d.from == ifc.zone)
             .map(|d| (d, false))
-            .or_else(|| cfg.dnat.iter().find(rule).map(|d| (d, true)));
+            .or_else(|| cfg.dnat.iter().find(|d| d.matches(&key)).map(|d| (d, true)));
         let dnat = dnat_rule.map(|(d, _)| (d.to, d.to_port));
         let hairpin = dnat_rule.and_then(|(d, h)| h.then_some(d.addr));
         let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
@@ -1340,10 +1333,9 @@ impl Core {
         }
         t.touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
         if let Some(w) = syn {
-            let epoch = cx.env.roles.get(&owner).map_or(0, |r| r.epoch.0);
-            if let Some(r) = t.get(handle) {
-                r.tcp
-                    .store(TcpTrack::tag_of(epoch), &tcp::Windows::default(), &w);
+            let tag = tcp_tag(cx.env.roles.get(&owner));
+            if let Some(r) = cx.table.get().get(handle) {
+                r.tcp.store(tag, &tcp::Windows::default(), &w);
             }
             self.clamp_mss(f, ip, ifc, out.id);
         }
@@ -1354,10 +1346,10 @@ impl Core {
     /// interface it came in on or leaves by (the smaller), keeping the
     /// TCP checksum. IPv6 gets 20 bytes less than the configured value.
     fn clamp_mss(&self, f: &mut [u8], ip: &Ip, ifc: &Iface, out: InterfaceId) {
-        let clamp = [Some(ifc.tcp_mss), self.cfg.iface(out).map(|o| o.tcp_mss)]
+        let clamp = ifc
+            .tcp_mss
             .into_iter()
-            .flatten()
-            .flatten()
+            .chain(self.cfg.iface(out).and_then(|o| o.tcp_mss))
             .min();
         let Some(mut mss) = clamp else {
             return;
@@ -1753,6 +1745,12 @@ fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
 /// own port kept when free).
 const HAIRPIN_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
 
+/// The tag of TCP windows learned now for a session whose owner RG has
+/// `role` (its current epoch; see [`TcpTrack`]).
+fn tcp_tag(role: Option<&tandem_proto::RgRole>) -> u16 {
+    TcpTrack::tag_of(role.map_or(0, |r| r.epoch.0))
+}
+
 /// The drop reason of a segment the tracker refused.
 fn tcp_drop(why: tcp::Invalid) -> DropReason {
     match why {
@@ -1760,38 +1758,6 @@ fn tcp_drop(why: tcp::Invalid) -> DropReason {
         tcp::Invalid::RstOutOfWindow => DropReason::TcpRstOutOfWindow,
         tcp::Invalid::BadFlags => DropReason::TcpBadFlags,
         tcp::Invalid::SynAckMismatch => DropReason::TcpSynAckMismatch,
-    }
-}
-
-/// The state a segment the tracker accepted moves the session to (a RST
-/// reaches here only when it was exact).
-pub fn next_tcp_state(s: TcpState, dir: Direction, flags: u8) -> TcpState {
-    use TcpState::*;
-    if flags & packet::TCP_RST != 0 {
-        return Closed;
-    }
-    if flags & packet::TCP_FIN != 0 {
-        return match s {
-            FinWait if dir == Direction::Reverse => TimeWait,
-            CloseWait if dir == Direction::Forward => TimeWait,
-            Established | SynReceived => {
-                if dir == Direction::Forward {
-                    FinWait
-                } else {
-                    CloseWait
-                }
-            }
-            other => other,
-        };
-    }
-    match (s, dir) {
-        (SynSent, Direction::Reverse)
-            if flags & packet::TCP_SYN != 0 && flags & packet::TCP_ACK != 0 =>
-        {
-            SynReceived
-        }
-        (SynReceived, Direction::Forward) if flags & packet::TCP_ACK != 0 => Established,
-        (other, _) => other,
     }
 }
 

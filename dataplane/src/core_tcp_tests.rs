@@ -343,16 +343,7 @@ fn a_smaller_mss_is_left_alone() {
 /// server (which sits in trust) — what an operator adds for hairpinning.
 fn hairpin_rig() -> Rig {
     rig_with(true, |c| {
-        c.policies.push(PolicyConfig {
-            name: "hairpin-web".into(),
-            from_zone: "trust".into(),
-            to_zone: "trust".into(),
-            source: vec![],
-            destination: vec!["10.1.0.10/32".parse().unwrap()],
-            protocol: Some("tcp".into()),
-            ports: vec!["80".into()],
-            action: PolicyAction::Permit,
-        })
+        c.policies.push(crate::testbed::hairpin_web_policy())
     })
 }
 

@@ -8,6 +8,7 @@ use crate::core::{HOLD_MS, HOLD_PER_NEIGHBOR, HOLD_TOTAL};
 use crate::delta::delta_queues;
 use crate::frames::{L4, build, ip_packet, verify_checksums};
 use crate::session::{Origin, SessionTable, TableConfig, lock, read, shared};
+use crate::tcp::next_tcp_state;
 use crate::worker::{self, Shared, Worker};
 use arc_swap::ArcSwap;
 use proptest::prelude::*;

@@ -32,10 +32,7 @@
 use crate::packet::{self, Family, Ip, Mac};
 use crate::session::{Direction, TcpState};
 
-pub const FIN: u8 = 0x01;
-pub const SYN: u8 = 0x02;
-pub const RST: u8 = 0x04;
-pub const ACK: u8 = 0x10;
+pub use crate::packet::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
 
 /// The largest window scale RFC 7323 allows: assumed when it is unknown.
 pub const MAX_SCALE: u8 = 14;
@@ -72,9 +69,10 @@ impl Segment {
             wscale: None,
         };
         if flags & SYN != 0 {
-            for (kind, data) in Options::new(&f[l4 + 20..l4 + doff]) {
+            let opts = &f[l4 + 20..l4 + doff];
+            for (kind, data) in Options::new(opts) {
                 if kind == 3 && data.len() == 1 {
-                    s.wscale = Some(data[0].min(MAX_SCALE));
+                    s.wscale = Some(opts[data.start].min(MAX_SCALE));
                 }
             }
         }
@@ -94,38 +92,40 @@ impl Segment {
     }
 }
 
-/// TCP options as (kind, data), ending at EOL or at the first malformed
-/// option.
+/// TCP options as (kind, data range within the option bytes), ending at
+/// EOL or at the first malformed option. Ranges, not slices, so the MSS
+/// clamp can rewrite what it finds.
 pub struct Options<'a> {
-    rest: &'a [u8],
+    opts: &'a [u8],
+    at: usize,
 }
 
 impl<'a> Options<'a> {
     pub fn new(opts: &'a [u8]) -> Options<'a> {
-        Options { rest: opts }
+        Options { opts, at: 0 }
     }
 }
 
-impl<'a> Iterator for Options<'a> {
-    type Item = (u8, &'a [u8]);
+impl Iterator for Options<'_> {
+    type Item = (u8, std::ops::Range<usize>);
 
-    fn next(&mut self) -> Option<(u8, &'a [u8])> {
+    fn next(&mut self) -> Option<(u8, std::ops::Range<usize>)> {
         loop {
-            let (&kind, tail) = self.rest.split_first()?;
+            let kind = *self.opts.get(self.at)?;
             match kind {
                 0 => {
-                    self.rest = &[];
+                    self.at = self.opts.len();
                     return None;
                 }
-                1 => self.rest = tail,
+                1 => self.at += 1,
                 _ => {
-                    let len = usize::from(*tail.first()?);
-                    if len < 2 || len > self.rest.len() {
-                        self.rest = &[];
+                    let len = usize::from(*self.opts.get(self.at + 1)?);
+                    if len < 2 || self.at + len > self.opts.len() {
+                        self.at = self.opts.len();
                         return None;
                     }
-                    let data = &self.rest[2..len];
-                    self.rest = &self.rest[len..];
+                    let data = self.at + 2..self.at + len;
+                    self.at += len;
                     return Some((kind, data));
                 }
             }
@@ -338,7 +338,35 @@ pub fn track(w: &mut Windows, state: TcpState, dir: Direction, seg: &Segment) ->
             rcv.end = ack;
         }
     }
-    Outcome::Accept(crate::core::next_tcp_state(state, dir, seg.flags))
+    Outcome::Accept(next_tcp_state(state, dir, seg.flags))
+}
+
+/// The state a segment the tracker accepted moves the session to (a RST
+/// reaches here only when it was exact).
+pub fn next_tcp_state(s: TcpState, dir: Direction, flags: u8) -> TcpState {
+    use TcpState::*;
+    if flags & RST != 0 {
+        return Closed;
+    }
+    if flags & FIN != 0 {
+        return match s {
+            FinWait if dir == Direction::Reverse => TimeWait,
+            CloseWait if dir == Direction::Forward => TimeWait,
+            Established | SynReceived => {
+                if dir == Direction::Forward {
+                    FinWait
+                } else {
+                    CloseWait
+                }
+            }
+            other => other,
+        };
+    }
+    match (s, dir) {
+        (SynSent, Direction::Reverse) if flags & SYN != 0 && flags & ACK != 0 => SynReceived,
+        (SynReceived, Direction::Forward) if flags & ACK != 0 => Established,
+        (other, _) => other,
+    }
 }
 
 /// `syn_end`: the forward side's end (the SYN's, in SYN-SENT).
@@ -346,14 +374,14 @@ fn judge_rst(snd: &Side, rcv: &Side, state: TcpState, syn_end: u32, seg: &Segmen
     // RFC 5961 §3.2: exactly the receiver's RCV.NXT. The sender's own
     // SND.NXT is exact too: a reset sent while its last data is in flight.
     let exact = (rcv.is(ACKED) && seg.seq == rcv.ack) || (snd.is(SEEN) && seg.seq == snd.end);
-    if exact || state == TcpState::SynSent {
-        // In SYN-SENT a RST answers the SYN: it is acceptable when it
-        // acknowledges it (RFC 793), which the SYN-ACK check covers for
-        // the other direction; a refused connection closes.
-        if state == TcpState::SynSent && !exact && !(seg.has(ACK) && seg.ack == syn_end) {
-            return Outcome::Invalid(Invalid::RstOutOfWindow);
-        }
+    // In SYN-SENT a RST answers the SYN: acceptable when it acknowledges
+    // it (RFC 793); a refused connection closes.
+    let refuses_syn = state == TcpState::SynSent && seg.has(ACK) && seg.ack == syn_end;
+    if exact || refuses_syn {
         return Outcome::Accept(TcpState::Closed);
+    }
+    if state == TcpState::SynSent {
+        return Outcome::Invalid(Invalid::RstOutOfWindow);
     }
     if !rcv.is(ACKED) {
         // Nothing known of what the receiver expects (picked up from one
@@ -380,32 +408,22 @@ pub fn clamp_mss(f: &mut [u8], l4: usize, end: usize, mss: u16) -> bool {
     if doff < 20 || l4 + doff > end {
         return false;
     }
-    let mut at = l4 + 20;
-    while at < l4 + doff {
-        match f[at] {
-            0 => return false,
-            1 => at += 1,
-            kind => {
-                let len = f.get(at + 1).map_or(0, |l| usize::from(*l));
-                if len < 2 || at + len > l4 + doff {
-                    return false;
-                }
-                if kind == 2 && len == 4 {
-                    let old = u16::from_be_bytes([f[at + 2], f[at + 3]]);
-                    if old <= mss {
-                        return false;
-                    }
-                    f[at + 2..at + 4].copy_from_slice(&mss.to_be_bytes());
-                    let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
-                    let c = packet::csum_replace16(c, old, mss);
-                    f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-                    return true;
-                }
-                at += len;
-            }
-        }
+    let opts = l4 + 20;
+    let Some(data) = Options::new(&f[opts..l4 + doff])
+        .find(|(kind, data)| *kind == 2 && data.len() == 2)
+        .map(|(_, data)| opts + data.start)
+    else {
+        return false;
+    };
+    let old = u16::from_be_bytes([f[data], f[data + 1]]);
+    if old <= mss {
+        return false;
     }
-    false
+    f[data..data + 2].copy_from_slice(&mss.to_be_bytes());
+    let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    let c = packet::csum_replace16(c, old, mss);
+    f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    true
 }
 
 /// Rewrites the RST in `f` into challenge ACK `c` to its sender: addresses

@@ -150,6 +150,22 @@ impl Drop for Topo {
     }
 }
 
+/// The policy an operator adds so trust can use the sample port forward
+/// (192.0.2.1:8080 -> 10.1.0.10:80) through its public address: the
+/// hairpinned session goes from trust to trust.
+pub fn hairpin_web_policy() -> PolicyConfig {
+    PolicyConfig {
+        name: "hairpin-web".into(),
+        from_zone: "trust".into(),
+        to_zone: "trust".into(),
+        source: vec![],
+        destination: vec!["10.1.0.10/32".parse().expect("literal")],
+        protocol: Some("tcp".into()),
+        ports: vec!["80".into()],
+        action: PolicyAction::Permit,
+    }
+}
+
 /// The sample policy of the diagram above.
 pub fn sample_config() -> DataplaneConfig {
     let p = |s: &str| s.parse().unwrap();

@@ -9,13 +9,12 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
-use tandem_dataplane::config::{PolicyAction, PolicyConfig};
 use tandem_dataplane::core::DropReason;
 use tandem_dataplane::frames::{L4, ip_packet};
 use tandem_dataplane::os;
 use tandem_dataplane::session::{Addr, TcpState, Timeouts, lock};
 use tandem_dataplane::tcp;
-use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns};
+use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, hairpin_web_policy, in_ns};
 
 fn skip() -> bool {
     if let Err(why) = os::privileged() {
@@ -151,16 +150,7 @@ fn an_inside_client_reaches_the_port_forward_through_the_public_address() {
     }
     let topo = Topo::new("h");
     let mut spec = FirewallSpec::sample();
-    spec.config.policies.push(PolicyConfig {
-        name: "hairpin-web".into(),
-        from_zone: "trust".into(),
-        to_zone: "trust".into(),
-        source: vec![],
-        destination: vec!["10.1.0.10/32".parse().unwrap()],
-        protocol: Some("tcp".into()),
-        ports: vec!["80".into()],
-        action: PolicyAction::Permit,
-    });
+    spec.config.policies.push(hairpin_web_policy());
     let fw = Firewall::start_with(&topo.ns[1], spec);
     // The port forward's target is the client host itself (port 80): the
     // hairpin goes out the interface it came in on.

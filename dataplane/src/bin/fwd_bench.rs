@@ -188,50 +188,40 @@ fn node(primary: bool, snat: bool, table: TableConfig) -> Arc<Shared> {
     shared
 }
 
-/// A UDP frame from the client to the server, as the trust side sends it.
-fn client_udp(sport: u16, dport: u16) -> Vec<u8> {
+/// A frame from the client (10.1.0.10) to the server, as the trust side
+/// sends it.
+fn from_client(l4: &L4) -> Vec<u8> {
     build(
         VMAC_T,
         CLIENT_MAC,
         v4("10.1.0.10"),
         v4("192.0.2.100"),
         64,
-        &L4::Udp {
-            sport,
-            dport,
-            payload: vec![0x5a; 18],
-        },
+        l4,
     )
 }
 
 /// A client UDP frame of `payload` bytes.
-fn client_udp_of(sport: u16, payload: usize) -> Vec<u8> {
-    build(
-        VMAC_T,
-        CLIENT_MAC,
-        v4("10.1.0.10"),
-        v4("192.0.2.100"),
-        64,
-        &L4::Udp {
-            sport,
-            dport: 9000,
-            payload: vec![0x5a; payload],
-        },
-    )
+fn client_udp(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    from_client(&L4::Udp {
+        sport,
+        dport,
+        payload: vec![0x5a; payload],
+    })
 }
 
 /// Fragmented datagrams against the same flows' 1,500-byte datagrams.
 fn fragment_benches(a: &Args) {
     const FLOWS: u16 = 341;
     let whole: Vec<Vec<u8>> = (0..FLOWS)
-        .map(|i| client_udp_of(20_000 + i, 1472))
+        .map(|i| client_udp(20_000 + i, 9000, 1472))
         .collect();
     let mut w = Worker::new(node(true, true, TableConfig::default()));
     create_sessions(&mut w, &whole);
     let base = rate(&mut w, &whole, a.seconds, None);
     emit(a.json, "core_pps_1500b", base, "pps");
     let frags: Vec<Vec<u8>> = (0..FLOWS)
-        .flat_map(|i| fragments(&client_udp_of(20_000 + i, 2960), 1500, u32::from(i)))
+        .flat_map(|i| fragments(&client_udp(20_000 + i, 9000, 2960), 1500, u32::from(i)))
         .collect();
     assert_eq!(frags.len(), 3 * usize::from(FLOWS));
     let mut w = Worker::new(node(true, true, TableConfig::default()));
@@ -246,24 +236,17 @@ fn fragment_benches(a: &Args) {
 
 /// A TCP segment of flow `port` (client 10.1.0.10:port <-> server :443,
 /// source-NATed to 192.0.2.1 with the port kept).
-fn tcp_segment(port: u16, from_client: bool, flags: u8, seq: u32, ack: u32, len: usize) -> Vec<u8> {
+fn tcp_segment(port: u16, client_side: bool, flags: u8, seq: u32, ack: u32, len: usize) -> Vec<u8> {
     let l4 = L4::Tcp {
-        sport: if from_client { port } else { 443 },
-        dport: if from_client { 443 } else { port },
+        sport: if client_side { port } else { 443 },
+        dport: if client_side { 443 } else { port },
         flags,
         seq,
         ack,
         payload: vec![0x5a; len],
     };
-    if from_client {
-        build(
-            VMAC_T,
-            CLIENT_MAC,
-            v4("10.1.0.10"),
-            v4("192.0.2.100"),
-            64,
-            &l4,
-        )
+    if client_side {
+        from_client(&l4)
     } else {
         build(
             VMAC_U,
@@ -323,7 +306,9 @@ fn tcp_flows(flows: u16) -> (Worker, Vec<Vec<u8>>) {
 }
 
 fn flow_frames(flows: u16) -> Vec<Vec<u8>> {
-    (0..flows).map(|i| client_udp(10_000 + i, 9000)).collect()
+    (0..flows)
+        .map(|i| client_udp(10_000 + i, 9000, 18))
+        .collect()
 }
 
 /// Bursts of frames from memory through a worker: buffers reused, each
@@ -482,7 +467,7 @@ fn big_table(n: u32, extra_capacity: usize) -> (Arc<Shared>, Vec<Vec<u8>>) {
     );
     // Flow i: client port 1024 + i % 64000 to one of 16 server ports.
     let mut frames: Vec<Vec<u8>> = (0..n)
-        .map(|i| client_udp(1024 + (i % 64_000) as u16, 9000 + (i / 64_000) as u16))
+        .map(|i| client_udp(1024 + (i % 64_000) as u16, 9000 + (i / 64_000) as u16, 18))
         .collect();
     create_sessions(&mut Worker::new(shared.clone()), &frames);
     assert_eq!(
