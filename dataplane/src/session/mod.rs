@@ -44,7 +44,8 @@ pub use shared::{
 };
 
 use index::{HandleIndex, Tag};
-use ports::PortAllocator;
+pub use ports::{Endpoint, Mapping};
+use ports::{NIL, NatMappings};
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
 use segvec::SegVec;
@@ -101,8 +102,10 @@ impl Default for TableConfig {
     }
 }
 
-/// Source NAT for a new local session: translate to `addr`, keeping the
-/// original source port when it is free in `ports`, else the next free one.
+/// Source NAT for a new local session: translate to `addr` with the
+/// source endpoint's live mapping (endpoint-independent), else a new one
+/// keeping the original source port when it is free in `ports`, else the
+/// next free one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnatRequest {
     pub addr: Addr,
@@ -347,13 +350,16 @@ pub struct SessionTable {
     slot_addr: SlotAddr,
     fwd: HandleIndex,
     rev: HandleIndex,
-    nat: HandleIndex,
     primary_rgs: FxHashSet<RgId>,
     cfg: TableConfig,
     _written_below: LineOf<()>,
     /// Members of each owner RG (swap-remove on removal).
     rgs: FxHashMap<RgId, SegVec<u32>>,
-    ports: PortAllocator,
+    mappings: NatMappings,
+    /// Per slot: (previous, next) session of the same NAT mapping, so a
+    /// mapping's sessions can be walked (peer eviction, address-dependent
+    /// filtering) without an index entry per session.
+    mapping_links: Vec<[u32; 2]>,
     wheel: Wheel,
     /// The wheel tick an interrupted expiry pass is in, and how many of its
     /// bucket's entries (a prefix) are still to examine.
@@ -399,7 +405,7 @@ pub struct UpsertTally {
 struct Probes {
     fwd: Tag,
     rev: Tag,
-    nat: Option<(NatBinding, Tag)>,
+    nat: Option<NatBinding>,
 }
 
 impl Probes {
@@ -408,7 +414,7 @@ impl Probes {
         Probes {
             fwd: Tag::of(key),
             rev: Tag::of(reverse),
-            nat: nat_companion(key, reverse).map(|b| (b, Tag::of(&b))),
+            nat: nat_companion(key, reverse),
         }
     }
 }
@@ -417,6 +423,15 @@ impl Probes {
 /// protocols reserve a port and get an un-SNAT entry.
 fn nat_companion(key: &SessionKey, reverse: &SessionKey) -> Option<NatBinding> {
     snat_binding_of(key, reverse).filter(|_| proto::has_ports(key.proto))
+}
+
+/// The inside end of a session's source-NAT mapping: its original source.
+fn internal_endpoint(key: &SessionKey) -> Endpoint {
+    Endpoint {
+        addr: key.src,
+        port: key.src_port,
+        zone: key.zone,
+    }
 }
 
 /// Starts loading the cache line holding `addr`: a hint that never faults
@@ -460,10 +475,6 @@ impl SessionTable {
         let mut t = SessionTable::empty(cfg);
         if t.cfg.preallocate {
             t.reserve(t.cfg.capacity);
-            // The NAT index too: grown on demand, a million-session bulk
-            // of NATed sessions rehashed it inside one writer's slice
-            // (tens of ms with the workers waiting).
-            t.nat.reserve(t.cfg.capacity);
             t.prefault_slab();
         }
         t
@@ -485,10 +496,10 @@ impl SessionTable {
             slot_addr: SlotAddr::new(),
             fwd: HandleIndex::default(),
             rev: HandleIndex::default(),
-            nat: HandleIndex::default(),
             rgs: FxHashMap::default(),
             primary_rgs: FxHashSet::default(),
-            ports: PortAllocator::default(),
+            mappings: NatMappings::default(),
+            mapping_links: Vec::new(),
             wheel: Wheel::new(cfg.wheel_buckets, cfg.wheel_tick_ms),
             expiring: None,
             _written_below: LineOf(()),
@@ -553,8 +564,10 @@ impl SessionTable {
         }
     }
 
+    /// Public ports with a live mapping (each held by one or more
+    /// sessions of one internal endpoint).
     pub fn reserved_ports(&self) -> u64 {
-        self.ports.reserved()
+        self.mappings.reserved()
     }
 
     // ----- lookups -------------------------------------------------------
@@ -569,11 +582,34 @@ impl SessionTable {
         self.find_reverse(key, Tag::of(key))
     }
 
-    /// The un-SNAT ("DNAT"/"DNATv6") lookup: which session holds this
-    /// translated source endpoint.
+    /// The un-SNAT ("DNAT"/"DNATv6") lookup: the newest session holding
+    /// this translated source endpoint.
     #[inline]
     pub fn lookup_nat_binding(&self, b: &NatBinding) -> Option<SessionHandle> {
-        self.find_nat(b, Tag::of(b))
+        self.mappings
+            .get(b)
+            .map(|m| SessionHandle(m.head))
+            .filter(|h| h.0 != NIL)
+    }
+
+    /// The live mapping of a public (address, port, protocol): its
+    /// internal endpoint and how many sessions use it.
+    #[inline]
+    pub fn nat_mapping(&self, b: &NatBinding) -> Option<Mapping> {
+        self.mappings.get(b)
+    }
+
+    /// The public port `internal` is mapped to on (`addr`, `proto`).
+    pub fn mapped_port(&self, addr: Addr, proto: u8, internal: &Endpoint) -> Option<u16> {
+        self.mappings.port_of(addr, proto, internal)
+    }
+
+    /// The sessions of a mapping, newest first.
+    pub fn mapping_sessions(&self, m: &Mapping) -> impl Iterator<Item = SessionHandle> + '_ {
+        std::iter::successors(Some(m.head).filter(|&h| h != NIL), |&h| {
+            Some(self.mapping_links[h as usize][1]).filter(|&n| n != NIL)
+        })
+        .map(SessionHandle)
     }
 
     #[inline]
@@ -587,16 +623,6 @@ impl SessionTable {
     fn find_reverse(&self, key: &SessionKey, tag: Tag) -> Option<SessionHandle> {
         self.rev
             .find(tag, |h| self.slab[h as usize].reverse == *key)
-            .map(SessionHandle)
-    }
-
-    #[inline]
-    fn find_nat(&self, b: &NatBinding, tag: Tag) -> Option<SessionHandle> {
-        self.nat
-            .find(tag, |h| {
-                let r = &self.slab[h as usize];
-                nat_companion(&r.key, &r.reverse).as_ref() == Some(b)
-            })
             .map(SessionHandle)
     }
 
@@ -721,6 +747,8 @@ impl SessionTable {
         self.refresh_slot_addr();
         self.fwd.reserve(additional);
         self.rev.reserve(additional);
+        self.mapping_links
+            .reserve((self.slab.len() + additional).saturating_sub(self.mapping_links.len()));
     }
 
     /// Starts loading the index slots `apply_peer_upsert(s)` will probe.
@@ -735,9 +763,6 @@ impl SessionTable {
     fn start_insert_loads(&self, p: &Probes) {
         self.fwd.prefetch_run(p.fwd);
         self.rev.prefetch_run(p.rev);
-        if let Some((_, tag)) = p.nat {
-            self.nat.prefetch_run(tag);
-        }
     }
 
     /// Starts loading the forward index slot for `key`.
@@ -786,12 +811,12 @@ impl SessionTable {
             None => None,
             Some(req) if proto::has_ports(s.key.proto) => {
                 let port = self
-                    .ports
+                    .mappings
                     .allocate(
                         req.addr,
                         s.key.proto,
                         req.ports.clone(),
-                        Some(s.key.src_port),
+                        internal_endpoint(&s.key),
                     )
                     .ok_or(InsertError::PortsExhausted)?;
                 reserved = Some(NatBinding {
@@ -805,23 +830,20 @@ impl SessionTable {
         };
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
         let probes = Probes::of(&s.key, &reverse);
-        debug_assert_eq!(probes.nat.map(|(b, _)| b), reserved);
+        debug_assert_eq!(probes.nat, reserved);
         self.start_insert_loads(&probes);
+        // The mapping cannot conflict: the allocator gave this endpoint its
+        // own port or joined it to its own mapping.
         let conflict = if self.find_forward(&s.key, probes.fwd).is_some() {
             Some(InsertError::ForwardExists)
         } else if self.find_reverse(&reverse, probes.rev).is_some() {
             Some(InsertError::ReverseExists)
-        } else if probes
-            .nat
-            .is_some_and(|(b, tag)| self.find_nat(&b, tag).is_some())
-        {
-            Some(InsertError::NatBindingExists)
         } else {
             None
         };
         if let Some(e) = conflict {
             if let Some(b) = reserved {
-                self.ports.release(b);
+                self.mappings.release(b);
             }
             return Err(e);
         }
@@ -860,12 +882,41 @@ impl SessionTable {
         let h = h as u32;
         self.fwd.insert(probes.fwd, h);
         self.rev.insert(probes.rev, h);
-        if let Some((_, tag)) = probes.nat {
-            self.nat.insert(tag, h);
+        if let Some(b) = probes.nat {
+            self.link_mapping(h, &b);
         }
         self.rgs.entry(owner_rg).or_default().push(h);
         self.enqueue(h, key, due);
         SessionHandle(h)
+    }
+
+    /// Puts session `h` at the head of its mapping's session list.
+    fn link_mapping(&mut self, h: u32, b: &NatBinding) {
+        let Some(m) = self.mappings.get(b) else {
+            return;
+        };
+        if self.mapping_links.len() <= h as usize {
+            self.mapping_links.resize(h as usize + 1, [NIL, NIL]);
+        }
+        self.mapping_links[h as usize] = [NIL, m.head];
+        if m.head != NIL {
+            self.mapping_links[m.head as usize][0] = h;
+        }
+        self.mappings.set_head(b, h);
+    }
+
+    /// Takes session `h` out of its mapping's session list.
+    fn unlink_mapping(&mut self, h: u32, b: &NatBinding) {
+        let [prev, next] = self.mapping_links[h as usize];
+        if prev == NIL {
+            self.mappings.set_head(b, next);
+        } else {
+            self.mapping_links[prev as usize][1] = next;
+        }
+        if next != NIL {
+            self.mapping_links[next as usize][0] = prev;
+        }
+        self.mapping_links[h as usize] = [NIL, NIL];
     }
 
     /// Accounts one packet and refreshes the idle timer. Shared access is
@@ -938,9 +989,9 @@ impl SessionTable {
         let r = &self.slab[h as usize];
         let (owner_rg, rg_slot) = (r.owner_rg, r.rg_slot);
         let probes = self.start_removal_loads(r);
-        if let Some((b, tag)) = probes.nat {
-            self.nat.remove(tag, h);
-            self.ports.release(b);
+        if let Some(b) = probes.nat {
+            self.unlink_mapping(h, &b);
+            self.mappings.release(b);
         }
         self.rev.remove(probes.rev, h);
         self.fwd.remove(probes.fwd, h);
@@ -957,9 +1008,6 @@ impl SessionTable {
         let probes = Probes::of(&r.key, &r.reverse);
         self.fwd.prefetch_run(probes.fwd);
         self.rev.prefetch_run(probes.rev);
-        if let Some((_, tag)) = probes.nat {
-            self.nat.prefetch_run(tag);
-        }
         if let Some(m) = self.rgs.get(&r.owner_rg) {
             prefetch(m.get(r.rg_slot as usize));
             if let Some(&last) = m.last() {
@@ -1230,8 +1278,8 @@ impl SessionTable {
         // The peer is authoritative for its RG: a stale synced copy that
         // still holds this reverse key or binding (a missed delete) yields.
         self.evict_peer_conflicts(s, probes)?;
-        if let Some((b, _)) = probes.nat
-            && !self.ports.reserve(b)
+        if let Some(b) = probes.nat
+            && self.mappings.take(b, internal_endpoint(&s.key)).is_err()
         {
             return Err(InsertError::NatBindingExists);
         }
@@ -1244,22 +1292,39 @@ impl SessionTable {
         s: &SyncedSession,
         probes: &Probes,
     ) -> Result<(), InsertError> {
-        let by_reverse = self
+        let mut evict: Vec<(SessionHandle, InsertError)> = self
             .find_reverse(&s.reverse, probes.rev)
-            .map(|h| (h, InsertError::ReverseExists));
-        let by_binding = probes
-            .nat
-            .and_then(|(b, tag)| self.find_nat(&b, tag))
-            .map(|h| (h, InsertError::NatBindingExists));
-        for (h, err) in [by_reverse, by_binding].into_iter().flatten() {
-            let Some(r) = self.slab.get(h.0 as usize) else {
-                continue; // already evicted via the other index
-            };
-            if self.is_authoritative(r) {
-                return Err(err);
+            .map(|h| (h, InsertError::ReverseExists))
+            .into_iter()
+            .collect();
+        // A mapping that gives this binding to another endpoint, or this
+        // endpoint another port on the address: all its sessions go.
+        if let Some(b) = probes.nat {
+            let internal = internal_endpoint(&s.key);
+            let other_endpoint = self.mappings.get(&b).filter(|m| m.internal != internal);
+            let other_port = self
+                .mappings
+                .port_of(b.addr, b.proto, &internal)
+                .filter(|&p| p != b.port)
+                .and_then(|port| self.mappings.get(&NatBinding { port, ..b }));
+            for m in [other_endpoint, other_port].into_iter().flatten() {
+                evict.extend(
+                    self.mapping_sessions(&m)
+                        .map(|h| (h, InsertError::NatBindingExists)),
+                );
             }
-            self.remove_handle(h.0, RemoveReason::Replaced);
-            self.counters.evicted_by_peer += 1;
+        }
+        if let Some(&(_, err)) = evict
+            .iter()
+            .find(|(h, _)| self.slab.get(h.0 as usize).is_some_and(|r| self.is_authoritative(r)))
+        {
+            return Err(err);
+        }
+        for (h, _) in evict {
+            if self.slab.contains(h.0 as usize) {
+                self.remove_handle(h.0, RemoveReason::Replaced);
+                self.counters.evicted_by_peer += 1;
+            }
         }
         Ok(())
     }
@@ -1490,6 +1555,7 @@ impl SessionTable {
     pub fn verify_invariants(&self) -> Result<(), String> {
         let n = self.slab.len();
         let mut nat_sessions = 0usize;
+        let mut per_binding: FxHashMap<NatBinding, u32> = FxHashMap::default();
         for (h, r) in self.slab.iter() {
             let h = h as u32;
             if self.lookup_forward(&r.key) != Some(SessionHandle(h)) {
@@ -1506,11 +1572,16 @@ impl SessionTable {
             }
             if let Some(b) = nat_companion(&r.key, &r.reverse) {
                 nat_sessions += 1;
-                if self.lookup_nat_binding(&b) != Some(SessionHandle(h)) {
-                    return Err(format!("session {h} missing from NAT index: {b:?}"));
-                }
-                if !self.ports.is_reserved(b) {
-                    return Err(format!("session {h} holds no port reservation: {b:?}"));
+                *per_binding.entry(b).or_default() += 1;
+                match self.mappings.get(&b) {
+                    None => return Err(format!("session {h} holds no NAT mapping: {b:?}")),
+                    Some(m) if m.internal != internal_endpoint(&r.key) => {
+                        return Err(format!(
+                            "session {h} shares {b:?} with another endpoint {:?}",
+                            m.internal
+                        ));
+                    }
+                    Some(_) => {}
                 }
             }
             let m = self
@@ -1529,18 +1600,7 @@ impl SessionTable {
                 ));
             }
         }
-        if self.nat.len() != nat_sessions {
-            return Err(format!(
-                "NAT index has {} entries for {nat_sessions} NAT sessions (orphans)",
-                self.nat.len()
-            ));
-        }
-        if self.ports.reserved() != nat_sessions as u64 {
-            return Err(format!(
-                "{} ports reserved for {nat_sessions} NAT sessions (leak)",
-                self.ports.reserved()
-            ));
-        }
+        self.verify_mappings(&per_binding, nat_sessions)?;
         let members: usize = self.rgs.values().map(SegVec::len).sum();
         if members != n {
             return Err(format!("RG lists hold {members} sessions, table has {n}"));
@@ -1567,6 +1627,51 @@ impl SessionTable {
                 "wheel holds {} entries for {n} sessions (orphans)",
                 self.wheel.len()
             ));
+        }
+        Ok(())
+    }
+
+    /// Each mapping: referenced once per session using it, its session
+    /// list holding exactly those sessions; no mapping without a session.
+    fn verify_mappings(
+        &self,
+        per_binding: &FxHashMap<NatBinding, u32>,
+        nat_sessions: usize,
+    ) -> Result<(), String> {
+        self.mappings.verify()?;
+        if self.mappings.references() != nat_sessions as u64
+            || self.mappings.reserved() != per_binding.len() as u64
+        {
+            return Err(format!(
+                "{} mappings with {} references for {nat_sessions} NAT sessions on {} bindings (leak)",
+                self.mappings.reserved(),
+                self.mappings.references(),
+                per_binding.len()
+            ));
+        }
+        for (b, m) in self.mappings.iter() {
+            let want = per_binding.get(&b).copied().unwrap_or(0);
+            let mut listed = 0u32;
+            let mut prev = NIL;
+            for h in self.mapping_sessions(&m) {
+                let r = self.slab.get(h.0 as usize);
+                if r.and_then(|r| nat_companion(&r.key, &r.reverse)) != Some(b)
+                    || self.mapping_links[h.0 as usize][0] != prev
+                {
+                    return Err(format!("{b:?}: session list holds {} wrongly", h.0));
+                }
+                prev = h.0;
+                listed += 1;
+                if listed > want {
+                    break;
+                }
+            }
+            if m.sessions != want || listed != want {
+                return Err(format!(
+                    "{b:?}: {} references, {listed} listed, {want} sessions",
+                    m.sessions
+                ));
+            }
         }
         Ok(())
     }
