@@ -1314,10 +1314,11 @@ impl SessionTable {
                 );
             }
         }
-        if let Some(&(_, err)) = evict
-            .iter()
-            .find(|(h, _)| self.slab.get(h.0 as usize).is_some_and(|r| self.is_authoritative(r)))
-        {
+        if let Some(&(_, err)) = evict.iter().find(|(h, _)| {
+            self.slab
+                .get(h.0 as usize)
+                .is_some_and(|r| self.is_authoritative(r))
+        }) {
             return Err(err);
         }
         for (h, _) in evict {

@@ -230,7 +230,11 @@ impl NatMappings {
 
     /// The public port `internal` is mapped to on (`addr`, `proto`).
     pub fn port_of(&self, addr: Addr, proto: u8, internal: &Endpoint) -> Option<u16> {
-        self.maps.get(&(addr, proto))?.by_endpoint.get(internal).copied()
+        self.maps
+            .get(&(addr, proto))?
+            .by_endpoint
+            .get(internal)
+            .copied()
     }
 
     /// Sets the head of the binding's session list (the table keeps the
@@ -289,7 +293,9 @@ impl NatMappings {
             for (ep, &port) in &m.by_endpoint {
                 let s = &m.slots[usize::from(port)];
                 if !m.is_set(port) || s.internal != *ep || s.refs == 0 {
-                    return Err(format!("{addr}/{proto}: endpoint {ep:?} -> {port} is stale"));
+                    return Err(format!(
+                        "{addr}/{proto}: endpoint {ep:?} -> {port} is stale"
+                    ));
                 }
             }
         }
@@ -325,27 +331,42 @@ mod tests {
     #[test]
     fn allocate_preserves_the_internal_port_when_free() {
         let mut p = NatMappings::default();
-        assert_eq!(p.allocate(a(), 6, 1024..=65535, inside(2, 40000)), Some(40000));
-        assert_ne!(p.allocate(a(), 6, 1024..=65535, inside(3, 40000)), Some(40000));
+        assert_eq!(
+            p.allocate(a(), 6, 1024..=65535, inside(2, 40000)),
+            Some(40000)
+        );
+        assert_ne!(
+            p.allocate(a(), 6, 1024..=65535, inside(3, 40000)),
+            Some(40000)
+        );
     }
 
     #[test]
     fn one_endpoint_keeps_its_port_for_every_session_and_frees_it_with_the_last() {
         let mut p = NatMappings::default();
         // Another host holds 5000 first, so host 2 is remapped ...
-        assert_eq!(p.allocate(a(), 17, 1024..=65535, inside(3, 5000)), Some(5000));
+        assert_eq!(
+            p.allocate(a(), 17, 1024..=65535, inside(3, 5000)),
+            Some(5000)
+        );
         let port = p.allocate(a(), 17, 1024..=65535, inside(2, 5000)).unwrap();
         assert_ne!(port, 5000);
         // ... and keeps that remapped port for its next sessions.
         for _ in 0..3 {
-            assert_eq!(p.allocate(a(), 17, 1024..=65535, inside(2, 5000)), Some(port));
+            assert_eq!(
+                p.allocate(a(), 17, 1024..=65535, inside(2, 5000)),
+                Some(port)
+            );
         }
         let m = p.get(&binding(port, 17)).unwrap();
         assert_eq!((m.internal, m.sessions), (inside(2, 5000), 4));
         assert_eq!((p.reserved(), p.references()), (2, 5));
         for left in (0..4).rev() {
             assert!(p.release(binding(port, 17)));
-            assert_eq!(p.get(&binding(port, 17)).map(|m| m.sessions), (left > 0).then_some(left));
+            assert_eq!(
+                p.get(&binding(port, 17)).map(|m| m.sessions),
+                (left > 0).then_some(left)
+            );
         }
         assert_eq!(p.port_of(a(), 17, &inside(2, 5000)), None);
         assert_eq!((p.reserved(), p.references()), (1, 1));

@@ -986,3 +986,194 @@ fn local_snat_never_takes_a_port_reserved_by_a_peer_synced_session() {
     );
     ok(&rx);
 }
+
+fn snat_port(t: &SessionTable, h: SessionHandle) -> u16 {
+    t.get(h).unwrap().nat().snat.unwrap().1
+}
+
+fn to_server<F: Family>(client: u32, sport: u16, server: u32) -> NewSession {
+    NewSession {
+        key: key::<F>(client, sport, server, 443),
+        ..snat_session::<F>(RG1, client, sport, 1024..=65535)
+    }
+}
+
+mod mapping {
+    use super::*;
+
+    pub fn one_endpoint_keeps_its_public_port_for_every_destination<F: Family>() {
+        let mut t = SessionTable::default();
+        let first: Vec<u16> = (1..=3)
+            .map(|server| {
+                let h = t_insert(&mut t, to_server::<F>(1, 40000, server));
+                snat_port(&t, h)
+            })
+            .collect();
+        assert_eq!(first, vec![40000; 3], "port preserved, then reused");
+        // Another host with the same source port is remapped once ...
+        let other = t_insert(&mut t, to_server::<F>(2, 40000, 1));
+        let remapped = snat_port(&t, other);
+        assert_ne!(remapped, 40000);
+        // ... and keeps its remapped port for its other destinations.
+        let again = t_insert(&mut t, to_server::<F>(2, 40000, 9));
+        assert_eq!(snat_port(&t, again), remapped);
+        let b = |port| NatBinding {
+            addr: F::nat_addr(),
+            port,
+            proto: proto::TCP,
+        };
+        let m = t.nat_mapping(&b(40000)).unwrap();
+        assert_eq!(
+            (m.internal.addr, m.internal.port, m.sessions),
+            (F::host(1), 40000, 3)
+        );
+        assert_eq!(t.nat_mapping(&b(remapped)).unwrap().sessions, 2);
+        assert_eq!(t.reserved_ports(), 2);
+        ok(&t);
+    }
+
+    pub fn mapping_lives_until_its_last_session_leaves<F: Family>() {
+        let mut t = SessionTable::default();
+        let hs: Vec<SessionHandle> = (1..=3)
+            .map(|server| t_insert(&mut t, to_server::<F>(1, 5000, server)))
+            .collect();
+        let b = NatBinding {
+            addr: F::nat_addr(),
+            port: 5000,
+            proto: proto::TCP,
+        };
+        let m = t.nat_mapping(&b).unwrap();
+        let newest_first: Vec<SessionHandle> = t.mapping_sessions(&m).collect();
+        assert_eq!(newest_first, vec![hs[2], hs[1], hs[0]]);
+        for (i, h) in hs.iter().enumerate() {
+            assert_eq!(t.nat_mapping(&b).map(|m| m.sessions), Some(3 - i as u32));
+            t.remove(*h, RemoveReason::Closed).unwrap();
+            ok(&t);
+        }
+        assert_eq!(t.nat_mapping(&b), None);
+        assert_eq!(t.lookup_nat_binding(&b), None);
+        assert_eq!(t.reserved_ports(), 0);
+        // A new session of another host may now take the port.
+        let h = t_insert(&mut t, to_server::<F>(7, 5000, 1));
+        assert_eq!(snat_port(&t, h), 5000);
+        ok(&t);
+    }
+
+    pub fn peer_sessions_of_one_endpoint_share_its_mapping_across_failover<F: Family>() {
+        let mut tx = SessionTable::default();
+        let mut rx = SessionTable::default();
+        for server in 1..=2 {
+            let h = t_insert(&mut tx, to_server::<F>(1, 6000, server));
+            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+                .unwrap();
+        }
+        let b = NatBinding {
+            addr: F::nat_addr(),
+            port: 6000,
+            proto: proto::TCP,
+        };
+        assert_eq!(rx.nat_mapping(&b).map(|m| m.sessions), Some(2));
+        assert_eq!(rx.reserved_ports(), 1);
+        ok(&rx);
+        // After the failover the new primary maps the endpoint's next
+        // destination to the same public port.
+        rx.promote_rg(RG1);
+        let h = t_insert(&mut rx, to_server::<F>(1, 6000, 3));
+        assert_eq!(snat_port(&rx, h), 6000);
+        assert_eq!(rx.nat_mapping(&b).map(|m| m.sessions), Some(3));
+        ok(&rx);
+    }
+}
+
+fn t_insert(t: &mut SessionTable, s: NewSession) -> SessionHandle {
+    t.insert(s, now()).expect("inserted")
+}
+
+macro_rules! mapping_tests {
+    ($name:ident, $fam:ty) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn one_endpoint_keeps_its_public_port_for_every_destination() {
+                mapping::one_endpoint_keeps_its_public_port_for_every_destination::<$fam>();
+            }
+            #[test]
+            fn mapping_lives_until_its_last_session_leaves() {
+                mapping::mapping_lives_until_its_last_session_leaves::<$fam>();
+            }
+            #[test]
+            fn peer_sessions_of_one_endpoint_share_its_mapping_across_failover() {
+                mapping::peer_sessions_of_one_endpoint_share_its_mapping_across_failover::<$fam>();
+            }
+        }
+    };
+}
+mapping_tests!(mapping_v4, V4);
+mapping_tests!(mapping_v6, V6);
+
+#[test]
+fn peer_upsert_evicts_every_stale_session_of_a_mapping_given_to_another_endpoint() {
+    // Client 1's two sessions on port 3000 were deleted on the primary
+    // (deletes lost), which then gave 3000 to client 2.
+    let mut tx = SessionTable::default();
+    let mut rx = SessionTable::default();
+    let stale: Vec<SessionHandle> = (1..=2)
+        .map(|server| {
+            let h = t_insert(
+                &mut tx,
+                NewSession {
+                    key: key::<V4>(1, 3000, server, 443),
+                    ..snat_session::<V4>(RG1, 1, 3000, 3000..=3000)
+                },
+            );
+            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+                .unwrap();
+            h
+        })
+        .collect();
+    for h in stale {
+        tx.remove(h, RemoveReason::Closed).unwrap();
+    }
+    let b = t_insert(&mut tx, snat_session::<V4>(RG1, 2, 3000, 3000..=3000));
+    assert_eq!(
+        rx.apply_peer_upsert(&tx.get(b).unwrap().to_synced(now()), now(), None),
+        Ok(PeerApply::Inserted)
+    );
+    assert_eq!(rx.len(), 1);
+    assert_eq!(rx.counters().evicted_by_peer, 2);
+    let m = rx
+        .nat_mapping(&NatBinding {
+            addr: V4::nat_addr(),
+            port: 3000,
+            proto: proto::TCP,
+        })
+        .unwrap();
+    assert_eq!((m.internal.addr, m.sessions), (V4::host(2), 1));
+    ok(&rx);
+}
+
+#[test]
+fn peer_upsert_refuses_a_mapping_a_local_session_holds_for_another_endpoint() {
+    // This node is primary for RG2 and maps client 1 to 3000; a peer
+    // session of RG1 claiming 3000 for client 2 is refused, and nothing of
+    // the local mapping changes.
+    let mut rx = SessionTable::default();
+    rx.promote_rg(RG2);
+    t_insert(&mut rx, snat_session::<V4>(RG2, 1, 3000, 3000..=3000));
+    let mut tx = SessionTable::default();
+    let h = t_insert(
+        &mut tx,
+        NewSession {
+            key: key::<V4>(2, 3000, 5, 443),
+            ..snat_session::<V4>(RG1, 2, 3000, 3000..=3000)
+        },
+    );
+    assert_eq!(
+        rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None),
+        Err(InsertError::NatBindingExists)
+    );
+    assert_eq!(rx.len(), 1);
+    assert_eq!(rx.counters().refused_conflict, 1);
+    ok(&rx);
+}
