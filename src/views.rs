@@ -235,6 +235,7 @@ fn core_json(node: &Node, c: &CoreStats) -> Value {
         "tcp_challenge_acks": c.tcp_challenge_acks.load(Ordering::Relaxed),
         "tcp_passed": c.tcp_passed.load(Ordering::Relaxed),
         "tcp_mss_clamped": c.tcp_mss_clamped.load(Ordering::Relaxed),
+        "nat_filter_admitted": c.nat_filter_admitted.load(Ordering::Relaxed),
         "exclusive_bursts": c.exclusive_bursts.load(Ordering::Relaxed),
         "outbox_dropped": c.outbox_dropped.load(Ordering::Relaxed),
         "drops": drops,

@@ -190,6 +190,25 @@ pub struct SnatRule {
     pub port_low: u16,
     #[serde(default = "default_port_high")]
     pub port_high: u16,
+    /// Which unsolicited UDP from outside reaches a mapping (RFC 4787
+    /// REQ-8); mappings themselves are always endpoint-independent.
+    #[serde(default)]
+    pub filtering: NatFiltering,
+}
+
+/// Filtering of a source-NAT rule's mappings: which packets from outside,
+/// arriving at a mapped public address:port without a session, are let in
+/// to the internal endpoint (RFC 4787 section 5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatFiltering {
+    /// From any remote endpoint ("full cone").
+    EndpointIndependent,
+    /// From a remote address the internal endpoint has a session with.
+    AddressDependent,
+    /// Only replies of an existing session (nothing unsolicited).
+    #[default]
+    AddressAndPortDependent,
 }
 
 fn default_port_low() -> u16 {
@@ -358,6 +377,7 @@ pub struct Snat {
     pub source: Vec<Prefix>,
     pub pool: Option<Addr>,
     pub ports: (u16, u16),
+    pub filtering: NatFiltering,
 }
 
 #[derive(Clone, Debug)]
@@ -547,6 +567,7 @@ impl Compiled {
                 source: r.source.clone(),
                 pool: r.pool.map(|p| p.addr),
                 ports: (r.port_low, r.port_high),
+                filtering: r.filtering,
             });
         }
         let mut dnat = Vec::new();

@@ -24,13 +24,13 @@
 //! [`NeedsExclusive`] before it has changed or counted anything, and the
 //! driver runs it again with exclusive access.
 
-use crate::config::{Compiled, Iface};
+use crate::config::{Compiled, Iface, NatFiltering, Snat};
 use crate::frag::{DatagramKey, Fate, FragError, FragTable};
 use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
-    Addr, Direction, InsertError, InterfaceId, Millis, NewSession, SessionHandle, SessionKey,
-    SessionTable, SnatRequest, TcpState, TcpTrack, proto,
+    Addr, Direction, InsertError, InterfaceId, Mapping, Millis, NatBinding, NewSession,
+    SessionHandle, SessionKey, SessionTable, SnatRequest, TcpState, TcpTrack, proto,
 };
 use crate::tcp;
 use rustc_hash::FxHashMap;
@@ -93,10 +93,13 @@ pub enum DropReason {
     TcpBadFlags,
     /// A SYN-ACK that does not acknowledge the session's SYN.
     TcpSynAckMismatch,
+    /// An unsolicited packet to a source-NAT mapping that the SNAT rule's
+    /// filtering does not admit (RFC 4787 REQ-8).
+    NatFiltered,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 31] = [
+    pub const ALL: [DropReason; 32] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::VlanTagged,
@@ -128,6 +131,7 @@ impl DropReason {
         DropReason::TcpRstChallenged,
         DropReason::TcpBadFlags,
         DropReason::TcpSynAckMismatch,
+        DropReason::NatFiltered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +167,7 @@ impl DropReason {
             DropReason::TcpRstChallenged => "tcp-rst-challenged",
             DropReason::TcpBadFlags => "tcp-bad-flags",
             DropReason::TcpSynAckMismatch => "tcp-synack-mismatch",
+            DropReason::NatFiltered => "nat-filtered",
         }
     }
 }
@@ -235,6 +240,9 @@ pub struct CoreStats {
     pub tcp_passed: AtomicU64,
     /// SYNs and SYN-ACKs whose MSS option was lowered (`tcp_mss`).
     pub tcp_mss_clamped: AtomicU64,
+    /// Unsolicited packets to a NAT mapping that its rule's filtering
+    /// admitted (each created a session).
+    pub nat_filter_admitted: AtomicU64,
     /// Bursts that went from shared to exclusive table access.
     pub exclusive_bursts: AtomicU64,
     /// Frames the core wanted to send beyond [`OUTBOX_LIMIT`] (dropped).
@@ -261,6 +269,7 @@ impl CoreStats {
             tcp_challenge_acks: AtomicU64::new(0),
             tcp_passed: AtomicU64::new(0),
             tcp_mss_clamped: AtomicU64::new(0),
+            nat_filter_admitted: AtomicU64::new(0),
             exclusive_bursts: AtomicU64::new(0),
             outbox_dropped: AtomicU64::new(0),
             drops: Default::default(),
@@ -289,6 +298,7 @@ impl CoreStats {
             (&self.tcp_challenge_acks, &other.tcp_challenge_acks),
             (&self.tcp_passed, &other.tcp_passed),
             (&self.tcp_mss_clamped, &other.tcp_mss_clamped),
+            (&self.nat_filter_admitted, &other.nat_filter_admitted),
             (&self.exclusive_bursts, &other.exclusive_bursts),
             (&self.outbox_dropped, &other.outbox_dropped),
         ];
@@ -760,8 +770,13 @@ impl Core {
             .lookup(&key)
             .map(|(handle, dir)| Hit { handle, dir });
         // Sessions first: replies to a SNAT address (a VIP) are traffic to
-        // forward, not to this node.
-        if hit.is_none() && self.owned_anywhere(&dst) && !self.dnat_matches(&key) {
+        // forward, not to this node; so is traffic to a port forward or to
+        // a live source-NAT mapping (filtered, or hairpinned).
+        if hit.is_none()
+            && self.owned_anywhere(&dst)
+            && !self.dnat_matches(&key)
+            && mapped(cx.table.get(), &key).is_none()
+        {
             return Ok(self.local(f, ip, ifc, cx));
         }
         if ip.ttl <= 1 {
@@ -1213,8 +1228,27 @@ impl Core {
             .find(|d| d.matches(&key) && d.from == ifc.zone)
             .map(|d| (d, false))
             .or_else(|| cfg.dnat.iter().find(|d| d.matches(&key)).map(|d| (d, true)));
-        let dnat = dnat_rule.map(|(d, _)| (d.to, d.to_port));
-        let hairpin = dnat_rule.and_then(|(d, h)| h.then_some(d.addr));
+        let mut dnat = dnat_rule.map(|(d, _)| (d.to, d.to_port));
+        let mut hairpin = dnat_rule.and_then(|(d, h)| h.then_some(d.addr));
+        // A live source-NAT mapping at the destination: from the outside
+        // its rule's filtering decides; from inside it is hairpinned to
+        // the internal endpoint like a port forward (RFC 4787 REQ-9).
+        if dnat_rule.is_none()
+            && let Some((b, m)) = mapped(cx.table.get(), &key)
+        {
+            match cfg.snat.iter().find(|r| {
+                r.to == ifc.zone
+                    && r.from == m.internal.zone
+                    && (r.source.is_empty()
+                        || r.source.iter().any(|p| p.contains(&m.internal.addr)))
+            }) {
+                Some(rule) => return self.unsolicited(f, ip, ifc, key, (b, m), rule, cx),
+                None => {
+                    dnat = Some((m.internal.addr, m.internal.port));
+                    hairpin = Some(b.addr);
+                }
+            }
+        }
         let (dst, dport) = dnat.unwrap_or((key.dst, key.dst_port));
         let Some(out) = cfg.route(&dst).and_then(|r| cfg.iface(r.iface)) else {
             self.answer(f, ip, ifc, IcmpError::NoRoute, cx);
@@ -1339,6 +1373,94 @@ impl Core {
             }
             self.clamp_mss(f, ip, ifc, out.id);
         }
+        Ok(self.forward(f, ip, cx))
+    }
+
+    /// A packet from outside to a live mapping, no session: admitted by the
+    /// SNAT rule's filtering (UDP only: TCP and ICMP mappings take replies
+    /// of their sessions alone), it becomes a session of the internal
+    /// endpoint towards this remote, on the same mapping, and is delivered
+    /// as that session's reply. The session inherits the owner RG, inside
+    /// interface and policy of one of the mapping's sessions out of this
+    /// zone: the rule's filtering is what admits it, not a zone policy.
+    #[allow(clippy::too_many_arguments)]
+    fn unsolicited(
+        &self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        key: SessionKey,
+        (b, m): (NatBinding, Mapping),
+        rule: &Snat,
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let now = cx.env.now;
+        let exemplar = {
+            let table = cx.table.get();
+            let out_this_way = |h: SessionHandle| {
+                table.get(h).filter(|r| {
+                    self.cfg
+                        .iface(r.egress_if)
+                        .is_some_and(|o| o.zone == ifc.zone)
+                })
+            };
+            let mut sessions = table.mapping_sessions(&m).take(FILTER_WALK);
+            match rule.filtering {
+                _ if key.proto != proto::UDP => None,
+                NatFiltering::AddressAndPortDependent => None,
+                NatFiltering::EndpointIndependent => sessions.find_map(out_this_way),
+                NatFiltering::AddressDependent => {
+                    sessions.find_map(|h| out_this_way(h).filter(|r| r.reverse.src == key.src))
+                }
+            }
+            .map(|r| (r.owner_rg, r.ingress_if, r.policy))
+        };
+        let Some((owner, inside_if, policy)) = exemplar else {
+            return Ok(self.drop(DropReason::NatFiltered));
+        };
+        if owner.is_data() && !cx.is_primary(owner) {
+            bump(&self.stats.to_fabric, 1);
+            return Ok(Verdict::Fabric { rg: owner });
+        }
+        if let Some(v) = self.mtu_check(f, ip, ifc, inside_if, cx) {
+            return Ok(v);
+        }
+        let t = cx.table.exclusive()?;
+        let inner = SessionKey {
+            src: m.internal.addr,
+            src_port: m.internal.port,
+            dst: key.src,
+            dst_port: key.src_port,
+            proto: key.proto,
+            zone: m.internal.zone,
+        };
+        let new = NewSession {
+            key: inner,
+            egress_zone: ifc.zone,
+            snat: Some(SnatRequest {
+                addr: b.addr,
+                ports: b.port..=b.port,
+            }),
+            dnat: None,
+            ingress_if: inside_if,
+            egress_if: ifc.id,
+            owner_rg: owner,
+            policy,
+            tcp_state: TcpState::None,
+        };
+        let handle = match t.insert(new, now) {
+            Ok(h) => h,
+            Err(InsertError::PortsExhausted) => return Ok(self.drop(DropReason::PortsExhausted)),
+            Err(_) => return Ok(self.drop(DropReason::SessionRefused)),
+        };
+        bump(&self.stats.sessions_created, 1);
+        bump(&self.stats.nat_filter_admitted, 1);
+        if owner.is_data() {
+            cx.fx.deltas.push((owner, inner));
+        }
+        packet::set_addr(f, ip, true, &inner.src.0);
+        packet::set_port(f, ip, true, inner.src_port);
+        t.touch(handle, Direction::Reverse, (ip.end - ip.l3) as u32, now);
         Ok(self.forward(f, ip, cx))
     }
 
@@ -1740,6 +1862,27 @@ fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
         .find(|p| p.is_v4() == v4)
         .map(|p| p.addr)
 }
+
+/// The live source-NAT mapping a packet without a session is addressed
+/// to, if any.
+/// (TCP and UDP: an ICMP echo to the address stays the node's to answer.)
+fn mapped(t: &SessionTable, key: &SessionKey) -> Option<(NatBinding, Mapping)> {
+    if key.proto != proto::UDP && key.proto != proto::TCP {
+        return None;
+    }
+    let b = NatBinding {
+        addr: key.dst,
+        port: key.dst_port,
+        proto: key.proto,
+    };
+    t.nat_mapping(&b).map(|m| (b, m))
+}
+
+/// Sessions of a mapping that address-dependent filtering examines for
+/// the remote's address (newest first): a bound on the work one
+/// unsolicited packet can cause. A remote the endpoint talked to only
+/// before its last 64 sessions is refused (`nat-filtered`).
+const FILTER_WALK: usize = 64;
 
 /// Ports a hairpinned session's source may be translated to (the client's
 /// own port kept when free).

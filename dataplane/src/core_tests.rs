@@ -106,6 +106,7 @@ fn config() -> DataplaneConfig {
             pool: None,
             port_low: 1024,
             port_high: 65535,
+            filtering: Default::default(),
         }],
         dnat: vec![DnatRule {
             name: "web".into(),
@@ -1182,3 +1183,6 @@ mod frag;
 
 #[path = "core_tcp_tests.rs"]
 mod tcp_tracking;
+
+#[path = "core_nat_tests.rs"]
+mod nat_behaviour;

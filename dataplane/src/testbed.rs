@@ -230,6 +230,7 @@ pub fn sample_config() -> DataplaneConfig {
             pool: None,
             port_low: 1024,
             port_high: 65535,
+            filtering: Default::default(),
         }],
         dnat: vec![DnatRule {
             name: "web".into(),
