@@ -71,15 +71,15 @@ fn tx(iface: InterfaceId) -> impl Fn(&Verdict) -> bool {
     move |v| matches!(v, Verdict::Tx { iface: i, .. } if *i == iface)
 }
 
-fn mapping_sessions(r: &Rig, port: u16) -> Option<u32> {
+fn mapping_sessions(r: &Rig, port: u16) -> Option<usize> {
     let t = read(r.core.table());
     t.verify_invariants().unwrap();
-    t.nat_mapping(&NatBinding {
+    let b = NatBinding {
         addr: v4(PUBLIC),
         port,
         proto: proto::UDP,
-    })
-    .map(|m| m.sessions)
+    };
+    t.nat_mapping(&b).map(|_| t.mapping_len(&b))
 }
 
 #[test]

@@ -158,7 +158,7 @@ impl HandleIndex {
         self.reserve(self.slots.len() * 3 / 4 + 1 - self.len.0);
     }
 
-    /// Removes exactly this handle's entry; false if it was not there.
+    /// Removes exactly this (tag, handle) entry; false if it was not there.
     pub fn remove(&mut self, tag: Tag, handle: u32) -> bool {
         let mask = self.mask();
         let mut hole = self.home(tag);
@@ -167,7 +167,9 @@ impl HandleIndex {
             if s.handle == EMPTY {
                 return false;
             }
-            if s.handle == handle {
+            // The tag too: values need not be unique across tags (the
+            // remapped-endpoint index holds ports).
+            if s.handle == handle && s.tag == tag.0 {
                 break;
             }
             hole = (hole + 1) & mask;
@@ -221,6 +223,22 @@ mod tests {
             assert_eq!(ix.find(Tag(7), |x| x == h).is_some(), h % 2 == 1);
         }
         assert_eq!(ix.len(), 20);
+    }
+
+    #[test]
+    fn removal_takes_the_value_under_its_own_tag_only() {
+        // Two entries with one value (a port) under tags sharing a run.
+        let mut ix = HandleIndex::with_bits(3);
+        let tags: Vec<Tag> = (0u32..)
+            .map(Tag)
+            .filter(|&t| ix.home(t) == 2)
+            .take(2)
+            .collect();
+        ix.insert(tags[0], 100);
+        ix.insert(tags[1], 100);
+        assert!(ix.remove(tags[1], 100));
+        assert_eq!(ix.find(tags[0], |_| true), Some(100));
+        assert_eq!(ix.find(tags[1], |_| true), None);
     }
 
     #[test]

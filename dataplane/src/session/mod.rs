@@ -45,7 +45,7 @@ pub use shared::{
 
 use index::{HandleIndex, Tag};
 pub use ports::{Endpoint, Mapping};
-use ports::{NIL, NatMappings};
+use ports::{Allocated, NIL, NatMappings, endpoint_tag};
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
 use segvec::SegVec;
@@ -406,15 +406,19 @@ struct Probes {
     fwd: Tag,
     rev: Tag,
     nat: Option<NatBinding>,
+    /// The mapping's endpoint-index tag (with `nat`).
+    endpoint: Option<Tag>,
 }
 
 impl Probes {
     #[inline]
     fn of(key: &SessionKey, reverse: &SessionKey) -> Probes {
+        let nat = nat_companion(key, reverse);
         Probes {
             fwd: Tag::of(key),
             rev: Tag::of(reverse),
-            nat: nat_companion(key, reverse),
+            nat,
+            endpoint: nat.map(|b| endpoint_tag(&internal_endpoint(key), b.addr, b.proto)),
         }
     }
 }
@@ -475,6 +479,10 @@ impl SessionTable {
         let mut t = SessionTable::empty(cfg);
         if t.cfg.preallocate {
             t.reserve(t.cfg.capacity);
+            // The mappings' endpoint index too: grown on demand, a
+            // million-session bulk of NATed sessions would rehash it inside
+            // one writer's slice (tens of ms with the workers waiting).
+            t.mappings.reserve(t.cfg.capacity);
             t.prefault_slab();
         }
         t
@@ -586,22 +594,39 @@ impl SessionTable {
     /// this translated source endpoint.
     #[inline]
     pub fn lookup_nat_binding(&self, b: &NatBinding) -> Option<SessionHandle> {
-        self.mappings
-            .get(b)
-            .map(|m| SessionHandle(m.head))
-            .filter(|h| h.0 != NIL)
+        Some(self.mappings.head(b))
+            .filter(|&h| h != NIL)
+            .map(SessionHandle)
     }
 
     /// The live mapping of a public (address, port, protocol): its
-    /// internal endpoint and how many sessions use it.
+    /// internal endpoint and newest session.
     #[inline]
     pub fn nat_mapping(&self, b: &NatBinding) -> Option<Mapping> {
-        self.mappings.get(b)
+        let head = self.mappings.head(b);
+        (head != NIL).then(|| Mapping {
+            internal: self.endpoint_of(head),
+            head,
+        })
+    }
+
+    /// Sessions using the mapping of `b` (O(sessions): for display and
+    /// tests).
+    pub fn mapping_len(&self, b: &NatBinding) -> usize {
+        self.nat_mapping(b)
+            .map_or(0, |m| self.mapping_sessions(&m).count())
     }
 
     /// The public port `internal` is mapped to on (`addr`, `proto`).
     pub fn mapped_port(&self, addr: Addr, proto: u8, internal: &Endpoint) -> Option<u16> {
-        self.mappings.port_of(addr, proto, internal)
+        let slab = &self.slab;
+        self.mappings
+            .port_of(addr, proto, internal, |h| internal_endpoint(&slab[h as usize].key))
+    }
+
+    /// The internal endpoint of session `h`'s mapping.
+    fn endpoint_of(&self, h: u32) -> Endpoint {
+        internal_endpoint(&self.slab[h as usize].key)
     }
 
     /// The sessions of a mapping, newest first.
@@ -763,6 +788,9 @@ impl SessionTable {
     fn start_insert_loads(&self, p: &Probes) {
         self.fwd.prefetch_run(p.fwd);
         self.rev.prefetch_run(p.rev);
+        if let Some(tag) = p.endpoint {
+            self.mappings.prefetch_endpoint(tag);
+        }
     }
 
     /// Starts loading the forward index slot for `key`.
@@ -783,6 +811,11 @@ impl SessionTable {
         let snat = s.snat.as_ref().map(|r| (r.addr, s.key.src_port));
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
         self.rev.prefetch_run(Tag::of(&reverse));
+        if let Some(r) = &s.snat {
+            let internal = internal_endpoint(&s.key);
+            self.mappings
+                .prefetch_endpoint(endpoint_tag(&internal, r.addr, s.key.proto));
+        }
     }
 
     /// Creates a local session with all its companions, or nothing.
@@ -810,27 +843,31 @@ impl SessionTable {
         let snat = match &s.snat {
             None => None,
             Some(req) if proto::has_ports(s.key.proto) => {
-                let port = self
+                let slab = &self.slab;
+                let got = self
                     .mappings
                     .allocate(
                         req.addr,
                         s.key.proto,
                         req.ports.clone(),
                         internal_endpoint(&s.key),
+                        |h| internal_endpoint(&slab[h as usize].key),
                     )
                     .ok_or(InsertError::PortsExhausted)?;
-                reserved = Some(NatBinding {
+                let port = got.port();
+                let b = NatBinding {
                     addr: req.addr,
                     port,
                     proto: s.key.proto,
-                });
+                };
+                reserved = Some((b, got));
                 Some((req.addr, port))
             }
             Some(req) => Some((req.addr, s.key.src_port)),
         };
         let reverse = reverse_key(&s.key, s.egress_zone, Nat { snat, dnat: s.dnat });
         let probes = Probes::of(&s.key, &reverse);
-        debug_assert_eq!(probes.nat, reserved);
+        debug_assert_eq!(probes.nat, reserved.map(|(b, _)| b));
         self.start_insert_loads(&probes);
         // The mapping cannot conflict: the allocator gave this endpoint its
         // own port or joined it to its own mapping.
@@ -842,8 +879,8 @@ impl SessionTable {
             None
         };
         if let Some(e) = conflict {
-            if let Some(b) = reserved {
-                self.mappings.release(b);
+            if let Some((b, Allocated::Opened(_))) = reserved {
+                self.mappings.close(b, &internal_endpoint(&s.key));
             }
             return Err(e);
         }
@@ -892,23 +929,25 @@ impl SessionTable {
 
     /// Puts session `h` at the head of its mapping's session list.
     fn link_mapping(&mut self, h: u32, b: &NatBinding) {
-        let Some(m) = self.mappings.get(b) else {
-            return;
-        };
+        let head = self.mappings.head(b);
         if self.mapping_links.len() <= h as usize {
             self.mapping_links.resize(h as usize + 1, [NIL, NIL]);
         }
-        self.mapping_links[h as usize] = [NIL, m.head];
-        if m.head != NIL {
-            self.mapping_links[m.head as usize][0] = h;
+        self.mapping_links[h as usize] = [NIL, head];
+        if head != NIL {
+            self.mapping_links[head as usize][0] = h;
         }
         self.mappings.set_head(b, h);
     }
 
-    /// Takes session `h` out of its mapping's session list.
+    /// Takes session `h` out of its mapping's session list, closing the
+    /// mapping with its last session.
     fn unlink_mapping(&mut self, h: u32, b: &NatBinding) {
         let [prev, next] = self.mapping_links[h as usize];
-        if prev == NIL {
+        if prev == NIL && next == NIL {
+            let internal = self.endpoint_of(h);
+            self.mappings.close(*b, &internal);
+        } else if prev == NIL {
             self.mappings.set_head(b, next);
         } else {
             self.mapping_links[prev as usize][1] = next;
@@ -988,10 +1027,9 @@ impl SessionTable {
     fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
         let r = &self.slab[h as usize];
         let (owner_rg, rg_slot) = (r.owner_rg, r.rg_slot);
-        let probes = self.start_removal_loads(r);
+        let probes = self.start_removal_loads(h, r);
         if let Some(b) = probes.nat {
             self.unlink_mapping(h, &b);
-            self.mappings.release(b);
         }
         self.rev.remove(probes.rev, h);
         self.fwd.remove(probes.fwd, h);
@@ -1004,10 +1042,15 @@ impl SessionTable {
     /// Starts every load that removing `r` will wait for (index slots, RG
     /// list slot and the record moved into it, wheel entry) so the misses
     /// overlap; returns the index tags it computed.
-    fn start_removal_loads(&self, r: &SessionRecord) -> Probes {
+    fn start_removal_loads(&self, h: u32, r: &SessionRecord) -> Probes {
         let probes = Probes::of(&r.key, &r.reverse);
         self.fwd.prefetch_run(probes.fwd);
         self.rev.prefetch_run(probes.rev);
+        if let (Some(b), Some(tag)) = (probes.nat, probes.endpoint) {
+            self.mappings.prefetch_endpoint(tag);
+            self.mappings.prefetch_head(&b);
+            prefetch(self.mapping_links.get(h as usize));
+        }
         if let Some(m) = self.rgs.get(&r.owner_rg) {
             prefetch(m.get(r.rg_slot as usize));
             if let Some(&last) = m.last() {
@@ -1026,7 +1069,7 @@ impl SessionTable {
     /// the record, so prefetch it first ([`SessionTable::prefetch_record`]).
     pub fn prefetch_for_remove(&self, h: SessionHandle) {
         if let Some(r) = self.slab.get(h.0 as usize) {
-            self.start_removal_loads(r);
+            self.start_removal_loads(h.0, r);
         }
     }
 
@@ -1278,10 +1321,14 @@ impl SessionTable {
         // The peer is authoritative for its RG: a stale synced copy that
         // still holds this reverse key or binding (a missed delete) yields.
         self.evict_peer_conflicts(s, probes)?;
-        if let Some(b) = probes.nat
-            && self.mappings.take(b, internal_endpoint(&s.key)).is_err()
-        {
-            return Err(InsertError::NatBindingExists);
+        if let Some(b) = probes.nat {
+            let slab = &self.slab;
+            let taken = self.mappings.take(b, internal_endpoint(&s.key), |h| {
+                internal_endpoint(&slab[h as usize].key)
+            });
+            if taken.is_err() {
+                return Err(InsertError::NatBindingExists);
+            }
         }
         self.commit_peer(s, probes, created, last_seen, mark, now);
         Ok(outcome)
@@ -1301,13 +1348,16 @@ impl SessionTable {
         // endpoint another port on the address: all its sessions go.
         if let Some(b) = probes.nat {
             let internal = internal_endpoint(&s.key);
-            let other_endpoint = self.mappings.get(&b).filter(|m| m.internal != internal);
-            let other_port = self
-                .mappings
-                .port_of(b.addr, b.proto, &internal)
+            let mine = self.mapped_port(b.addr, b.proto, &internal);
+            let other_port = mine
                 .filter(|&p| p != b.port)
-                .and_then(|port| self.mappings.get(&NatBinding { port, ..b }));
-            for m in [other_endpoint, other_port].into_iter().flatten() {
+                .map(|port| NatBinding { port, ..b });
+            let other_endpoint = (mine != Some(b.port) && self.mappings.is_reserved(b)).then_some(b);
+            let stale = [other_endpoint, other_port]
+                .into_iter()
+                .flatten()
+                .filter_map(|b| self.nat_mapping(&b));
+            for m in stale.collect::<Vec<_>>() {
                 evict.extend(
                     self.mapping_sessions(&m)
                         .map(|h| (h, InsertError::NatBindingExists)),
@@ -1574,7 +1624,7 @@ impl SessionTable {
             if let Some(b) = nat_companion(&r.key, &r.reverse) {
                 nat_sessions += 1;
                 *per_binding.entry(b).or_default() += 1;
-                match self.mappings.get(&b) {
+                match self.nat_mapping(&b) {
                     None => return Err(format!("session {h} holds no NAT mapping: {b:?}")),
                     Some(m) if m.internal != internal_endpoint(&r.key) => {
                         return Err(format!(
@@ -1639,24 +1689,25 @@ impl SessionTable {
         per_binding: &FxHashMap<NatBinding, u32>,
         nat_sessions: usize,
     ) -> Result<(), String> {
-        self.mappings.verify()?;
-        if self.mappings.references() != nat_sessions as u64
-            || self.mappings.reserved() != per_binding.len() as u64
-        {
+        if self.mappings.reserved() != per_binding.len() as u64 {
             return Err(format!(
-                "{} mappings with {} references for {nat_sessions} NAT sessions on {} bindings (leak)",
+                "{} mappings for {nat_sessions} NAT sessions on {} bindings (leak)",
                 self.mappings.reserved(),
-                self.mappings.references(),
                 per_binding.len()
             ));
         }
-        for (b, m) in self.mappings.iter() {
+        for (b, head) in self.mappings.iter() {
             let want = per_binding.get(&b).copied().unwrap_or(0);
+            if head == NIL || !self.slab.contains(head as usize) {
+                return Err(format!("{b:?}: mapping without a session"));
+            }
+            let internal = self.endpoint_of(head);
             let mut listed = 0u32;
             let mut prev = NIL;
-            for h in self.mapping_sessions(&m) {
+            for h in self.mapping_sessions(&Mapping { internal, head }) {
                 let r = self.slab.get(h.0 as usize);
                 if r.and_then(|r| nat_companion(&r.key, &r.reverse)) != Some(b)
+                    || r.map(|r| internal_endpoint(&r.key)) != Some(internal)
                     || self.mapping_links[h.0 as usize][0] != prev
                 {
                     return Err(format!("{b:?}: session list holds {} wrongly", h.0));
@@ -1667,12 +1718,19 @@ impl SessionTable {
                     break;
                 }
             }
-            if m.sessions != want || listed != want {
-                return Err(format!(
-                    "{b:?}: {} references, {listed} listed, {want} sessions",
-                    m.sessions
-                ));
+            if listed != want {
+                return Err(format!("{b:?}: {listed} listed, {want} sessions"));
             }
+            if self.mapped_port(b.addr, b.proto, &internal) != Some(b.port) {
+                return Err(format!("{b:?}: {internal:?} cannot find its mapping"));
+            }
+        }
+        if self.mappings.indexed() != per_binding.len() {
+            return Err(format!(
+                "endpoint index has {} entries for {} mappings",
+                self.mappings.indexed(),
+                per_binding.len()
+            ));
         }
         Ok(())
     }

@@ -1,19 +1,24 @@
 //! Source-NAT mappings: which internal endpoint each public (address,
-//! protocol, port) belongs to, and how many sessions use it.
+//! protocol, port) belongs to.
 //!
 //! A mapping is endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1): an
 //! internal address:port keeps its public port for every destination while
 //! any session of it lives, and the port is the internal one when it is
-//! free (port preservation). Every session using a mapping holds one
-//! reference, taken inside the table's insert transaction and released in
-//! its one removal function, so a mapping never outlives its last session
-//! and never exists without one.
+//! free (port preservation). A mapping is a session companion: it is
+//! opened inside the insert transaction of its first session and closed in
+//! the one removal function with its last, so it never exists without a
+//! session.
 //!
-//! Bounds: one [`PortMap`] per public (address, protocol) the table has
-//! seen — 65,536 slots of 28 bytes plus an 8 KiB bitmap (1.8 MiB), and an
-//! endpoint index of at most 65,536 entries; maps are kept once created
-//! (the addresses are the configuration's, so they are few).
+//! What is stored is small because most of a mapping is its sessions: per
+//! public (address, protocol) a bit and the newest session's handle per
+//! port (8 KiB + 256 KiB, kept once created: the addresses are the
+//! configuration's), the rest of the session list is linked through the
+//! table (`mapping_links`), and the internal endpoint is read from the
+//! newest session's key. An index (endpoint, address, protocol) -> port
+//! finds an endpoint's mapping in one probe: its 32-bit tag spares the
+//! record read for every endpoint that has no mapping yet.
 
+use super::index::{HandleIndex, Tag};
 use super::key::{Addr, NatBinding, ZoneId};
 use rustc_hash::FxHashMap;
 use std::ops::RangeInclusive;
@@ -34,39 +39,40 @@ pub struct Endpoint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     pub internal: Endpoint,
-    /// Sessions using it (≥ 1).
-    pub sessions: u32,
-    /// The most recently created of them (head of the session list).
+    /// The newest of its sessions (head of the session list).
     pub(super) head: u32,
 }
 
-/// Why a binding could not be taken for a given internal endpoint.
+/// The binding is another endpoint's, or the endpoint has another port on
+/// the address (one endpoint, one mapping per public address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeldByOther(pub Endpoint);
+pub struct Taken;
 
-#[derive(Clone, Copy)]
-struct Slot {
-    internal: Endpoint,
-    refs: u32,
-    head: u32,
+/// What [`NatMappings::allocate`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocated {
+    /// The endpoint's live mapping.
+    Joined(u16),
+    /// A new mapping (closed again with [`NatMappings::close`] if the
+    /// insert fails).
+    Opened(u16),
 }
 
-const FREE: Slot = Slot {
-    internal: Endpoint {
-        addr: Addr([0; 16]),
-        port: 0,
-        zone: ZoneId(0),
-    },
-    refs: 0,
-    head: NIL,
-};
+impl Allocated {
+    pub fn port(self) -> u16 {
+        match self {
+            Allocated::Joined(p) | Allocated::Opened(p) => p,
+        }
+    }
+}
 
 /// The mappings of one public (address, protocol).
 struct PortMap {
     /// A bit per port with a mapping: allocation scans a word at a time.
     bits: Box<[u64; WORDS]>,
-    slots: Box<[Slot]>,
-    by_endpoint: FxHashMap<Endpoint, u16>,
+    /// Newest session of each mapped port ([`NIL`] only while the first
+    /// session's insert is in progress).
+    heads: Box<[u32]>,
     in_use: u32,
     /// Where the next allocation scan starts (round robin spreads reuse).
     cursor: u16,
@@ -76,8 +82,7 @@ impl PortMap {
     fn new() -> PortMap {
         PortMap {
             bits: Box::new([0; WORDS]),
-            slots: vec![FREE; 65536].into_boxed_slice(),
-            by_endpoint: FxHashMap::default(),
+            heads: vec![NIL; 65536].into_boxed_slice(),
             in_use: 0,
             cursor: 0,
         }
@@ -85,24 +90,6 @@ impl PortMap {
 
     fn is_set(&self, port: u16) -> bool {
         self.bits[usize::from(port >> 6)] & (1 << (port & 63)) != 0
-    }
-
-    fn open(&mut self, port: u16, internal: Endpoint) {
-        self.bits[usize::from(port >> 6)] |= 1 << (port & 63);
-        self.in_use += 1;
-        self.slots[usize::from(port)] = Slot {
-            internal,
-            refs: 1,
-            head: NIL,
-        };
-        self.by_endpoint.insert(internal, port);
-    }
-
-    fn close(&mut self, port: u16) {
-        self.bits[usize::from(port >> 6)] &= !(1u64 << (port & 63));
-        self.in_use -= 1;
-        let s = std::mem::replace(&mut self.slots[usize::from(port)], FREE);
-        self.by_endpoint.remove(&s.internal);
     }
 
     /// First free port in `range` at or after the cursor, wrapping once.
@@ -130,120 +117,157 @@ impl PortMap {
     }
 }
 
-/// Mappings for every source-NAT address the table has seen.
+/// Mappings for every source-NAT address the table has seen. Methods that
+/// need a mapping's internal endpoint are given `endpoint_of`, which reads
+/// it from a session (the table's records).
 #[derive(Default)]
 pub struct NatMappings {
     maps: FxHashMap<(Addr, u8), PortMap>,
-    /// References over all mappings (one per NAT session).
-    refs: u64,
+    /// (endpoint, public address, protocol) -> port of every mapping.
+    by_endpoint: HandleIndex,
+}
+
+/// The endpoint index's tag of `internal`'s mapping on (`addr`, `proto`).
+pub(super) fn endpoint_tag(internal: &Endpoint, addr: Addr, proto: u8) -> Tag {
+    Tag::of(&(internal, addr, proto))
 }
 
 impl NatMappings {
+    /// Sizes the endpoint index for `n` mappings up front (a rehash
+    /// inside a writer's slice would stall the workers).
+    pub fn reserve(&mut self, n: usize) {
+        self.by_endpoint.reserve(n);
+    }
+
+    /// Starts loading the endpoint-index run of a tag
+    /// ([`endpoint_tag`]).
+    #[inline]
+    pub(super) fn prefetch_endpoint(&self, tag: Tag) {
+        self.by_endpoint.prefetch_run(tag);
+    }
+
+    /// Starts loading the head slot of `b` (written when a session of it
+    /// comes or goes).
+    #[inline]
+    pub fn prefetch_head(&self, b: &NatBinding) {
+        if let Some(m) = self.maps.get(&(b.addr, b.proto)) {
+            super::prefetch(m.heads.get(usize::from(b.port)));
+        }
+    }
+
     /// A port on `addr` for a new session of `internal`: the endpoint's
     /// live mapping when its port is in `range` (endpoint-independent
-    /// mapping), else a new one on `internal.port` when free and in range,
-    /// else on the next free port. Takes one reference. `None`: the range
-    /// is exhausted, or the endpoint's live mapping lies outside it.
+    /// mapping), else a new mapping on `internal.port` when free and in
+    /// range, else on the next free port. `None`: the range is exhausted,
+    /// or the endpoint's live mapping lies outside it.
     pub fn allocate(
         &mut self,
         addr: Addr,
         proto: u8,
         range: RangeInclusive<u16>,
         internal: Endpoint,
-    ) -> Option<u16> {
-        let map = self.maps.entry((addr, proto)).or_insert_with(PortMap::new);
-        if let Some(&port) = map.by_endpoint.get(&internal) {
+        endpoint_of: impl Fn(u32) -> Endpoint,
+    ) -> Option<Allocated> {
+        if let Some(port) = self.port_of(addr, proto, &internal, &endpoint_of) {
             // One endpoint, one mapping per address: a rule whose range
             // excludes the live one cannot give it a second.
-            if !range.contains(&port) {
-                return None;
-            }
-            map.slots[usize::from(port)].refs += 1;
-            self.refs += 1;
-            return Some(port);
+            return range.contains(&port).then_some(Allocated::Joined(port));
         }
+        let map = self.maps.entry((addr, proto)).or_insert_with(PortMap::new);
         let port = if range.contains(&internal.port) && !map.is_set(internal.port) {
             internal.port
         } else {
             map.find_free(&range)?
         };
-        map.open(port, internal);
         map.cursor = port.wrapping_add(1);
-        self.refs += 1;
-        Some(port)
+        self.open(NatBinding { addr, port, proto }, &internal);
+        Some(Allocated::Opened(port))
     }
 
-    /// Takes a reference on exactly this binding for `internal` (a
-    /// peer-synced session): joins its mapping or opens it. Refused when
-    /// another endpoint holds the binding, or when `internal` already has
-    /// another port on this address (one endpoint, one mapping).
-    pub fn take(&mut self, b: NatBinding, internal: Endpoint) -> Result<(), HeldByOther> {
+    /// Exactly this binding for `internal` (a peer-synced session): joins
+    /// its mapping or opens it.
+    pub fn take(
+        &mut self,
+        b: NatBinding,
+        internal: Endpoint,
+        endpoint_of: impl Fn(u32) -> Endpoint,
+    ) -> Result<Allocated, Taken> {
+        match self.port_of(b.addr, b.proto, &internal, &endpoint_of) {
+            Some(p) if p == b.port => Ok(Allocated::Joined(p)),
+            Some(_) => Err(Taken),
+            None if self.is_reserved(b) => Err(Taken),
+            None => {
+                self.open(b, &internal);
+                Ok(Allocated::Opened(b.port))
+            }
+        }
+    }
+
+    fn open(&mut self, b: NatBinding, internal: &Endpoint) {
         let map = self
             .maps
             .entry((b.addr, b.proto))
             .or_insert_with(PortMap::new);
-        if map.is_set(b.port) {
-            let slot = &mut map.slots[usize::from(b.port)];
-            if slot.internal != internal {
-                return Err(HeldByOther(slot.internal));
-            }
-            slot.refs += 1;
-        } else {
-            if map.by_endpoint.contains_key(&internal) {
-                return Err(HeldByOther(internal));
-            }
-            map.open(b.port, internal);
-        }
-        self.refs += 1;
-        Ok(())
+        map.bits[usize::from(b.port >> 6)] |= 1 << (b.port & 63);
+        map.in_use += 1;
+        map.heads[usize::from(b.port)] = NIL;
+        self.by_endpoint
+            .insert(endpoint_tag(internal, b.addr, b.proto), u32::from(b.port));
     }
 
-    /// Drops one reference; the mapping closes with its last. Returns
-    /// false when the binding had no mapping (a table bug).
-    pub fn release(&mut self, b: NatBinding) -> bool {
+    /// Closes `b`'s mapping of `internal` (its last session left, or its
+    /// first one's insert failed). Returns false when there was none.
+    pub fn close(&mut self, b: NatBinding, internal: &Endpoint) -> bool {
         let Some(map) = self.maps.get_mut(&(b.addr, b.proto)) else {
             return false;
         };
         if !map.is_set(b.port) {
             return false;
         }
-        let slot = &mut map.slots[usize::from(b.port)];
-        slot.refs -= 1;
-        if slot.refs == 0 {
-            map.close(b.port);
-        }
-        self.refs -= 1;
+        map.bits[usize::from(b.port >> 6)] &= !(1u64 << (b.port & 63));
+        map.in_use -= 1;
+        map.heads[usize::from(b.port)] = NIL;
+        self.by_endpoint
+            .remove(endpoint_tag(internal, b.addr, b.proto), u32::from(b.port));
         true
     }
 
-    pub fn get(&self, b: &NatBinding) -> Option<Mapping> {
-        let map = self.maps.get(&(b.addr, b.proto))?;
-        map.is_set(b.port).then(|| {
-            let s = &map.slots[usize::from(b.port)];
-            Mapping {
-                internal: s.internal,
-                sessions: s.refs,
-                head: s.head,
-            }
-        })
-    }
-
     /// The public port `internal` is mapped to on (`addr`, `proto`).
-    pub fn port_of(&self, addr: Addr, proto: u8, internal: &Endpoint) -> Option<u16> {
-        self.maps
-            .get(&(addr, proto))?
-            .by_endpoint
-            .get(internal)
-            .copied()
+    pub fn port_of(
+        &self,
+        addr: Addr,
+        proto: u8,
+        internal: &Endpoint,
+        endpoint_of: impl Fn(u32) -> Endpoint,
+    ) -> Option<u16> {
+        let map = self.maps.get(&(addr, proto))?;
+        // A mapping whose first session is still being inserted (head
+        // NIL) is the caller's own: it cannot be looked up meanwhile.
+        self.by_endpoint
+            .find(endpoint_tag(internal, addr, proto), |p| {
+                let port = p as u16;
+                map.is_set(port) && {
+                    let h = map.heads[usize::from(port)];
+                    h != NIL && endpoint_of(h) == *internal
+                }
+            })
+            .map(|p| p as u16)
     }
 
-    /// Sets the head of the binding's session list (the table keeps the
-    /// links); no-op without a mapping.
-    pub(super) fn set_head(&mut self, b: &NatBinding, head: u32) {
+    /// The newest session of `b`'s mapping ([`NIL`] if none).
+    pub fn head(&self, b: &NatBinding) -> u32 {
+        self.maps
+            .get(&(b.addr, b.proto))
+            .filter(|m| m.is_set(b.port))
+            .map_or(NIL, |m| m.heads[usize::from(b.port)])
+    }
+
+    /// Sets the newest session of `b`'s mapping; no-op without one.
+    pub fn set_head(&mut self, b: &NatBinding, head: u32) {
         if let Some(map) = self.maps.get_mut(&(b.addr, b.proto))
             && map.is_set(b.port)
         {
-            map.slots[usize::from(b.port)].head = head;
+            map.heads[usize::from(b.port)] = head;
         }
     }
 
@@ -258,54 +282,27 @@ impl NatMappings {
         self.maps.values().map(|m| u64::from(m.in_use)).sum()
     }
 
-    /// References over all mappings: the number of NAT sessions.
-    pub fn references(&self) -> u64 {
-        self.refs
+    /// Entries of the endpoint index (one per mapping).
+    pub fn indexed(&self) -> usize {
+        self.by_endpoint.len()
     }
 
-    /// Every live mapping (O(ports); for the self check).
-    pub fn iter(&self) -> impl Iterator<Item = (NatBinding, Mapping)> + '_ {
+    /// Every mapped binding and its newest session (O(ports); for the
+    /// self check).
+    pub fn iter(&self) -> impl Iterator<Item = (NatBinding, u32)> + '_ {
         self.maps.iter().flat_map(|(&(addr, proto), m)| {
-            (0..=u16::MAX).filter(|&p| m.is_set(p)).map(move |port| {
-                let s = &m.slots[usize::from(port)];
-                (
-                    NatBinding { addr, port, proto },
-                    Mapping {
-                        internal: s.internal,
-                        sessions: s.refs,
-                        head: s.head,
-                    },
-                )
-            })
+            (0..=u16::MAX)
+                .filter(|&p| m.is_set(p))
+                .map(move |port| (NatBinding { addr, port, proto }, m.heads[usize::from(port)]))
         })
-    }
-
-    /// Checks the endpoint index against the slots.
-    pub fn verify(&self) -> Result<(), String> {
-        for (&(addr, proto), m) in &self.maps {
-            if m.by_endpoint.len() != m.in_use as usize {
-                return Err(format!(
-                    "{addr}/{proto}: {} endpoints for {} mappings",
-                    m.by_endpoint.len(),
-                    m.in_use
-                ));
-            }
-            for (ep, &port) in &m.by_endpoint {
-                let s = &m.slots[usize::from(port)];
-                if !m.is_set(port) || s.internal != *ep || s.refs == 0 {
-                    return Err(format!(
-                        "{addr}/{proto}: endpoint {ep:?} -> {port} is stale"
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! Driven with a stand-in for the table: session handle -> endpoint.
     use super::*;
+    use std::cell::RefCell;
     use std::net::Ipv4Addr;
 
     fn a() -> Addr {
@@ -328,115 +325,114 @@ mod tests {
         }
     }
 
+    /// Mappings plus the "sessions" (one per opened mapping) that own them.
+    #[derive(Default)]
+    struct Rig {
+        m: NatMappings,
+        sessions: RefCell<Vec<Endpoint>>,
+    }
+
+    impl Rig {
+        fn alloc(&mut self, proto: u8, range: RangeInclusive<u16>, ep: Endpoint) -> Option<u16> {
+            let sessions = &self.sessions;
+            let got = self
+                .m
+                .allocate(a(), proto, range, ep, |h| sessions.borrow()[h as usize])?;
+            if let Allocated::Opened(p) = got {
+                let h = sessions.borrow().len() as u32;
+                sessions.borrow_mut().push(ep);
+                self.m.set_head(&binding(p, proto), h);
+            }
+            Some(got.port())
+        }
+
+        fn port_of(&self, proto: u8, ep: Endpoint) -> Option<u16> {
+            let sessions = &self.sessions;
+            self.m
+                .port_of(a(), proto, &ep, |h| sessions.borrow()[h as usize])
+        }
+    }
+
     #[test]
     fn allocate_preserves_the_internal_port_when_free() {
-        let mut p = NatMappings::default();
-        assert_eq!(
-            p.allocate(a(), 6, 1024..=65535, inside(2, 40000)),
-            Some(40000)
-        );
-        assert_ne!(
-            p.allocate(a(), 6, 1024..=65535, inside(3, 40000)),
-            Some(40000)
-        );
+        let mut r = Rig::default();
+        assert_eq!(r.alloc(6, 1024..=65535, inside(2, 40000)), Some(40000));
+        assert_ne!(r.alloc(6, 1024..=65535, inside(3, 40000)), Some(40000));
     }
 
     #[test]
-    fn one_endpoint_keeps_its_port_for_every_session_and_frees_it_with_the_last() {
-        let mut p = NatMappings::default();
-        // Another host holds 5000 first, so host 2 is remapped ...
-        assert_eq!(
-            p.allocate(a(), 17, 1024..=65535, inside(3, 5000)),
-            Some(5000)
-        );
-        let port = p.allocate(a(), 17, 1024..=65535, inside(2, 5000)).unwrap();
+    fn a_remapped_endpoint_is_found_again_and_forgotten_when_closed() {
+        let mut r = Rig::default();
+        assert_eq!(r.alloc(17, 1024..=65535, inside(3, 5000)), Some(5000));
+        let port = r.alloc(17, 1024..=65535, inside(2, 5000)).unwrap();
         assert_ne!(port, 5000);
-        // ... and keeps that remapped port for its next sessions.
-        for _ in 0..3 {
-            assert_eq!(
-                p.allocate(a(), 17, 1024..=65535, inside(2, 5000)),
-                Some(port)
-            );
-        }
-        let m = p.get(&binding(port, 17)).unwrap();
-        assert_eq!((m.internal, m.sessions), (inside(2, 5000), 4));
-        assert_eq!((p.reserved(), p.references()), (2, 5));
-        for left in (0..4).rev() {
-            assert!(p.release(binding(port, 17)));
-            assert_eq!(
-                p.get(&binding(port, 17)).map(|m| m.sessions),
-                (left > 0).then_some(left)
-            );
-        }
-        assert_eq!(p.port_of(a(), 17, &inside(2, 5000)), None);
-        assert_eq!((p.reserved(), p.references()), (1, 1));
-        p.verify().unwrap();
+        assert_eq!(r.alloc(17, 1024..=65535, inside(2, 5000)), Some(port));
+        assert_eq!(r.port_of(17, inside(2, 5000)), Some(port));
+        assert_eq!((r.m.reserved(), r.m.indexed()), (2, 2));
+        assert!(r.m.close(binding(port, 17), &inside(2, 5000)));
+        assert_eq!(r.port_of(17, inside(2, 5000)), None);
+        assert_eq!(r.port_of(17, inside(3, 5000)), Some(5000));
+        assert_eq!((r.m.reserved(), r.m.indexed()), (1, 1));
+        assert!(!r.m.close(binding(port, 17), &inside(2, 5000)));
     }
 
     #[test]
-    fn a_mapping_outside_the_rules_range_is_not_reused() {
-        let mut p = NatMappings::default();
-        assert_eq!(p.allocate(a(), 17, 100..=200, inside(2, 150)), Some(150));
-        // The same endpoint under a rule with another range: a port of that
-        // range is needed, and the endpoint already has one here, so none.
-        assert_eq!(p.allocate(a(), 17, 300..=400, inside(2, 150)), None);
+    fn a_mapping_outside_the_rules_range_is_not_reused_nor_doubled() {
+        let mut r = Rig::default();
+        assert_eq!(r.alloc(17, 100..=200, inside(2, 150)), Some(150));
+        assert_eq!(r.alloc(17, 300..=400, inside(2, 150)), None);
+        assert_eq!(r.m.reserved(), 1);
     }
 
     #[test]
     fn allocate_exhausts_small_range_then_refuses() {
-        let mut p = NatMappings::default();
-        let ports: Vec<u16> = (1..=4)
-            .map(|h| p.allocate(a(), 17, 100..=103, inside(h, 9)).unwrap())
+        let mut r = Rig::default();
+        let mut ports: Vec<u16> = (1..=4)
+            .map(|h| r.alloc(17, 100..=103, inside(h, 9)).unwrap())
             .collect();
-        let mut sorted = ports.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, vec![100, 101, 102, 103]);
-        assert_eq!(p.allocate(a(), 17, 100..=103, inside(5, 9)), None);
-        assert!(p.release(binding(102, 17)));
-        assert_eq!(p.allocate(a(), 17, 100..=103, inside(5, 9)), Some(102));
+        ports.sort_unstable();
+        assert_eq!(ports, vec![100, 101, 102, 103]);
+        assert_eq!(r.alloc(17, 100..=103, inside(5, 9)), None);
+        let holder = r.sessions.borrow()[2];
+        let port = r.port_of(17, holder).unwrap();
+        assert!(r.m.close(binding(port, 17), &holder));
+        assert_eq!(r.alloc(17, 100..=103, inside(5, 9)), Some(port));
     }
 
     #[test]
     fn protocols_have_separate_port_spaces() {
-        let mut p = NatMappings::default();
-        assert_eq!(p.allocate(a(), 6, 5000..=5000, inside(2, 1)), Some(5000));
-        assert_eq!(p.allocate(a(), 17, 5000..=5000, inside(2, 1)), Some(5000));
-        assert_eq!(p.allocate(a(), 6, 5000..=5000, inside(3, 1)), None);
+        let mut r = Rig::default();
+        assert_eq!(r.alloc(6, 5000..=5000, inside(2, 1)), Some(5000));
+        assert_eq!(r.alloc(17, 5000..=5000, inside(2, 1)), Some(5000));
+        assert_eq!(r.alloc(6, 5000..=5000, inside(3, 1)), None);
     }
 
     #[test]
     fn scan_crosses_word_boundaries_and_range_end() {
-        let mut p = NatMappings::default();
+        let mut r = Rig::default();
         for h in 60..=70 {
-            assert!(p.allocate(a(), 6, 60..=70, inside(h, 1)).is_some());
+            assert!(r.alloc(6, 60..=70, inside(h, 1)).is_some());
         }
-        assert_eq!(p.allocate(a(), 6, 60..=70, inside(99, 1)), None);
-        assert_eq!(p.reserved(), 11);
+        assert_eq!(r.alloc(6, 60..=70, inside(99, 1)), None);
+        assert_eq!(r.m.reserved(), 11);
     }
 
     #[test]
     fn take_joins_the_same_endpoint_and_refuses_another() {
-        let mut p = NatMappings::default();
-        assert_eq!(p.take(binding(7000, 17), inside(2, 7000)), Ok(()));
-        assert_eq!(p.take(binding(7000, 17), inside(2, 7000)), Ok(()));
+        let mut r = Rig::default();
+        r.alloc(17, 7000..=7000, inside(2, 7000));
+        let sessions = &r.sessions;
+        let of = |h: u32| sessions.borrow()[h as usize];
         assert_eq!(
-            p.take(binding(7000, 17), inside(3, 7000)),
-            Err(HeldByOther(inside(2, 7000)))
+            r.m.take(binding(7000, 17), inside(2, 7000), of),
+            Ok(Allocated::Joined(7000))
         );
+        assert_eq!(r.m.take(binding(7000, 17), inside(3, 7000), of), Err(Taken));
         // One endpoint, one mapping per address and protocol.
+        assert_eq!(r.m.take(binding(7001, 17), inside(2, 7000), of), Err(Taken));
         assert_eq!(
-            p.take(binding(7001, 17), inside(2, 7000)),
-            Err(HeldByOther(inside(2, 7000)))
+            r.m.take(binding(7001, 17), inside(4, 1), of),
+            Ok(Allocated::Opened(7001))
         );
-        assert_eq!(p.get(&binding(7000, 17)).unwrap().sessions, 2);
-        assert_eq!(p.references(), 2);
-        p.verify().unwrap();
-    }
-
-    #[test]
-    fn release_of_unreserved_binding_reports_false() {
-        let mut p = NatMappings::default();
-        assert!(!p.release(binding(1, 6)));
-        assert_eq!(p.references(), 0);
     }
 }
