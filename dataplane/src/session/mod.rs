@@ -45,7 +45,7 @@ pub use shared::{
 
 use index::{HandleIndex, Tag};
 pub use ports::{Endpoint, Mapping};
-use ports::{Allocated, NIL, NatMappings, endpoint_tag};
+use ports::{Allocated, NIL, NatMappings, SOLE, endpoint_tag};
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
 use segvec::SegVec;
@@ -498,7 +498,9 @@ impl SessionTable {
         self.slab.clear();
     }
 
-    fn empty(cfg: TableConfig) -> SessionTable {
+    fn empty(mut cfg: TableConfig) -> SessionTable {
+        // Handles stay below the head slots' SOLE flag.
+        cfg.capacity = cfg.capacity.min(SOLE as usize - 1);
         SessionTable {
             slab: Slab::new(),
             slot_addr: SlotAddr::new(),
@@ -594,19 +596,18 @@ impl SessionTable {
     /// this translated source endpoint.
     #[inline]
     pub fn lookup_nat_binding(&self, b: &NatBinding) -> Option<SessionHandle> {
-        Some(self.mappings.head(b))
-            .filter(|&h| h != NIL)
-            .map(SessionHandle)
+        self.nat_mapping(b).map(|m| SessionHandle(m.head))
     }
 
     /// The live mapping of a public (address, port, protocol): its
     /// internal endpoint and newest session.
     #[inline]
     pub fn nat_mapping(&self, b: &NatBinding) -> Option<Mapping> {
-        let head = self.mappings.head(b);
-        (head != NIL).then(|| Mapping {
-            internal: self.endpoint_of(head),
-            head,
+        let raw = self.mappings.head(b);
+        (raw != NIL).then(|| Mapping {
+            internal: self.endpoint_of(raw & !SOLE),
+            head: raw & !SOLE,
+            sole: raw & SOLE != 0,
         })
     }
 
@@ -631,8 +632,11 @@ impl SessionTable {
 
     /// The sessions of a mapping, newest first.
     pub fn mapping_sessions(&self, m: &Mapping) -> impl Iterator<Item = SessionHandle> + '_ {
-        std::iter::successors(Some(m.head).filter(|&h| h != NIL), |&h| {
-            Some(self.mapping_links[h as usize][1]).filter(|&n| n != NIL)
+        let sole = m.sole;
+        std::iter::successors(Some(m.head).filter(|&h| h != NIL), move |&h| {
+            (!sole)
+                .then(|| self.mapping_links[h as usize][1])
+                .filter(|&n| n != NIL)
         })
         .map(SessionHandle)
     }
@@ -772,8 +776,6 @@ impl SessionTable {
         self.refresh_slot_addr();
         self.fwd.reserve(additional);
         self.rev.reserve(additional);
-        self.mapping_links
-            .reserve((self.slab.len() + additional).saturating_sub(self.mapping_links.len()));
     }
 
     /// Starts loading the index slots `apply_peer_upsert(s)` will probe.
@@ -913,7 +915,7 @@ impl SessionTable {
         rec.rg_slot = members.len() as u32;
         let due = self.wheel.due_tick_for(now, rec.expires_at());
         rec.wheel_due = due;
-        let (key, owner_rg) = (rec.key, rec.owner_rg);
+        let owner_rg = rec.owner_rg;
         let h = self.slab.insert(rec);
         self.slot_addr.update(&self.slab, h);
         let h = h as u32;
@@ -923,26 +925,38 @@ impl SessionTable {
             self.link_mapping(h, &b);
         }
         self.rgs.entry(owner_rg).or_default().push(h);
-        self.enqueue(h, key, due);
+        self.enqueue(h, due);
         SessionHandle(h)
     }
 
     /// Puts session `h` at the head of its mapping's session list.
     fn link_mapping(&mut self, h: u32, b: &NatBinding) {
-        let head = self.mappings.head(b);
-        if self.mapping_links.len() <= h as usize {
-            self.mapping_links.resize(h as usize + 1, [NIL, NIL]);
+        let raw = self.mappings.head(b);
+        if raw == NIL {
+            self.mappings.set_head(b, h | SOLE);
+            return;
+        }
+        let head = raw & !SOLE;
+        let need = h.max(head) as usize + 1;
+        if self.mapping_links.len() < need {
+            self.mapping_links.resize(need, [NIL, NIL]);
+        }
+        if raw & SOLE != 0 {
+            self.mapping_links[head as usize] = [NIL, NIL];
         }
         self.mapping_links[h as usize] = [NIL, head];
-        if head != NIL {
-            self.mapping_links[head as usize][0] = h;
-        }
+        self.mapping_links[head as usize][0] = h;
         self.mappings.set_head(b, h);
     }
 
     /// Takes session `h` out of its mapping's session list, closing the
     /// mapping with its last session.
     fn unlink_mapping(&mut self, h: u32, b: &NatBinding) {
+        if self.mappings.head(b) == h | SOLE {
+            let internal = self.endpoint_of(h);
+            self.mappings.close(*b, &internal);
+            return;
+        }
         let [prev, next] = self.mapping_links[h as usize];
         if prev == NIL && next == NIL {
             let internal = self.endpoint_of(h);
@@ -985,15 +999,14 @@ impl SessionTable {
         let r = &self.slab[h as usize];
         let due = self.wheel.due_tick_for(now, r.expires_at());
         if due < r.wheel_due {
-            let key = r.key;
             self.dequeue(h);
-            self.enqueue(h, key, due);
+            self.enqueue(h, due);
         }
     }
 
     /// Queues session `h`'s one wheel entry and records where it is.
-    fn enqueue(&mut self, h: u32, key: SessionKey, due: u32) {
-        let pos = self.wheel.push(key, h, due);
+    fn enqueue(&mut self, h: u32, due: u32) {
+        let pos = self.wheel.push(h, due);
         let r = &mut self.slab[h as usize];
         r.wheel_due = due;
         r.wheel_pos = pos;
@@ -1027,7 +1040,7 @@ impl SessionTable {
     fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
         let r = &self.slab[h as usize];
         let (owner_rg, rg_slot) = (r.owner_rg, r.rg_slot);
-        let probes = self.start_removal_loads(h, r);
+        let probes = self.start_removal_loads(r);
         if let Some(b) = probes.nat {
             self.unlink_mapping(h, &b);
         }
@@ -1042,14 +1055,13 @@ impl SessionTable {
     /// Starts every load that removing `r` will wait for (index slots, RG
     /// list slot and the record moved into it, wheel entry) so the misses
     /// overlap; returns the index tags it computed.
-    fn start_removal_loads(&self, h: u32, r: &SessionRecord) -> Probes {
+    fn start_removal_loads(&self, r: &SessionRecord) -> Probes {
         let probes = Probes::of(&r.key, &r.reverse);
         self.fwd.prefetch_run(probes.fwd);
         self.rev.prefetch_run(probes.rev);
         if let (Some(b), Some(tag)) = (probes.nat, probes.endpoint) {
             self.mappings.prefetch_endpoint(tag);
             self.mappings.prefetch_head(&b);
-            prefetch(self.mapping_links.get(h as usize));
         }
         if let Some(m) = self.rgs.get(&r.owner_rg) {
             prefetch(m.get(r.rg_slot as usize));
@@ -1069,7 +1081,7 @@ impl SessionTable {
     /// the record, so prefetch it first ([`SessionTable::prefetch_record`]).
     pub fn prefetch_for_remove(&self, h: SessionHandle) {
         if let Some(r) = self.slab.get(h.0 as usize) {
-            self.start_removal_loads(h.0, r);
+            self.start_removal_loads(r);
         }
     }
 
@@ -1180,7 +1192,7 @@ impl SessionTable {
         let live = self
             .slab
             .get(h as usize)
-            .is_some_and(|r| r.key == e.key && r.wheel_due == e.due && r.wheel_pos == pos);
+            .is_some_and(|r| r.wheel_due == e.due && r.wheel_pos == pos);
         if !live {
             // Entries leave the wheel with their session; this is a broken
             // invariant, not a case to handle.
@@ -1207,7 +1219,7 @@ impl SessionTable {
         } else {
             self.wheel.due_tick_for(now, r.expires_at())
         };
-        self.enqueue(h, e.key, due);
+        self.enqueue(h, due);
         false
     }
 
@@ -1669,7 +1681,7 @@ impl SessionTable {
         }
         for (h, r) in self.slab.iter() {
             let at = self.wheel.at(r.wheel_due, r.wheel_pos);
-            if at.is_none_or(|e| e.key != r.key || e.handle != h as u32) {
+            if at.is_none_or(|e| e.handle != h as u32) {
                 return Err(format!("session {h} is not at its wheel entry"));
             }
         }
@@ -1696,19 +1708,20 @@ impl SessionTable {
                 per_binding.len()
             ));
         }
-        for (b, head) in self.mappings.iter() {
+        for (b, raw) in self.mappings.iter() {
             let want = per_binding.get(&b).copied().unwrap_or(0);
-            if head == NIL || !self.slab.contains(head as usize) {
+            if raw == NIL || !self.slab.contains((raw & !SOLE) as usize) {
                 return Err(format!("{b:?}: mapping without a session"));
             }
-            let internal = self.endpoint_of(head);
+            let m = self.nat_mapping(&b).expect("head checked");
+            let internal = m.internal;
             let mut listed = 0u32;
             let mut prev = NIL;
-            for h in self.mapping_sessions(&Mapping { internal, head }) {
+            for h in self.mapping_sessions(&m) {
                 let r = self.slab.get(h.0 as usize);
                 if r.and_then(|r| nat_companion(&r.key, &r.reverse)) != Some(b)
                     || r.map(|r| internal_endpoint(&r.key)) != Some(internal)
-                    || self.mapping_links[h.0 as usize][0] != prev
+                    || (!m.sole && self.mapping_links[h.0 as usize][0] != prev)
                 {
                     return Err(format!("{b:?}: session list holds {} wrongly", h.0));
                 }

@@ -26,6 +26,9 @@ use std::ops::RangeInclusive;
 const WORDS: usize = 65536 / 64;
 /// No session (the end of a mapping's session list).
 pub const NIL: u32 = u32::MAX;
+/// Flag on a head slot: the mapping has this one session, whose list
+/// links were never written (most mappings: no link traffic for them).
+pub const SOLE: u32 = 1 << 31;
 
 /// The inside end of a mapping: a session's original source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -41,6 +44,8 @@ pub struct Mapping {
     pub internal: Endpoint,
     /// The newest of its sessions (head of the session list).
     pub(super) head: u32,
+    /// `head` is its only session (and has no links).
+    pub(super) sole: bool,
 }
 
 /// The binding is another endpoint's, or the endpoint has another port on
@@ -248,13 +253,14 @@ impl NatMappings {
                 let port = p as u16;
                 map.is_set(port) && {
                     let h = map.heads[usize::from(port)];
-                    h != NIL && endpoint_of(h) == *internal
+                    h != NIL && endpoint_of(h & !SOLE) == *internal
                 }
             })
             .map(|p| p as u16)
     }
 
-    /// The newest session of `b`'s mapping ([`NIL`] if none).
+    /// The newest session of `b`'s mapping, with [`SOLE`] when it is the
+    /// only one ([`NIL`] if none).
     pub fn head(&self, b: &NatBinding) -> u32 {
         self.maps
             .get(&(b.addr, b.proto))
@@ -287,8 +293,8 @@ impl NatMappings {
         self.by_endpoint.len()
     }
 
-    /// Every mapped binding and its newest session (O(ports); for the
-    /// self check).
+    /// Every mapped binding and its head slot (O(ports); for the self
+    /// check).
     pub fn iter(&self) -> impl Iterator<Item = (NatBinding, u32)> + '_ {
         self.maps.iter().flat_map(|(&(addr, proto), m)| {
             (0..=u16::MAX)

@@ -1,8 +1,10 @@
 //! Expiry timer wheel: exactly one entry per session, removed with it.
 //!
-//! An entry names its session by key *and* handle: the handle finds the
-//! record without an index probe, the key is checked before anything is
-//! done to it (a slot is reused after removal). Each record stores where
+//! An entry names its session by handle (8 bytes with its due tick: no
+//! copy of the key, whose check guarded slot reuse when entries outlived
+//! their sessions; now the record's own `wheel_due`/`wheel_pos` naming the
+//! entry is the check, and `verify_invariants` proves the wheel 1:1).
+//! Each record stores where
 //! its entry is (`wheel_due` picks the bucket, `wheel_pos` the position),
 //! so removing a session removes its entry at once (swap-remove; the
 //! caller re-points the entry moved into the hole). The wheel's memory is
@@ -13,7 +15,6 @@
 //! Touching a session only moves `last_seen`; its entry re-buckets itself
 //! when it pops early. A shorter timeout moves the entry earlier.
 
-use super::key::SessionKey;
 use super::record::Millis;
 use super::segvec::SegVec;
 
@@ -23,7 +24,6 @@ pub(super) const NOT_QUEUED: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct WheelEntry {
-    pub key: SessionKey,
     pub handle: u32,
     pub due: u32,
 }
@@ -79,10 +79,10 @@ impl Wheel {
     }
 
     /// Queues an entry; returns its position in its bucket.
-    pub fn push(&mut self, key: SessionKey, handle: u32, due: u32) -> u32 {
+    pub fn push(&mut self, handle: u32, due: u32) -> u32 {
         let idx = self.bucket_of(due);
         let b = &mut self.buckets[idx];
-        b.push(WheelEntry { key, handle, due });
+        b.push(WheelEntry { handle, due });
         self.entries += 1;
         u32::try_from(b.len() - 1).expect("a bucket holds fewer than 2^32 entries")
     }
