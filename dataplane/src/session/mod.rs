@@ -44,8 +44,8 @@ pub use shared::{
 };
 
 use index::{HandleIndex, Tag};
-pub use ports::{Endpoint, Mapping};
 use ports::{Allocated, NIL, NatMappings, SOLE, endpoint_tag};
+pub use ports::{Endpoint, Mapping};
 use record::snat_binding_of;
 use rustc_hash::{FxHashMap, FxHashSet};
 use segvec::SegVec;
@@ -621,8 +621,9 @@ impl SessionTable {
     /// The public port `internal` is mapped to on (`addr`, `proto`).
     pub fn mapped_port(&self, addr: Addr, proto: u8, internal: &Endpoint) -> Option<u16> {
         let slab = &self.slab;
-        self.mappings
-            .port_of(addr, proto, internal, |h| internal_endpoint(&slab[h as usize].key))
+        self.mappings.port_of(addr, proto, internal, |h| {
+            internal_endpoint(&slab[h as usize].key)
+        })
     }
 
     /// The internal endpoint of session `h`'s mapping.
@@ -790,8 +791,9 @@ impl SessionTable {
     fn start_insert_loads(&self, p: &Probes) {
         self.fwd.prefetch_run(p.fwd);
         self.rev.prefetch_run(p.rev);
-        if let Some(tag) = p.endpoint {
+        if let (Some(b), Some(tag)) = (p.nat, p.endpoint) {
             self.mappings.prefetch_endpoint(tag);
+            self.mappings.prefetch_head(&b);
         }
     }
 
@@ -838,9 +840,17 @@ impl SessionTable {
         if self.slab.len() >= self.cfg.capacity {
             return Err(InsertError::Capacity);
         }
-        // The port reservation is the only side effect before commit; every
-        // failure after it releases it. It comes first so that all three
-        // index probes can be started together and their misses overlap.
+        // The mapping is the only side effect before commit; every failure
+        // after it closes a mapping it opened. It comes first because the
+        // reverse key depends on its port; the forward probe and the
+        // endpoint-index probe it makes are started together so their
+        // misses overlap.
+        self.fwd.prefetch_run(Tag::of(&s.key));
+        if let Some(req) = &s.snat {
+            let internal = internal_endpoint(&s.key);
+            self.mappings
+                .prefetch_endpoint(endpoint_tag(&internal, req.addr, s.key.proto));
+        }
         let mut reserved = None;
         let snat = match &s.snat {
             None => None,
@@ -931,9 +941,12 @@ impl SessionTable {
 
     /// Puts session `h` at the head of its mapping's session list.
     fn link_mapping(&mut self, h: u32, b: &NatBinding) {
-        let raw = self.mappings.head(b);
+        let Some(slot) = self.mappings.head_slot(b) else {
+            return;
+        };
+        let raw = std::mem::replace(slot, h);
         if raw == NIL {
-            self.mappings.set_head(b, h | SOLE);
+            *slot = h | SOLE;
             return;
         }
         let head = raw & !SOLE;
@@ -946,7 +959,6 @@ impl SessionTable {
         }
         self.mapping_links[h as usize] = [NIL, head];
         self.mapping_links[head as usize][0] = h;
-        self.mappings.set_head(b, h);
     }
 
     /// Takes session `h` out of its mapping's session list, closing the
@@ -1364,7 +1376,8 @@ impl SessionTable {
             let other_port = mine
                 .filter(|&p| p != b.port)
                 .map(|port| NatBinding { port, ..b });
-            let other_endpoint = (mine != Some(b.port) && self.mappings.is_reserved(b)).then_some(b);
+            let other_endpoint =
+                (mine != Some(b.port) && self.mappings.is_reserved(b)).then_some(b);
             let stale = [other_endpoint, other_port]
                 .into_iter()
                 .flatten()

@@ -93,6 +93,12 @@ impl PortMap {
         }
     }
 
+    fn open(&mut self, port: u16) {
+        self.bits[usize::from(port >> 6)] |= 1 << (port & 63);
+        self.in_use += 1;
+        self.heads[usize::from(port)] = NIL;
+    }
+
     fn is_set(&self, port: u16) -> bool {
         self.bits[usize::from(port >> 6)] & (1 << (port & 63)) != 0
     }
@@ -120,6 +126,27 @@ impl PortMap {
         }
         None
     }
+}
+
+/// `internal`'s port in `map`, found through the endpoint index. A mapping
+/// whose first session is still being inserted (head NIL) is the caller's
+/// own: it is never looked up meanwhile.
+fn find_port(
+    index: &HandleIndex,
+    map: &PortMap,
+    tag: Tag,
+    internal: &Endpoint,
+    endpoint_of: impl Fn(u32) -> Endpoint,
+) -> Option<u16> {
+    index
+        .find(tag, |p| {
+            let port = p as u16;
+            map.is_set(port) && {
+                let h = map.heads[usize::from(port)];
+                h != NIL && endpoint_of(h & !SOLE) == *internal
+            }
+        })
+        .map(|p| p as u16)
 }
 
 /// Mappings for every source-NAT address the table has seen. Methods that
@@ -173,19 +200,25 @@ impl NatMappings {
         internal: Endpoint,
         endpoint_of: impl Fn(u32) -> Endpoint,
     ) -> Option<Allocated> {
-        if let Some(port) = self.port_of(addr, proto, &internal, &endpoint_of) {
+        let tag = endpoint_tag(&internal, addr, proto);
+        let map = self.maps.entry((addr, proto)).or_insert_with(PortMap::new);
+        // The head slot a new mapping will write: the preserved port's,
+        // else usually the scan's first (the cursor).
+        super::prefetch(map.heads.get(usize::from(internal.port)));
+        super::prefetch(map.heads.get(usize::from(map.cursor)));
+        if let Some(port) = find_port(&self.by_endpoint, map, tag, &internal, &endpoint_of) {
             // One endpoint, one mapping per address: a rule whose range
             // excludes the live one cannot give it a second.
             return range.contains(&port).then_some(Allocated::Joined(port));
         }
-        let map = self.maps.entry((addr, proto)).or_insert_with(PortMap::new);
         let port = if range.contains(&internal.port) && !map.is_set(internal.port) {
             internal.port
         } else {
             map.find_free(&range)?
         };
         map.cursor = port.wrapping_add(1);
-        self.open(NatBinding { addr, port, proto }, &internal);
+        map.open(port);
+        self.by_endpoint.insert(tag, u32::from(port));
         Some(Allocated::Opened(port))
     }
 
@@ -209,13 +242,10 @@ impl NatMappings {
     }
 
     fn open(&mut self, b: NatBinding, internal: &Endpoint) {
-        let map = self
-            .maps
+        self.maps
             .entry((b.addr, b.proto))
-            .or_insert_with(PortMap::new);
-        map.bits[usize::from(b.port >> 6)] |= 1 << (b.port & 63);
-        map.in_use += 1;
-        map.heads[usize::from(b.port)] = NIL;
+            .or_insert_with(PortMap::new)
+            .open(b.port);
         self.by_endpoint
             .insert(endpoint_tag(internal, b.addr, b.proto), u32::from(b.port));
     }
@@ -246,17 +276,13 @@ impl NatMappings {
         endpoint_of: impl Fn(u32) -> Endpoint,
     ) -> Option<u16> {
         let map = self.maps.get(&(addr, proto))?;
-        // A mapping whose first session is still being inserted (head
-        // NIL) is the caller's own: it cannot be looked up meanwhile.
-        self.by_endpoint
-            .find(endpoint_tag(internal, addr, proto), |p| {
-                let port = p as u16;
-                map.is_set(port) && {
-                    let h = map.heads[usize::from(port)];
-                    h != NIL && endpoint_of(h & !SOLE) == *internal
-                }
-            })
-            .map(|p| p as u16)
+        find_port(
+            &self.by_endpoint,
+            map,
+            endpoint_tag(internal, addr, proto),
+            internal,
+            endpoint_of,
+        )
     }
 
     /// The newest session of `b`'s mapping, with [`SOLE`] when it is the
@@ -266,6 +292,14 @@ impl NatMappings {
             .get(&(b.addr, b.proto))
             .filter(|m| m.is_set(b.port))
             .map_or(NIL, |m| m.heads[usize::from(b.port)])
+    }
+
+    /// The head slot of `b`'s mapping, if it has one.
+    pub fn head_slot(&mut self, b: &NatBinding) -> Option<&mut u32> {
+        self.maps
+            .get_mut(&(b.addr, b.proto))
+            .filter(|m| m.is_set(b.port))
+            .map(|m| &mut m.heads[usize::from(b.port)])
     }
 
     /// Sets the newest session of `b`'s mapping; no-op without one.
