@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod config;
 pub mod core;
 pub mod delta;
+pub mod events;
 pub mod fabric_hook;
 pub mod frag;
 pub mod frames;
