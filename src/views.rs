@@ -161,6 +161,7 @@ pub fn statistics(node: &Node) -> Value {
             "refused_ports_exhausted": table.refused_ports_exhausted,
             "refused_local_owned": table.refused_local_owned,
             "evicted_by_peer": table.evicted_by_peer,
+            "close_events_dropped": table.close_events_dropped,
         },
         "dataplane": dataplane,
         "io": io,

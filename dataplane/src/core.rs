@@ -25,11 +25,12 @@
 //! driver runs it again with exclusive access.
 
 use crate::config::{Compiled, Iface, NatFiltering, Snat};
+use crate::events::{EventKind, FlowEvent};
 use crate::frag::{DatagramKey, Fate, FragError, FragTable};
 use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
 use crate::session::{
-    Addr, Direction, InsertError, InterfaceId, Mapping, Millis, NatBinding, NewSession,
+    Addr, Direction, InsertError, InterfaceId, Mapping, Millis, NatBinding, NewSession, PolicyId,
     SessionHandle, SessionKey, SessionTable, SnatRequest, TcpState, TcpTrack, proto,
 };
 use crate::tcp;
@@ -406,10 +407,13 @@ pub struct Effects {
     /// Frames for the peer over the fabric (released early fragments;
     /// bounded by [`OUTBOX_LIMIT`]).
     pub fabric: Vec<(FabricOut, Vec<u8>)>,
+    /// Security events (at most one per frame).
+    pub events: Vec<FlowEvent>,
 }
 
 impl Effects {
     pub fn clear(&mut self) {
+        self.events.clear();
         self.deltas.clear();
         self.learned.clear();
         self.frames.clear();
@@ -1292,12 +1296,35 @@ impl Core {
             None
         };
         let policy = cfg.policy(ifc.zone, out.zone, &key.src, &dst, key.proto, dport);
+        let deny = |policy| FlowEvent {
+            kind: EventKind::PolicyDeny,
+            reason: None,
+            session_id: 0,
+            key,
+            reverse: SessionKey {
+                src: dst,
+                src_port: dport,
+                dst: key.src,
+                dst_port: key.src_port,
+                proto: key.proto,
+                zone: out.zone,
+            },
+            policy,
+            ingress_if: ifc.id,
+            egress_if: out.id,
+            owner_rg: owner,
+            counters: Default::default(),
+            created: now,
+            at: now,
+        };
         let Some(policy) = policy else {
+            cx.fx.events.push(deny(PolicyId(0)));
             return Ok(self.drop(DropReason::NoPolicy));
         };
         let hits = &self.stats.policy_hits[(policy.id.0 - 1) as usize];
         if !policy.permit {
             bump(hits, 1);
+            cx.fx.events.push(deny(policy.id));
             return Ok(self.drop(DropReason::PolicyDeny));
         }
         if let Some(v) = self.mtu_check(f, ip, ifc, out.id, cx) {
@@ -1345,15 +1372,18 @@ impl Core {
                 TcpState::None
             },
         };
-        let inserted = t
-            .insert(new, now)
-            .map(|h| (h, t.get(h).expect("inserted").nat()));
-        let (handle, nat) = match inserted {
+        let inserted = t.insert(new, now).map(|h| {
+            let r = t.get(h).expect("inserted");
+            let created = FlowEvent::of_session(EventKind::SessionCreate, r, now);
+            (h, r.nat(), created)
+        });
+        let (handle, nat, created) = match inserted {
             Ok(x) => x,
             Err(InsertError::PortsExhausted) => return Ok(self.drop(DropReason::PortsExhausted)),
             Err(_) => return Ok(self.drop(DropReason::SessionRefused)),
         };
         bump(&self.stats.sessions_created, 1);
+        cx.fx.events.push(created);
         if owner.is_data() {
             cx.fx.deltas.push((owner, key));
         }
@@ -1455,6 +1485,11 @@ impl Core {
         };
         bump(&self.stats.sessions_created, 1);
         bump(&self.stats.nat_filter_admitted, 1);
+        if let Some(r) = t.get(handle) {
+            cx.fx
+                .events
+                .push(FlowEvent::of_session(EventKind::SessionCreate, r, now));
+        }
         if owner.is_data() {
             cx.fx.deltas.push((owner, inner));
         }

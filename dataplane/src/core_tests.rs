@@ -144,12 +144,10 @@ fn node(
     deltas: crate::delta::DeltaProducer,
 ) -> Node {
     Node {
-        w: Worker::new(Arc::new(Shared::new(
-            Arc::new(compiled),
-            table,
-            roles,
-            deltas,
-        ))),
+        w: Worker::new(Arc::new(Shared {
+            events: Some(crate::events::EventHub::new(Default::default())),
+            ..Shared::new(Arc::new(compiled), table, roles, deltas)
+        })),
     }
 }
 
@@ -192,6 +190,14 @@ impl Node {
     }
     fn flow_key(&self, f: &[u8], ingress: InterfaceId) -> Option<SessionKey> {
         self.w.core().flow_key(f, ingress)
+    }
+    /// Security events the worker queued so far.
+    fn events(&self) -> Vec<crate::events::FlowEvent> {
+        let mut out = Vec::new();
+        if let Some(hub) = &self.w.shared().events {
+            hub.drain(&mut out);
+        }
+        out
     }
 }
 
@@ -1186,3 +1192,6 @@ mod tcp_tracking;
 
 #[path = "core_nat_tests.rs"]
 mod nat_behaviour;
+
+#[path = "core_event_tests.rs"]
+mod events;

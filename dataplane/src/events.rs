@@ -17,8 +17,8 @@
 //! carries the id the old primary's create did.
 
 use crate::session::{
-    FlowCounters, InterfaceId, Millis, PolicyId, RemoveReason, SessionKey, SessionRecord,
-    TcpState, ZoneId,
+    FlowCounters, InterfaceId, Millis, Nat, PolicyId, RemoveReason, SessionKey, SessionRecord,
+    TcpState, ZoneId, nat_of,
 };
 use rustc_hash::FxHashMap;
 use std::hash::BuildHasher;
@@ -137,6 +137,20 @@ pub fn session_id(key: &SessionKey) -> u64 {
 }
 
 impl FlowEvent {
+    /// The translation, derived from the two keys as for a session.
+    pub fn nat(&self) -> Nat {
+        nat_of(&self.key, &self.reverse)
+    }
+
+    /// Session length: first packet to the last one seen (closes), 0 for
+    /// creates and denies.
+    pub fn elapsed_ms(&self) -> u64 {
+        match self.kind {
+            EventKind::SessionClose => self.at.0.saturating_sub(self.created.0),
+            _ => 0,
+        }
+    }
+
     /// The create or close event of a session.
     pub fn of_session(kind: EventKind, r: &SessionRecord, at: Millis) -> FlowEvent {
         FlowEvent {
@@ -289,7 +303,10 @@ impl EventHub {
     /// A new worker's producer, with a queue of [`EVENT_QUEUE`] events.
     pub fn producer(&self) -> EventProducer {
         let (tx, rx) = sync_channel(EVENT_QUEUE);
-        self.queues.lock().unwrap_or_else(|e| e.into_inner()).push(rx);
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(rx);
         EventProducer {
             tx,
             stats: self.stats.clone(),
@@ -303,11 +320,13 @@ impl EventHub {
     /// dropped once empty).
     pub fn drain(&self, out: &mut Vec<FlowEvent>) {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        queues.retain(|rx| loop {
-            match rx.try_recv() {
-                Ok(e) => out.push(e),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break true,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => break false,
+        queues.retain(|rx| {
+            loop {
+                match rx.try_recv() {
+                    Ok(e) => out.push(e),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break true,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break false,
+                }
             }
         });
     }
@@ -460,22 +479,37 @@ mod tests {
             p.offer(event(EventKind::SessionCreate, 1, 1));
         }
         let s = hub.stats.clone();
-        assert_eq!(s.dropped(EventKind::SessionCreate, EventDrop::QueueFull), 10);
+        assert_eq!(
+            s.dropped(EventKind::SessionCreate, EventDrop::QueueFull),
+            10
+        );
         drop(hub);
         p.offer(event(EventKind::SessionCreate, 1, 2));
-        assert_eq!(s.dropped(EventKind::SessionCreate, EventDrop::NoCollector), 1);
+        assert_eq!(
+            s.dropped(EventKind::SessionCreate, EventDrop::NoCollector),
+            1
+        );
     }
 
     #[test]
     fn close_reasons_follow_how_the_session_ended() {
         use RemoveReason as R;
-        assert_eq!(CloseReason::of(R::Expired, TcpState::TimeWait), Some(CloseReason::TcpFin));
-        assert_eq!(CloseReason::of(R::Expired, TcpState::Closed), Some(CloseReason::TcpRst));
+        assert_eq!(
+            CloseReason::of(R::Expired, TcpState::TimeWait),
+            Some(CloseReason::TcpFin)
+        );
+        assert_eq!(
+            CloseReason::of(R::Expired, TcpState::Closed),
+            Some(CloseReason::TcpRst)
+        );
         assert_eq!(
             CloseReason::of(R::Expired, TcpState::Established),
             Some(CloseReason::IdleTimeout)
         );
-        assert_eq!(CloseReason::of(R::Reconciled, TcpState::None), Some(CloseReason::Reconcile));
+        assert_eq!(
+            CloseReason::of(R::Reconciled, TcpState::None),
+            Some(CloseReason::Reconcile)
+        );
         assert_eq!(CloseReason::of(R::PeerDelete, TcpState::None), None);
         assert_eq!(CloseReason::of(R::Replaced, TcpState::None), None);
         let _ = Addr::default();
@@ -487,6 +521,9 @@ mod tests {
         let b = event(EventKind::SessionClose, 1, 99);
         assert_eq!(a.session_id, b.session_id);
         assert_ne!(a.session_id, 0);
-        assert_ne!(a.session_id, event(EventKind::SessionCreate, 2, 1).session_id);
+        assert_ne!(
+            a.session_id,
+            event(EventKind::SessionCreate, 2, 1).session_id
+        );
     }
 }

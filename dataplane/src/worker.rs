@@ -23,6 +23,7 @@ use crate::core::{
     TableView, Verdict, bump,
 };
 use crate::delta::DeltaProducer;
+use crate::events::{EventHub, EventProducer};
 use crate::icmp::TokenBucket;
 use crate::packet::Mac;
 use crate::session::{
@@ -98,6 +99,9 @@ pub struct Shared {
     pub deltas: DeltaProducer,
     /// The node's ICMP rate limit.
     pub icmp: Arc<TokenBucket>,
+    /// Where security events go (`None`: logging off, the core's events
+    /// are discarded).
+    pub events: Option<Arc<EventHub>>,
 }
 
 impl Shared {
@@ -116,6 +120,7 @@ impl Shared {
             roles,
             neighbors: Arc::default(),
             deltas,
+            events: None,
         }
     }
 }
@@ -188,6 +193,8 @@ struct BurstState {
     /// Frames the core released for the peer (early fragments whose first
     /// went to the fabric); at most [`OUTBOX_LIMIT`].
     fabric_outbox: Vec<(FabricOut, Vec<u8>)>,
+    /// This worker's event queue and limits.
+    events: Option<EventProducer>,
     prefetch: bool,
 }
 
@@ -200,6 +207,7 @@ impl Worker {
                 keys: Vec::with_capacity(PREFETCH_MAX),
                 outbox: Vec::new(),
                 fabric_outbox: Vec::new(),
+                events: shared.events.as_ref().map(|hub| hub.producer()),
                 prefetch: true,
             },
             shared,
@@ -380,6 +388,10 @@ impl BurstState {
         }
         if !self.fx.learned.is_empty() {
             shared.neighbors.learn(&self.fx.learned);
+        }
+        match &mut self.events {
+            Some(p) => self.fx.events.drain(..).for_each(|e| p.offer(e)),
+            None => self.fx.events.clear(),
         }
         self.take_frames();
     }

@@ -37,12 +37,13 @@ mod tests;
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
 pub use record::{
     Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
-    TcpState, TcpTrack, Timeouts, reverse_key,
+    TcpState, TcpTrack, Timeouts, nat_of, reverse_key,
 };
 pub use shared::{
     SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
 };
 
+use crate::events::{CloseReason, EventKind, FlowEvent};
 use index::{HandleIndex, Tag};
 use ports::{Allocated, NIL, NatMappings, SOLE, endpoint_tag};
 pub use ports::{Endpoint, Mapping};
@@ -259,6 +260,8 @@ pub struct TableCounters {
     pub refused_invalid: u64,
     pub refused_conflict: u64,
     pub refused_ports_exhausted: u64,
+    /// Close events not logged: the close log was full.
+    pub close_events_dropped: u64,
     pub refused_local_owned: u64,
     /// Peer-synced sessions evicted because a newer peer session claimed
     /// their reverse key or NAT binding.
@@ -361,6 +364,10 @@ pub struct SessionTable {
     /// filtering) without an index entry per session.
     mapping_links: Vec<[u32; 2]>,
     wheel: Wheel,
+    /// Close events of sessions this node logs (see [`crate::events`]),
+    /// at most [`CLOSE_LOG`], drained by the event collector; `None`:
+    /// logging is off.
+    closes: Option<Vec<FlowEvent>>,
     /// The wheel tick an interrupted expiry pass is in, and how many of its
     /// bucket's entries (a prefix) are still to examine.
     expiring: Option<(u64, usize)>,
@@ -378,6 +385,10 @@ const REV_KEY_SPAN: (usize, usize) = (
     offset_of!(SessionRecord, tcp_state),
     offset_of!(SessionRecord, reverse) + size_of::<SessionKey>(),
 );
+
+/// Close events the table holds for the collector before it drops and
+/// counts them (`close_events_dropped`): 8,192 × 200 bytes.
+pub const CLOSE_LOG: usize = 8192;
 
 /// Members a walk (export, reconcile) takes and prefetches at a time.
 const WALK_BATCH: usize = 32;
@@ -510,6 +521,7 @@ impl SessionTable {
             primary_rgs: FxHashSet::default(),
             mappings: NatMappings::default(),
             mapping_links: Vec::new(),
+            closes: None,
             wheel: Wheel::new(cfg.wheel_buckets, cfg.wheel_tick_ms),
             expiring: None,
             _written_below: LineOf(()),
@@ -1050,6 +1062,7 @@ impl SessionTable {
     /// forward entry, RG membership, then the slot. Nothing between the
     /// first and last step can observe a partial session (`&mut self`).
     fn remove_handle(&mut self, h: u32, reason: RemoveReason) -> SessionRecord {
+        self.log_close(h, reason);
         let r = &self.slab[h as usize];
         let (owner_rg, rg_slot) = (r.owner_rg, r.rg_slot);
         let probes = self.start_removal_loads(r);
@@ -1062,6 +1075,44 @@ impl SessionTable {
         self.dequeue(h);
         self.counters.removed[reason as usize] += 1;
         self.slab.remove(h as usize)
+    }
+
+    /// Records the close event of session `h` if this node logs it: it is
+    /// authoritative here (the RG's primary, which created or took it
+    /// over), or a completed bulk removed it.
+    fn log_close(&mut self, h: u32, removal: RemoveReason) {
+        let Some(closes) = &self.closes else {
+            return;
+        };
+        let r = &self.slab[h as usize];
+        let Some(reason) = CloseReason::of(removal, r.tcp_state) else {
+            return;
+        };
+        if reason != CloseReason::Reconcile && !self.is_authoritative(r) {
+            return;
+        }
+        if closes.len() >= CLOSE_LOG {
+            self.counters.close_events_dropped += 1;
+            return;
+        }
+        let at = r.last_seen();
+        let mut e = FlowEvent::of_session(EventKind::SessionClose, r, at);
+        e.reason = Some(reason);
+        if let Some(c) = &mut self.closes {
+            c.push(e);
+        }
+    }
+
+    /// Turns the close log on or off (off drops what it holds).
+    pub fn set_close_log(&mut self, on: bool) {
+        self.closes = on.then(Vec::new);
+    }
+
+    /// Moves the logged close events into `out`.
+    pub fn drain_closes(&mut self, out: &mut Vec<FlowEvent>) {
+        if let Some(c) = &mut self.closes {
+            out.append(c);
+        }
     }
 
     /// Starts every load that removing `r` will wait for (index slots, RG

@@ -448,7 +448,7 @@ impl SessionRecord {
     }
 }
 
-pub(super) fn nat_of(key: &SessionKey, reverse: &SessionKey) -> Nat {
+pub fn nat_of(key: &SessionKey, reverse: &SessionKey) -> Nat {
     let snat = (reverse.dst != key.src || reverse.dst_port != key.src_port)
         .then_some((reverse.dst, reverse.dst_port));
     let dnat = (reverse.src != key.dst || reverse.src_port != key.dst_port)
