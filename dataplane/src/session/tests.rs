@@ -1176,3 +1176,71 @@ fn peer_upsert_refuses_a_mapping_a_local_session_holds_for_another_endpoint() {
     assert_eq!(rx.counters().refused_conflict, 1);
     ok(&rx);
 }
+
+#[test]
+fn only_the_rgs_primary_logs_a_close_and_a_reconcile_logs_its_own() {
+    use crate::events::{CloseReason, EventKind, session_id};
+    let mut tx = SessionTable::default();
+    let mut rx = SessionTable::default();
+    rx.set_close_log(true);
+    let synced: Vec<SyncedSession> = (0..3u32)
+        .map(|i| {
+            let h = t_insert(&mut tx, plain_session::<V4>(RG1, i, 30000 + i as u16));
+            let s = tx.get(h).unwrap().to_synced(now());
+            rx.apply_peer_upsert(&s, now(), None).unwrap();
+            s
+        })
+        .collect();
+    let mut closes = Vec::new();
+    // The primary's delete of its session: the primary logged the close.
+    assert_eq!(rx.apply_peer_delete(&synced[0].key), Ok(true));
+    rx.drain_closes(&mut closes);
+    assert!(closes.is_empty(), "{closes:?}");
+    // A bulk without session 1 removes it here: logged, as a reconcile.
+    let seen: FxHashSet<SessionKey> = [synced[2].key].into_iter().collect();
+    assert_eq!(rx.reconcile_rg_keys(RG1, &seen).deleted, 1);
+    rx.drain_closes(&mut closes);
+    assert_eq!(closes.len(), 1);
+    assert_eq!(
+        (closes[0].kind, closes[0].reason, closes[0].session_id),
+        (
+            EventKind::SessionClose,
+            Some(CloseReason::Reconcile),
+            session_id(&synced[1].key)
+        )
+    );
+    // After a failover this node is the primary: session 2's expiry is
+    // its close to log (with the id the old primary's create carried).
+    closes.clear();
+    rx.promote_rg(RG1);
+    let late = Millis(now().0 + 3_600_000);
+    assert_eq!(rx.expire(late, |_| {}), 1);
+    rx.drain_closes(&mut closes);
+    assert_eq!(closes.len(), 1);
+    assert_eq!(closes[0].reason, Some(CloseReason::IdleTimeout));
+    assert_eq!(closes[0].session_id, session_id(&synced[2].key));
+    ok(&rx);
+}
+
+#[test]
+fn a_full_close_log_drops_and_counts() {
+    let mut t = SessionTable::default();
+    t.set_close_log(true);
+    t.promote_rg(RG1);
+    let n = CLOSE_LOG + 5;
+    let hs: Vec<SessionHandle> = (0..n as u32)
+        .map(|i| {
+            t_insert(
+                &mut t,
+                plain_session::<V4>(RG1, i, 1000 + (i % 60000) as u16),
+            )
+        })
+        .collect();
+    for h in hs {
+        t.remove(h, RemoveReason::Closed).unwrap();
+    }
+    assert_eq!(t.counters().close_events_dropped, 5);
+    let mut closes = Vec::new();
+    t.drain_closes(&mut closes);
+    assert_eq!(closes.len(), CLOSE_LOG);
+}
