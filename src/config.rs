@@ -24,7 +24,99 @@ pub struct NodeConfig {
     pub witness: Option<WitnessSection>,
     #[serde(default)]
     pub sessions: SessionSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
     pub dataplane: DataplaneConfig,
+}
+
+/// The security log: syslog collectors, a local file, and the event
+/// limits (per ingress zone, per worker; see `tandem_dataplane::events`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    pub syslog: Vec<SyslogSection>,
+    pub file: Option<LogFileSection>,
+    /// Session creates (and closes) per second per zone, and burst.
+    pub session_rate: u32,
+    pub session_burst: u32,
+    /// Denies per second per zone, burst, and per second over all zones.
+    pub deny_rate: u32,
+    pub deny_burst: u32,
+    pub deny_total_rate: u32,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        let r = tandem_dataplane::events::EventRates::default();
+        LoggingSection {
+            syslog: Vec::new(),
+            file: None,
+            session_rate: r.session_rate,
+            session_burst: r.session_burst,
+            deny_rate: r.deny_rate,
+            deny_burst: r.deny_burst,
+            deny_total_rate: r.deny_total_rate,
+        }
+    }
+}
+
+impl LoggingSection {
+    pub fn rates(&self) -> tandem_dataplane::events::EventRates {
+        tandem_dataplane::events::EventRates {
+            session_rate: self.session_rate,
+            session_burst: self.session_burst,
+            deny_rate: self.deny_rate,
+            deny_burst: self.deny_burst,
+            deny_total_rate: self.deny_total_rate,
+        }
+    }
+}
+
+/// One syslog collector.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSection {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub transport: SyslogTransport,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyslogTransport {
+    #[default]
+    Udp,
+    Tcp,
+}
+
+/// RFC 5424 with the fields as structured data, or plain text only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Structured,
+    Text,
+}
+
+/// A JSON-lines file, rotated at `max_bytes` keeping `keep` old files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFileSection {
+    pub path: PathBuf,
+    #[serde(default = "default_log_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_log_keep")]
+    pub keep: u32,
+}
+
+fn default_log_max_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_log_keep() -> u32 {
+    4
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

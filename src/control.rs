@@ -120,6 +120,7 @@ async fn handle(mut s: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         },
         Some(Cmd::Sessions(q)) => return export_sessions(&mut s, &node, q).await,
         Some(Cmd::Dataplane(d)) => dataplane_command(&node, d.action()).await,
+        Some(Cmd::SecurityLog(_)) => Ok(views::security_log(&node).to_string()),
         None => Err("empty request".into()),
     };
     match result {

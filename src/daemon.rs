@@ -13,6 +13,7 @@
 use crate::config::NodeConfig;
 use crate::control;
 use crate::fabric::{self, FabricPort};
+use crate::logging::{self, SecurityLog};
 use crate::views;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use tandem_cluster::witness::WitnessConfig;
 use tandem_dataplane::afxdp::FabricHook;
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
+use tandem_dataplane::events::EventHub;
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::os;
 use tandem_dataplane::session::{
@@ -60,6 +62,9 @@ pub struct Node {
     pub fabric_ports: Vec<FabricPort>,
     pub fabric_map: Arc<ArcSwap<FabricMap>>,
     pub fabric_stats: Arc<FabricStats>,
+    /// Where workers' security events go (kept across dataplane restarts).
+    pub events: Arc<EventHub>,
+    pub security_log: Arc<SecurityLog>,
 }
 
 /// The dataplane as the daemon holds it: running or not, and why not.
@@ -175,6 +180,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     }));
     let (producer, consumers) = delta_queues(&cfg.rgs(), cfg.sessions.delta_queue);
     let (sync, cluster) = start_cluster(&cfg, table.clone(), consumers, clock.clone()).await?;
+    tandem_dataplane::session::lock(&table).set_close_log(true);
+    let events = EventHub::new(cfg.logging.rates());
+    let collector = logging::Collector::new(&cfg.logging, cfg.logging.rates());
     let node = Arc::new(Node {
         compiled: compiled.clone(),
         table: table.clone(),
@@ -188,8 +196,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), String> {
         fabric_ports: fabric_ports(&cfg, &compiled),
         fabric_map: Arc::default(),
         fabric_stats: Arc::default(),
+        events,
+        security_log: collector.log.clone(),
         cfg,
     });
+    tokio::spawn(logging::run(node.clone(), collector));
     if let Err(e) = start_dataplane(&node) {
         error!(error = %e, "dataplane not started: this node is ineligible for its RGs");
     }
@@ -356,6 +367,7 @@ pub fn start_dataplane(node: &Arc<Node>) -> Result<(), String> {
         .collect();
     let shared = Arc::new(Shared {
         neighbors: node.neighbors.clone(),
+        events: Some(node.events.clone()),
         ..Shared::new(
             Arc::new(compiled),
             node.table.clone(),

@@ -21,6 +21,7 @@ mod control;
 mod daemon;
 mod fabric;
 mod lab;
+mod logging;
 mod views;
 
 use serde_json::Value;
@@ -37,6 +38,7 @@ const USAGE: &str = "usage:
   tandem config check FILE
   tandem show chassis cluster status|statistics|interfaces|information [--json] [--socket PATH]
   tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
+  tandem show security log [--json] [--socket PATH]
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.to_string()),
         },
         ["show", "chassis", "cluster", what] => rt.block_on(show_cluster(&opts, what)),
+        ["show", "security", "log"] => rt.block_on(show_security_log(&opts)),
         ["show", "security", "flow", "session", rest @ ..] => {
             rt.block_on(show_sessions(&opts, rest))
         }
@@ -184,6 +187,44 @@ async fn one(opts: &Opts, r: pb::ControlRequest) -> Result<Value, String> {
     let mut out = String::new();
     control::request(&opts.socket, r, |j| out.push_str(j)).await?;
     serde_json::from_str(&out).map_err(|e| format!("bad reply: {e}"))
+}
+
+/// The daemon's recent security events: JSON, or one line each.
+async fn show_security_log(opts: &Opts) -> Result<(), String> {
+    let v = one(
+        opts,
+        req(pb::control_request::Cmd::SecurityLog(pb::Empty {})),
+    )
+    .await?;
+    if opts.json {
+        println!("{v}");
+        return Ok(());
+    }
+    for e in v.as_array().into_iter().flatten() {
+        let get = |k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or("-");
+        println!(
+            "{} {} {}/{} -> {}/{} nat {}/{} -> {}/{} {} {} -> {} session {}{}",
+            get("time"),
+            get("event"),
+            get("source-address"),
+            get("source-port"),
+            get("destination-address"),
+            get("destination-port"),
+            get("nat-source-address"),
+            get("nat-source-port"),
+            get("nat-destination-address"),
+            get("nat-destination-port"),
+            get("policy-name"),
+            get("source-zone-name"),
+            get("destination-zone-name"),
+            get("session-id"),
+            e.get("reason")
+                .and_then(|x| x.as_str())
+                .map(|r| format!(" reason {r}"))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
 }
 
 async fn show_cluster(opts: &Opts, what: &str) -> Result<(), String> {

@@ -168,6 +168,7 @@ pub fn statistics(node: &Node) -> Value {
         "workers": per_worker,
         "xdp": xdp,
         "fabric": node.fabric_stats.snapshot(),
+        "events": events(&node),
     })
 }
 
@@ -491,4 +492,43 @@ pub async fn metrics(node: &Node) -> String {
         );
     }
     m
+}
+
+/// Security-event counters: per kind produced, queued and dropped by
+/// reason; per output sent and dropped.
+fn events(node: &Node) -> Value {
+    use tandem_dataplane::events::{EventDrop, EventKind};
+    let stats = &node.events.stats;
+    let kinds: serde_json::Map<String, Value> = EventKind::ALL
+        .iter()
+        .map(|&k| {
+            let (produced, queued) = stats.count(k);
+            let dropped: serde_json::Map<String, Value> = EventDrop::ALL
+                .iter()
+                .map(|&d| (d.as_str().to_string(), json!(stats.dropped(k, d))))
+                .collect();
+            (
+                k.as_str().to_string(),
+                json!({"produced": produced, "queued": queued, "dropped": dropped}),
+            )
+        })
+        .collect();
+    let outputs: Vec<Value> = node
+        .security_log
+        .outputs
+        .iter()
+        .map(|(name, s)| {
+            json!({
+                "output": name,
+                "sent": s.sent.load(Ordering::Relaxed),
+                "dropped": s.dropped.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json!({"kinds": kinds, "outputs": outputs})
+}
+
+/// `show security log`: the newest events, oldest first.
+pub fn security_log(node: &Node) -> Value {
+    Value::Array(node.security_log.recent())
 }

@@ -288,7 +288,7 @@ impl EventStats {
 pub struct EventHub {
     queues: Mutex<Vec<Receiver<FlowEvent>>>,
     pub stats: Arc<EventStats>,
-    rates: EventRates,
+    pub rates: EventRates,
 }
 
 impl EventHub {
@@ -310,9 +310,7 @@ impl EventHub {
         EventProducer {
             tx,
             stats: self.stats.clone(),
-            rates: self.rates,
-            limits: FxHashMap::default(),
-            deny_total: Gcra::new(),
+            limiter: EventLimiter::new(self.rates),
         }
     }
 
@@ -332,21 +330,26 @@ impl EventHub {
     }
 }
 
-/// A worker's end: rate limits, then its bounded queue; never blocks.
-pub struct EventProducer {
-    tx: SyncSender<FlowEvent>,
-    stats: Arc<EventStats>,
+/// The limits of one producer: a GCRA per (kind, ingress zone), and one
+/// total that denies must also pass (so creates and closes never compete
+/// with a deny storm for it). Bounded: kinds × configured zones.
+pub struct EventLimiter {
     rates: EventRates,
     limits: FxHashMap<(EventKind, ZoneId), Gcra>,
     deny_total: Gcra,
 }
 
-impl EventProducer {
-    /// Offers `e` (ingress zone: `e.key.zone`); what is not queued is
-    /// counted by reason.
-    pub fn offer(&mut self, e: FlowEvent) {
-        let k = e.kind as usize;
-        self.stats.produced[k].fetch_add(1, Ordering::Relaxed);
+impl EventLimiter {
+    pub fn new(rates: EventRates) -> EventLimiter {
+        EventLimiter {
+            rates,
+            limits: FxHashMap::default(),
+            deny_total: Gcra::new(),
+        }
+    }
+
+    /// Whether `e` (ingress zone: `e.key.zone`, time: `e.at`) conforms.
+    pub fn allow(&mut self, e: &FlowEvent) -> bool {
         let now_us = e.at.0.saturating_mul(1000);
         let r = self.rates;
         let (rate, burst) = match e.kind {
@@ -358,12 +361,27 @@ impl EventProducer {
             .entry((e.kind, e.key.zone))
             .or_default()
             .allow(now_us, rate, burst);
-        let ok = zone_ok
+        zone_ok
             && (e.kind != EventKind::PolicyDeny
                 || self
                     .deny_total
-                    .allow(now_us, r.deny_total_rate, r.deny_burst));
-        if !ok {
+                    .allow(now_us, r.deny_total_rate, r.deny_burst))
+    }
+}
+
+/// A worker's end: rate limits, then its bounded queue; never blocks.
+pub struct EventProducer {
+    tx: SyncSender<FlowEvent>,
+    stats: Arc<EventStats>,
+    limiter: EventLimiter,
+}
+
+impl EventProducer {
+    /// Offers `e`; what is not queued is counted by reason.
+    pub fn offer(&mut self, e: FlowEvent) {
+        let k = e.kind as usize;
+        self.stats.produced[k].fetch_add(1, Ordering::Relaxed);
+        if !self.limiter.allow(&e) {
             self.stats.drop_one(e.kind, EventDrop::RateLimited);
             return;
         }

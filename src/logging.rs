@@ -1,0 +1,554 @@
+//! The security log: collects the dataplane's flow events (workers' queues
+//! and the table's close log), names them from the configuration, and
+//! sends them to every configured output — RFC 5424 syslog over UDP or
+//! TCP (octet-counted framing), structured or plain text, and a local
+//! JSON-lines file with size-based rotation — and keeps the newest
+//! [`RING`] for `show security log`.
+//!
+//! Bounds: a TCP collector has a queue of [`TCP_QUEUE`] messages (full:
+//! dropped and counted) and reconnects with backoff from 100 ms to 5 s;
+//! UDP sends never wait (a failed send is counted); the file rotates at
+//! `max_bytes` keeping `keep` old files. Closes pass the same per-zone
+//! limits as the workers' events, in the collector.
+
+use crate::config::{LogFormat, LoggingSection, SyslogSection, SyslogTransport};
+use crate::daemon::Node;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tandem_dataplane::config::Compiled;
+use tandem_dataplane::events::{EventDrop, EventKind, EventLimiter, EventStats, FlowEvent};
+use tandem_dataplane::session::{self, SessionKey};
+use tandem_proto::RoleMap;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// Recent events kept for `show security log`.
+pub const RING: usize = 1024;
+/// Messages a TCP collector's sender queues while (re)connecting.
+pub const TCP_QUEUE: usize = 4096;
+/// How often the collector drains the queues.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Per-output counters.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    pub sent: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// What the log keeps for the operator: recent events and counters.
+#[derive(Default)]
+pub struct SecurityLog {
+    pub ring: Mutex<VecDeque<Value>>,
+    pub outputs: Vec<(String, Arc<OutputStats>)>,
+}
+
+impl SecurityLog {
+    pub fn recent(&self) -> Vec<Value> {
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The Junos RT_FLOW field names, in their order, with their values.
+pub fn fields(
+    e: &FlowEvent,
+    cfg: &Compiled,
+    roles: &RoleMap,
+    node: u8,
+) -> Vec<(&'static str, String)> {
+    let nat = e.nat();
+    let (nsa, nsp) = nat.snat.unwrap_or((e.key.src, e.key.src_port));
+    let (nda, ndp) = nat.dnat.unwrap_or((e.key.dst, e.key.dst_port));
+    let policy = match e.policy.0 {
+        0 => "default-deny".to_string(),
+        n => cfg
+            .policies
+            .get(n as usize - 1)
+            .map_or_else(|| format!("policy-{n}"), |p| p.name.clone()),
+    };
+    let iface = |id| cfg.iface(id).map_or("?", |i| i.name.as_str()).to_string();
+    let epoch = roles.get(&e.owner_rg).map_or(0, |r| r.epoch.0);
+    let mut f = vec![
+        ("source-address", e.key.src.to_string()),
+        ("source-port", e.key.src_port.to_string()),
+        ("destination-address", e.key.dst.to_string()),
+        ("destination-port", e.key.dst_port.to_string()),
+        ("protocol-id", e.key.proto.to_string()),
+        ("nat-source-address", nsa.to_string()),
+        ("nat-source-port", nsp.to_string()),
+        ("nat-destination-address", nda.to_string()),
+        ("nat-destination-port", ndp.to_string()),
+        ("policy-name", policy),
+        ("source-zone-name", cfg.zone_name(e.key.zone).to_string()),
+        (
+            "destination-zone-name",
+            cfg.zone_name(e.reverse.zone).to_string(),
+        ),
+        ("session-id", e.session_id.to_string()),
+        ("packet-incoming-interface", iface(e.ingress_if)),
+    ];
+    if e.kind == EventKind::SessionClose {
+        let c = e.counters;
+        f.extend([
+            (
+                "reason",
+                e.reason.map_or("unknown", |r| r.as_str()).to_string(),
+            ),
+            ("packets-from-client", c.fwd_packets.to_string()),
+            ("bytes-from-client", c.fwd_bytes.to_string()),
+            ("packets-from-server", c.rev_packets.to_string()),
+            ("bytes-from-server", c.rev_bytes.to_string()),
+            ("elapsed-time", (e.elapsed_ms() / 1000).to_string()),
+        ]);
+    }
+    f.extend([
+        ("node", format!("node{node}")),
+        ("redundancy-group", e.owner_rg.0.to_string()),
+        ("epoch", epoch.to_string()),
+    ]);
+    f
+}
+
+fn endpoint(a: impl std::fmt::Display, p: u16) -> String {
+    format!("{a}/{p}")
+}
+
+/// The human sentence of an event (the plain-text form, and the MSG part
+/// of the structured one).
+pub fn text(e: &FlowEvent, f: &[(&'static str, String)]) -> String {
+    let get = |k: &str| {
+        f.iter()
+            .find(|(n, _)| *n == k)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let flow = |k: &SessionKey| endpoint(k.src, k.src_port) + "->" + &endpoint(k.dst, k.dst_port);
+    let nat = format!(
+        "{}->{}",
+        endpoint(
+            get("nat-source-address"),
+            get("nat-source-port").parse().unwrap_or(0)
+        ),
+        endpoint(
+            get("nat-destination-address"),
+            get("nat-destination-port").parse().unwrap_or(0)
+        )
+    );
+    let head = match e.kind {
+        EventKind::SessionCreate => "session created".to_string(),
+        EventKind::SessionClose => format!("session closed {}:", get("reason")),
+        EventKind::PolicyDeny => "session denied".to_string(),
+    };
+    let mut s = format!(
+        "{head} {} {nat} protocol {} policy {} {}->{} session {} on {}",
+        flow(&e.key),
+        get("protocol-id"),
+        get("policy-name"),
+        get("source-zone-name"),
+        get("destination-zone-name"),
+        get("session-id"),
+        get("packet-incoming-interface"),
+    );
+    if e.kind == EventKind::SessionClose {
+        s += &format!(
+            " {}({}) {}({}) {}s",
+            get("packets-from-client"),
+            get("bytes-from-client"),
+            get("packets-from-server"),
+            get("bytes-from-server"),
+            get("elapsed-time"),
+        );
+    }
+    s + &format!(" {} rg {}", get("node"), get("redundancy-group"))
+}
+
+/// RFC 5424 PARAM-VALUE escaping: `"`, `\` and `]`.
+fn sd_escape(v: &str) -> String {
+    let mut o = String::with_capacity(v.len());
+    for c in v.chars() {
+        if matches!(c, '"' | '\\' | ']') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+/// The private SD-ID of Tandem's events (32473 is the enterprise number
+/// RFC 5612 reserves for documentation: no vendor's is claimed).
+pub const SD_ID: &str = "tandem@32473";
+
+/// One RFC 5424 message (facility user, severity info; deny: notice).
+pub fn rfc5424(
+    e: &FlowEvent,
+    f: &[(&'static str, String)],
+    format: LogFormat,
+    host: &str,
+    wall_ms: u64,
+) -> String {
+    let pri = match e.kind {
+        EventKind::PolicyDeny => 8 + 5,
+        _ => 8 + 6,
+    };
+    let sd = match format {
+        LogFormat::Structured => {
+            let params: Vec<String> = f
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", sd_escape(v)))
+                .collect();
+            format!("[{SD_ID} {}]", params.join(" "))
+        }
+        LogFormat::Text => "-".to_string(),
+    };
+    format!(
+        "<{pri}>1 {} {host} tandem {} {} {sd} {}",
+        rfc3339(wall_ms),
+        std::process::id(),
+        e.kind.msgid(),
+        text(e, f)
+    )
+}
+
+/// The JSON form (file, ring, `show security log --json`).
+pub fn to_json(e: &FlowEvent, f: &[(&'static str, String)], wall_ms: u64) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("time".into(), json!(rfc3339(wall_ms)));
+    m.insert("event".into(), json!(e.kind.msgid()));
+    for (k, v) in f {
+        m.insert((*k).into(), json!(v));
+    }
+    Value::Object(m)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in ms (days to civil date,
+/// proleptic Gregorian).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A JSON-lines file that rotates at `max_bytes`, keeping `keep` old ones
+/// (`path.1` newest).
+pub struct RotatingFile {
+    path: std::path::PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+impl RotatingFile {
+    pub fn new(path: std::path::PathBuf, max_bytes: u64, keep: u32) -> RotatingFile {
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        RotatingFile {
+            path,
+            max_bytes,
+            keep,
+            file: None,
+            size,
+        }
+    }
+
+    pub fn write_line(&mut self, line: &str) -> std::io::Result<()> {
+        if self.size > 0 && self.size + line.len() as u64 + 1 > self.max_bytes {
+            self.rotate()?;
+        }
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            self.file = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let f = self.file.as_mut().expect("opened");
+        f.write_all(line.as_bytes())?;
+        f.write_all(b"\n")?;
+        self.size += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        let name = |i: u32| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            std::path::PathBuf::from(p)
+        };
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(name(self.keep));
+            for i in (1..self.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            std::fs::rename(&self.path, name(1))?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+enum Sink {
+    Udp(UdpSocket, SocketAddr),
+    Tcp(mpsc::Sender<String>),
+}
+
+struct Output {
+    format: LogFormat,
+    sink: Sink,
+    stats: Arc<OutputStats>,
+}
+
+fn open_output(s: &SyslogSection) -> std::io::Result<Output> {
+    let stats = Arc::new(OutputStats::default());
+    let sink = match s.transport {
+        SyslogTransport::Udp => {
+            let bind: SocketAddr = if s.address.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let sock = UdpSocket::bind(bind)?;
+            sock.set_nonblocking(true)?;
+            Sink::Udp(sock, s.address)
+        }
+        SyslogTransport::Tcp => {
+            let (tx, rx) = mpsc::channel(TCP_QUEUE);
+            tokio::spawn(tcp_sender(s.address, rx, stats.clone()));
+            Sink::Tcp(tx)
+        }
+    };
+    Ok(Output {
+        format: s.format,
+        sink,
+        stats,
+    })
+}
+
+/// Sends queued messages to a TCP collector, octet-counted (RFC 6587
+/// 3.4.1), reconnecting with backoff; a message being written when the
+/// connection fails is counted as dropped.
+async fn tcp_sender(addr: SocketAddr, mut rx: mpsc::Receiver<String>, stats: Arc<OutputStats>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut pending: Option<String> = None;
+    loop {
+        let mut conn = match tokio::net::TcpStream::connect(addr).await {
+            Ok(c) => {
+                backoff = Duration::from_millis(100);
+                c
+            }
+            Err(e) => {
+                warn!(%addr, error = %e, "syslog collector unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let msg = match pending.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let framed = format!("{} {msg}", msg.len());
+            if let Err(e) = conn.write_all(framed.as_bytes()).await {
+                warn!(%addr, error = %e, "syslog collector connection lost");
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The collector: every [`TICK`], drains the workers' queues and the
+/// table's close log, then formats and sends.
+pub struct Collector {
+    outputs: Vec<Output>,
+    file: Option<RotatingFile>,
+    close_limits: EventLimiter,
+    host: String,
+    pub log: Arc<SecurityLog>,
+}
+
+impl Collector {
+    pub fn new(cfg: &LoggingSection, rates: tandem_dataplane::events::EventRates) -> Collector {
+        let mut outputs = Vec::new();
+        let mut names = Vec::new();
+        for s in &cfg.syslog {
+            match open_output(s) {
+                Ok(o) => {
+                    names.push((format!("{:?} {}", s.transport, s.address), o.stats.clone()));
+                    outputs.push(o);
+                }
+                Err(e) => warn!(address = %s.address, error = %e, "syslog output not opened"),
+            }
+        }
+        Collector {
+            outputs,
+            file: cfg
+                .file
+                .as_ref()
+                .map(|f| RotatingFile::new(f.path.clone(), f.max_bytes, f.keep)),
+            close_limits: EventLimiter::new(rates),
+            host: hostname(),
+            log: Arc::new(SecurityLog {
+                ring: Mutex::default(),
+                outputs: names,
+            }),
+        }
+    }
+
+    /// Formats and delivers `events` (closes are rate-limited here).
+    pub fn deliver(
+        &mut self,
+        events: &[FlowEvent],
+        cfg: &Compiled,
+        roles: &RoleMap,
+        node: u8,
+        stats: &EventStats,
+    ) {
+        let wall = wall_ms();
+        for e in events {
+            if e.kind == EventKind::SessionClose {
+                stats.produced[e.kind as usize].fetch_add(1, Ordering::Relaxed);
+                if !self.close_limits.allow(e) {
+                    stats.drop_one(e.kind, EventDrop::RateLimited);
+                    continue;
+                }
+                stats.queued[e.kind as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            let f = fields(e, cfg, roles, node);
+            for o in &self.outputs {
+                let msg = rfc5424(e, &f, o.format, &self.host, wall);
+                let ok = match &o.sink {
+                    Sink::Udp(sock, to) => sock.send_to(msg.as_bytes(), to).is_ok(),
+                    Sink::Tcp(tx) => tx.try_send(msg).is_ok(),
+                };
+                if !ok {
+                    o.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                } else if matches!(o.sink, Sink::Udp(..)) {
+                    o.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let j = to_json(e, &f, wall);
+            if let Some(file) = &mut self.file
+                && let Err(err) = file.write_line(&j.to_string())
+            {
+                warn!(error = %err, "security log file");
+            }
+            let mut ring = self.log.ring.lock().unwrap_or_else(|e| e.into_inner());
+            if ring.len() == RING {
+                ring.pop_front();
+            }
+            ring.push_back(j);
+        }
+    }
+}
+
+/// Runs the collector for a node until the process ends.
+pub async fn run(node: Arc<Node>, mut collector: Collector) {
+    let mut buf = Vec::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        buf.clear();
+        node.events.drain(&mut buf);
+        session::lock_between_bursts(&node.table).drain_closes(&mut buf);
+        if buf.is_empty() {
+            continue;
+        }
+        let roles = node.cluster.role_swap().load_full();
+        collector.deliver(
+            &buf,
+            &node.compiled,
+            &roles,
+            node.cfg.node.id,
+            &node.events.stats,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates_are_civil() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_796_256_000_000), "2026-12-03T00:00:00.000Z");
+    }
+
+    #[test]
+    fn structured_data_values_are_escaped() {
+        assert_eq!(sd_escape(r#"a"b\c]d"#), r#"a\"b\\c\]d"#);
+    }
+
+    #[test]
+    fn the_file_rotates_at_its_size_keeping_the_configured_count() {
+        let dir = std::env::temp_dir().join(format!("tandem-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("security.json");
+        let mut f = RotatingFile::new(path.clone(), 100, 2);
+        for i in 0..10 {
+            f.write_line(&format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(30)))
+                .unwrap();
+        }
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        assert!(len(&path) <= 100);
+        assert!(len(&dir.join("security.json.1")) > 0);
+        assert!(len(&dir.join("security.json.2")) > 0);
+        assert!(!dir.join("security.json.3").exists());
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.contains("\"n\":9"), "{last}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
