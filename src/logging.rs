@@ -519,6 +519,329 @@ pub async fn run(node: Arc<Node>, mut collector: Collector) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+    use std::process::{Child, Command, Stdio};
+    use tandem_dataplane::events::{CloseReason, EventRates};
+    use tandem_dataplane::session::{
+        Millis, NewSession, PolicyId, RemoveReason, SessionTable, SnatRequest, TcpState,
+    };
+    use tandem_proto::{Epoch, RgId, RgRole};
+
+    /// A real rsyslogd on loopback (UDP and TCP inputs) writing what it
+    /// received, one `MSGID [structured-data] MSG` line per message.
+    struct Rsyslog {
+        child: Child,
+        dir: std::path::PathBuf,
+        udp: u16,
+        tcp: u16,
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    impl Rsyslog {
+        fn start() -> Option<Rsyslog> {
+            if Command::new("sh")
+                .args(["-c", "command -v rsyslogd"])
+                .stdout(Stdio::null())
+                .status()
+                .map_or(true, |s| !s.success())
+            {
+                eprintln!(
+                    "SKIPPED: rsyslogd not installed (Debian package rsyslog; ./dev.sh installs it)"
+                );
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!("tandem-rsyslog-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let (udp, tcp) = (free_port(), free_port());
+            let conf = format!(
+                r#"global(workDirectory="{d}")
+module(load="imudp")
+module(load="imtcp")
+input(type="imudp" address="127.0.0.1" port="{udp}")
+input(type="imtcp" address="127.0.0.1" port="{tcp}")
+template(name="t" type="string" string="%inputname% %msgid% %structured-data% %msg%\n")
+*.* action(type="omfile" file="{d}/out.log" template="t")
+"#,
+                d = dir.display()
+            );
+            std::fs::write(dir.join("rsyslog.conf"), conf).unwrap();
+            let child = Command::new("rsyslogd")
+                .arg("-n")
+                .arg("-f")
+                .arg(dir.join("rsyslog.conf"))
+                .arg("-i")
+                .arg(dir.join("pid"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start rsyslogd");
+            // Ready once its TCP input accepts.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "rsyslogd did not listen"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(Rsyslog {
+                child,
+                dir,
+                udp,
+                tcp,
+            })
+        }
+
+        fn lines(&self) -> Vec<String> {
+            std::fs::read_to_string(self.dir.join("out.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    impl Drop for Rsyslog {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// `k="v"` pairs of a structured-data element, unescaped.
+    fn params(sd: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut rest = sd;
+        while let Some(eq) = rest.find("=\"") {
+            let key = rest[..eq].rsplit(' ').next().unwrap_or("").to_string();
+            let mut val = String::new();
+            let mut chars = rest[eq + 2..].char_indices();
+            let mut end = 0;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            val.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = eq + 2 + i + 1;
+                        break;
+                    }
+                    c => val.push(c),
+                }
+            }
+            out.push((key, val));
+            rest = &rest[end..];
+        }
+        out
+    }
+
+    fn sessions() -> (Compiled, Vec<FlowEvent>) {
+        let cfg = Compiled::new(&tandem_dataplane::testbed::sample_config()).unwrap();
+        let zone = |n: &str| {
+            tandem_dataplane::session::ZoneId(
+                cfg.zones.iter().position(|z| z == n).unwrap() as u16 + 1,
+            )
+        };
+        let (trust, untrust) = (zone("trust"), zone("untrust"));
+        let mut t = SessionTable::default();
+        t.promote_rg(RgId(1));
+        t.set_close_log(true);
+        let now = Millis(50_000);
+        let snat = t
+            .insert(
+                NewSession {
+                    key: SessionKey::new(
+                        Ipv4Addr::new(10, 1, 0, 10),
+                        40000,
+                        Ipv4Addr::new(192, 0, 2, 100),
+                        443,
+                        6,
+                        trust,
+                    ),
+                    egress_zone: untrust,
+                    snat: Some(SnatRequest {
+                        addr: Ipv4Addr::new(192, 0, 2, 1).into(),
+                        ports: 1024..=65535,
+                    }),
+                    dnat: None,
+                    ingress_if: tandem_dataplane::session::InterfaceId(0),
+                    egress_if: tandem_dataplane::session::InterfaceId(1),
+                    owner_rg: RgId(1),
+                    policy: PolicyId(1),
+                    tcp_state: TcpState::Established,
+                },
+                now,
+            )
+            .unwrap();
+        let dnat = t
+            .insert(
+                NewSession {
+                    key: SessionKey::new(
+                        Ipv4Addr::new(192, 0, 2, 200),
+                        5555,
+                        Ipv4Addr::new(192, 0, 2, 1),
+                        8080,
+                        6,
+                        untrust,
+                    ),
+                    egress_zone: trust,
+                    snat: None,
+                    dnat: Some((Ipv4Addr::new(10, 1, 0, 10).into(), 80)),
+                    ingress_if: tandem_dataplane::session::InterfaceId(1),
+                    egress_if: tandem_dataplane::session::InterfaceId(0),
+                    owner_rg: RgId(1),
+                    policy: PolicyId(2),
+                    tcp_state: TcpState::Established,
+                },
+                now,
+            )
+            .unwrap();
+        let mut events = vec![
+            FlowEvent::of_session(EventKind::SessionCreate, t.get(snat).unwrap(), now),
+            FlowEvent::of_session(EventKind::SessionCreate, t.get(dnat).unwrap(), now),
+        ];
+        // Traffic, then the SNAT session ends.
+        let later = Millis(now.0 + 7_000);
+        t.touch(
+            snat,
+            tandem_dataplane::session::Direction::Forward,
+            1200,
+            later,
+        );
+        t.touch(
+            snat,
+            tandem_dataplane::session::Direction::Reverse,
+            3400,
+            later,
+        );
+        t.remove(snat, RemoveReason::Closed).unwrap();
+        t.drain_closes(&mut events);
+        let mut deny = events[1];
+        deny.kind = EventKind::PolicyDeny;
+        deny.policy = PolicyId(0);
+        deny.session_id = 0;
+        deny.key.dst_port = 23;
+        deny.reverse.src_port = 23;
+        deny.reverse.src = deny.key.dst;
+        events.push(deny);
+        (cfg, events)
+    }
+
+    #[test]
+    fn rsyslog_receives_create_close_and_deny_with_their_fields_over_udp_and_tcp() {
+        let Some(rs) = Rsyslog::start() else {
+            return;
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (cfg, events) = sessions();
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[2].reason, Some(CloseReason::Cleared));
+        let logging = LoggingSection {
+            syslog: vec![
+                SyslogSection {
+                    address: SocketAddr::from(([127, 0, 0, 1], rs.udp)),
+                    transport: SyslogTransport::Udp,
+                    format: LogFormat::Structured,
+                },
+                SyslogSection {
+                    address: SocketAddr::from(([127, 0, 0, 1], rs.tcp)),
+                    transport: SyslogTransport::Tcp,
+                    format: LogFormat::Structured,
+                },
+            ],
+            ..LoggingSection::default()
+        };
+        let roles = RoleMap::from([(
+            RgId(1),
+            RgRole {
+                primary: true,
+                epoch: Epoch(7),
+            },
+        )]);
+        let stats = EventStats::default();
+        rt.block_on(async {
+            let mut c = Collector::new(&logging, EventRates::default());
+            c.deliver(&events, &cfg, &roles, 0, &stats);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while rs.lines().len() < 8 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let lines = rs.lines();
+        assert_eq!(lines.len(), 8, "{lines:#?}");
+        for input in ["imudp", "imtcp"] {
+            let got: Vec<(String, Vec<(String, String)>)> = lines
+                .iter()
+                .filter(|l| l.starts_with(input))
+                .map(|l| {
+                    let mut it = l.splitn(3, ' ');
+                    let _ = it.next();
+                    let msgid = it.next().unwrap().to_string();
+                    (msgid, params(it.next().unwrap()))
+                })
+                .collect();
+            let ids: Vec<&str> = got.iter().map(|(m, _)| m.as_str()).collect();
+            assert_eq!(
+                ids,
+                [
+                    "RT_FLOW_SESSION_CREATE",
+                    "RT_FLOW_SESSION_CREATE",
+                    "RT_FLOW_SESSION_CLOSE",
+                    "RT_FLOW_SESSION_DENY"
+                ],
+                "{input}"
+            );
+            let field = |i: usize, k: &str| {
+                got[i]
+                    .1
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_else(|| panic!("{input} event {i} has no {k}: {:?}", got[i].1))
+            };
+            // SNAT create.
+            assert_eq!(field(0, "source-address"), "10.1.0.10");
+            assert_eq!(field(0, "destination-address"), "192.0.2.100");
+            assert_eq!(field(0, "destination-port"), "443");
+            assert_eq!(field(0, "nat-source-address"), "192.0.2.1");
+            assert_eq!(field(0, "nat-source-port"), "40000");
+            assert_eq!(field(0, "nat-destination-address"), "192.0.2.100");
+            assert_eq!(field(0, "source-zone-name"), "trust");
+            assert_eq!(field(0, "destination-zone-name"), "untrust");
+            assert_eq!(field(0, "protocol-id"), "6");
+            assert_eq!(field(0, "node"), "node0");
+            assert_eq!(field(0, "redundancy-group"), "1");
+            assert_eq!(field(0, "epoch"), "7");
+            // DNAT create.
+            assert_eq!(field(1, "destination-address"), "192.0.2.1");
+            assert_eq!(field(1, "destination-port"), "8080");
+            assert_eq!(field(1, "nat-destination-address"), "10.1.0.10");
+            assert_eq!(field(1, "nat-destination-port"), "80");
+            assert_eq!(field(1, "nat-source-address"), "192.0.2.200");
+            // Close of the SNAT session, with its counters and id.
+            assert_eq!(field(2, "session-id"), field(0, "session-id"));
+            assert_eq!(field(2, "reason"), "cleared");
+            assert_eq!(field(2, "packets-from-client"), "1");
+            assert_eq!(field(2, "bytes-from-client"), "1200");
+            assert_eq!(field(2, "packets-from-server"), "1");
+            assert_eq!(field(2, "bytes-from-server"), "3400");
+            assert_eq!(field(2, "elapsed-time"), "7");
+            // The deny.
+            assert_eq!(field(3, "policy-name"), "default-deny");
+            assert_eq!(field(3, "destination-port"), "23");
+            assert_eq!(field(3, "source-zone-name"), "untrust");
+        }
+    }
 
     #[test]
     fn rfc3339_dates_are_civil() {

@@ -168,7 +168,7 @@ pub fn statistics(node: &Node) -> Value {
         "workers": per_worker,
         "xdp": xdp,
         "fabric": node.fabric_stats.snapshot(),
-        "events": events(&node),
+        "events": events(node),
     })
 }
 
