@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::core::{Arrival, Verdict};
+use tandem_dataplane::events::{EventHub, EventKind, EventRates};
 use tandem_dataplane::delta::delta_queues;
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::frames::{L4, build, fragments};
@@ -365,6 +366,86 @@ fn rate(w: &mut Worker, frames: &[Vec<u8>], seconds: f64, stop: Option<&AtomicBo
     done as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The security log's cost: established flows with events on (nothing to
+/// log, so the same work; `events_on_established_ratio`), and session
+/// creation with every create queued (limits off) against creation with
+/// logging off, each from an empty table (`core_new_sessions_per_s_*`,
+/// `event_cost_ns_per_created_session`). The collector's formatting runs
+/// on another thread in the daemon and is not in these figures.
+fn event_benches(a: &Args, frames: &[Vec<u8>], off: f64) {
+    let rates = EventRates {
+        session_rate: 100_000_000,
+        session_burst: 100_000_000,
+        ..EventRates::default()
+    };
+    let with_events = |table: TableConfig| {
+        let base = node(true, true, table);
+        let hub = EventHub::new(rates);
+        let shared = Arc::new(Shared {
+            events: Some(hub.clone()),
+            neighbors: base.neighbors.clone(),
+            ..Shared::new(
+                base.cfg.clone(),
+                base.table.clone(),
+                base.roles.clone(),
+                base.deltas.clone(),
+            )
+        });
+        (Worker::new(shared), hub)
+    };
+    let (mut w, hub) = with_events(TableConfig::default());
+    create_sessions(&mut w, frames);
+    let on = rate(&mut w, frames, a.seconds, None);
+    emit(a.json, "core_pps_events_on", on, "pps");
+    emit(a.json, "events_on_established_ratio", on / off, "ratio");
+    drop(hub);
+    // 60,000 new UDP flows (distinct source ports) per pass.
+    let new_flows: Vec<Vec<u8>> = (0..60_000u32)
+        .map(|i| client_udp(1024 + (i % 60_000) as u16, 7000, 18))
+        .collect();
+    let creation = |events: bool| {
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let table = TableConfig {
+                capacity: 1 << 17,
+                ..TableConfig::default()
+            };
+            let (mut w, hub) = if events {
+                let (w, hub) = with_events(table);
+                (w, Some(hub))
+            } else {
+                (Worker::new(node(true, true, table)), None)
+            };
+            let mut b = Bursts::new();
+            let mut drained = Vec::new();
+            let start = Instant::now();
+            for burst in new_flows.chunks(BURST) {
+                assert_eq!(b.run(&mut w, burst, Arrival::Wire(T)), burst.len());
+                if let Some(h) = &hub {
+                    h.drain(&mut drained);
+                    drained.clear();
+                }
+            }
+            best = best.max(new_flows.len() as f64 / start.elapsed().as_secs_f64());
+            if let Some(h) = &hub {
+                let (produced, queued) = h.stats.count(EventKind::SessionCreate);
+                assert_eq!((produced, queued), (60_000, 60_000), "every create queued");
+            }
+        }
+        best
+    };
+    let off = creation(false);
+    let on = creation(true);
+    emit(a.json, "core_new_sessions_per_s_events_off", off, "sessions/s");
+    emit(a.json, "core_new_sessions_per_s_events_on", on, "sessions/s");
+    emit(
+        a.json,
+        "event_cost_ns_per_created_session",
+        (1e9 / on - 1e9 / off).max(0.0),
+        "ns",
+    );
+}
+
 /// Creates one session per frame (first packets through the worker).
 fn create_sessions(w: &mut Worker, frames: &[Vec<u8>]) {
     let mut b = Bursts::new();
@@ -400,6 +481,7 @@ fn core_benches(a: &Args) {
     let direct = rate(&mut owner, &frames, a.seconds, None);
     emit(a.json, "core_pps_per_core", direct, "pps");
     tcp_benches(a, direct);
+    event_benches(a, &frames, direct);
 
     let mut other = Worker::new(node(false, true, TableConfig::default()));
     let mut to_owner = FabricForwarder::new(fabric_map(true), Arc::default());
