@@ -188,21 +188,78 @@ fn sd_escape(v: &str) -> String {
 /// RFC 5612 reserves for documentation: no vendor's is claimed).
 pub const SD_ID: &str = "tandem@32473";
 
-/// One RFC 5424 message (facility user, severity info; deny: notice).
-pub fn rfc5424(
-    e: &FlowEvent,
-    f: &[(&'static str, String)],
-    format: LogFormat,
-    host: &str,
-    wall_ms: u64,
-) -> String {
-    let pri = match e.kind {
-        EventKind::PolicyDeny => 8 + 5,
-        _ => 8 + 6,
-    };
+/// A message of the security log, whatever produced it: its syslog
+/// priority and MSGID, its named fields, its sentence.
+pub struct Record {
+    pub pri: u8,
+    pub msgid: &'static str,
+    pub fields: Vec<(&'static str, String)>,
+    pub text: String,
+}
+
+/// Facility user (1); severity info (6) or notice (5).
+const PRI_INFO: u8 = 8 + 6;
+const PRI_NOTICE: u8 = 8 + 5;
+
+impl Record {
+    pub fn of_event(e: &FlowEvent, cfg: &Compiled, roles: &RoleMap, node: u8) -> Record {
+        let fields = fields(e, cfg, roles, node);
+        Record {
+            pri: if e.kind == EventKind::PolicyDeny {
+                PRI_NOTICE
+            } else {
+                PRI_INFO
+            },
+            msgid: e.kind.msgid(),
+            text: text(e, &fields),
+            fields,
+        }
+    }
+}
+
+/// Role changes between two role maps as log records: this node became
+/// primary or secondary for an RG, with the old and new owner and epoch.
+pub fn role_changes(before: &RoleMap, after: &RoleMap, node: u8) -> Vec<Record> {
+    let peer = 1 - node.min(1);
+    let mut out = Vec::new();
+    for (rg, now) in after {
+        let was = before.get(rg);
+        if was.is_some_and(|w| w.primary) == now.primary {
+            continue;
+        }
+        let (old, new) = if now.primary {
+            (peer, node)
+        } else {
+            (node, peer)
+        };
+        let fields = vec![
+            ("redundancy-group", rg.0.to_string()),
+            ("old-primary", format!("node{old}")),
+            ("new-primary", format!("node{new}")),
+            ("old-epoch", was.map_or(0, |w| w.epoch.0).to_string()),
+            ("new-epoch", now.epoch.0.to_string()),
+            ("node", format!("node{node}")),
+        ];
+        let text = format!(
+            "redundancy group {} moved from node{old} to node{new} (epoch {})",
+            rg.0, now.epoch.0
+        );
+        out.push(Record {
+            pri: PRI_NOTICE,
+            msgid: "TANDEM_RG_FAILOVER",
+            fields,
+            text,
+        });
+    }
+    out
+}
+
+/// One RFC 5424 message.
+pub fn rfc5424(r: &Record, format: LogFormat, host: &str, wall_ms: u64) -> String {
     let sd = match format {
         LogFormat::Structured => {
-            let params: Vec<String> = f
+            let params: Vec<String> = r
+                .fields
                 .iter()
                 .map(|(k, v)| format!("{k}=\"{}\"", sd_escape(v)))
                 .collect();
@@ -211,20 +268,21 @@ pub fn rfc5424(
         LogFormat::Text => "-".to_string(),
     };
     format!(
-        "<{pri}>1 {} {host} tandem {} {} {sd} {}",
+        "<{}>1 {} {host} tandem {} {} {sd} {}",
+        r.pri,
         rfc3339(wall_ms),
         std::process::id(),
-        e.kind.msgid(),
-        text(e, f)
+        r.msgid,
+        r.text
     )
 }
 
 /// The JSON form (file, ring, `show security log --json`).
-pub fn to_json(e: &FlowEvent, f: &[(&'static str, String)], wall_ms: u64) -> Value {
+pub fn to_json(r: &Record, wall_ms: u64) -> Value {
     let mut m = serde_json::Map::new();
     m.insert("time".into(), json!(rfc3339(wall_ms)));
-    m.insert("event".into(), json!(e.kind.msgid()));
-    for (k, v) in f {
+    m.insert("event".into(), json!(r.msgid));
+    for (k, v) in &r.fields {
         m.insert((*k).into(), json!(v));
     }
     Value::Object(m)
@@ -465,31 +523,35 @@ impl Collector {
                 }
                 stats.queued[e.kind as usize].fetch_add(1, Ordering::Relaxed);
             }
-            let f = fields(e, cfg, roles, node);
-            for o in &self.outputs {
-                let msg = rfc5424(e, &f, o.format, &self.host, wall);
-                let ok = match &o.sink {
-                    Sink::Udp(sock, to) => sock.send_to(msg.as_bytes(), to).is_ok(),
-                    Sink::Tcp(tx) => tx.try_send(msg).is_ok(),
-                };
-                if !ok {
-                    o.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                } else if matches!(o.sink, Sink::Udp(..)) {
-                    o.stats.sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            let j = to_json(e, &f, wall);
-            if let Some(file) = &mut self.file
-                && let Err(err) = file.write_line(&j.to_string())
-            {
-                warn!(error = %err, "security log file");
-            }
-            let mut ring = self.log.ring.lock().unwrap_or_else(|e| e.into_inner());
-            if ring.len() == RING {
-                ring.pop_front();
-            }
-            ring.push_back(j);
+            self.emit(&Record::of_event(e, cfg, roles, node), wall);
         }
+    }
+
+    /// Sends one record to every output, the file and the ring.
+    pub fn emit(&mut self, r: &Record, wall: u64) {
+        for o in &self.outputs {
+            let msg = rfc5424(r, o.format, &self.host, wall);
+            let ok = match &o.sink {
+                Sink::Udp(sock, to) => sock.send_to(msg.as_bytes(), to).is_ok(),
+                Sink::Tcp(tx) => tx.try_send(msg).is_ok(),
+            };
+            if !ok {
+                o.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            } else if matches!(o.sink, Sink::Udp(..)) {
+                o.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let j = to_json(r, wall);
+        if let Some(file) = &mut self.file
+            && let Err(err) = file.write_line(&j.to_string())
+        {
+            warn!(error = %err, "security log file");
+        }
+        let mut ring = self.log.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.len() == RING {
+            ring.pop_front();
+        }
+        ring.push_back(j);
     }
 }
 
@@ -497,8 +559,14 @@ impl Collector {
 pub async fn run(node: Arc<Node>, mut collector: Collector) {
     let mut buf = Vec::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut roles_seen = RoleMap::default();
     loop {
         tick.tick().await;
+        let roles_now = node.cluster.role_swap().load_full();
+        for r in role_changes(&roles_seen, &roles_now, node.cfg.node.id) {
+            collector.emit(&r, wall_ms());
+        }
+        roles_seen = (*roles_now).clone();
         buf.clear();
         node.events.drain(&mut buf);
         session::lock_between_bursts(&node.table).drain_closes(&mut buf);
@@ -841,6 +909,40 @@ template(name="t" type="string" string="%inputname% %msgid% %structured-data% %m
             assert_eq!(field(3, "destination-port"), "23");
             assert_eq!(field(3, "source-zone-name"), "untrust");
         }
+    }
+
+    #[test]
+    fn role_flips_are_logged_once_with_old_and_new_owner() {
+        let role = |primary, epoch| RgRole {
+            primary,
+            epoch: Epoch(epoch),
+        };
+        let empty = RoleMap::default();
+        let secondary = RoleMap::from([(RgId(1), role(false, 2))]);
+        let primary = RoleMap::from([(RgId(1), role(true, 3))]);
+        assert!(
+            role_changes(&empty, &secondary, 1).is_empty(),
+            "starting secondary"
+        );
+        assert!(role_changes(&primary, &primary, 1).is_empty(), "no change");
+        let up = role_changes(&secondary, &primary, 1);
+        assert_eq!(up.len(), 1);
+        let get = |r: &Record, k: &str| {
+            r.fields
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(up[0].msgid, "TANDEM_RG_FAILOVER");
+        assert_eq!(get(&up[0], "old-primary"), "node0");
+        assert_eq!(get(&up[0], "new-primary"), "node1");
+        assert_eq!(
+            (get(&up[0], "old-epoch"), get(&up[0], "new-epoch")),
+            ("2".into(), "3".into())
+        );
+        let down = role_changes(&primary, &RoleMap::from([(RgId(1), role(false, 4))]), 1);
+        assert_eq!(get(&down[0], "new-primary"), "node0");
     }
 
     #[test]

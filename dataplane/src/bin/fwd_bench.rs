@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::core::{Arrival, Verdict};
-use tandem_dataplane::events::{EventHub, EventKind, EventRates};
 use tandem_dataplane::delta::delta_queues;
+use tandem_dataplane::events::{EventHub, EventKind, EventRates};
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::frames::{L4, build, fragments};
 use tandem_dataplane::os;
@@ -436,8 +436,18 @@ fn event_benches(a: &Args, frames: &[Vec<u8>], off: f64) {
     };
     let off = creation(false);
     let on = creation(true);
-    emit(a.json, "core_new_sessions_per_s_events_off", off, "sessions/s");
-    emit(a.json, "core_new_sessions_per_s_events_on", on, "sessions/s");
+    emit(
+        a.json,
+        "core_new_sessions_per_s_events_off",
+        off,
+        "sessions/s",
+    );
+    emit(
+        a.json,
+        "core_new_sessions_per_s_events_on",
+        on,
+        "sessions/s",
+    );
     emit(
         a.json,
         "event_cost_ns_per_created_session",
