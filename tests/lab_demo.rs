@@ -46,6 +46,14 @@ fn lab_demo_keeps_every_tcp_connection_through_fabric_cut_failover_crash_and_rej
     // kept flowing across both).
     assert!(figures["fabric_frames_via_fab0"] > 0.0, "{figures:?}");
     assert!(figures["fabric_frames_via_fab1"] > 0.0, "{figures:?}");
+    // Security log across three changes of primary: each stream's create
+    // by the node that was primary then, its close by the primary at the
+    // end, once each, one session id (the demo checks the node names).
+    assert_eq!(
+        figures.get("security_log_streams_create_close_once"),
+        Some(&7.0),
+        "{figures:?}"
+    );
     // The primary whose dataplane stopped gave the RG up to its peer.
     assert!(
         figures.contains_key("dataplane_stop_takeover_ms"),

@@ -333,8 +333,88 @@ fn write_files() -> Result<(), String> {
     std::fs::write(format!("{DIR}/heartbeat.key"), key).map_err(|e| e.to_string())?;
     for (n, cfg) in CONFIGS.iter().enumerate() {
         std::fs::write(format!("{DIR}/node{n}.toml"), cfg).map_err(|e| e.to_string())?;
+        // A fresh security log per lab.
+        let _ = std::fs::remove_file(security_log_path(n));
     }
     Ok(())
+}
+
+fn security_log_path(n: usize) -> String {
+    format!("{DIR}/node{n}-security.json")
+}
+
+/// The HA promise of the security log, checked on the lab's TCP streams
+/// (created before any failover, closed at the end of the demo after
+/// three changes of primary): across both nodes' logs each has exactly
+/// one create, logged by the node primary when it opened, and exactly one
+/// close, logged by the node primary when it ended, with the same
+/// session id. Waits up to 40 s for the closes (the closing timers).
+fn security_log_phase(
+    rt: &Runtime,
+    creator: usize,
+    report: &mut Vec<Figure>,
+) -> Result<(), String> {
+    let closer = if rt.block_on(status(0)).as_ref().is_ok_and(is_primary) {
+        0
+    } else {
+        1
+    };
+    step(&format!(
+        "security log: each TCP stream's create by node{creator}, its close by node{closer}, one session id"
+    ));
+    let stream = |e: &Value| {
+        e["protocol-id"] == "6"
+            && (e["destination-port"] == "5001" || e["destination-port"] == "8080")
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let mut per_id: std::collections::BTreeMap<String, Vec<(String, String)>> =
+            Default::default();
+        for n in 0..2 {
+            let text = std::fs::read_to_string(security_log_path(n)).unwrap_or_default();
+            for e in text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            {
+                if stream(&e) && e["event"] != "RT_FLOW_SESSION_DENY" {
+                    per_id
+                        .entry(e["session-id"].as_str().unwrap_or("").to_string())
+                        .or_default()
+                        .push((
+                            e["event"].as_str().unwrap_or("").to_string(),
+                            e["node"].as_str().unwrap_or("").to_string(),
+                        ));
+                }
+            }
+        }
+        let want = |id_events: &Vec<(String, String)>| {
+            let mut v = id_events.clone();
+            v.sort();
+            v == vec![
+                ("RT_FLOW_SESSION_CLOSE".to_string(), format!("node{closer}")),
+                (
+                    "RT_FLOW_SESSION_CREATE".to_string(),
+                    format!("node{creator}"),
+                ),
+            ]
+        };
+        let ok = per_id.values().filter(|v| want(v)).count();
+        if ok == 7 && per_id.len() == 7 {
+            step("security log: 7 streams, 7 creates and 7 closes, each once, ids matching");
+            report.push(Figure {
+                name: "security_log_streams_create_close_once",
+                value: ok as f64,
+                unit: "count",
+            });
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "security log: {ok} of 7 TCP streams logged one create (node{creator}) and one close (node{closer}): {per_id:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Starts node `n`'s daemon in its namespace, logging to `node<n>.log`.
@@ -648,6 +728,7 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let result = traffic.finish();
+    security_log_phase(rt, first, &mut report)?;
     report.push(Figure {
         name: "tcp_connections_survived_pct",
         value: result.survived_pct,
