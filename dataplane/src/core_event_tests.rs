@@ -149,3 +149,73 @@ fn denies_log_the_denying_policy_or_the_default_deny() {
     }
     assert!(read(r.core.table()).is_empty());
 }
+
+#[test]
+fn a_deny_flood_leaves_every_create_and_close_and_accounts_for_every_event() {
+    // 100k denied packets/s for 5 s (simulated time) from untrust, with a
+    // new outbound UDP session every 100 ms among them.
+    let mut r = rig(true);
+    lock(r.core.table()).set_close_log(true);
+    let mut denied = 0u64;
+    let mut created = 0u16;
+    for ms in 0..5_000u64 {
+        let now = Millis(NOW.0 + ms);
+        for i in 0..100u16 {
+            let mut f = build(
+                VMAC_U,
+                SERVER_MAC,
+                v4("192.0.2.200"),
+                v4("10.1.0.10"),
+                64,
+                &udp(1024 + i, 53),
+            );
+            assert_eq!(
+                r.core.process(&mut f, U, now),
+                Verdict::Drop(DropReason::PolicyDeny)
+            );
+            denied += 1;
+        }
+        if ms % 100 == 0 {
+            let mut f = build(
+                VMAC_T,
+                CLIENT_MAC,
+                v4("10.1.0.10"),
+                v4("192.0.2.100"),
+                64,
+                &udp(30000 + created, 53),
+            );
+            assert!(matches!(r.core.process(&mut f, T, now), Verdict::Tx { .. }));
+            created += 1;
+        }
+    }
+    let events = r.core.events();
+    assert_eq!(
+        only(&events, EventKind::SessionCreate).len(),
+        usize::from(created)
+    );
+    let denies = only(&events, EventKind::PolicyDeny).len() as u64;
+    // The deny budget: burst 50, then 100/s per zone, and 500/s overall.
+    let rates = crate::events::EventRates::default();
+    assert!(denies <= u64::from(rates.deny_rate) * 5 + u64::from(rates.deny_burst) + 1);
+    assert!(denies >= u64::from(rates.deny_rate) * 5);
+    let hub = r.core.w.shared().events.clone().unwrap();
+    let s = &hub.stats;
+    for kind in [EventKind::PolicyDeny, EventKind::SessionCreate] {
+        let (produced, queued) = s.count(kind);
+        let dropped: u64 = crate::events::EventDrop::ALL
+            .iter()
+            .map(|&d| s.dropped(kind, d))
+            .sum();
+        assert_eq!(
+            produced,
+            queued + dropped,
+            "{kind:?}: every event accounted"
+        );
+    }
+    assert_eq!(s.count(EventKind::PolicyDeny).0, denied);
+    // Every session's close arrives too, after its idle timeout.
+    assert_eq!(r.core.expire(Millis(NOW.0 + 400_000)), usize::from(created));
+    let mut closes = Vec::new();
+    lock(r.core.table()).drain_closes(&mut closes);
+    assert_eq!(closes.len(), usize::from(created));
+}
