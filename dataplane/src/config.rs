@@ -267,6 +267,71 @@ pub struct DataplaneConfig {
     pub garp_count: Option<u32>,
     #[serde(default)]
     pub garp_interval_ms: Option<u64>,
+    /// Port mirrors: frames received on an interface's port, sampled, sent
+    /// as received out of another port.
+    #[serde(default)]
+    pub mirror: Vec<MirrorConfig>,
+}
+
+/// One port mirror (`[[dataplane.mirror]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub name: String,
+    /// Frames received on this interface's port are mirrored (before any
+    /// rewriting, 802.1Q tags included).
+    pub interface: String,
+    /// 1 in `rate` frames (1: every frame).
+    #[serde(default = "default_mirror_rate")]
+    pub rate: u32,
+    /// Where copies go (any dataplane interface; a VLAN unit tags them).
+    pub output: String,
+}
+
+fn default_mirror_rate() -> u32 {
+    1
+}
+
+/// A compiled mirror: the port whose received frames are sampled, one in
+/// `every`, and the interface copies leave by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub from_port: InterfaceId,
+    pub every: u32,
+    pub to: InterfaceId,
+}
+
+/// Port mirrors by interface name; an output that is also a mirrored
+/// port would mirror its own copies (and loop): refused.
+fn compile_mirrors(cfg: &[MirrorConfig], ifaces: &[Iface]) -> Result<Vec<Mirror>, String> {
+    let named = |what: &str, name: &str| {
+        ifaces
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| format!("{what}: no interface named {name}"))
+    };
+    let mut out = Vec::new();
+    for m in cfg {
+        let what = format!("mirror {}", m.name);
+        if m.rate == 0 {
+            return Err(format!("{what}: rate must be at least 1 (1 in N frames)"));
+        }
+        out.push(Mirror {
+            from_port: named(&what, &m.interface)?.port,
+            every: m.rate,
+            to: named(&what, &m.output)?.id,
+        });
+    }
+    for (m, c) in out.iter().zip(cfg) {
+        let to_port = ifaces.iter().find(|i| i.id == m.to).map(|i| i.port);
+        if out.iter().any(|o| Some(o.from_port) == to_port) {
+            return Err(format!(
+                "mirror {}: output {} is also a mirrored input (its copies would be mirrored again)",
+                c.name, c.output
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Default ICMP rate limit: messages per second and burst (as Linux's
@@ -420,6 +485,7 @@ pub struct Compiled {
     pub icmp_burst: u32,
     pub garp_count: u32,
     pub garp_interval_ms: u64,
+    pub mirrors: Vec<Mirror>,
 }
 
 impl Compiled {
@@ -624,7 +690,9 @@ impl Compiled {
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.dest.len128()));
+        let mirrors = compile_mirrors(&cfg.mirror, &ifaces)?;
         Ok(Compiled {
+            mirrors,
             ifaces,
             zones,
             policies,
@@ -705,6 +773,48 @@ fn network(p: &Prefix) -> Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_mirror(interface: &str, rate: u32, output: &str) -> Result<Compiled, String> {
+        let mut cfg = crate::testbed::sample_config();
+        let mut port = cfg.interfaces[0].clone();
+        port.name = "mon0".into();
+        port.device = "m0".into();
+        port.zone = "trust".into();
+        port.reth = None;
+        port.addresses = vec![];
+        cfg.interfaces.push(port);
+        cfg.mirror.push(MirrorConfig {
+            name: "tap".into(),
+            interface: interface.into(),
+            rate,
+            output: output.into(),
+        });
+        Compiled::new(&cfg)
+    }
+
+    #[test]
+    fn a_mirror_compiles_to_ports() {
+        let c = with_mirror("reth0", 4, "mon0").unwrap();
+        let id = |n: &str| c.ifaces.iter().find(|i| i.name == n).unwrap().id;
+        assert_eq!(
+            c.mirrors,
+            vec![Mirror {
+                from_port: id("reth0"),
+                every: 4,
+                to: id("mon0"),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_mirror_into_its_own_input_or_nowhere_is_refused_with_the_reason() {
+        let e = with_mirror("reth0", 1, "reth0").unwrap_err();
+        assert!(e.contains("mirror tap: output reth0 is also a mirrored input"), "{e}");
+        let e = with_mirror("reth0", 0, "mon0").unwrap_err();
+        assert!(e.contains("mirror tap: rate must be at least 1"), "{e}");
+        let e = with_mirror("reth9", 1, "mon0").unwrap_err();
+        assert_eq!(e, "mirror tap: no interface named reth9");
+    }
 
     #[test]
     fn prefix_parse_contains_and_family() {

@@ -123,6 +123,7 @@ fn config() -> DataplaneConfig {
         icmp_burst: None,
         garp_count: None,
         garp_interval_ms: None,
+        mirror: vec![],
     }
 }
 

@@ -247,6 +247,7 @@ pub fn sample_config() -> DataplaneConfig {
         icmp_burst: None,
         garp_count: None,
         garp_interval_ms: None,
+        mirror: vec![],
     }
 }
 
