@@ -261,6 +261,10 @@ fn io_json(io: &IoStats) -> Value {
         "kernel_rx_dropped": r(&io.kernel_rx_dropped),
         "kernel_rx_ring_full": r(&io.kernel_rx_ring_full),
         "kernel_fill_ring_empty": r(&io.kernel_fill_ring_empty),
+        "mirror_admitted": r(&io.mirror_admitted),
+        "mirror_no_frame": r(&io.mirror_no_frame),
+        "mirror_queue_full": r(&io.mirror_queue_full),
+        "mirror_sampled_out": r(&io.mirror_sampled_out),
     })
 }
 

@@ -20,7 +20,7 @@
 //! Copy mode needs a kick (sendto) to transmit, and the kernel sends at
 //! most 32 descriptors per kick, so TX goes out in chunks of 32.
 
-use crate::config::Compiled;
+use crate::config::{Compiled, Mirror};
 use crate::core::{Arrival, CoreStats, DropReason, FabricOut, Verdict, bump};
 use crate::packet;
 use crate::session::{Clock, InterfaceId, Millis};
@@ -102,6 +102,13 @@ pub struct IoStats {
     pub kernel_rx_dropped: AtomicU64,
     pub kernel_rx_ring_full: AtomicU64,
     pub kernel_fill_ring_empty: AtomicU64,
+    /// Port mirroring: copies sent, dropped because the frame pool was at
+    /// its reserve for original traffic, dropped because the backlog was
+    /// full, and frames not sampled (1 in N).
+    pub mirror_admitted: AtomicU64,
+    pub mirror_no_frame: AtomicU64,
+    pub mirror_queue_full: AtomicU64,
+    pub mirror_sampled_out: AtomicU64,
 }
 
 impl IoStats {
@@ -121,6 +128,10 @@ impl IoStats {
             (&self.kernel_rx_dropped, &o.kernel_rx_dropped),
             (&self.kernel_rx_ring_full, &o.kernel_rx_ring_full),
             (&self.kernel_fill_ring_empty, &o.kernel_fill_ring_empty),
+            (&self.mirror_admitted, &o.mirror_admitted),
+            (&self.mirror_no_frame, &o.mirror_no_frame),
+            (&self.mirror_queue_full, &o.mirror_queue_full),
+            (&self.mirror_sampled_out, &o.mirror_sampled_out),
         ];
         for (a, b) in pairs {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -221,8 +232,20 @@ pub struct AfXdp {
     /// Logical interfaces (802.1Q units) by port and tag, from the
     /// worker's configuration when it runs.
     units: Option<Arc<Compiled>>,
+    /// Port mirrors of this worker's ports, each with its sample count.
+    mirrors: Vec<(Mirror, u32)>,
+    /// Copies waiting for the frames originals left (at most
+    /// [`MIRROR_BACKLOG`]), and spent buffers for the next ones.
+    mirror_backlog: Vec<(InterfaceId, Vec<u8>)>,
+    mirror_spare: Vec<Vec<u8>>,
+    /// Free frames kept for original traffic (and RX refills): copies are
+    /// sent only above it.
+    mirror_reserve: usize,
     pub io: Arc<IoStats>,
 }
+
+/// Mirror copies one worker holds between receiving and sending them.
+pub const MIRROR_BACKLOG: usize = 64;
 
 /// The frames of one received batch, as the core's driver takes them.
 struct XskBurst<'a> {
@@ -363,6 +386,10 @@ impl AfXdp {
             routes,
             inbox,
             units: None,
+            mirrors: Vec::new(),
+            mirror_backlog: Vec::new(),
+            mirror_spare: Vec::new(),
+            mirror_reserve: total as usize / 4,
             io: Arc::default(),
         };
         this.refill();
@@ -613,6 +640,14 @@ impl AfXdp {
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(BATCH);
         let roles = worker.shared().roles.clone();
         self.units = Some(worker.shared().cfg.clone());
+        self.mirrors = worker
+            .shared()
+            .cfg
+            .mirrors
+            .iter()
+            .filter(|m| self.sockets.iter().any(|s| s.spec.iface == m.from_port))
+            .map(|m| (m.clone(), 0))
+            .collect();
         let mut schedule =
             AnnounceSchedule::new(worker.config().garp_count, worker.config().garp_interval_ms);
         let mut last_stats = Millis(0);
@@ -657,6 +692,7 @@ impl AfXdp {
             let mut recycled = built;
             recycled.clear();
             *worker.outbox() = recycled;
+            self.send_mirror_copies();
             if !worker.fabric_outbox().is_empty() {
                 let released = std::mem::take(worker.fabric_outbox());
                 for (out, frame) in &released {
@@ -722,6 +758,9 @@ impl AfXdp {
         arrivals.clear();
         let mut kept = 0;
         for i in 0..descs.len() {
+            if mode == PortMode::Data && !self.mirrors.is_empty() {
+                self.sample_for_mirrors(&mut descs[i], iface);
+            }
             let arrival = match mode {
                 PortMode::Data => self.wire_unit(&mut descs[i], iface, worker.stats()),
                 PortMode::Fabric => self.unwrap_fabric(&mut descs[i], iface, fabric),
@@ -752,6 +791,50 @@ impl AfXdp {
             let from_wire = matches!(arrivals[i], Arrival::Wire(_));
             self.dispatch(verdicts[i], &mut descs[i], reply_iface, fabric, from_wire);
         }
+    }
+
+    /// Copies a frame just received on `port`, as it arrived, into the
+    /// mirror backlog of every mirror of that port that samples it.
+    fn sample_for_mirrors(&mut self, d: &mut FrameDesc, port: InterfaceId) {
+        for mi in 0..self.mirrors.len() {
+            let (m, seen) = &mut self.mirrors[mi];
+            if m.from_port != port {
+                continue;
+            }
+            *seen = seen.wrapping_add(1);
+            if *seen % m.every != 0 {
+                bump(&self.io.mirror_sampled_out, 1);
+                continue;
+            }
+            if self.mirror_backlog.len() >= MIRROR_BACKLOG {
+                bump(&self.io.mirror_queue_full, 1);
+                continue;
+            }
+            let to = m.to;
+            // SAFETY: `d` was just consumed from the RX ring: its frame is ours.
+            let data = unsafe { self.umem.data_mut(d) };
+            let mut copy = self.mirror_spare.pop().unwrap_or_default();
+            copy.clear();
+            copy.extend_from_slice(data.contents());
+            self.mirror_backlog.push((to, copy));
+        }
+    }
+
+    /// Sends the backlog's copies with the frames original traffic left:
+    /// at or below the reserve, a copy is dropped (counted), never an
+    /// original.
+    fn send_mirror_copies(&mut self) {
+        let mut backlog = std::mem::take(&mut self.mirror_backlog);
+        for (to, frame) in backlog.drain(..) {
+            if self.free.len() > self.mirror_reserve {
+                self.send_copy(to, &frame);
+                bump(&self.io.mirror_admitted, 1);
+            } else {
+                bump(&self.io.mirror_no_frame, 1);
+            }
+            self.mirror_spare.push(frame);
+        }
+        self.mirror_backlog = backlog;
     }
 
     /// A frame from the peer: validated by the hook and unwrapped in place;

@@ -809,7 +809,10 @@ mod tests {
     #[test]
     fn a_mirror_into_its_own_input_or_nowhere_is_refused_with_the_reason() {
         let e = with_mirror("reth0", 1, "reth0").unwrap_err();
-        assert!(e.contains("mirror tap: output reth0 is also a mirrored input"), "{e}");
+        assert!(
+            e.contains("mirror tap: output reth0 is also a mirrored input"),
+            "{e}"
+        );
         let e = with_mirror("reth0", 0, "mon0").unwrap_err();
         assert!(e.contains("mirror tap: rate must be at least 1"), "{e}");
         let e = with_mirror("reth9", 1, "mon0").unwrap_err();
