@@ -473,6 +473,8 @@ pub struct Collector {
     file: Option<RotatingFile>,
     close_limits: EventLimiter,
     host: String,
+    /// Sequence number of the last record in the ring (`--follow`).
+    seq: u64,
     pub log: Arc<SecurityLog>,
 }
 
@@ -497,6 +499,7 @@ impl Collector {
                 .map(|f| RotatingFile::new(f.path.clone(), f.max_bytes, f.keep)),
             close_limits: EventLimiter::new(rates),
             host: hostname(),
+            seq: 0,
             log: Arc::new(SecurityLog {
                 ring: Mutex::default(),
                 outputs: names,
@@ -551,6 +554,9 @@ impl Collector {
         if ring.len() == RING {
             ring.pop_front();
         }
+        let mut j = j;
+        self.seq += 1;
+        j["seq"] = json!(self.seq);
         ring.push_back(j);
     }
 }

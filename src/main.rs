@@ -38,7 +38,7 @@ const USAGE: &str = "usage:
   tandem config check FILE
   tandem show chassis cluster status|statistics|interfaces|information [--json] [--socket PATH]
   tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
-  tandem show security log [--json] [--socket PATH]
+  tandem show security log [--follow] [--json] [--socket PATH]
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
@@ -134,7 +134,8 @@ fn main() -> ExitCode {
             Err(e) => Err(e.to_string()),
         },
         ["show", "chassis", "cluster", what] => rt.block_on(show_cluster(&opts, what)),
-        ["show", "security", "log"] => rt.block_on(show_security_log(&opts)),
+        ["show", "security", "log"] => rt.block_on(show_security_log(&opts, false)),
+        ["show", "security", "log", "--follow"] => rt.block_on(show_security_log(&opts, true)),
         ["show", "security", "flow", "session", rest @ ..] => {
             rt.block_on(show_sessions(&opts, rest))
         }
@@ -189,42 +190,76 @@ async fn one(opts: &Opts, r: pb::ControlRequest) -> Result<Value, String> {
     serde_json::from_str(&out).map_err(|e| format!("bad reply: {e}"))
 }
 
-/// The daemon's recent security events: JSON, or one line each.
-async fn show_security_log(opts: &Opts) -> Result<(), String> {
-    let v = one(
-        opts,
-        req(pb::control_request::Cmd::SecurityLog(pb::Empty {})),
-    )
-    .await?;
-    if opts.json {
-        println!("{v}");
-        return Ok(());
+/// The daemon's recent security events: JSON, or one line each; with
+/// `follow`, new ones as they come (by their sequence numbers).
+async fn show_security_log(opts: &Opts, follow: bool) -> Result<(), String> {
+    let mut last = 0u64;
+    loop {
+        let v = one(
+            opts,
+            req(pb::control_request::Cmd::SecurityLog(pb::Empty {})),
+        )
+        .await?;
+        if opts.json && !follow {
+            println!("{v}");
+            return Ok(());
+        }
+        for e in v.as_array().into_iter().flatten() {
+            let seq = e["seq"].as_u64().unwrap_or(0);
+            if seq <= last {
+                continue;
+            }
+            last = seq;
+            if opts.json {
+                println!("{e}");
+            } else {
+                print_log_line(e);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    for e in v.as_array().into_iter().flatten() {
-        let get = |k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or("-");
+}
+
+/// One security-log record as a line.
+fn print_log_line(e: &serde_json::Value) {
+    let get = |k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or("-");
+    if get("event") == "TANDEM_RG_FAILOVER" {
         println!(
-            "{} {} {}/{} -> {}/{} nat {}/{} -> {}/{} {} {} -> {} session {}{}",
+            "{} {} redundancy-group {} {} -> {} epoch {} -> {}",
             get("time"),
             get("event"),
-            get("source-address"),
-            get("source-port"),
-            get("destination-address"),
-            get("destination-port"),
-            get("nat-source-address"),
-            get("nat-source-port"),
-            get("nat-destination-address"),
-            get("nat-destination-port"),
-            get("policy-name"),
-            get("source-zone-name"),
-            get("destination-zone-name"),
-            get("session-id"),
-            e.get("reason")
-                .and_then(|x| x.as_str())
-                .map(|r| format!(" reason {r}"))
-                .unwrap_or_default(),
+            get("redundancy-group"),
+            get("old-primary"),
+            get("new-primary"),
+            get("old-epoch"),
+            get("new-epoch"),
         );
+        return;
     }
-    Ok(())
+    println!(
+        "{} {} {}/{} -> {}/{} nat {}/{} -> {}/{} {} {} -> {} session {}{}",
+        get("time"),
+        get("event"),
+        get("source-address"),
+        get("source-port"),
+        get("destination-address"),
+        get("destination-port"),
+        get("nat-source-address"),
+        get("nat-source-port"),
+        get("nat-destination-address"),
+        get("nat-destination-port"),
+        get("policy-name"),
+        get("source-zone-name"),
+        get("destination-zone-name"),
+        get("session-id"),
+        e.get("reason")
+            .and_then(|x| x.as_str())
+            .map(|r| format!(" reason {r}"))
+            .unwrap_or_default(),
+    );
 }
 
 async fn show_cluster(opts: &Opts, what: &str) -> Result<(), String> {

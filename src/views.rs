@@ -412,6 +412,25 @@ pub async fn metrics(node: &Node) -> String {
             stats["dataplane"][k].as_u64().unwrap_or(0),
         );
     }
+    // Security events: produced / queued / dropped by reason, per kind;
+    // per output sent / dropped.
+    for (kind, c) in stats["events"]["kinds"].as_object().into_iter().flatten() {
+        let l = format!("kind=\"{kind}\"");
+        line("events_produced", &l, c["produced"].as_u64().unwrap_or(0));
+        line("events_queued", &l, c["queued"].as_u64().unwrap_or(0));
+        for (why, n) in c["dropped"].as_object().into_iter().flatten() {
+            line(
+                "events_dropped",
+                &format!("{l},reason=\"{why}\""),
+                n.as_u64().unwrap_or(0),
+            );
+        }
+    }
+    for o in stats["events"]["outputs"].as_array().into_iter().flatten() {
+        let l = format!("output=\"{}\"", o["output"].as_str().unwrap_or(""));
+        line("log_sent", &l, o["sent"].as_u64().unwrap_or(0));
+        line("log_dropped", &l, o["dropped"].as_u64().unwrap_or(0));
+    }
     for (k, v) in stats["sessions"].as_object().into_iter().flatten() {
         match v.as_object() {
             // Removals by reason.
