@@ -245,7 +245,7 @@ pub struct AfXdp {
 }
 
 /// Mirror copies one worker holds between receiving and sending them.
-pub const MIRROR_BACKLOG: usize = 64;
+pub const MIRROR_BACKLOG: usize = 256;
 
 /// The frames of one received batch, as the core's driver takes them.
 struct XskBurst<'a> {

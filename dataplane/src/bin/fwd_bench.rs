@@ -32,7 +32,9 @@
 //!   different lengths (setup cancels out). Wall-clock pps differs up to
 //!   2x between machines of this kind; instructions do not.
 //! - root only, client -> firewall -> server over veth with 2 queues in
-//!   network namespaces: `afxdp_fwd_pps_1_worker`, `afxdp_fwd_pps`
+//!   network namespaces: `afxdp_fwd_pps_1_worker` (and mirrored, every
+//!   frame copied out of a third port: `afxdp_fwd_pps_mirrored`,
+//!   `mirror_forwarding_ratio`), `afxdp_fwd_pps`
 //!   (2 workers) vs `kernel_nft_fwd_pps` (Linux forwarding, nftables
 //!   conntrack + masquerade), same UDP generator (rates are frames arriving
 //!   at the server, loss is against frames the client sent; the generator
@@ -46,8 +48,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use tandem_dataplane::afxdp::IoStats;
 use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
+use tandem_dataplane::config::MirrorConfig;
 use tandem_dataplane::core::{Arrival, Verdict};
 use tandem_dataplane::delta::delta_queues;
 use tandem_dataplane::events::{EventHub, EventKind, EventRates};
@@ -896,6 +900,72 @@ fn afxdp(topo: &Topo, workers: usize) -> Firewall {
     )
 }
 
+/// The same flood with every frame the client sends mirrored (rate 1)
+/// out of a third port: `afxdp_fwd_pps_mirrored` against the run without
+/// (`mirror_forwarding_ratio`), and what the mirror admitted and dropped
+/// (copies drop first: the originals' rate is the figure to watch).
+fn mirror_bench(a: &Args, topo: &Topo, flows: u16, plain: f64) {
+    let (fw_ns, srv) = (&topo.ns[1], &topo.ns[2]);
+    sh(&[
+        "ip", "link", "add", "m0", "netns", fw_ns, "type", "veth", "peer", "name", "m1", "netns",
+        srv,
+    ]);
+    for (n, dev) in [(fw_ns.as_str(), "m0"), (srv.as_str(), "m1")] {
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    }
+    let mut spec = FirewallSpec {
+        workers: Some(1),
+        ..FirewallSpec::sample()
+    };
+    let mut port = spec.config.interfaces[0].clone();
+    port.name = "mon0".into();
+    port.device = "m0".into();
+    port.reth = None;
+    port.addresses = vec![];
+    spec.config.interfaces.push(port);
+    spec.config.mirror.push(MirrorConfig {
+        name: "tap".into(),
+        interface: "reth0".into(),
+        rate: 1,
+        output: "mon0".into(),
+    });
+    let fw = Firewall::start_with(fw_ns, spec);
+    let m = measure(topo, flows, a.seconds);
+    let io = fw.dataplane().health.workers();
+    fw.stop();
+    let sum = |f: fn(&IoStats) -> &std::sync::atomic::AtomicU64| {
+        io.iter()
+            .map(|w| f(&w.io).load(Ordering::Relaxed))
+            .sum::<u64>() as f64
+    };
+    emit(a.json, "afxdp_fwd_pps_mirrored", m.pps, "pps");
+    emit(
+        a.json,
+        "mirror_forwarding_ratio",
+        m.pps / plain.max(1.0),
+        "ratio",
+    );
+    emit(
+        a.json,
+        "mirror_admitted",
+        sum(|i| &i.mirror_admitted),
+        "count",
+    );
+    emit(
+        a.json,
+        "mirror_no_frame",
+        sum(|i| &i.mirror_no_frame),
+        "count",
+    );
+    emit(
+        a.json,
+        "mirror_queue_full",
+        sum(|i| &i.mirror_queue_full),
+        "count",
+    );
+    sh(&["ip", "-n", fw_ns, "link", "del", "m0"]);
+}
+
 fn io_benches(a: &Args) -> Result<(), String> {
     if let Err(why) = os::privileged() {
         return Err(format!(
@@ -922,6 +992,7 @@ fn io_benches(a: &Args) -> Result<(), String> {
     if let Some(Ok(t)) = &tcp_one {
         emit(a.json, "tcp_throughput_gbps_1_worker", *t, "Gbit/s");
     }
+    mirror_bench(a, &topo, flows, one.pps);
     let fw = afxdp(&topo, 2);
     let x = measure(&topo, flows, a.seconds);
     let tcp = has("iperf3").then(|| tcp_throughput(&topo, a.seconds));
