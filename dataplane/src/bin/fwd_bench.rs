@@ -26,6 +26,9 @@
 //!   to CPUs 0 and 1), each forwarding its half of the flows.
 //!   (Forwarding latency while the node applies or exports a bulk is
 //!   measured with the real sync in `sync-bench --only latency`.)
+//! - `core_instructions_per_created_session` (events off and on, and
+//!   `event_instructions_per_created_session`, with `--instructions`):
+//!   callgrind over `--count-creates[-events] N` for two N.
 //! - `core_instructions_per_packet` (with `--instructions`, needs
 //!   valgrind): instructions per established packet of the 1,024-flow
 //!   core, counted by callgrind as the difference between two runs of
@@ -90,6 +93,10 @@ struct Args {
     /// Internal: run exactly this many established packets and exit (what
     /// `--instructions` runs under callgrind).
     count_packets: Option<u64>,
+    /// `--count-creates N` / `--count-creates-events N`: create N sessions
+    /// (events off / on) and exit (what `--instructions` runs under
+    /// callgrind).
+    count_creates: Option<(u32, bool)>,
     /// `--count-packets` over tracked TCP flows instead of UDP ones.
     tcp: bool,
 }
@@ -103,6 +110,7 @@ fn parse_args() -> Result<Args, String> {
         big: 1_000_000,
         instructions: false,
         count_packets: None,
+        count_creates: None,
         tcp: false,
     };
     let mut it = std::env::args().skip(1);
@@ -112,6 +120,14 @@ fn parse_args() -> Result<Args, String> {
             "--core-only" => a.skip_io = true,
             "--instructions" => a.instructions = true,
             "--tcp" => a.tcp = true,
+            flag @ ("--count-creates" | "--count-creates-events") => {
+                let n = it
+                    .next()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .filter(|n| (1..=60_000).contains(n))
+                    .ok_or(format!("{flag} needs a number in 1..=60000"))?;
+                a.count_creates = Some((n, flag == "--count-creates-events"));
+            }
             "--count-packets" => {
                 a.count_packets = Some(
                     it.next()
@@ -377,59 +393,18 @@ fn rate(w: &mut Worker, frames: &[Vec<u8>], seconds: f64, stop: Option<&AtomicBo
 /// `event_cost_ns_per_created_session`). The collector's formatting runs
 /// on another thread in the daemon and is not in these figures.
 fn event_benches(a: &Args, frames: &[Vec<u8>], off: f64) {
-    let rates = EventRates {
-        session_rate: 100_000_000,
-        session_burst: 100_000_000,
-        ..EventRates::default()
-    };
-    let with_events = |table: TableConfig| {
-        let base = node(true, true, table);
-        let hub = EventHub::new(rates);
-        let shared = Arc::new(Shared {
-            events: Some(hub.clone()),
-            neighbors: base.neighbors.clone(),
-            ..Shared::new(
-                base.cfg.clone(),
-                base.table.clone(),
-                base.roles.clone(),
-                base.deltas.clone(),
-            )
-        });
-        (Worker::new(shared), hub)
-    };
     let (mut w, hub) = with_events(TableConfig::default());
     create_sessions(&mut w, frames);
     let on = rate(&mut w, frames, a.seconds, None);
     emit(a.json, "core_pps_events_on", on, "pps");
     emit(a.json, "events_on_established_ratio", on / off, "ratio");
     drop(hub);
-    // 60,000 new UDP flows (distinct source ports) per pass.
-    let new_flows: Vec<Vec<u8>> = (0..60_000u32)
-        .map(|i| client_udp(1024 + (i % 60_000) as u16, 7000, 18))
-        .collect();
+    let new_flows = new_flow_frames(60_000);
     let creation = |events: bool| {
         let mut best = 0f64;
         for _ in 0..3 {
-            let table = TableConfig {
-                capacity: 1 << 17,
-                ..TableConfig::default()
-            };
-            let (mut w, hub) = if events {
-                let (w, hub) = with_events(table);
-                (w, Some(hub))
-            } else {
-                (Worker::new(node(true, true, table)), None)
-            };
-            let mut b = Bursts::new();
-            let mut drained = Vec::new();
             let start = Instant::now();
-            for burst in new_flows.chunks(BURST) {
-                assert_eq!(b.run(&mut w, burst, Arrival::Wire(T)), burst.len());
-                if let Some(h) = &hub {
-                    h.drain(&mut drained);
-                    drained.clear();
-                }
-            }
+            let hub = create_flows(&new_flows, events);
             best = best.max(new_flows.len() as f64 / start.elapsed().as_secs_f64());
             if let Some(h) = &hub {
                 let (produced, queued) = h.stats.count(EventKind::SessionCreate);
@@ -458,6 +433,61 @@ fn event_benches(a: &Args, frames: &[Vec<u8>], off: f64) {
         (1e9 / on - 1e9 / off).max(0.0),
         "ns",
     );
+}
+
+/// A primary worker whose events go to a hub that queues every create
+/// (limits set far above any rate here).
+fn with_events(table: TableConfig) -> (Worker, Arc<EventHub>) {
+    let rates = EventRates {
+        session_rate: 100_000_000,
+        session_burst: 100_000_000,
+        ..EventRates::default()
+    };
+    let base = node(true, true, table);
+    let hub = EventHub::new(rates);
+    let shared = Arc::new(Shared {
+        events: Some(hub.clone()),
+        neighbors: base.neighbors.clone(),
+        ..Shared::new(
+            base.cfg.clone(),
+            base.table.clone(),
+            base.roles.clone(),
+            base.deltas.clone(),
+        )
+    });
+    (Worker::new(shared), hub)
+}
+
+/// `n` (≤ 64,512) first packets of distinct UDP flows.
+fn new_flow_frames(n: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| client_udp(1024 + i as u16, 7000, 18))
+        .collect()
+}
+
+/// Creates one session per frame into an empty table, with events queued
+/// (and drained after each burst, as the collector would) or off.
+fn create_flows(frames: &[Vec<u8>], events: bool) -> Option<Arc<EventHub>> {
+    let table = TableConfig {
+        capacity: 1 << 17,
+        ..TableConfig::default()
+    };
+    let (mut w, hub) = if events {
+        let (w, hub) = with_events(table);
+        (w, Some(hub))
+    } else {
+        (Worker::new(node(true, true, table)), None)
+    };
+    let mut b = Bursts::new();
+    let mut drained = Vec::new();
+    for burst in frames.chunks(BURST) {
+        assert_eq!(b.run(&mut w, burst, Arrival::Wire(T)), burst.len());
+        if let Some(h) = &hub {
+            h.drain(&mut drained);
+            drained.clear();
+        }
+    }
+    hub
 }
 
 /// Creates one session per frame (first packets through the worker).
@@ -659,14 +689,27 @@ fn count_packets(n: u64, tcp: bool) {
 
 /// Instructions of this binary run with `--count-packets n` under callgrind.
 fn callgrind_instructions(n: u64, tcp: bool) -> Result<u64, String> {
+    let n = n.to_string();
+    let mut args = vec!["--count-packets", &n];
+    if tcp {
+        args.push("--tcp");
+    }
+    callgrind_run(&args)
+}
+
+/// Instructions of this binary run with `args` under callgrind.
+fn callgrind_run(args: &[&str]) -> Result<u64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = std::env::temp_dir().join(format!("fwd-bench-cg-{}-{n}.out", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "fwd-bench-cg-{}-{}.out",
+        std::process::id(),
+        args.join("_").replace('-', "")
+    ));
     let status = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(&exe)
-        .args(["--count-packets", &n.to_string()])
-        .args(tcp.then_some("--tcp"))
+        .args(args)
         .output()
         .map_err(|e| format!("valgrind (apt package valgrind): {e}"))?;
     if !status.status.success() {
@@ -687,6 +730,37 @@ fn callgrind_instructions(n: u64, tcp: bool) -> Result<u64, String> {
 }
 
 fn instruction_bench(a: &Args) -> Result<(), String> {
+    // Session creation, events off and on: 10,000 vs 40,000 new flows.
+    let (few, many) = (10_000u64, 40_000u64);
+    let mut per = [0f64; 2];
+    for (i, events) in [false, true].into_iter().enumerate() {
+        let mode = if events {
+            "--count-creates-events"
+        } else {
+            "--count-creates"
+        };
+        let i0 = callgrind_run(&[mode, &few.to_string()])?;
+        let i1 = callgrind_run(&[mode, &many.to_string()])?;
+        per[i] = i1.saturating_sub(i0) as f64 / (many - few) as f64;
+    }
+    emit(
+        a.json,
+        "core_instructions_per_created_session",
+        per[0],
+        "instructions",
+    );
+    emit(
+        a.json,
+        "core_instructions_per_created_session_events_on",
+        per[1],
+        "instructions",
+    );
+    emit(
+        a.json,
+        "event_instructions_per_created_session",
+        per[1] - per[0],
+        "instructions",
+    );
     let (small, large) = (100_000u64, 400_000u64);
     for (tcp, name) in [
         (false, "core_instructions_per_packet"),
@@ -1059,6 +1133,10 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(n) = a.count_packets {
         count_packets(n, a.tcp);
+        return std::process::ExitCode::SUCCESS;
+    }
+    if let Some((n, events)) = a.count_creates {
+        create_flows(&new_flow_frames(n), events);
         return std::process::ExitCode::SUCCESS;
     }
     core_benches(&a);
