@@ -776,13 +776,7 @@ mod tests {
 
     fn with_mirror(interface: &str, rate: u32, output: &str) -> Result<Compiled, String> {
         let mut cfg = crate::testbed::sample_config();
-        let mut port = cfg.interfaces[0].clone();
-        port.name = "mon0".into();
-        port.device = "m0".into();
-        port.zone = "trust".into();
-        port.reth = None;
-        port.addresses = vec![];
-        cfg.interfaces.push(port);
+        cfg.interfaces.push(crate::testbed::mirror_port());
         cfg.mirror.push(MirrorConfig {
             name: "tap".into(),
             interface: interface.into(),

@@ -196,19 +196,10 @@ fn tcp_mappings_admit_no_unsolicited_syn_whatever_the_filtering() {
     assert_eq!(read(r.core.table()).len(), 1);
 }
 
-/// A policy letting trust reach trust over UDP (hairpinned traffic stays
-/// inside, and the policy between the two hosts' zones governs it).
+/// Hairpinned traffic stays inside: the policy between the two hosts'
+/// zones governs it.
 fn inside_udp(c: &mut DataplaneConfig) {
-    c.policies.push(PolicyConfig {
-        name: "inside-udp".into(),
-        from_zone: "trust".into(),
-        to_zone: "trust".into(),
-        source: vec![],
-        destination: vec![],
-        protocol: Some("udp".into()),
-        ports: vec![],
-        action: PolicyAction::Permit,
-    });
+    c.policies.push(crate::testbed::inside_udp_policy());
 }
 
 #[test]

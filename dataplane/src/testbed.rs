@@ -13,8 +13,8 @@
 
 use crate::afxdp::{FabricHook, NoFabric};
 use crate::config::{
-    Compiled, DataplaneConfig, DnatRule, InterfaceConfig, PolicyAction, PolicyConfig, RethConfig,
-    SnatRule,
+    Compiled, DataplaneConfig, DnatRule, InterfaceConfig, MirrorConfig, PolicyAction, PolicyConfig,
+    RethConfig, SnatRule,
 };
 use crate::core::CoreStats;
 use crate::delta::delta_queues;
@@ -164,6 +164,46 @@ pub fn hairpin_web_policy() -> PolicyConfig {
         ports: vec!["80".into()],
         action: PolicyAction::Permit,
     }
+}
+
+/// Inside hosts may reach each other over UDP (trust -> trust): what
+/// hairpinning between two inside hosts through their NAT mappings needs.
+pub fn inside_udp_policy() -> PolicyConfig {
+    PolicyConfig {
+        name: "inside-udp".into(),
+        from_zone: "trust".into(),
+        to_zone: "trust".into(),
+        source: vec![],
+        destination: vec![],
+        protocol: Some("udp".into()),
+        ports: vec![],
+        action: PolicyAction::Permit,
+    }
+}
+
+/// A mirror output port: `mon0` on device `m0`, no addresses.
+pub fn mirror_port() -> InterfaceConfig {
+    InterfaceConfig {
+        name: "mon0".into(),
+        device: "m0".into(),
+        zone: "trust".into(),
+        addresses: vec![],
+        reth: None,
+        mtu: None,
+        vlan: None,
+        tcp_mss: None,
+    }
+}
+
+/// Adds [`mirror_port`] and a mirror of reth0's port to it, 1 in `rate`.
+pub fn add_reth0_mirror(cfg: &mut DataplaneConfig, rate: u32) {
+    cfg.interfaces.push(mirror_port());
+    cfg.mirror.push(MirrorConfig {
+        name: "tap".into(),
+        interface: "reth0".into(),
+        rate,
+        output: "mon0".into(),
+    });
 }
 
 /// The sample policy of the diagram above.

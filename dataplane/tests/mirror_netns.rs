@@ -5,10 +5,9 @@
 //! (network namespaces, XDP); skips with the reason otherwise.
 
 use std::time::{Duration, Instant};
-use tandem_dataplane::config::{InterfaceConfig, MirrorConfig};
 use tandem_dataplane::frames::{L4, build};
 use tandem_dataplane::os;
-use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns, sh};
+use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, add_reth0_mirror, in_ns, sh};
 
 fn skip() -> bool {
     if let Err(why) = os::privileged() {
@@ -59,22 +58,7 @@ fn packet_socket(dev: &str) -> i32 {
 /// reth0's port to it, 1 in `rate`.
 fn mirror_spec(rate: u32) -> FirewallSpec {
     let mut spec = FirewallSpec::sample();
-    spec.config.interfaces.push(InterfaceConfig {
-        name: "mon0".into(),
-        device: "m0".into(),
-        zone: "trust".into(),
-        addresses: vec![],
-        reth: None,
-        mtu: None,
-        vlan: None,
-        tcp_mss: None,
-    });
-    spec.config.mirror.push(MirrorConfig {
-        name: "tap".into(),
-        interface: "reth0".into(),
-        rate,
-        output: "mon0".into(),
-    });
+    add_reth0_mirror(&mut spec.config, rate);
     spec
 }
 

@@ -10,10 +10,10 @@
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tandem_dataplane::config::{NatFiltering, PolicyAction, PolicyConfig};
+use tandem_dataplane::config::NatFiltering;
 use tandem_dataplane::core::DropReason;
 use tandem_dataplane::os;
-use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, sh};
+use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, inside_udp_policy, sh};
 
 fn skip() -> bool {
     if let Err(why) = os::privileged() {
@@ -94,21 +94,6 @@ fn natdiscovery(ns: &str, flags: &[&str]) -> String {
     text
 }
 
-/// Inside hosts may reach each other over UDP (the hairpin test's
-/// second packet stays inside).
-fn inside_udp() -> PolicyConfig {
-    PolicyConfig {
-        name: "inside-udp".into(),
-        from_zone: "trust".into(),
-        to_zone: "trust".into(),
-        source: vec![],
-        destination: vec![],
-        protocol: Some("udp".into()),
-        ports: vec![],
-        action: PolicyAction::Permit,
-    }
-}
-
 #[test]
 fn rfc5780_discovery_reports_endpoint_independent_mapping_and_the_configured_filtering() {
     if skip() {
@@ -147,7 +132,8 @@ fn rfc5780_discovery_reports_endpoint_independent_mapping_and_the_configured_fil
         ]);
         let mut spec = FirewallSpec::sample();
         spec.config.snat[0].filtering = mode;
-        spec.config.policies.push(inside_udp());
+        // The hairpin test's second packet stays inside.
+        spec.config.policies.push(inside_udp_policy());
         let fw = Firewall::start_with(fw_ns, spec);
         let _stun = Stun::start(server);
         let report = natdiscovery(client, &["-m", "-f", "-H"]);

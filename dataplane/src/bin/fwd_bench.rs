@@ -54,7 +54,6 @@ use std::time::{Duration, Instant};
 use tandem_dataplane::afxdp::IoStats;
 use tandem_dataplane::afxdp::{FabricHook, FabricInbound};
 use tandem_dataplane::config::Compiled;
-use tandem_dataplane::config::MirrorConfig;
 use tandem_dataplane::core::{Arrival, Verdict};
 use tandem_dataplane::delta::delta_queues;
 use tandem_dataplane::events::{EventHub, EventKind, EventRates};
@@ -66,7 +65,9 @@ use tandem_dataplane::session::{
     self, Addr, InterfaceId, Millis, SessionTable, TableConfig, lock, read,
 };
 use tandem_dataplane::tcp;
-use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo, in_ns, sample_config, sh};
+use tandem_dataplane::testbed::{
+    Firewall, FirewallSpec, Topo, add_reth0_mirror, in_ns, sample_config, sh,
+};
 use tandem_dataplane::worker::{Shared, Worker};
 use tandem_fabric::header::OVERHEAD;
 use tandem_fabric::{FabricMap, Link, RgOwner};
@@ -999,18 +1000,7 @@ fn mirror_run(a: &Args, topo: &Topo, flows: u16, plain: f64, rate: u32, suffix: 
         workers: Some(1),
         ..FirewallSpec::sample()
     };
-    let mut port = spec.config.interfaces[0].clone();
-    port.name = "mon0".into();
-    port.device = "m0".into();
-    port.reth = None;
-    port.addresses = vec![];
-    spec.config.interfaces.push(port);
-    spec.config.mirror.push(MirrorConfig {
-        name: "tap".into(),
-        interface: "reth0".into(),
-        rate,
-        output: "mon0".into(),
-    });
+    add_reth0_mirror(&mut spec.config, rate);
     let fw = Firewall::start_with(fw_ns, spec);
     let m = measure(topo, flows, a.seconds);
     let io = fw.dataplane().health.workers();
