@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tandem_dataplane::config::{Compiled, DataplaneConfig};
+use tandem_dataplane::session::{TableConfig, Watermarks};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,6 +248,43 @@ pub struct SessionSection {
     pub preallocate: bool,
     /// Per-RG delta queue bound (keys).
     pub delta_queue: usize,
+    /// Table pressure, in percent of capacity: from the high watermark new
+    /// sessions evict unestablished ones first and sessions idle longer
+    /// than `early_ageout_ms` expire, until the table is back at the low
+    /// one.
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: u8,
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: u8,
+    #[serde(default = "default_early_ageout_ms")]
+    pub early_ageout_ms: u32,
+}
+
+fn default_high_watermark() -> u8 {
+    Watermarks::default().high_pct
+}
+fn default_low_watermark() -> u8 {
+    Watermarks::default().low_pct
+}
+fn default_early_ageout_ms() -> u32 {
+    Watermarks::default().early_ageout_ms
+}
+
+impl SessionSection {
+    /// The table configuration these bounds give.
+    pub fn table(&self, address_counts: bool) -> TableConfig {
+        TableConfig {
+            capacity: self.capacity,
+            preallocate: self.preallocate,
+            watermarks: Watermarks {
+                high_pct: self.high_watermark,
+                low_pct: self.low_watermark,
+                early_ageout_ms: self.early_ageout_ms,
+            },
+            address_counts,
+            ..TableConfig::default()
+        }
+    }
 }
 
 impl Default for SessionSection {
@@ -255,6 +293,9 @@ impl Default for SessionSection {
             capacity: 1 << 20,
             preallocate: true,
             delta_queue: 65_536,
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+            early_ageout_ms: default_early_ageout_ms(),
         }
     }
 }

@@ -32,9 +32,7 @@ use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
 use tandem_dataplane::events::EventHub;
 use tandem_dataplane::fabric_hook::FabricForwarder;
 use tandem_dataplane::os;
-use tandem_dataplane::session::{
-    Clock, InterfaceId, SessionTable, SharedTable, TableConfig, monotonic_clock,
-};
+use tandem_dataplane::session::{Clock, InterfaceId, SessionTable, SharedTable, monotonic_clock};
 use tandem_dataplane::supervisor::{Dataplane, Health, HookFactory, PoolConfig, PortSpec};
 use tandem_dataplane::worker::{Neighbors, Shared};
 use tandem_dataplane::xdp::{PortMode, XdpCounters};
@@ -173,11 +171,9 @@ fn rg_devices(cfg: &NodeConfig, rg: RgId) -> Vec<String> {
 pub async fn run(cfg: NodeConfig) -> Result<(), String> {
     let compiled = Arc::new(Compiled::new(&cfg.dataplane)?);
     let clock = monotonic_clock();
-    let table: SharedTable = tandem_dataplane::session::shared(SessionTable::new(TableConfig {
-        capacity: cfg.sessions.capacity,
-        preallocate: cfg.sessions.preallocate,
-        ..TableConfig::default()
-    }));
+    let table: SharedTable = tandem_dataplane::session::shared(SessionTable::new(
+        cfg.sessions.table(compiled.needs_address_counts()),
+    ));
     let (producer, consumers) = delta_queues(&cfg.rgs(), cfg.sessions.delta_queue);
     let (sync, cluster) = start_cluster(&cfg, table.clone(), consumers, clock.clone()).await?;
     tandem_dataplane::session::lock(&table).set_close_log(true);

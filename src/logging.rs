@@ -26,7 +26,7 @@ use tandem_dataplane::session::{self, SessionKey};
 use tandem_proto::RoleMap;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Recent events kept for `show security log`.
 pub const RING: usize = 1024;
@@ -148,6 +148,7 @@ pub fn text(e: &FlowEvent, f: &[(&'static str, String)]) -> String {
         EventKind::SessionCreate => "session created".to_string(),
         EventKind::SessionClose => format!("session closed {}:", get("reason")),
         EventKind::PolicyDeny => "session denied".to_string(),
+        EventKind::ScreenDrop => format!("screen {} dropped", get("attack-name")),
     };
     let mut s = format!(
         "{head} {} {nat} protocol {} policy {} {}->{} session {} on {}",
@@ -203,6 +204,9 @@ const PRI_NOTICE: u8 = 8 + 5;
 
 impl Record {
     pub fn of_event(e: &FlowEvent, cfg: &Compiled, roles: &RoleMap, node: u8) -> Record {
+        if let Some(kind) = e.screen {
+            return screen_record(e, kind, cfg, node);
+        }
         let fields = fields(e, cfg, roles, node);
         Record {
             pri: if e.kind == EventKind::PolicyDeny {
@@ -214,6 +218,87 @@ impl Record {
             text: text(e, &fields),
             fields,
         }
+    }
+}
+
+/// A screen drop as Junos logs it (RT_SCREEN_TCP/UDP/ICMP/SESSION_LIMIT:
+/// attack, packet, zone, interface, action).
+fn screen_record(
+    e: &FlowEvent,
+    kind: tandem_dataplane::screen::ScreenKind,
+    cfg: &Compiled,
+    node: u8,
+) -> Record {
+    let zone = cfg.zone_name(e.key.zone).to_string();
+    let iface = cfg
+        .iface(e.ingress_if)
+        .map_or("?", |i| i.name.as_str())
+        .to_string();
+    let screen = cfg
+        .screen(e.key.zone)
+        .map_or("?", |s| s.name.as_str())
+        .to_string();
+    let fields = vec![
+        ("attack-name", kind.as_str().to_string()),
+        ("source-address", e.key.src.to_string()),
+        ("source-port", e.key.src_port.to_string()),
+        ("destination-address", e.key.dst.to_string()),
+        ("destination-port", e.key.dst_port.to_string()),
+        ("protocol-id", e.key.proto.to_string()),
+        ("source-zone-name", zone.clone()),
+        ("interface-name", iface.clone()),
+        ("screen-name", screen),
+        ("action", "drop".to_string()),
+        ("node", format!("node{node}")),
+    ];
+    let text = format!(
+        "screen {} dropped {}/{}->{}/{} protocol {} zone {zone} on {iface} node{node}",
+        kind.as_str(),
+        e.key.src,
+        e.key.src_port,
+        e.key.dst,
+        e.key.dst_port,
+        e.key.proto,
+    );
+    Record {
+        pri: PRI_NOTICE,
+        msgid: kind.msgid(),
+        fields,
+        text,
+    }
+}
+
+/// The session table crossing a watermark, as a log record: above the
+/// high one (early drop and early ageing start) or back at the low one.
+pub fn table_pressure(
+    entered: bool,
+    sessions: usize,
+    (high, low): (usize, usize),
+    node: u8,
+) -> Record {
+    let (state, mark) = if entered {
+        ("high", high)
+    } else {
+        ("low", low)
+    };
+    Record {
+        pri: if entered { PRI_NOTICE } else { PRI_INFO },
+        msgid: "TANDEM_SESSION_TABLE_PRESSURE",
+        fields: vec![
+            ("watermark", state.to_string()),
+            ("watermark-sessions", mark.to_string()),
+            ("sessions", sessions.to_string()),
+            ("node", format!("node{node}")),
+        ],
+        text: if entered {
+            format!(
+                "session table above its high watermark ({sessions} >= {high}): early drop and early ageing on node{node}"
+            )
+        } else {
+            format!(
+                "session table back at its low watermark ({sessions} <= {low}): early drop and early ageing off node{node}"
+            )
+        },
     }
 }
 
@@ -566,8 +651,27 @@ pub async fn run(node: Arc<Node>, mut collector: Collector) {
     let mut buf = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     let mut roles_seen = RoleMap::default();
+    let mut pressure_seen = false;
     loop {
         tick.tick().await;
+        let (pressure, sessions, marks) = {
+            let t = session::read(&node.table);
+            (t.under_pressure(), t.len(), t.watermark_sessions())
+        };
+        if pressure != pressure_seen {
+            let r = table_pressure(pressure, sessions, marks, node.cfg.node.id);
+            if pressure {
+                warn!(
+                    sessions,
+                    high = marks.0,
+                    "session table pressure: early drop and ageing on"
+                );
+            } else {
+                info!(sessions, low = marks.1, "session table pressure over");
+            }
+            collector.emit(&r, wall_ms());
+            pressure_seen = pressure;
+        }
         let roles_now = node.cluster.role_swap().load_full();
         for r in role_changes(&roles_seen, &roles_now, node.cfg.node.id) {
             collector.emit(&r, wall_ms());

@@ -66,9 +66,8 @@ impl TestNode {
         let now = (self.clock)();
         let t = lock(&self.table);
         let mut v: Vec<SyncedSession> = t
-            .export_rg(rg)
-            .map(|r| {
-                let mut s = r.to_synced(now);
+            .export_synced(rg, now)
+            .map(|mut s| {
                 s.age_ms = 0;
                 s.idle_ms = 0;
                 s

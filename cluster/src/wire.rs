@@ -35,6 +35,10 @@ pub const UPSERT_V4: u8 = 1;
 pub const UPSERT_V6: u8 = 2;
 pub const DELETE_V4: u8 = 3;
 pub const DELETE_V6: u8 = 4;
+/// An upsert of a SYN-proxied session: the same record followed by its
+/// 4-byte sequence shift.
+pub const UPSERT_SHIFTED_V4: u8 = 5;
+pub const UPSERT_SHIFTED_V6: u8 = 6;
 
 const fn key_len(v4: bool) -> usize {
     // src, dst, src_port, dst_port, proto, zone
@@ -50,6 +54,8 @@ pub const fn record_len(kind: u8) -> Option<usize> {
     match kind {
         UPSERT_V4 => Some(1 + 2 * key_len(true) + SESSION_TAIL),
         UPSERT_V6 => Some(1 + 2 * key_len(false) + SESSION_TAIL),
+        UPSERT_SHIFTED_V4 => Some(1 + 2 * key_len(true) + SESSION_TAIL + 4),
+        UPSERT_SHIFTED_V6 => Some(1 + 2 * key_len(false) + SESSION_TAIL + 4),
         DELETE_V4 => Some(1 + key_len(true)),
         DELETE_V6 => Some(1 + key_len(false)),
         _ => None,
@@ -57,7 +63,7 @@ pub const fn record_len(kind: u8) -> Option<usize> {
 }
 
 /// The largest record: what a writer reserves per session.
-pub const MAX_RECORD: usize = 1 + 2 * key_len(false) + SESSION_TAIL;
+pub const MAX_RECORD: usize = 1 + 2 * key_len(false) + SESSION_TAIL + 4;
 
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +88,12 @@ fn put_key(out: &mut BytesMut, k: &SessionKey, v4: bool) {
 /// Appends an upsert record for `s`.
 pub fn put_upsert(out: &mut BytesMut, s: &SyncedSession) {
     let v4 = s.key.is_v4();
-    out.put_u8(if v4 { UPSERT_V4 } else { UPSERT_V6 });
+    out.put_u8(match (v4, s.seq_shift.is_some()) {
+        (true, false) => UPSERT_V4,
+        (false, false) => UPSERT_V6,
+        (true, true) => UPSERT_SHIFTED_V4,
+        (false, true) => UPSERT_SHIFTED_V6,
+    });
     put_key(out, &s.key, v4);
     put_key(out, &s.reverse, v4);
     out.put_u16(s.owner_rg.0);
@@ -97,6 +108,9 @@ pub fn put_upsert(out: &mut BytesMut, s: &SyncedSession) {
     out.put_u64(s.counters.fwd_bytes);
     out.put_u64(s.counters.rev_packets);
     out.put_u64(s.counters.rev_bytes);
+    if let Some(d) = s.seq_shift {
+        out.put_u32(d);
+    }
 }
 
 /// Appends a delete record for the session whose forward key is `k`.
@@ -165,7 +179,7 @@ impl Fields<'_> {
     }
 }
 
-fn session(f: &mut Fields<'_>, v4: bool) -> Result<SyncedSession, WireError> {
+fn session(f: &mut Fields<'_>, v4: bool, shifted: bool) -> Result<SyncedSession, WireError> {
     let key = f.key(v4, "key")?;
     let reverse = f.key(v4, "reverse")?;
     if key.proto != reverse.proto {
@@ -183,6 +197,9 @@ fn session(f: &mut Fields<'_>, v4: bool) -> Result<SyncedSession, WireError> {
     let state = f.u8();
     let tcp_state =
         TcpState::from_u8(state).ok_or_else(|| bad(format!("tcp_state {state} unknown")))?;
+    if shifted && key.proto != 6 {
+        return Err(bad("sequence shift on a session that is not TCP"));
+    }
     Ok(SyncedSession {
         key,
         reverse,
@@ -200,6 +217,7 @@ fn session(f: &mut Fields<'_>, v4: bool) -> Result<SyncedSession, WireError> {
             rev_packets: f.u64(),
             rev_bytes: f.u64(),
         },
+        seq_shift: shifted.then(|| f.u32()),
     })
 }
 
@@ -259,7 +277,11 @@ impl<'a> RecordReader<'a> {
             at: 1,
         };
         let rec = match kind {
-            UPSERT_V4 | UPSERT_V6 => session(&mut f, kind == UPSERT_V4).map(Record::Upsert),
+            UPSERT_V4 | UPSERT_V6 | UPSERT_SHIFTED_V4 | UPSERT_SHIFTED_V6 => {
+                let v4 = kind == UPSERT_V4 || kind == UPSERT_SHIFTED_V4;
+                let shifted = kind >= UPSERT_SHIFTED_V4;
+                session(&mut f, v4, shifted).map(Record::Upsert)
+            }
             _ => f.key(kind == DELETE_V4, "key").map(Record::Delete),
         };
         match rec {
@@ -319,6 +341,7 @@ mod tests {
                 rev_packets: 3,
                 rev_bytes: 4,
             },
+            seq_shift: None,
         }
     }
 
@@ -349,7 +372,8 @@ mod tests {
         }
         assert_eq!(record_len(UPSERT_V4), Some(94));
         assert_eq!(record_len(UPSERT_V6), Some(142));
-        assert_eq!(MAX_RECORD, 142);
+        assert_eq!(record_len(UPSERT_SHIFTED_V6), Some(146));
+        assert_eq!(MAX_RECORD, 146);
     }
 
     fn upsert_bytes(s: &SyncedSession) -> Vec<u8> {
@@ -388,6 +412,42 @@ mod tests {
             err_of(&two, 2)
         );
         assert_eq!(read_all(&[], 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn shifted_upsert_round_trips_and_a_shift_on_udp_is_refused() {
+        for v6 in [false, true] {
+            let s = SyncedSession {
+                seq_shift: Some(0xdead_beef),
+                ..sample(v6)
+            };
+            let mut b = BytesMut::new();
+            put_upsert(&mut b, &s);
+            assert_eq!(
+                b[0],
+                if v6 {
+                    UPSERT_SHIFTED_V6
+                } else {
+                    UPSERT_SHIFTED_V4
+                }
+            );
+            assert_eq!(Some(b.len()), record_len(b[0]));
+            let got: Vec<_> = RecordReader::new(&b, 1).collect();
+            assert_eq!(got, vec![Ok(Record::Upsert(s))]);
+        }
+        let mut udp = SyncedSession {
+            seq_shift: Some(1),
+            ..sample(false)
+        };
+        udp.key.proto = 17;
+        udp.reverse.proto = 17;
+        let mut b = BytesMut::new();
+        put_upsert(&mut b, &udp);
+        let got: Vec<_> = RecordReader::new(&b, 1).collect();
+        assert!(
+            matches!(&got[..], [Err(e)] if e.0.contains("sequence shift")),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -454,6 +514,8 @@ mod tests {
                             rev_packets: c[2],
                             rev_bytes: c[3],
                         },
+                        // A shift on TCP only (the reader refuses others).
+                        seq_shift: (pr == 6 && to % 2 == 0).then_some(age as u32),
                     })
                 },
             )

@@ -84,7 +84,7 @@ async fn connection_killed_mid_bulk_deletes_nothing_and_next_bulk_converges() {
                 .insert(stale_session(RG1, i), now(&p.nodes[1]))
                 .unwrap();
             t.apply_peer_upsert(
-                &stale_src.get(h).unwrap().to_synced(now(&p.nodes[1])),
+                &stale_src.to_synced(h, now(&p.nodes[1])).unwrap(),
                 now(&p.nodes[1]),
                 None,
             )
@@ -134,7 +134,7 @@ async fn stale_dnat_companions_are_reconciled_only_in_their_rg() {
         let mut t = lock(&p.nodes[1].table);
         for i in 500_000..500_050 {
             let h = src.insert(stale_session(RG1, i), now(&p.nodes[1])).unwrap();
-            let s = src.get(h).unwrap().to_synced(now(&p.nodes[1]));
+            let s = src.to_synced(h, now(&p.nodes[1])).unwrap();
             stale.push(src.get(h).unwrap().clone());
             t.apply_peer_upsert(&s, now(&p.nodes[1]), None).unwrap();
         }

@@ -3,6 +3,7 @@
 //! config; `Compiled` is the lookup form the packet core reads.
 
 use crate::packet::Mac;
+use crate::screen::{Screen, ScreenConfig};
 use crate::session::{Addr, InterfaceId, PolicyId, SessionKey, ZoneId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -271,6 +272,9 @@ pub struct DataplaneConfig {
     /// as received out of another port.
     #[serde(default)]
     pub mirror: Vec<MirrorConfig>,
+    /// Screen profiles, one per ingress zone at most ([`crate::screen`]).
+    #[serde(default)]
+    pub screen: Vec<ScreenConfig>,
 }
 
 /// One port mirror (`[[dataplane.mirror]]`).
@@ -486,6 +490,8 @@ pub struct Compiled {
     pub garp_count: u32,
     pub garp_interval_ms: u64,
     pub mirrors: Vec<Mirror>,
+    /// Screens by ingress zone (index = zone id - 1).
+    pub screens: Vec<Option<Screen>>,
 }
 
 impl Compiled {
@@ -691,8 +697,21 @@ impl Compiled {
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.dest.len128()));
         let mirrors = compile_mirrors(&cfg.mirror, &ifaces)?;
+        let mut screens: Vec<Option<Screen>> = vec![None; zones.len()];
+        for c in &cfg.screen {
+            let zone = known_zone(&c.zone, &format!("screen {}", c.name), &zones)?;
+            let slot = &mut screens[usize::from(zone.0) - 1];
+            if let Some(other) = slot {
+                return Err(format!(
+                    "screen {}: zone {} has screen {} already",
+                    c.name, c.zone, other.name
+                ));
+            }
+            *slot = Some(Screen::compile(c, zone)?);
+        }
         Ok(Compiled {
             mirrors,
+            screens,
             ifaces,
             zones,
             policies,
@@ -704,6 +723,23 @@ impl Compiled {
             garp_count: cfg.garp_count.unwrap_or(DEFAULT_GARP_COUNT),
             garp_interval_ms: cfg.garp_interval_ms.unwrap_or(DEFAULT_GARP_INTERVAL_MS),
         })
+    }
+
+    /// The screen of packets arriving from zone `z`, if it has one.
+    #[inline]
+    pub fn screen(&self, z: ZoneId) -> Option<&Screen> {
+        self.screens
+            .get(usize::from(z.0).wrapping_sub(1))
+            .and_then(Option::as_ref)
+    }
+
+    /// Whether any screen limits sessions per address (the table must
+    /// then keep address counts).
+    pub fn needs_address_counts(&self) -> bool {
+        self.screens
+            .iter()
+            .flatten()
+            .any(Screen::has_session_limits)
     }
 
     pub fn zone_name(&self, z: ZoneId) -> &str {

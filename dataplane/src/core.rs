@@ -29,9 +29,11 @@ use crate::events::{EventKind, FlowEvent};
 use crate::frag::{DatagramKey, Fate, FragError, FragTable};
 use crate::icmp::{self, IcmpError, TokenBucket};
 use crate::packet::{self, ETH_HLEN, Family, Ip, Mac, ParseError};
+use crate::screen::{self, Screen, ScreenKind};
 use crate::session::{
-    Addr, Direction, InsertError, InterfaceId, Mapping, Millis, NatBinding, NewSession, PolicyId,
-    SessionHandle, SessionKey, SessionTable, SnatRequest, TcpState, TcpTrack, proto,
+    Addr, Direction, InsertError, InterfaceId, Mapping, Millis, Nat, NatBinding, NewSession,
+    PolicyId, Proxy, SessionHandle, SessionKey, SessionTable, SnatRequest, TcpState, TcpTrack,
+    establishes, proto,
 };
 use crate::tcp;
 use rustc_hash::FxHashMap;
@@ -97,10 +99,18 @@ pub enum DropReason {
     /// An unsolicited packet to a source-NAT mapping that the SNAT rule's
     /// filtering does not admit (RFC 4787 REQ-8).
     NatFiltered,
+    /// Refused by the ingress zone's screen (which one: its counters).
+    Screen,
+    /// A handshake segment the SYN proxy consumed (the client's cookie
+    /// ACK, answered onward with the proxy's own SYN).
+    SynProxyHandshake,
+    /// A segment of a proxied session while the proxy's handshake with
+    /// the server runs (the sender retransmits it).
+    SynProxyPending,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 32] = [
+    pub const ALL: [DropReason; 35] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::VlanTagged,
@@ -133,6 +143,9 @@ impl DropReason {
         DropReason::TcpBadFlags,
         DropReason::TcpSynAckMismatch,
         DropReason::NatFiltered,
+        DropReason::Screen,
+        DropReason::SynProxyHandshake,
+        DropReason::SynProxyPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -169,6 +182,9 @@ impl DropReason {
             DropReason::TcpBadFlags => "tcp-bad-flags",
             DropReason::TcpSynAckMismatch => "tcp-synack-mismatch",
             DropReason::NatFiltered => "nat-filtered",
+            DropReason::Screen => "screen",
+            DropReason::SynProxyHandshake => "syn-proxy-handshake",
+            DropReason::SynProxyPending => "syn-proxy-pending",
         }
     }
 }
@@ -273,7 +289,7 @@ impl CoreStats {
             nat_filter_admitted: AtomicU64::new(0),
             exclusive_bursts: AtomicU64::new(0),
             outbox_dropped: AtomicU64::new(0),
-            drops: Default::default(),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
             policy_hits: (0..policies).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -731,6 +747,11 @@ impl Core {
             }
             Err(_) => return Ok(self.drop(DropReason::Malformed)),
         };
+        if let Some(s) = self.cfg.screen(ifc.zone)
+            && let Some(k) = s.check_packet(f, &ip)
+        {
+            return Ok(self.screened(s, k, f, &ip, ifc, cx));
+        }
         if ip.frag.is_some() {
             return self.fragment(f, &mut ip, ifc, cx);
         }
@@ -1130,6 +1151,11 @@ impl Core {
             .get(h.handle)
             .expect("looked up under this borrow");
         let (key, nat, owner, state) = (r.key, r.nat(), r.owner_rg, r.tcp_state);
+        let proxy = if r.proxied() {
+            cx.table.get().proxy(h.handle)
+        } else {
+            None
+        };
         let role = cx.env.roles.get(&owner).copied();
         let tag = tcp_tag(role.as_ref());
         let was = if key.proto == proto::TCP {
@@ -1148,18 +1174,38 @@ impl Core {
         if let Some(v) = self.mtu_check(f, ip, ifc, out, cx) {
             return Ok(v);
         }
+        if let Some(Proxy::Pending { cookie, client_isn }) = proxy {
+            return self.proxy_pending(f, ip, ifc, &h, (key, nat, owner), (cookie, client_isn), cx);
+        }
+        // A proxied session's server numbers its bytes from its own ISN,
+        // the client from the cookie: tracked in the server's numbering,
+        // the frame translated once nothing can refuse it any more.
+        let shift = match proxy {
+            Some(Proxy::Shift(d)) => d,
+            _ => 0,
+        };
         // TCP: the segment is judged against the session's windows (learned
         // in the owner RG's current epoch) before anything is changed.
         let mut w = was;
         let mut next = state;
+        let mut flags = 0;
         if key.proto == proto::TCP && ip.has_l4() {
-            let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
+            let Some(mut seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
                 return Ok(self.drop(DropReason::Malformed));
             };
+            flags = seg.flags;
+            if h.dir == Direction::Forward && seg.flags & tcp::ACK != 0 {
+                seg.ack = seg.ack.wrapping_add(shift);
+            }
             match tcp::track(&mut w, state, h.dir, &seg) {
                 tcp::Outcome::Accept(n) => next = n,
                 tcp::Outcome::Pass => bump(&self.stats.tcp_passed, 1),
-                tcp::Outcome::Challenge(c) => return Ok(self.challenge_ack(f, ip, ifc, c, cx)),
+                tcp::Outcome::Challenge(mut c) => {
+                    if h.dir == Direction::Forward {
+                        c.seq = c.seq.wrapping_sub(shift);
+                    }
+                    return Ok(self.challenge_ack(f, ip, ifc, c, cx));
+                }
                 tcp::Outcome::Invalid(why) => return Ok(self.drop(tcp_drop(why))),
             }
             if seg.flags & tcp::SYN != 0 {
@@ -1172,7 +1218,7 @@ impl Core {
             // structure (the timer may move): before the frame is touched.
             let t = cx.table.exclusive()?;
             t.set_tcp_state(h.handle, next, now);
-            if owner.is_data() {
+            if owner.is_data() && t.get(h.handle).is_some_and(|r| r.is_replicated()) {
                 cx.fx.deltas.push((owner, key));
             }
         }
@@ -1186,29 +1232,282 @@ impl Core {
             r.tcp.store(tag, &was, &w);
         }
         t.touch(h.handle, h.dir, len, now);
-        match h.dir {
-            Direction::Forward => {
-                if let Some((a, p)) = nat.snat {
-                    packet::set_addr(f, ip, false, &a.0);
-                    packet::set_port(f, ip, false, p);
-                }
-                if let Some((a, p)) = nat.dnat {
-                    packet::set_addr(f, ip, true, &a.0);
-                    packet::set_port(f, ip, true, p);
-                }
-            }
-            Direction::Reverse => {
-                if nat.snat.is_some() {
-                    packet::set_addr(f, ip, true, &key.src.0);
-                    packet::set_port(f, ip, true, key.src_port);
-                }
-                if nat.dnat.is_some() {
-                    packet::set_addr(f, ip, false, &key.dst.0);
-                    packet::set_port(f, ip, false, key.dst_port);
-                }
+        if shift != 0 && ip.has_l4() {
+            match h.dir {
+                Direction::Forward if flags & tcp::ACK != 0 => tcp::shift_u32(f, ip.l4, 8, shift),
+                Direction::Forward => {}
+                Direction::Reverse => tcp::shift_u32(f, ip.l4, 4, shift.wrapping_neg()),
             }
         }
+        translate(f, ip, h.dir, &key, nat);
         Ok(self.forward(f, ip, cx))
+    }
+
+    // ----- screens and the SYN proxy ------------------------------------
+
+    /// Drops a packet a screen refused: counted (by screen and reason) and
+    /// logged as a screen event.
+    fn screened(
+        &self,
+        s: &Screen,
+        k: ScreenKind,
+        f: &[u8],
+        ip: &Ip,
+        ifc: &Iface,
+        cx: &mut Cx,
+    ) -> Verdict {
+        s.state.stats.count(k);
+        let (src_port, dst_port) = if ip.has_l4() {
+            packet::ports(f, ip).unwrap_or((0, 0))
+        } else {
+            (0, 0)
+        };
+        let key = packet_key(ip, (src_port, dst_port), ifc);
+        cx.fx.events.push(FlowEvent {
+            kind: EventKind::ScreenDrop,
+            reason: None,
+            screen: Some(k),
+            session_id: 0,
+            key,
+            reverse: key,
+            policy: PolicyId(0),
+            ingress_if: ifc.id,
+            egress_if: ifc.id,
+            owner_rg: ifc.rg().unwrap_or(RgId(0)),
+            counters: Default::default(),
+            created: cx.env.now,
+            at: cx.env.now,
+        });
+        self.drop(DropReason::Screen)
+    }
+
+    /// Answers a SYN to a destination under attack with a cookie SYN-ACK
+    /// from the destination it was sent to; nothing is created. MSS is the
+    /// only option offered (and only when the frame has room for it).
+    fn syn_cookie(
+        &self,
+        s: &Screen,
+        f: &mut [u8],
+        ip: &Ip,
+        ifc: &Iface,
+        key: &SessionKey,
+        cx: &Cx,
+    ) -> Verdict {
+        let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let mss = screen::syn_mss(f, ip.l4, ip.end);
+        let cookie = s.cookie(key, seg.seq, mss, cx.env.now);
+        let family_overhead = if ip.family == Family::V4 { 40 } else { 60 };
+        let ours = ifc.mtu.saturating_sub(family_overhead).min(1460);
+        let reply = |mss| tcp::Bare {
+            seq: cookie,
+            ack: seg.seq.wrapping_add(1),
+            flags: tcp::SYN | tcp::ACK,
+            win: 65_535,
+            mss,
+        };
+        let smac = ifc.tx_mac();
+        let Some(len) = tcp::build_reply(f, ip, smac, &reply(Some(ours)))
+            .or_else(|| tcp::build_reply(f, ip, smac, &reply(None)))
+        else {
+            return self.drop(DropReason::Malformed);
+        };
+        s.state.stats.cookies_sent.fetch_add(1, Ordering::Relaxed);
+        Verdict::Reply { len }
+    }
+
+    /// A bare ACK with no session: whether it completes a cookie handshake
+    /// (counted when it does not).
+    fn cookie_ack(
+        &self,
+        s: &Screen,
+        f: &[u8],
+        ip: &Ip,
+        key: &SessionKey,
+        now: Millis,
+    ) -> Option<CookieAck> {
+        let seg = tcp::Segment::parse(f, ip.l4, ip.end)?;
+        if seg.flags & (tcp::SYN | tcp::RST | tcp::FIN | tcp::ACK) != tcp::ACK {
+            return None;
+        }
+        let client_isn = seg.seq.wrapping_sub(1);
+        let cookie = seg.ack.wrapping_sub(1);
+        let Some(mss) = s.check_cookie(key, client_isn, cookie, now) else {
+            s.state
+                .stats
+                .cookies_invalid
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        Some(CookieAck {
+            cookie,
+            client_isn,
+            mss,
+            win: seg.win,
+        })
+    }
+
+    /// The session of a valid cookie ACK exists: the proxy now opens the
+    /// connection to the server with the client's ISN and the cookie's
+    /// MSS. The ACK itself is consumed.
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_open(
+        &self,
+        s: &Screen,
+        h: SessionHandle,
+        c: CookieAck,
+        f: &[u8],
+        ip: &Ip,
+        owner: RgId,
+        cx: &mut Cx,
+    ) -> Verdict {
+        if let Ok(t) = cx.table.exclusive() {
+            t.set_proxy(
+                h,
+                Proxy::Pending {
+                    cookie: c.cookie,
+                    client_isn: c.client_isn,
+                },
+            );
+        }
+        s.state.stats.cookies_valid.fetch_add(1, Ordering::Relaxed);
+        let syn = tcp::Bare {
+            seq: c.client_isn,
+            ack: 0,
+            flags: tcp::SYN,
+            win: c.win,
+            mss: Some(c.mss),
+        };
+        self.proxy_send(f, ip, &syn, Some((h, owner)), cx);
+        self.drop(DropReason::SynProxyHandshake)
+    }
+
+    /// Sends segment `b` onward in the direction of the frame `f` carries
+    /// (already translated), routed like it; `learn`: the session whose
+    /// windows learn it (the proxy's SYN).
+    fn proxy_send(
+        &self,
+        f: &[u8],
+        ip: &Ip,
+        b: &tcp::Bare,
+        learn: Option<(SessionHandle, RgId)>,
+        cx: &mut Cx,
+    ) {
+        let l4 = ip.l3 + if ip.family == Family::V4 { 20 } else { 40 };
+        let mut v = vec![0u8; l4 + 24];
+        let n = ip.end.min(v.len());
+        v[..n].copy_from_slice(&f[..n]);
+        let Some(len) = tcp::build_onward(&mut v, ip, b) else {
+            return;
+        };
+        v.truncate(len);
+        let Ok(out_ip) = parse_ip(&v, packet::be16(&v, 12).unwrap_or(0)) else {
+            return;
+        };
+        if let Some((h, owner)) = learn
+            && let Some(seg) = tcp::Segment::parse(&v, out_ip.l4, out_ip.end)
+            && let Some(r) = cx.table.get().get(h)
+        {
+            let mut w = tcp::Windows::default();
+            if let tcp::Outcome::Accept(_) =
+                tcp::track(&mut w, TcpState::None, Direction::Forward, &seg)
+            {
+                r.tcp
+                    .store(tcp_tag(cx.env.roles.get(&owner)), &Default::default(), &w);
+            }
+        }
+        match self.forward(&mut v, &out_ip, cx) {
+            Verdict::Tx { iface, len } => {
+                v.truncate(len);
+                self.queue(cx.fx, iface, v);
+            }
+            Verdict::FabricEgress { rg, iface, len } => {
+                v.truncate(len);
+                self.queue_fabric(cx.fx, FabricOut::Egress { rg, iface }, v);
+            }
+            _ => {}
+        }
+    }
+
+    /// A segment of a proxied session whose server handshake runs: the
+    /// server's SYN-ACK completes it (answered with the proxy's ACK, the
+    /// shift fixed, the session established and synced); its RST is passed
+    /// to the client in the client's numbering and closes the session;
+    /// anything else waits (dropped, retransmitted by its sender).
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_pending(
+        &self,
+        f: &mut [u8],
+        ip: &mut Ip,
+        ifc: &Iface,
+        h: &Hit,
+        (key, nat, owner): (SessionKey, Nat, RgId),
+        (cookie, client_isn): (u32, u32),
+        cx: &mut Cx,
+    ) -> Result<Verdict, NeedsExclusive> {
+        let now = cx.env.now;
+        let stats = self.cfg.screen(key.zone).map(|s| &s.state.stats);
+        let seg = match tcp::Segment::parse(f, ip.l4, ip.end) {
+            Some(seg) if ip.has_l4() && h.dir == Direction::Reverse => seg,
+            Some(_) => {
+                if let Some(st) = stats {
+                    st.proxy_early_segments.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(self.drop(DropReason::SynProxyPending));
+            }
+            None => return Ok(self.drop(DropReason::Malformed)),
+        };
+        let answers_syn = seg.flags & tcp::ACK != 0 && seg.ack == client_isn.wrapping_add(1);
+        let synack = seg.flags & (tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN) == tcp::SYN | tcp::ACK;
+        if answers_syn && seg.flags & tcp::RST != 0 {
+            let t = cx.table.exclusive()?;
+            t.set_tcp_state(h.handle, TcpState::Closed, now);
+            if let Some(st) = stats {
+                st.proxy_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            // The client's numbering: the RST lands on the cookie's next.
+            tcp::shift_u32(f, ip.l4, 4, cookie.wrapping_add(1).wrapping_sub(seg.seq));
+            translate(f, ip, Direction::Reverse, &key, nat);
+            return Ok(self.forward(f, ip, cx));
+        }
+        if !(answers_syn && synack) {
+            return Ok(self.drop(DropReason::SynProxyPending));
+        }
+        let t = cx.table.exclusive()?;
+        t.set_proxy(h.handle, Proxy::Shift(seg.seq.wrapping_sub(cookie)));
+        t.set_tcp_state(h.handle, TcpState::Established, now);
+        t.touch(h.handle, h.dir, (ip.end - ip.l3) as u32, now);
+        if owner.is_data() {
+            cx.fx.deltas.push((owner, key));
+        }
+        if let Some(st) = stats {
+            st.proxy_established.fetch_add(1, Ordering::Relaxed);
+        }
+        // The windows learn the server's SYN-ACK and the proxy's ACK.
+        let tag = tcp_tag(cx.env.roles.get(&owner));
+        let r = cx.table.get().get(h.handle);
+        let was = r.map(|r| r.tcp.load(tag)).unwrap_or_default();
+        let mut w = was;
+        let _ = tcp::track(&mut w, TcpState::SynSent, Direction::Reverse, &seg);
+        let ack = tcp::Bare {
+            seq: client_isn.wrapping_add(1),
+            ack: seg.seq.wrapping_add(1),
+            flags: tcp::ACK,
+            win: w.sides[0].win,
+            mss: None,
+        };
+        let Some(len) = tcp::build_reply(f, ip, ifc.tx_mac(), &ack) else {
+            return Ok(self.drop(DropReason::Malformed));
+        };
+        let l4 = ip.l3 + if ip.family == Family::V4 { 20 } else { 40 };
+        if let Some(a) = tcp::Segment::parse(f, l4, len) {
+            let _ = tcp::track(&mut w, TcpState::SynReceived, Direction::Forward, &a);
+        }
+        if let Some(r) = r {
+            r.tcp.store(tag, &was, &w);
+        }
+        Ok(Verdict::Reply { len })
     }
 
     fn first_packet(
@@ -1277,12 +1576,21 @@ impl Core {
             proto::ICMPV6 => f.get(ip.l4) == Some(&128),
             _ => true,
         };
-        if !starts {
+        let screen = cfg.screen(ifc.zone);
+        // A bare ACK to a destination its zone's screen answers SYNs of
+        // with cookies may complete a cookie handshake.
+        let cookie_ack = match screen {
+            Some(s) if !starts && s.syn_attack.is_some() && key.proto == proto::TCP => {
+                self.cookie_ack(s, f, ip, &key, now)
+            }
+            _ => None,
+        };
+        if !starts && cookie_ack.is_none() {
             return Ok(self.drop(DropReason::NoSession));
         }
         // A SYN's windows are learned from it (and a SYN no endpoint sends
         // is refused) before anything is created.
-        let syn = if key.proto == proto::TCP && ip.has_l4() {
+        let syn = if cookie_ack.is_none() && key.proto == proto::TCP && ip.has_l4() {
             let Some(seg) = tcp::Segment::parse(f, ip.l4, ip.end) else {
                 return Ok(self.drop(DropReason::Malformed));
             };
@@ -1299,6 +1607,7 @@ impl Core {
         let deny = |policy| FlowEvent {
             kind: EventKind::PolicyDeny,
             reason: None,
+            screen: None,
             session_id: 0,
             key,
             reverse: SessionKey {
@@ -1331,7 +1640,18 @@ impl Core {
             return Ok(v);
         }
         // Creating the session is the first change: from here on the
-        // frame needs exclusive access.
+        // frame needs exclusive access. The screen meters it only now, so
+        // a frame run again with exclusive access is counted once.
+        let counts = cx.table.exclusive()?.address_counts(&key.src, &key.dst);
+        if let Some(s) = screen
+            && cookie_ack.is_none()
+        {
+            match s.check_new(&key, counts, now) {
+                Err(k) => return Ok(self.screened(s, k, f, ip, ifc, cx)),
+                Ok(true) if syn.is_some() => return Ok(self.syn_cookie(s, f, ip, ifc, &key, cx)),
+                Ok(_) => {}
+            }
+        }
         let t = cx.table.exclusive()?;
         bump(hits, 1);
         let snat = cfg
@@ -1357,6 +1677,11 @@ impl Core {
                 addr,
                 ports: HAIRPIN_PORTS,
             }));
+        let new_state = if key.proto == proto::TCP {
+            TcpState::SynSent
+        } else {
+            TcpState::None
+        };
         let new = NewSession {
             key,
             egress_zone: out.zone,
@@ -1366,11 +1691,7 @@ impl Core {
             egress_if: out.id,
             owner_rg: owner,
             policy: policy.id,
-            tcp_state: if key.proto == proto::TCP {
-                TcpState::SynSent
-            } else {
-                TcpState::None
-            },
+            tcp_state: new_state,
         };
         let inserted = t.insert(new, now).map(|h| {
             let r = t.get(h).expect("inserted");
@@ -1384,18 +1705,16 @@ impl Core {
         };
         bump(&self.stats.sessions_created, 1);
         cx.fx.events.push(created);
-        if owner.is_data() {
+        // A TCP session is synced once its handshake completes (its state
+        // change queues it then).
+        if owner.is_data() && establishes(key.proto, new_state) {
             cx.fx.deltas.push((owner, key));
         }
-        if let Some((a, p)) = nat.snat {
-            packet::set_addr(f, ip, false, &a.0);
-            packet::set_port(f, ip, false, p);
-        }
-        if let Some((a, p)) = nat.dnat {
-            packet::set_addr(f, ip, true, &a.0);
-            packet::set_port(f, ip, true, p);
-        }
+        translate(f, ip, Direction::Forward, &key, nat);
         t.touch(handle, Direction::Forward, (ip.end - ip.l3) as u32, now);
+        if let (Some(s), Some(c)) = (screen, cookie_ack) {
+            return Ok(self.proxy_open(s, handle, c, f, ip, owner, cx));
+        }
         if let Some(w) = syn {
             let tag = tcp_tag(cx.env.roles.get(&owner));
             if let Some(r) = cx.table.get().get(handle) {
@@ -1889,6 +2208,42 @@ impl Core {
 
 /// The address a node sources from on `out`: the reth's VIP of the family,
 /// else its own.
+/// A cookie ACK that proved its handshake: what the proxy opens the
+/// server's connection with.
+#[derive(Clone, Copy, Debug)]
+struct CookieAck {
+    cookie: u32,
+    client_isn: u32,
+    mss: u16,
+    win: u16,
+}
+
+/// Applies a session's NAT to a packet travelling in `dir`.
+fn translate(f: &mut [u8], ip: &mut Ip, dir: Direction, key: &SessionKey, nat: Nat) {
+    match dir {
+        Direction::Forward => {
+            if let Some((a, p)) = nat.snat {
+                packet::set_addr(f, ip, false, &a.0);
+                packet::set_port(f, ip, false, p);
+            }
+            if let Some((a, p)) = nat.dnat {
+                packet::set_addr(f, ip, true, &a.0);
+                packet::set_port(f, ip, true, p);
+            }
+        }
+        Direction::Reverse => {
+            if nat.snat.is_some() {
+                packet::set_addr(f, ip, true, &key.src.0);
+                packet::set_port(f, ip, true, key.src_port);
+            }
+            if nat.dnat.is_some() {
+                packet::set_addr(f, ip, false, &key.dst.0);
+                packet::set_port(f, ip, false, key.dst_port);
+            }
+        }
+    }
+}
+
 fn egress_address(out: &Iface, v4: bool) -> Option<Addr> {
     out.reth
         .iter()

@@ -124,6 +124,7 @@ fn config() -> DataplaneConfig {
         garp_count: None,
         garp_interval_ms: None,
         mirror: vec![],
+        screen: vec![],
     }
 }
 
@@ -337,10 +338,11 @@ fn tcp_handshake_through_snat_and_back() {
     let c = rec.counters();
     assert_eq!((c.fwd_packets, c.rev_packets), (2, 1));
     drop(t);
-    // Creation and each state change queued a delta for RG1.
+    // The handshake's completion queued the one delta for RG1 (half-open
+    // sessions are not synced).
     let mut keys = Vec::new();
     r.consumers[0].try_recv_many(&mut keys, 10);
-    assert_eq!(keys, vec![key, key, key]);
+    assert_eq!(keys, vec![key]);
 }
 
 #[test]
@@ -841,12 +843,56 @@ fn rst_closes_and_expiry_emits_a_delete_delta() {
     assert!(matches!(run(&mut r, &mut rst, U), Verdict::Tx { .. }));
     let mut keys = Vec::new();
     r.consumers[0].try_recv_many(&mut keys, 10);
-    assert_eq!(keys.len(), 2, "create + state change");
+    assert!(keys.is_empty(), "reset in its handshake: never synced");
     assert_eq!(
         r.core.expire(Millis(NOW.0 + 60_000)),
         1,
         "closed sessions go after the short timeout"
     );
+    r.consumers[0].try_recv_many(&mut keys, 10);
+    assert!(keys.is_empty(), "no delete for what the peer never had");
+    // An established connection was synced: its expiry reaches the peer.
+    let handshake = [
+        (
+            T,
+            build(
+                VMAC_T,
+                CLIENT_MAC,
+                v4("10.1.0.10"),
+                v4("192.0.2.100"),
+                64,
+                &tcp(packet::TCP_SYN, 40001, 443),
+            ),
+        ),
+        (
+            U,
+            build(
+                VMAC_U,
+                SERVER_MAC,
+                v4("192.0.2.100"),
+                v4("192.0.2.1"),
+                64,
+                &tcp(packet::TCP_SYN | packet::TCP_ACK, 443, 40001),
+            ),
+        ),
+        (
+            T,
+            build(
+                VMAC_T,
+                CLIENT_MAC,
+                v4("10.1.0.10"),
+                v4("192.0.2.100"),
+                64,
+                &tcp(packet::TCP_ACK, 40001, 443),
+            ),
+        ),
+    ];
+    for (i, mut f) in handshake {
+        assert!(matches!(run(&mut r, &mut f, i), Verdict::Tx { .. }));
+    }
+    r.consumers[0].try_recv_many(&mut keys, 10);
+    assert_eq!(keys.len(), 1, "established");
+    assert_eq!(r.core.expire(Millis(NOW.0 + 2_000_000)), 1);
     keys.clear();
     r.consumers[0].try_recv_many(&mut keys, 10);
     assert_eq!(keys.len(), 1, "delete delta");
@@ -1196,3 +1242,6 @@ mod nat_behaviour;
 
 #[path = "core_event_tests.rs"]
 mod events;
+
+#[path = "core_screen_tests.rs"]
+mod screens;

@@ -16,6 +16,7 @@
 //! both nodes hold, so the close a new primary logs after a failover
 //! carries the id the old primary's create did.
 
+use crate::screen::ScreenKind;
 use crate::session::{
     FlowCounters, InterfaceId, Millis, Nat, PolicyId, RemoveReason, SessionKey, SessionRecord,
     TcpState, ZoneId, nat_of,
@@ -35,13 +36,16 @@ pub enum EventKind {
     SessionCreate = 0,
     SessionClose = 1,
     PolicyDeny = 2,
+    /// A packet a zone's screen refused ([`crate::screen`]).
+    ScreenDrop = 3,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [
+    pub const ALL: [EventKind; 4] = [
         EventKind::SessionCreate,
         EventKind::SessionClose,
         EventKind::PolicyDeny,
+        EventKind::ScreenDrop,
     ];
 
     /// The Junos RT_FLOW message id it corresponds to.
@@ -50,6 +54,7 @@ impl EventKind {
             EventKind::SessionCreate => "RT_FLOW_SESSION_CREATE",
             EventKind::SessionClose => "RT_FLOW_SESSION_CLOSE",
             EventKind::PolicyDeny => "RT_FLOW_SESSION_DENY",
+            EventKind::ScreenDrop => "RT_SCREEN",
         }
     }
 
@@ -58,6 +63,7 @@ impl EventKind {
             EventKind::SessionCreate => "session-create",
             EventKind::SessionClose => "session-close",
             EventKind::PolicyDeny => "policy-deny",
+            EventKind::ScreenDrop => "screen-drop",
         }
     }
 }
@@ -74,6 +80,8 @@ pub enum CloseReason {
     Reconcile,
     /// Dropped with the whole table (the dataplane stopped).
     Flushed,
+    /// Evicted unestablished to make room above the high watermark.
+    EarlyDrop,
 }
 
 impl CloseReason {
@@ -85,6 +93,7 @@ impl CloseReason {
             CloseReason::Cleared => "cleared",
             CloseReason::Reconcile => "reconcile",
             CloseReason::Flushed => "flushed",
+            CloseReason::EarlyDrop => "early-drop",
         }
     }
 
@@ -101,6 +110,7 @@ impl CloseReason {
             RemoveReason::Closed => CloseReason::Cleared,
             RemoveReason::Reconciled => CloseReason::Reconcile,
             RemoveReason::Flushed => CloseReason::Flushed,
+            RemoveReason::EarlyDropped => CloseReason::EarlyDrop,
             RemoveReason::PeerDelete | RemoveReason::Replaced => return None,
         })
     }
@@ -113,6 +123,8 @@ pub struct FlowEvent {
     pub kind: EventKind,
     /// Closes only.
     pub reason: Option<CloseReason>,
+    /// Screen drops only: what the screen refused.
+    pub screen: Option<ScreenKind>,
     pub session_id: u64,
     /// The first packet as it arrived (pre-NAT, ingress zone).
     pub key: SessionKey,
@@ -156,6 +168,7 @@ impl FlowEvent {
         FlowEvent {
             kind,
             reason: None,
+            screen: None,
             session_id: session_id(&r.key),
             key: r.key,
             reverse: r.reverse,
@@ -258,9 +271,9 @@ impl EventDrop {
 /// reason. Shared by every producer and the collector.
 #[derive(Debug, Default)]
 pub struct EventStats {
-    pub produced: [AtomicU64; 3],
-    pub queued: [AtomicU64; 3],
-    pub dropped: [[AtomicU64; 3]; 3],
+    pub produced: [AtomicU64; EventKind::ALL.len()],
+    pub queued: [AtomicU64; EventKind::ALL.len()],
+    pub dropped: [[AtomicU64; EventKind::ALL.len()]; EventDrop::ALL.len()],
 }
 
 impl EventStats {
@@ -352,9 +365,12 @@ impl EventLimiter {
     pub fn allow(&mut self, e: &FlowEvent) -> bool {
         let now_us = e.at.0.saturating_mul(1000);
         let r = self.rates;
-        let (rate, burst) = match e.kind {
-            EventKind::PolicyDeny => (r.deny_rate, r.deny_burst),
-            _ => (r.session_rate, r.session_burst),
+        // Screen drops are denies: an attack's, limited the same way.
+        let deny = matches!(e.kind, EventKind::PolicyDeny | EventKind::ScreenDrop);
+        let (rate, burst) = if deny {
+            (r.deny_rate, r.deny_burst)
+        } else {
+            (r.session_rate, r.session_burst)
         };
         let zone_ok = self
             .limits
@@ -362,7 +378,7 @@ impl EventLimiter {
             .or_default()
             .allow(now_us, rate, burst);
         zone_ok
-            && (e.kind != EventKind::PolicyDeny
+            && (!deny
                 || self
                     .deny_total
                     .allow(now_us, r.deny_total_rate, r.deny_burst))
@@ -415,6 +431,7 @@ mod tests {
         FlowEvent {
             kind,
             reason: None,
+            screen: None,
             session_id: session_id(&key),
             key,
             reverse: key,

@@ -16,6 +16,7 @@ pub mod frames;
 pub mod icmp;
 pub mod os;
 pub mod packet;
+pub mod screen;
 pub mod session;
 pub mod supervisor;
 pub mod tcp;

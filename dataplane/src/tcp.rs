@@ -426,59 +426,127 @@ pub fn clamp_mss(f: &mut [u8], l4: usize, end: usize, mss: u16) -> bool {
     true
 }
 
-/// Rewrites the RST in `f` into challenge ACK `c` to its sender: addresses
-/// and ports swapped, a bare 20-byte header, TTL/hop limit 64; the frame's
-/// new length. `None` if the frame is too short for it.
-pub fn build_challenge_ack(f: &mut [u8], ip: &Ip, smac: Mac, c: Challenge) -> Option<usize> {
+/// A bare segment the firewall itself sends (a challenge ACK, a SYN
+/// cookie's SYN-ACK, the SYN proxy's SYN and ACK): 20 bytes of header, or
+/// 24 with an MSS option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bare {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub win: u16,
+    pub mss: Option<u16>,
+}
+
+/// Rewrites the segment in `f` into `b` sent back to its sender:
+/// addresses, ports and MACs swapped (`smac` ours), TTL/hop limit 64, no
+/// IP options or extension headers; the frame's new length. `None` if the
+/// frame is too short for it.
+pub fn build_reply(f: &mut [u8], ip: &Ip, smac: Mac, b: &Bare) -> Option<usize> {
     let (sport, dport) = (
         packet::be16(f, ip.l4).ok()?,
         packet::be16(f, ip.l4 + 2).ok()?,
     );
+    let dmac = packet::mac_at(f, 6).ok()?;
+    let end = write_bare(f, ip, (ip.dst, dport), (ip.src, sport), b)?;
+    packet::set_macs(f, dmac, smac);
+    Some(end)
+}
+
+/// Rewrites the segment in `f` into `b` in its own direction (same
+/// addresses and ports, link layer untouched); the frame's new length.
+/// `None` if `f` is too short (the caller sizes a copy for 24 bytes of
+/// header).
+pub fn build_onward(f: &mut [u8], ip: &Ip, b: &Bare) -> Option<usize> {
+    let (sport, dport) = (
+        packet::be16(f, ip.l4).ok()?,
+        packet::be16(f, ip.l4 + 2).ok()?,
+    );
+    write_bare(f, ip, (ip.src, sport), (ip.dst, dport), b)
+}
+
+/// Writes an IP header (`src` to `dst`) and bare TCP segment `b` at
+/// `ip.l3`; where the frame ends.
+fn write_bare(
+    f: &mut [u8],
+    ip: &Ip,
+    (src, sport): ([u8; 16], u16),
+    (dst, dport): ([u8; 16], u16),
+    b: &Bare,
+) -> Option<usize> {
     let l4 = ip.l3 + if ip.family == Family::V4 { 20 } else { 40 };
-    let end = l4 + 20;
-    if f.len() < end.max(ip.end) {
+    let hlen = if b.mss.is_some() { 24 } else { 20 };
+    let end = l4 + hlen;
+    if f.len() < end {
         return None;
     }
-    let dmac = packet::mac_at(f, 6).ok()?;
-    packet::set_macs(f, dmac, smac);
-    let reply = Ip {
+    let seg = Ip {
         family: ip.family,
         l3: ip.l3,
         l4,
         end,
         proto: 6,
         ttl: 64,
-        src: ip.dst,
-        dst: ip.src,
+        src,
+        dst,
         frag: None,
     };
     match ip.family {
         Family::V4 => {
             let h = &mut f[ip.l3..l4];
             h.copy_from_slice(&[
-                0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             ]);
-            h[12..16].copy_from_slice(&ip.dst[12..]);
-            h[16..20].copy_from_slice(&ip.src[12..]);
+            h[2..4].copy_from_slice(&((20 + hlen) as u16).to_be_bytes());
+            h[12..16].copy_from_slice(&src[12..]);
+            h[16..20].copy_from_slice(&dst[12..]);
             packet::ipv4_header_checksum(f, ip.l3, 20);
         }
         Family::V6 => {
             let h = &mut f[ip.l3..l4];
-            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
-            h[8..24].copy_from_slice(&ip.dst);
-            h[24..40].copy_from_slice(&ip.src);
+            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, hlen as u8, 6, 64]);
+            h[8..24].copy_from_slice(&src);
+            h[24..40].copy_from_slice(&dst);
         }
     }
     let t = &mut f[l4..end];
-    t[0..2].copy_from_slice(&dport.to_be_bytes());
-    t[2..4].copy_from_slice(&sport.to_be_bytes());
-    t[4..8].copy_from_slice(&c.seq.to_be_bytes());
-    t[8..12].copy_from_slice(&c.ack.to_be_bytes());
-    t[12..20].copy_from_slice(&[5 << 4, ACK, 0, 0, 0, 0, 0, 0]);
-    t[14..16].copy_from_slice(&c.win.to_be_bytes());
-    let sum = packet::l4_checksum(f, &reply, l4 + 16);
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&b.seq.to_be_bytes());
+    t[8..12].copy_from_slice(&b.ack.to_be_bytes());
+    t[12..20].copy_from_slice(&[((hlen / 4) as u8) << 4, b.flags, 0, 0, 0, 0, 0, 0]);
+    t[14..16].copy_from_slice(&b.win.to_be_bytes());
+    if let Some(mss) = b.mss {
+        t[20..22].copy_from_slice(&[2, 4]);
+        t[22..24].copy_from_slice(&mss.to_be_bytes());
+    }
+    let sum = packet::l4_checksum(f, &seg, l4 + 16);
     packet::put16(f, l4 + 16, sum);
     Some(end)
+}
+
+/// Rewrites the RST in `f` into challenge ACK `c` to its sender (see
+/// [`build_reply`]); the frame's new length.
+pub fn build_challenge_ack(f: &mut [u8], ip: &Ip, smac: Mac, c: Challenge) -> Option<usize> {
+    let b = Bare {
+        seq: c.seq,
+        ack: c.ack,
+        flags: ACK,
+        win: c.win,
+        mss: None,
+    };
+    build_reply(f, ip, smac, &b)
+}
+
+/// Adds `delta` to the 32-bit field at `at` (a sequence or acknowledgment
+/// number) of the TCP segment at `l4`, keeping the checksum.
+pub fn shift_u32(f: &mut [u8], l4: usize, at: usize, delta: u32) {
+    let old: [u8; 4] = f[l4 + at..l4 + at + 4].try_into().expect("4 bytes");
+    let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+    f[l4 + at..l4 + at + 4].copy_from_slice(&new);
+    let c = u16::from_be_bytes([f[l4 + 16], f[l4 + 17]]);
+    let c = packet::csum_replace_bytes(c, &old, &new);
+    f[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
 }
 
 #[cfg(test)]

@@ -288,6 +288,7 @@ pub fn sample_config() -> DataplaneConfig {
         garp_count: None,
         garp_interval_ms: None,
         mirror: vec![],
+        screen: vec![],
     }
 }
 
@@ -321,6 +322,9 @@ pub struct FirewallSpec {
     pub workers: Option<usize>,
     /// Replaces the fabric hook of every worker (fault injection).
     pub hooks: Option<HookFactory>,
+    /// The session table's bounds (address counts are turned on when a
+    /// screen of the config needs them).
+    pub table: TableConfig,
 }
 
 impl FirewallSpec {
@@ -332,6 +336,7 @@ impl FirewallSpec {
             fabric: None,
             workers: None,
             hooks: None,
+            table: TableConfig::default(),
         }
     }
 }
@@ -351,7 +356,11 @@ impl Firewall {
     }
 
     pub fn start_with(ns: &str, spec: FirewallSpec) -> Firewall {
-        let table = session::shared(SessionTable::new(TableConfig::default()));
+        let needs_counts = Compiled::new(&spec.config).is_ok_and(|c| c.needs_address_counts());
+        let table = session::shared(SessionTable::new(TableConfig {
+            address_counts: spec.table.address_counts || needs_counts,
+            ..spec.table.clone()
+        }));
         for rg in &spec.primary {
             lock(&table).promote_rg(*rg);
         }

@@ -480,24 +480,44 @@ impl AnnounceSchedule {
     }
 }
 
+/// Slab slots one early-ageing slice looks at (it removes at most
+/// [`SLICE`] of them: a lock hold like every writer's).
+const AGEING_SLICE: usize = 256;
+
 /// Expires idle sessions of `shared`'s table in slices of
 /// [`SLICE`] entries, releasing the write lock between slices so workers
 /// proceed; a delete delta goes out for each expired session of a data RG.
 /// Returns how many expired.
 pub fn expire(shared: &Shared, now: Millis) -> usize {
+    let delete = |r: &session::SessionRecord| {
+        // Never-synced sessions (a TCP handshake) need no delete. A full
+        // queue marks the RG for a bulk, which repairs it.
+        if r.owner_rg.is_data() && r.is_replicated() {
+            let _ = shared.deltas.push(r.owner_rg, r.key);
+        }
+    };
     let mut expired = 0;
     loop {
-        let slice = session::lock_between_bursts(&shared.table).expire_slice(now, SLICE, |r| {
-            if r.owner_rg.is_data() {
-                // A full queue marks the RG for a bulk, which repairs it.
-                let _ = shared.deltas.push(r.owner_rg, r.key);
-            }
-        });
+        let slice = session::lock_between_bursts(&shared.table).expire_slice(now, SLICE, delete);
         expired += slice.expired;
         if slice.done {
-            return expired;
+            break;
         }
     }
+    // Under table pressure, early ageing: at most one pass over the slab
+    // per call, in slices.
+    let mut budget = session::lock_between_bursts(&shared.table).capacity_slots();
+    while budget > 0 {
+        let mut t = session::lock_between_bursts(&shared.table);
+        let slice = t.early_age_slice(now, AGEING_SLICE.min(budget), delete);
+        drop(t);
+        expired += slice.expired;
+        budget = budget.saturating_sub(slice.examined.max(1));
+        if slice.done {
+            break;
+        }
+    }
+    expired
 }
 
 #[cfg(test)]

@@ -329,15 +329,29 @@ fn expiry_in_slices_emits_deletes_and_lets_workers_in_between() {
     let (shared, mut c) = node();
     let mut w = Worker::new(shared.clone());
     let mut verdicts = Vec::new();
-    let syns: Vec<_> = (0..200)
-        .map(|i| from_client(43000 + i, packet::TCP_SYN))
+    // UDP flows: synced from their first datagram.
+    let flows: Vec<_> = (0..200)
+        .map(|i| {
+            build(
+                VMAC_T,
+                CLIENT_MAC,
+                v4("10.1.0.10"),
+                v4("192.0.2.100"),
+                64,
+                &L4::Udp {
+                    sport: 43000 + i,
+                    dport: 53,
+                    payload: b"q".to_vec(),
+                },
+            )
+        })
         .collect();
-    w.burst(&mut frames(syns)[..], NOW, &mut verdicts);
+    w.burst(&mut frames(flows)[..], NOW, &mut verdicts);
     let mut keys = Vec::new();
     c[0].try_recv_many(&mut keys, 1000);
     assert_eq!(keys.len(), 200);
-    let opening = read(&shared.table).config().timeouts.tcp_opening_ms as u64;
-    assert_eq!(expire(&shared, Millis(NOW.0 + opening + 1000)), 200);
+    let udp = read(&shared.table).config().timeouts.udp_ms as u64;
+    assert_eq!(expire(&shared, Millis(NOW.0 + udp + 1000)), 200);
     keys.clear();
     c[0].try_recv_many(&mut keys, 1000);
     assert_eq!(keys.len(), 200, "a delete delta per expired session");
@@ -402,6 +416,7 @@ fn apply_change(t: &mut SessionTable, c: &Change) {
                 age_ms: 1,
                 idle_ms: 1,
                 counters: FlowCounters::default(),
+                seq_shift: None,
             };
             let _ = t.apply_peer_upsert(&s, NOW, None);
         }

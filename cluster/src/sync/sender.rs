@@ -60,6 +60,8 @@ pub struct BatchInfo {
     pub deltas: u64,
     pub upserts: u64,
     pub deletes: u64,
+    /// Deltas of TCP sessions still in their handshake, not sent.
+    pub unreplicated: u64,
     pub bytes: u64,
     /// Replay batches evicted to stay under the bound.
     pub evicted: u64,
@@ -183,9 +185,18 @@ impl RgSender {
                     info.deletes += 1;
                     put_delete(records, key);
                 }
+                // A TCP session still in its handshake is not replicated
+                // (a SYN flood stays off the control link): its delta is
+                // dropped here, and the one its completion queues sends it.
+                Some(r) if !r.is_replicated() => {
+                    info.unreplicated += 1;
+                }
                 Some(r) if r.owner_rg == self.rg && table.is_authoritative(r) => {
+                    let Some(s) = h.and_then(|h| table.to_synced(h, now)) else {
+                        continue;
+                    };
                     info.upserts += 1;
-                    put_upsert(records, &r.to_synced(now));
+                    put_upsert(records, &s);
                 }
                 Some(_) => continue,
             }
@@ -286,7 +297,7 @@ impl RgSender {
         sessions.clear();
         // A bulk carries only what this node is authoritative for.
         let more = table.export_chunk(cursor, max, now, &mut sessions, |r| {
-            table.is_authoritative(r)
+            table.is_authoritative(r) && r.is_replicated()
         });
         let n = sessions.len() as u64;
         if n > 0 {

@@ -125,16 +125,8 @@ impl Pair {
     }
 
     fn converged(&self, rg: RgId) -> bool {
-        let mut a: Vec<SyncedSession> = self
-            .primary
-            .export_rg(rg)
-            .map(|r| r.to_synced(NOW))
-            .collect();
-        let mut b: Vec<SyncedSession> = self
-            .secondary
-            .export_rg(rg)
-            .map(|r| r.to_synced(NOW))
-            .collect();
+        let mut a: Vec<SyncedSession> = self.primary.export_synced(rg, NOW).collect();
+        let mut b: Vec<SyncedSession> = self.secondary.export_synced(rg, NOW).collect();
         a.sort_by_key(|s| s.key);
         b.sort_by_key(|s| s.key);
         a == b
@@ -250,9 +242,8 @@ fn reconcile_removes_stale_nat_companions_only_in_its_rg() {
     for k in &rg2 {
         let r = other
             .primary
-            .get(other.primary.lookup_forward(k).unwrap())
-            .unwrap()
-            .to_synced(NOW);
+            .to_synced(other.primary.lookup_forward(k).unwrap(), NOW)
+            .unwrap();
         p.secondary.apply_peer_upsert(&r, NOW, None).unwrap();
     }
     let stale = p
@@ -412,9 +403,8 @@ fn session_of_another_rg_on_a_stream_is_a_protocol_error() {
     let k = p.insert(RG1, 1);
     let mut s = p
         .primary
-        .get(p.primary.lookup_forward(&k).unwrap())
-        .unwrap()
-        .to_synced(NOW);
+        .to_synced(p.primary.lookup_forward(&k).unwrap(), NOW)
+        .unwrap();
     s.owner_rg = RG2;
     let msg = Msg::DeltaBatch(pb::DeltaBatch {
         rg: 1,
@@ -486,9 +476,8 @@ fn invalid_bulk_chunks_are_rejected_whole() {
     let k = p.insert(RG1, 1);
     let good = p
         .primary
-        .get(p.primary.lookup_forward(&k).unwrap())
-        .unwrap()
-        .to_synced(NOW);
+        .to_synced(p.primary.lookup_forward(&k).unwrap(), NOW)
+        .unwrap();
     let begin = Msg::BulkBegin(pb::BulkBegin {
         rg: 1,
         epoch: 1,

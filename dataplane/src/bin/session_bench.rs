@@ -252,7 +252,7 @@ fn main() {
     // What a secondary does with a bulk: apply the primary's sessions (peer
     // form, every companion) into its own preallocated table in chunks of
     // 512, as the sync receiver does.
-    let synced: Vec<SyncedSession> = table.export_rg(RG1).map(|r| r.to_synced(now)).collect();
+    let synced: Vec<SyncedSession> = table.export_synced(RG1, now).collect();
     let mut peer = SessionTable::new(TableConfig {
         capacity: n,
         preallocate: true,

@@ -22,6 +22,7 @@
 //! between slices ([`SessionTable::expire_slice`],
 //! [`SessionTable::reconcile_chunk`], [`SessionTable::export_chunk`]).
 
+mod addr_counts;
 mod index;
 pub mod key;
 pub mod ports;
@@ -34,10 +35,11 @@ mod wheel;
 #[cfg(test)]
 mod tests;
 
+pub use addr_counts::AddressCounts;
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
 pub use record::{
     Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
-    TcpState, TcpTrack, Timeouts, nat_of, reverse_key,
+    TcpState, TcpTrack, Timeouts, establishes, nat_of, reverse_key,
 };
 pub use shared::{
     SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
@@ -84,6 +86,10 @@ pub struct TableConfig {
     /// Wheel granularity; sessions expire at most one tick late.
     pub wheel_tick_ms: u64,
     pub wheel_buckets: usize,
+    pub watermarks: Watermarks,
+    /// Keep live-session counts per source and destination address (for
+    /// screens' session limits, [`AddressCounts`]).
+    pub address_counts: bool,
     /// Allocate and touch the slab and indexes for `capacity` sessions at
     /// creation: the daemon's memory is then fixed at start, and no insert
     /// (a bulk from the peer, a SYN flood) ever waits on growth or on the
@@ -98,6 +104,8 @@ impl Default for TableConfig {
             timeouts: Timeouts::default(),
             wheel_tick_ms: 250,
             wheel_buckets: 8192,
+            watermarks: Watermarks::default(),
+            address_counts: false,
             preallocate: false,
         }
     }
@@ -146,6 +154,8 @@ pub struct SyncedSession {
     /// Time since the last packet, at the sender, when it was sent.
     pub idle_ms: u64,
     pub counters: FlowCounters,
+    /// A SYN-proxied session's sequence translation ([`Proxy::Shift`]).
+    pub seq_shift: Option<u32>,
 }
 
 impl SyncedSession {
@@ -156,8 +166,9 @@ impl SyncedSession {
 }
 
 impl SessionRecord {
-    /// The one conversion from a record to its peer form.
-    pub fn to_synced(&self, now: Millis) -> SyncedSession {
+    /// The one conversion from a record to its peer form (the table adds
+    /// what it keeps beside the record: [`SessionTable::to_synced`]).
+    fn synced(&self, now: Millis, seq_shift: Option<u32>) -> SyncedSession {
         SyncedSession {
             key: self.key,
             reverse: self.reverse,
@@ -170,9 +181,46 @@ impl SessionRecord {
             age_ms: now.saturating_sub(self.created),
             idle_ms: now.saturating_sub(self.last_seen()),
             counters: self.counters(),
+            seq_shift,
         }
     }
 }
+
+/// A SYN-proxied session's sequence state ([`crate::screen`]): while the
+/// firewall's handshake with the server runs, the cookie it gave the
+/// client and the client's ISN; then the shift from the server's sequence
+/// numbers to the ones the client knows (server ISN - cookie).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    Pending { cookie: u32, client_isn: u32 },
+    Shift(u32),
+}
+
+/// Table pressure: from `high_pct` percent of capacity new sessions first
+/// evict an unestablished one (early drop) and the early-ageing pass
+/// expires sessions idle longer than `early_ageout_ms`, until the table is
+/// back at `low_pct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watermarks {
+    pub high_pct: u8,
+    pub low_pct: u8,
+    pub early_ageout_ms: u32,
+}
+
+impl Default for Watermarks {
+    fn default() -> Watermarks {
+        Watermarks {
+            high_pct: 90,
+            low_pct: 80,
+            early_ageout_ms: 20_000,
+        }
+    }
+}
+
+/// Slab slots an early drop looks at (sequentially from a rotating
+/// cursor), and unestablished candidates among them it compares by age.
+pub const EARLY_DROP_PROBES: usize = 64;
+pub const EARLY_DROP_CANDIDATES: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InsertError {
@@ -225,16 +273,19 @@ pub enum RemoveReason {
     /// Superseded by a peer upsert with other keys or NAT.
     Replaced = 4,
     Flushed = 5,
+    /// Evicted, unestablished, for a new session above the high watermark.
+    EarlyDropped = 6,
 }
 
 impl RemoveReason {
-    pub const ALL: [RemoveReason; 6] = [
+    pub const ALL: [RemoveReason; 7] = [
         RemoveReason::Closed,
         RemoveReason::Expired,
         RemoveReason::PeerDelete,
         RemoveReason::Reconciled,
         RemoveReason::Replaced,
         RemoveReason::Flushed,
+        RemoveReason::EarlyDropped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -245,6 +296,7 @@ impl RemoveReason {
             RemoveReason::Reconciled => "reconciled",
             RemoveReason::Replaced => "replaced",
             RemoveReason::Flushed => "flushed",
+            RemoveReason::EarlyDropped => "early-dropped",
         }
     }
 }
@@ -266,6 +318,15 @@ pub struct TableCounters {
     /// Peer-synced sessions evicted because a newer peer session claimed
     /// their reverse key or NAT binding.
     pub evicted_by_peer: u64,
+    /// Unestablished sessions evicted for a new one above the high
+    /// watermark, and sessions expired early (idle past the early-ageout)
+    /// while above it.
+    pub early_dropped: u64,
+    pub early_aged: u64,
+    /// Times the table went above its high watermark, and back to its low
+    /// one.
+    pub pressure_entered: u64,
+    pub pressure_left: u64,
 }
 
 impl TableCounters {
@@ -371,6 +432,16 @@ pub struct SessionTable {
     /// The wheel tick an interrupted expiry pass is in, and how many of its
     /// bucket's entries (a prefix) are still to examine.
     expiring: Option<(u64, usize)>,
+    /// Sequence state of SYN-proxied sessions, by handle (a companion:
+    /// removed with its session).
+    proxies: FxHashMap<u32, Proxy>,
+    /// Live sessions per address, when kept (`TableConfig::address_counts`).
+    address_counts: Option<Box<AddressCounts>>,
+    /// Above the high watermark (until back at the low one).
+    under_pressure: bool,
+    /// Where the next early drop and early-ageing pass look (slab slots).
+    early_drop_at: usize,
+    ageing_at: usize,
     counters: TableCounters,
 }
 
@@ -525,9 +596,157 @@ impl SessionTable {
             wheel: Wheel::new(cfg.wheel_buckets, cfg.wheel_tick_ms),
             expiring: None,
             _written_below: LineOf(()),
+            proxies: FxHashMap::default(),
+            address_counts: cfg.address_counts.then(Box::default),
+            under_pressure: false,
+            early_drop_at: 0,
+            ageing_at: 0,
             cfg,
             counters: TableCounters::default(),
         }
+    }
+
+    /// The session count at which pressure starts, and where it ends.
+    fn watermarks(&self) -> (usize, usize) {
+        let w = self.cfg.watermarks;
+        let at = |pct: u8| self.cfg.capacity * usize::from(pct.min(100)) / 100;
+        (at(w.high_pct).max(1), at(w.low_pct.min(w.high_pct)))
+    }
+
+    /// Slab slots a full pass over the table visits.
+    pub fn capacity_slots(&self) -> usize {
+        self.slab.capacity()
+    }
+
+    /// The high and low watermarks in sessions.
+    pub fn watermark_sessions(&self) -> (usize, usize) {
+        self.watermarks()
+    }
+
+    /// Whether the table is above its high watermark (and not yet back
+    /// at its low one).
+    pub fn under_pressure(&self) -> bool {
+        self.under_pressure
+    }
+
+    fn update_pressure(&mut self) {
+        let (high, low) = self.watermarks();
+        let n = self.slab.len();
+        if !self.under_pressure && n >= high {
+            self.under_pressure = true;
+            self.counters.pressure_entered += 1;
+        } else if self.under_pressure && n <= low {
+            self.under_pressure = false;
+            self.counters.pressure_left += 1;
+        }
+    }
+
+    /// Live sessions from `src` and to `dst`, if the table keeps counts.
+    pub fn address_counts(&self, src: &Addr, dst: &Addr) -> Option<(u32, u32)> {
+        self.address_counts.as_ref().map(|c| c.get(src, dst))
+    }
+
+    /// The SYN proxy's state of session `h`, if it is proxied.
+    pub fn proxy(&self, h: SessionHandle) -> Option<Proxy> {
+        let r = self.slab.get(h.0 as usize)?;
+        if !r.proxied() {
+            return None;
+        }
+        self.proxies.get(&h.0).copied()
+    }
+
+    /// Sets the SYN proxy's state of session `h`.
+    pub fn set_proxy(&mut self, h: SessionHandle, p: Proxy) {
+        if let Some(r) = self.slab.get_mut(h.0 as usize) {
+            r.flags |= record::PROXIED;
+            self.proxies.insert(h.0, p);
+        }
+    }
+
+    /// Session `h` in peer form: the one conversion, record and what the
+    /// table keeps beside it.
+    pub fn to_synced(&self, h: SessionHandle, now: Millis) -> Option<SyncedSession> {
+        let r = self.slab.get(h.0 as usize)?;
+        Some(r.synced(now, self.seq_shift(h.0, r)))
+    }
+
+    fn seq_shift(&self, h: u32, r: &SessionRecord) -> Option<u32> {
+        match r.proxied().then(|| self.proxies.get(&h)).flatten() {
+            Some(Proxy::Shift(d)) => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// Makes room for one session above the high watermark: evicts the
+    /// oldest unestablished authoritative session among the first
+    /// [`EARLY_DROP_CANDIDATES`] found in [`EARLY_DROP_PROBES`] slots from
+    /// a rotating cursor. Bounded work per insert; false when none was
+    /// found (the insert then proceeds up to capacity).
+    fn early_drop(&mut self) -> bool {
+        let slots = self.slab.capacity().max(1);
+        let mut best: Option<(Millis, usize)> = None;
+        let mut found = 0;
+        for _ in 0..EARLY_DROP_PROBES.min(slots) {
+            let i = self.early_drop_at % slots;
+            self.early_drop_at = i + 1;
+            let Some(r) = self.slab.get(i) else { continue };
+            if !r.is_unestablished() || !self.is_authoritative(r) {
+                continue;
+            }
+            if best.is_none_or(|(c, _)| r.created < c) {
+                best = Some((r.created, i));
+            }
+            found += 1;
+            if found == EARLY_DROP_CANDIDATES {
+                break;
+            }
+        }
+        let Some((_, h)) = best else {
+            return false;
+        };
+        self.remove_handle(h as u32, RemoveReason::EarlyDropped);
+        self.counters.early_dropped += 1;
+        true
+    }
+
+    /// While under pressure, one slice of the early-ageing pass: up to
+    /// `budget` slab slots from where the last slice stopped; authoritative
+    /// sessions idle longer than the early-ageout (or their own timeout)
+    /// go, `on_expired` seeing each first (for its delete delta).
+    pub fn early_age_slice(
+        &mut self,
+        now: Millis,
+        budget: usize,
+        mut on_expired: impl FnMut(&SessionRecord),
+    ) -> ExpireSlice {
+        let mut out = ExpireSlice {
+            done: true,
+            ..ExpireSlice::default()
+        };
+        if !self.under_pressure {
+            return out;
+        }
+        let slots = self.slab.capacity().max(1);
+        let ageout = u64::from(self.cfg.watermarks.early_ageout_ms);
+        for _ in 0..budget.min(slots) {
+            let i = self.ageing_at % slots;
+            self.ageing_at = i + 1;
+            out.examined += 1;
+            let Some(r) = self.slab.get(i) else { continue };
+            let idle = now.saturating_sub(r.last_seen());
+            if !self.is_authoritative(r) || idle < ageout.min(u64::from(r.timeout_ms)) {
+                continue;
+            }
+            on_expired(r);
+            self.remove_handle(i as u32, RemoveReason::Expired);
+            self.counters.early_aged += 1;
+            out.expired += 1;
+            if !self.under_pressure || out.expired == SLICE {
+                break;
+            }
+        }
+        out.done = !self.under_pressure || self.ageing_at.is_multiple_of(slots);
+        out
     }
 
     /// Re-derives the slot addresses after the slab's buffer may have moved
@@ -780,6 +999,14 @@ impl SessionTable {
         self.export_handles(rg).map(|h| &self.slab[h as usize])
     }
 
+    /// The RG's sessions in peer form ([`SessionTable::to_synced`]).
+    pub fn export_synced(&self, rg: RgId, now: Millis) -> impl Iterator<Item = SyncedSession> + '_ {
+        self.export_handles(rg).map(move |h| {
+            let r = &self.slab[h as usize];
+            r.synced(now, self.seq_shift(h, r))
+        })
+    }
+
     /// Makes room for `additional` more sessions (up to the capacity bound)
     /// so a known burst of inserts (a bulk) does not grow and copy the slab
     /// and indexes repeatedly.
@@ -849,6 +1076,9 @@ impl SessionTable {
         if !family_ok {
             return Err(InsertError::InvalidKey);
         }
+        if self.slab.len() >= self.watermarks().0 {
+            self.early_drop();
+        }
         if self.slab.len() >= self.cfg.capacity {
             return Err(InsertError::Capacity);
         }
@@ -911,6 +1141,11 @@ impl SessionTable {
         let timeout_ms = self.cfg.timeouts.for_session(s.key.proto, s.tcp_state);
         let rec = SessionRecord {
             key: s.key,
+            flags: if establishes(s.key.proto, s.tcp_state) {
+                record::REPLICATED
+            } else {
+                0
+            },
             reverse,
             created: now,
             activity: Activity::new(now, FlowCounters::default()),
@@ -948,6 +1183,10 @@ impl SessionTable {
         }
         self.rgs.entry(owner_rg).or_default().push(h);
         self.enqueue(h, due);
+        if let Some(c) = &mut self.address_counts {
+            c.add(&self.slab[h as usize].key);
+        }
+        self.update_pressure();
         SessionHandle(h)
     }
 
@@ -1012,6 +1251,9 @@ impl SessionTable {
             return;
         };
         r.tcp_state = state;
+        if establishes(r.key.proto, state) {
+            r.flags |= record::REPLICATED;
+        }
         r.timeout_ms = timeouts.for_session(r.key.proto, state);
         r.activity.advance(now);
         self.reschedule_if_earlier(h.0, now);
@@ -1074,7 +1316,15 @@ impl SessionTable {
         self.unlink_rg(owner_rg, rg_slot);
         self.dequeue(h);
         self.counters.removed[reason as usize] += 1;
-        self.slab.remove(h as usize)
+        let r = self.slab.remove(h as usize);
+        if r.proxied() {
+            self.proxies.remove(&h);
+        }
+        if let Some(c) = &mut self.address_counts {
+            c.remove(&r.key);
+        }
+        self.update_pressure();
+        r
     }
 
     /// Records the close event of session `h` if this node logs it: it is
@@ -1384,11 +1634,15 @@ impl SessionTable {
                 if let Some(m) = mark {
                     r.bulk_mark = m.0;
                 }
+                self.set_seq_shift(h, s.seq_shift);
                 self.reschedule_if_earlier(h, now);
                 return Ok(PeerApply::Updated);
             }
             self.remove_handle(h, RemoveReason::Replaced);
             outcome = PeerApply::Replaced;
+        }
+        if self.slab.len() >= self.watermarks().0 {
+            self.early_drop();
         }
         if self.slab.len() >= self.cfg.capacity {
             return Err(InsertError::Capacity);
@@ -1405,8 +1659,22 @@ impl SessionTable {
                 return Err(InsertError::NatBindingExists);
             }
         }
-        self.commit_peer(s, probes, created, last_seen, mark, now);
+        let h = self.commit_peer(s, probes, created, last_seen, mark, now);
+        self.set_seq_shift(h.0, s.seq_shift);
         Ok(outcome)
+    }
+
+    /// A synced session's sequence translation (or none).
+    fn set_seq_shift(&mut self, h: u32, shift: Option<u32>) {
+        let r = &mut self.slab[h as usize];
+        match shift {
+            Some(_) => r.flags |= record::PROXIED,
+            None => r.flags &= !record::PROXIED,
+        }
+        match shift {
+            Some(d) => self.proxies.insert(h, Proxy::Shift(d)),
+            None => self.proxies.remove(&h),
+        };
     }
 
     fn evict_peer_conflicts(
@@ -1468,6 +1736,8 @@ impl SessionTable {
         self.commit(
             SessionRecord {
                 key: s.key,
+                // What the peer sends is synced by definition.
+                flags: record::REPLICATED,
                 reverse: s.reverse,
                 created,
                 activity: Activity::new(last_seen, s.counters),
@@ -1664,7 +1934,7 @@ impl SessionTable {
             for &h in &batch[..n] {
                 let r = &self.slab[h as usize];
                 if keep(r) {
-                    out.push(r.to_synced(now));
+                    out.push(r.synced(now, self.seq_shift(h, r)));
                     taken += 1;
                 }
             }
@@ -1681,6 +1951,25 @@ impl SessionTable {
     /// operator's `audit` command.
     pub fn verify_invariants(&self) -> Result<(), String> {
         let n = self.slab.len();
+        if let Some(c) = &self.address_counts
+            && !c.matches(self.slab.iter().map(|(_, r)| &r.key))
+        {
+            return Err("address counts differ from a recount of the table".into());
+        }
+        for &h in self.proxies.keys() {
+            if !self.slab.get(h as usize).is_some_and(|r| r.proxied()) {
+                return Err(format!(
+                    "proxy state of slot {h} without its proxied session"
+                ));
+            }
+        }
+        let proxied = self.slab.iter().filter(|(_, r)| r.proxied()).count();
+        if proxied != self.proxies.len() {
+            return Err(format!(
+                "{proxied} proxied sessions, {} proxy states",
+                self.proxies.len()
+            ));
+        }
         let mut nat_sessions = 0usize;
         let mut per_binding: FxHashMap<NatBinding, u32> = FxHashMap::default();
         for (h, r) in self.slab.iter() {

@@ -84,6 +84,24 @@ impl TcpState {
     }
 }
 
+/// Record flag: a SYN proxy translates the session's sequence numbers.
+pub const PROXIED: u8 = 1;
+/// Record flag: the session is synced to the peer. Set for every session
+/// but a TCP one whose handshake has not completed, and kept from then on
+/// (a connection reset in its handshake never was synced, one reset later
+/// was): a SYN flood must not cross the control link, and a failover
+/// keeps established sessions.
+pub const REPLICATED: u8 = 2;
+
+/// Whether a session of `proto` entering `state` becomes replicated.
+pub fn establishes(proto_num: u8, state: TcpState) -> bool {
+    proto_num != proto::TCP
+        || matches!(
+            state,
+            TcpState::Established | TcpState::FinWait | TcpState::CloseWait | TcpState::TimeWait
+        )
+}
+
 /// Idle timeouts per protocol and TCP state, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -377,6 +395,8 @@ pub struct SessionRecord {
     /// First packet as it arrived (pre-translation, ingress zone).
     pub key: SessionKey,
     pub tcp_state: TcpState,
+    /// [`PROXIED`], [`REPLICATED`] (in the byte `tcp_state` leaves free).
+    pub(super) flags: u8,
     pub owner_rg: RgId,
     pub ingress_if: InterfaceId,
     pub egress_if: InterfaceId,
@@ -415,6 +435,7 @@ impl SessionRecord {
             egress_if: InterfaceId(0),
             owner_rg: RgId(0),
             tcp_state: TcpState::None,
+            flags: 0,
             rg_slot: 0,
             wheel_due: 0,
             bulk_mark: 0,
@@ -441,6 +462,30 @@ impl SessionRecord {
 
     pub fn counters(&self) -> FlowCounters {
         self.activity.counters()
+    }
+
+    /// Whether the peer gets this session: everything but a TCP session
+    /// whose handshake has not completed (a SYN flood must not cross the
+    /// control link; a failover keeps established sessions).
+    pub fn is_replicated(&self) -> bool {
+        self.flags & REPLICATED != 0
+    }
+
+    /// A SYN proxy opened it ([`crate::screen`]): the table holds its
+    /// sequence translation.
+    pub fn proxied(&self) -> bool {
+        self.flags & PROXIED != 0
+    }
+
+    /// Whether this session is unestablished: a TCP handshake not
+    /// completed, or another protocol's flow nothing has answered yet.
+    /// What early drop evicts first under table pressure.
+    pub fn is_unestablished(&self) -> bool {
+        if self.key.proto == proto::TCP {
+            !self.is_replicated()
+        } else {
+            self.activity.counters().rev_packets == 0
+        }
     }
 
     pub fn expires_at(&self) -> Millis {

@@ -160,7 +160,7 @@ mod generic {
                 dnat_session::<F>(RG1, i, 30000 + i as u16)
             };
             let h = t.insert(s, now()).unwrap();
-            synced.push(t.get(h).unwrap().to_synced(now()));
+            synced.push(t.to_synced(h, now()).unwrap());
         }
         // Receiver side: all ten arrive from the peer.
         let mut rx = SessionTable::default();
@@ -210,7 +210,7 @@ mod generic {
                     now(),
                 )
                 .unwrap();
-            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+            rx.apply_peer_upsert(&tx.to_synced(h, now()).unwrap(), now(), None)
                 .unwrap();
         }
         // A local RG1 session on the receiver is authoritative: untouched.
@@ -474,7 +474,7 @@ fn closed_sessions_leave_no_wheel_entries_under_churn() {
 fn peer_synced_sessions_do_not_expire_on_the_secondary() {
     let mut tx = SessionTable::default();
     let h = tx.insert(plain_session::<V4>(RG1, 1, 1), now()).unwrap();
-    let s = tx.get(h).unwrap().to_synced(now());
+    let s = tx.to_synced(h, now()).unwrap();
     let mut rx = SessionTable::default();
     rx.apply_peer_upsert(&s, now(), None).unwrap();
     let later = Millis(now().0 + 10 * u64::from(s.timeout_ms));
@@ -523,7 +523,7 @@ fn peer_upsert_never_overwrites_live_local_session() {
     let h = t
         .insert(snat_session::<V4>(RG1, 1, 1, 1024..=65535), now())
         .unwrap();
-    let mut s = t.get(h).unwrap().to_synced(now());
+    let mut s = t.to_synced(h, now()).unwrap();
     s.tcp_state = TcpState::Closed;
     assert_eq!(
         t.apply_peer_upsert(&s, now(), None),
@@ -548,7 +548,7 @@ fn peer_upsert_with_new_nat_replaces_companions() {
     let h = tx
         .insert(snat_session::<V4>(RG1, 1, 1000, 1024..=65535), now())
         .unwrap();
-    let mut s = tx.get(h).unwrap().to_synced(now());
+    let mut s = tx.to_synced(h, now()).unwrap();
     let mut rx = SessionTable::default();
     rx.apply_peer_upsert(&s, now(), None).unwrap();
     let old_binding = nat_companion(&s.key, &s.reverse).unwrap();
@@ -571,13 +571,13 @@ fn peer_upsert_evicts_stale_synced_holder_of_its_binding() {
     let a = tx
         .insert(snat_session::<V4>(RG1, 1, 3000, 3000..=3000), now())
         .unwrap();
-    rx.apply_peer_upsert(&tx.get(a).unwrap().to_synced(now()), now(), None)
+    rx.apply_peer_upsert(&tx.to_synced(a, now()).unwrap(), now(), None)
         .unwrap();
     tx.remove(a, RemoveReason::Closed);
     let b = tx
         .insert(snat_session::<V4>(RG1, 2, 3000, 3000..=3000), now())
         .unwrap();
-    let sb = tx.get(b).unwrap().to_synced(now());
+    let sb = tx.to_synced(b, now()).unwrap();
     assert_eq!(
         rx.apply_peer_upsert(&sb, now(), None),
         Ok(PeerApply::Inserted)
@@ -594,7 +594,7 @@ fn peer_times_are_rebased_from_ages() {
         .insert(plain_session::<V4>(RG1, 1, 1), Millis(5_000))
         .unwrap();
     tx.touch(h, Direction::Forward, 1, Millis(8_000));
-    let s = tx.get(h).unwrap().to_synced(Millis(9_000));
+    let s = tx.to_synced(h, Millis(9_000)).unwrap();
     assert_eq!((s.age_ms, s.idle_ms), (4_000, 1_000));
     let mut rx = SessionTable::default();
     rx.apply_peer_upsert(&s, Millis(100_000), None).unwrap();
@@ -609,7 +609,7 @@ fn reconcile_by_bulk_mark_keeps_marked_sessions() {
     let mut all = Vec::new();
     for i in 0..4 {
         let h = tx.insert(plain_session::<V6>(RG1, i, 1), now()).unwrap();
-        all.push(tx.get(h).unwrap().to_synced(now()));
+        all.push(tx.to_synced(h, now()).unwrap());
     }
     for s in &all {
         rx.apply_peer_upsert(s, now(), None).unwrap();
@@ -634,7 +634,7 @@ fn batch_upserts_equal_one_by_one_including_updates_and_refusals() {
         let h = tx
             .insert(snat_session::<V4>(RG1, i, 1, 1024..=65535), now())
             .unwrap();
-        batch.push(tx.get(h).unwrap().to_synced(now()));
+        batch.push(tx.to_synced(h, now()).unwrap());
     }
     // Updates (new counters), a repeat, and a replacement: same key, a
     // different reply path.
@@ -689,7 +689,7 @@ fn promote_and_demote_flip_only_that_rg() {
     let mut tx = SessionTable::default();
     for (i, rg) in [(1, RG1), (2, RG1), (3, RG2)] {
         let h = tx.insert(plain_session::<V4>(rg, i, 1), now()).unwrap();
-        t.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+        t.apply_peer_upsert(&tx.to_synced(h, now()).unwrap(), now(), None)
             .unwrap();
     }
     assert_eq!(t.promote_rg(RG1), 2);
@@ -859,6 +859,10 @@ proptest! {
             timeouts: Timeouts { tcp_opening_ms: 3_000, ..Timeouts::default() },
             wheel_tick_ms: 100,
             wheel_buckets: 16,
+            // Early drop from 57 sessions on, and address counts checked by
+            // `verify_invariants` after every operation.
+            watermarks: Watermarks::default(),
+            address_counts: true,
             preallocate: false,
         });
         let mut clock = now();
@@ -908,6 +912,7 @@ proptest! {
                         age_ms: 10,
                         idle_ms: 5,
                         counters: FlowCounters::default(),
+                        seq_shift: (port % 3 == 0).then_some(u32::from(port) * 7919),
                     };
                     let _ = t.apply_peer_upsert(&s, clock, None);
                 }
@@ -969,7 +974,7 @@ fn local_snat_never_takes_a_port_reserved_by_a_peer_synced_session() {
         .insert(snat_session::<V4>(RG1, 1, 3000, 1024..=65535), now())
         .unwrap();
     let mut rx = SessionTable::default();
-    rx.apply_peer_upsert(&tx.get(a).unwrap().to_synced(now()), now(), None)
+    rx.apply_peer_upsert(&tx.to_synced(a, now()).unwrap(), now(), None)
         .unwrap();
     rx.promote_rg(RG2);
     let b = rx
@@ -1064,7 +1069,7 @@ mod mapping {
         let mut rx = SessionTable::default();
         for server in 1..=2 {
             let h = t_insert(&mut tx, to_server::<F>(1, 6000, server));
-            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+            rx.apply_peer_upsert(&tx.to_synced(h, now()).unwrap(), now(), None)
                 .unwrap();
         }
         let b = NatBinding {
@@ -1127,7 +1132,7 @@ fn peer_upsert_evicts_every_stale_session_of_a_mapping_given_to_another_endpoint
                     ..snat_session::<V4>(RG1, 1, 3000, 3000..=3000)
                 },
             );
-            rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None)
+            rx.apply_peer_upsert(&tx.to_synced(h, now()).unwrap(), now(), None)
                 .unwrap();
             h
         })
@@ -1137,7 +1142,7 @@ fn peer_upsert_evicts_every_stale_session_of_a_mapping_given_to_another_endpoint
     }
     let b = t_insert(&mut tx, snat_session::<V4>(RG1, 2, 3000, 3000..=3000));
     assert_eq!(
-        rx.apply_peer_upsert(&tx.get(b).unwrap().to_synced(now()), now(), None),
+        rx.apply_peer_upsert(&tx.to_synced(b, now()).unwrap(), now(), None),
         Ok(PeerApply::Inserted)
     );
     assert_eq!(rx.len(), 1);
@@ -1169,7 +1174,7 @@ fn peer_upsert_refuses_a_mapping_a_local_session_holds_for_another_endpoint() {
         },
     );
     assert_eq!(
-        rx.apply_peer_upsert(&tx.get(h).unwrap().to_synced(now()), now(), None),
+        rx.apply_peer_upsert(&tx.to_synced(h, now()).unwrap(), now(), None),
         Err(InsertError::NatBindingExists)
     );
     assert_eq!(rx.len(), 1);
@@ -1186,7 +1191,7 @@ fn only_the_rgs_primary_logs_a_close_and_a_reconcile_logs_its_own() {
     let synced: Vec<SyncedSession> = (0..3u32)
         .map(|i| {
             let h = t_insert(&mut tx, plain_session::<V4>(RG1, i, 30000 + i as u16));
-            let s = tx.get(h).unwrap().to_synced(now());
+            let s = tx.to_synced(h, now()).unwrap();
             rx.apply_peer_upsert(&s, now(), None).unwrap();
             s
         })
