@@ -49,6 +49,9 @@ counters!(
         replayed_batches,
         /// Sender: unacked batches dropped because the replay buffer was full.
         replay_evicted_batches,
+        /// Sender: deltas of TCP sessions still in their handshake, not
+        /// sent (their establishment sends them).
+        deltas_unreplicated,
         /// Sender gauge: unacked batches and bytes held for replay.
         replay_depth_batches,
         replay_depth_bytes,

@@ -1102,6 +1102,7 @@ fn send_deltas(
         guard(sender).build_batch(keys, &table, now, out)
     };
     keys.clear();
+    add(&stats.deltas_unreplicated, info.unreplicated);
     if info.deltas > 0 {
         add(&stats.deltas_sent, info.deltas);
         inc(&stats.batches_sent);

@@ -520,3 +520,39 @@ fn invalid_bulk_chunks_are_rejected_whole() {
     }
     assert_eq!(p.stats.bulk_sessions_applied.load(Relaxed), 0);
 }
+
+#[test]
+fn half_open_sessions_are_neither_sent_nor_bulked_until_established() {
+    let mut p = Pair::new(RG1);
+    p.bulk(RG1, |_| {});
+    p.deliver();
+    let open = p.insert(RG1, 1);
+    let h = p
+        .primary
+        .insert(
+            NewSession {
+                tcp_state: TcpState::SynSent,
+                ..snat(RG1, 2)
+            },
+            NOW,
+        )
+        .unwrap();
+    let half = p.primary.get(h).unwrap().key;
+    let mut out = BytesMut::new();
+    let info = p.tx.build_batch(&[open, half], &p.primary, NOW, &mut out);
+    assert_eq!((info.upserts, info.unreplicated, info.deletes), (1, 1, 0));
+    p.wire.extend_from_slice(&out);
+    p.deliver();
+    assert!(p.secondary.lookup_forward(&open).is_some());
+    assert!(p.secondary.lookup_forward(&half).is_none());
+    // A bulk leaves it out too; the reconcile keeps what was sent.
+    p.bulk(RG1, |_| {});
+    p.deliver();
+    assert_eq!(p.secondary.len(), 1);
+    // Established: the next delta carries it.
+    p.primary.set_tcp_state(h, TcpState::Established, NOW);
+    p.send_keys(&[half]);
+    p.deliver();
+    assert!(p.secondary.lookup_forward(&half).is_some());
+    assert!(p.converged(RG1));
+}

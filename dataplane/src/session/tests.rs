@@ -1249,3 +1249,194 @@ fn a_full_close_log_drops_and_counts() {
     t.drain_closes(&mut closes);
     assert_eq!(closes.len(), CLOSE_LOG);
 }
+
+/// Table pressure (watermarks, early drop, early ageing), address counts
+/// and the SYN proxy's companion state.
+mod pressure {
+    use super::*;
+
+    /// A primary table of 10 sessions: high watermark 8, low 5.
+    fn table() -> SessionTable {
+        let mut t = SessionTable::new(TableConfig {
+            capacity: 10,
+            watermarks: Watermarks {
+                high_pct: 80,
+                low_pct: 50,
+                early_ageout_ms: 5_000,
+            },
+            address_counts: true,
+            ..TableConfig::default()
+        });
+        t.promote_rg(RG1);
+        t
+    }
+
+    fn established(t: &mut SessionTable, client: u32, at: Millis) -> SessionHandle {
+        let h = t
+            .insert(
+                NewSession {
+                    tcp_state: TcpState::Established,
+                    ..plain_session::<V4>(RG1, client, 1000)
+                },
+                at,
+            )
+            .unwrap();
+        assert!(t.get(h).unwrap().is_replicated());
+        h
+    }
+
+    fn half_open(t: &mut SessionTable, client: u32, at: Millis) -> SessionHandle {
+        let h = t.insert(plain_session::<V4>(RG1, client, 2000), at).unwrap();
+        assert!(!t.get(h).unwrap().is_replicated());
+        h
+    }
+
+    #[test]
+    fn above_the_high_watermark_a_new_session_evicts_the_oldest_unestablished_one() {
+        let mut t = table();
+        for c in 0..4 {
+            established(&mut t, c, now());
+        }
+        for c in 0..4 {
+            half_open(&mut t, 100 + c, Millis(now().0 + u64::from(c)));
+        }
+        assert_eq!(t.len(), 8);
+        assert!(t.under_pressure());
+        half_open(&mut t, 200, Millis(now().0 + 10));
+        assert_eq!(t.len(), 8, "one out, one in");
+        let gone = key::<V4>(100, 2000, 1, 443);
+        assert!(t.lookup_forward(&gone).is_none(), "the oldest half-open went");
+        assert!(t.lookup_forward(&key::<V4>(101, 2000, 1, 443)).is_some());
+        assert_eq!(t.counters().early_dropped, 1);
+        assert_eq!(t.counters().removed(RemoveReason::EarlyDropped), 1);
+        for c in 0..4 {
+            assert!(t.lookup_forward(&key::<V4>(c, 1000, 1, 443)).is_some());
+        }
+        ok(&t);
+    }
+
+    #[test]
+    fn established_sessions_are_never_early_dropped_and_the_capacity_still_holds() {
+        let mut t = table();
+        for c in 0..10 {
+            established(&mut t, c, now());
+        }
+        assert_eq!(
+            t.insert(plain_session::<V4>(RG1, 99, 1), now()),
+            Err(InsertError::Capacity)
+        );
+        assert_eq!(t.counters().early_dropped, 0);
+        assert_eq!(t.len(), 10);
+        ok(&t);
+    }
+
+    #[test]
+    fn peer_copies_are_not_early_dropped_here() {
+        let mut t = table();
+        t.demote_rg(RG1);
+        for c in 0..8 {
+            half_open(&mut t, c, now());
+        }
+        half_open(&mut t, 50, now());
+        assert_eq!(t.len(), 9, "nothing of the peer's RG evicted");
+        assert_eq!(t.counters().early_dropped, 0);
+    }
+
+    #[test]
+    fn pressure_starts_at_the_high_watermark_and_ends_only_at_the_low_one() {
+        let mut t = table();
+        let hs: Vec<_> = (0..8).map(|c| established(&mut t, c, now())).collect();
+        assert!(t.under_pressure());
+        assert_eq!(t.counters().pressure_entered, 1);
+        for h in &hs[..2] {
+            t.remove(*h, RemoveReason::Closed);
+        }
+        assert_eq!(t.len(), 6);
+        assert!(t.under_pressure(), "6 is above the low watermark");
+        t.remove(hs[2], RemoveReason::Closed);
+        assert!(!t.under_pressure(), "5: back at the low watermark");
+        assert_eq!(t.counters().pressure_left, 1);
+        assert_eq!(t.watermark_sessions(), (8, 5));
+    }
+
+    #[test]
+    fn early_ageing_expires_idle_sessions_only_under_pressure() {
+        let mut t = table();
+        // Idle 6 s at `later`: past the 5 s early ageout, far from their own
+        // 30 min timeout.
+        for c in 0..4 {
+            established(&mut t, c, now());
+        }
+        let later = Millis(now().0 + 6_000);
+        let mut gone = Vec::new();
+        let s = t.early_age_slice(later, 100, |r| gone.push(r.key));
+        assert_eq!((s.expired, gone.len()), (0, 0), "no pressure: nothing");
+        for c in 4..8 {
+            established(&mut t, c, later);
+        }
+        assert!(t.under_pressure());
+        let s = t.early_age_slice(later, 100, |r| gone.push(r.key));
+        // Idle ones go until the table is back at its low watermark (5):
+        // three of the four.
+        assert_eq!(s.expired, 3);
+        assert!(!t.under_pressure());
+        assert_eq!(t.counters().early_aged, 3);
+        assert!(gone.iter().all(|k| k.src_port == 1000));
+        assert_eq!(t.len(), 5);
+        ok(&t);
+    }
+
+    #[test]
+    fn address_counts_follow_every_way_in_and_out() {
+        let mut t = table();
+        let a = half_open(&mut t, 1, now());
+        established(&mut t, 1, now());
+        let src = key::<V4>(1, 0, 1, 443).src;
+        let dst = key::<V4>(1, 0, 1, 443).dst;
+        assert_eq!(t.address_counts(&src, &dst), Some((2, 2)));
+        t.remove(a, RemoveReason::Closed);
+        assert_eq!(t.address_counts(&src, &dst), Some((1, 1)));
+        // A peer session counts too, and leaves with its delete.
+        let mut peer = small_table(10);
+        peer.promote_rg(RG2);
+        let h = peer
+            .insert(
+                NewSession {
+                    tcp_state: TcpState::Established,
+                    ..plain_session::<V4>(RG2, 1, 3000)
+                },
+                now(),
+            )
+            .unwrap();
+        let s = peer.to_synced(h, now()).unwrap();
+        t.apply_peer_upsert(&s, now(), None).unwrap();
+        assert_eq!(t.address_counts(&src, &dst), Some((2, 2)));
+        t.apply_peer_delete(&s.key).unwrap();
+        assert_eq!(t.address_counts(&src, &dst), Some((1, 1)));
+        ok(&t);
+        assert_eq!(small_table(4).address_counts(&src, &dst), None);
+    }
+
+    #[test]
+    fn a_proxy_shift_is_synced_and_leaves_with_its_session() {
+        let mut t = table();
+        let h = established(&mut t, 1, now());
+        t.set_proxy(h, Proxy::Shift(12345));
+        let s = t.to_synced(h, now()).unwrap();
+        assert_eq!(s.seq_shift, Some(12345));
+        assert_eq!(t.export_synced(RG1, now()).next().unwrap().seq_shift, Some(12345));
+        let mut peer = small_table(10);
+        peer.apply_peer_upsert(&s, now(), None).unwrap();
+        let ph = peer.lookup_forward(&s.key).unwrap();
+        assert_eq!(peer.proxy(ph), Some(Proxy::Shift(12345)));
+        // An update without the shift clears it.
+        peer.apply_peer_upsert(&SyncedSession { seq_shift: None, ..s.clone() }, now(), None)
+            .unwrap();
+        assert_eq!(peer.proxy(ph), None);
+        ok(&peer);
+        t.remove(h, RemoveReason::Closed);
+        ok(&t);
+        let h2 = established(&mut t, 2, now());
+        assert_eq!(t.proxy(h2), None, "a reused slot has no stale shift");
+    }
+}
