@@ -39,6 +39,7 @@ const USAGE: &str = "usage:
   tandem show chassis cluster status|statistics|interfaces|information [--json] [--socket PATH]
   tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
   tandem show security log [--follow] [--json] [--socket PATH]
+  tandem show security screen statistics [zone Z] [--json] [--socket PATH]
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
@@ -136,6 +137,12 @@ fn main() -> ExitCode {
         ["show", "chassis", "cluster", what] => rt.block_on(show_cluster(&opts, what)),
         ["show", "security", "log"] => rt.block_on(show_security_log(&opts, false)),
         ["show", "security", "log", "--follow"] => rt.block_on(show_security_log(&opts, true)),
+        ["show", "security", "screen", "statistics"] => {
+            rt.block_on(show_screen_statistics(&opts, None))
+        }
+        ["show", "security", "screen", "statistics", "zone", zone] => {
+            rt.block_on(show_screen_statistics(&opts, Some(zone)))
+        }
         ["show", "security", "flow", "session", rest @ ..] => {
             rt.block_on(show_sessions(&opts, rest))
         }
@@ -188,6 +195,49 @@ async fn one(opts: &Opts, r: pb::ControlRequest) -> Result<Value, String> {
     let mut out = String::new();
     control::request(&opts.socket, r, |j| out.push_str(j)).await?;
     serde_json::from_str(&out).map_err(|e| format!("bad reply: {e}"))
+}
+
+/// The screens' counters (of one zone, or all), from the statistics:
+/// JSON, or one block per zone.
+async fn show_screen_statistics(opts: &Opts, zone: Option<&str>) -> Result<(), String> {
+    let v = one(opts, req(pb::control_request::Cmd::Statistics(pb::Empty {}))).await?;
+    let screens: Vec<&Value> = v["screens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| zone.is_none_or(|z| s["zone"] == z))
+        .collect();
+    if let Some(z) = zone
+        && screens.is_empty()
+    {
+        return Err(format!("zone {z} has no screen"));
+    }
+    if opts.json {
+        println!("{}", Value::Array(screens.into_iter().cloned().collect()));
+        return Ok(());
+    }
+    print!("{}", format_screens(&screens));
+    Ok(())
+}
+
+/// Human form of screen statistics, in the SRX layout.
+pub fn format_screens(screens: &[&Value]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for sc in screens {
+        let _ = writeln!(
+            s,
+            "Screen statistics:\n  Zone: {}    Screen: {}\n  {:<32} {:>14}",
+            sc["zone"].as_str().unwrap_or("?"),
+            sc["screen"].as_str().unwrap_or("?"),
+            "IDS attack type",
+            "Statistics"
+        );
+        for (k, n) in sc["counters"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "  {k:<32} {:>14}", n.as_u64().unwrap_or(0));
+        }
+    }
+    s
 }
 
 /// The daemon's recent security events: JSON, or one line each; with

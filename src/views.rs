@@ -97,10 +97,35 @@ fn empty_status(node: &Node) -> tandem_cluster::election::ClusterStatus {
     }
 }
 
+/// Every zone's screen: its profile's name and counters (what it dropped
+/// by kind, SYN cookies and proxy outcomes).
+pub fn screens(cfg: &tandem_dataplane::config::Compiled) -> Value {
+    let list: Vec<Value> = cfg
+        .screens
+        .iter()
+        .flatten()
+        .map(|s| {
+            let counters: serde_json::Map<String, Value> = s
+                .state
+                .stats
+                .named()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            json!({
+                "zone": cfg.zone_name(s.zone),
+                "screen": s.name,
+                "counters": counters,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
 pub fn statistics(node: &Node) -> Value {
     let sync = node.sync.snapshot();
     let driver = node.cluster.stats();
-    let (table, live, capacity, wheel_entries, reserved_ports) = {
+    let (table, live, capacity, wheel_entries, reserved_ports, marks, pressure) = {
         let t = read(&node.table);
         (
             t.counters().clone(),
@@ -108,6 +133,8 @@ pub fn statistics(node: &Node) -> Value {
             t.config().capacity,
             t.wheel_entries(),
             t.reserved_ports(),
+            t.watermark_sessions(),
+            t.under_pressure(),
         )
     };
     let removed: serde_json::Map<String, Value> = RemoveReason::ALL
@@ -162,7 +189,15 @@ pub fn statistics(node: &Node) -> Value {
             "refused_local_owned": table.refused_local_owned,
             "evicted_by_peer": table.evicted_by_peer,
             "close_events_dropped": table.close_events_dropped,
+            "high_watermark": marks.0,
+            "low_watermark": marks.1,
+            "under_pressure": u64::from(pressure),
+            "pressure_entered": table.pressure_entered,
+            "pressure_left": table.pressure_left,
+            "early_dropped": table.early_dropped,
+            "early_aged": table.early_aged,
         },
+        "screens": screens(&node.compiled),
         "dataplane": dataplane,
         "io": io,
         "workers": per_worker,
@@ -422,6 +457,16 @@ pub async fn metrics(node: &Node) -> String {
             line(
                 "events_dropped",
                 &format!("{l},reason=\"{why}\""),
+                n.as_u64().unwrap_or(0),
+            );
+        }
+    }
+    for sc in stats["screens"].as_array().into_iter().flatten() {
+        let zone = sc["zone"].as_str().unwrap_or("");
+        for (k, n) in sc["counters"].as_object().into_iter().flatten() {
+            line(
+                "screen",
+                &format!("zone=\"{zone}\",counter=\"{k}\""),
                 n.as_u64().unwrap_or(0),
             );
         }
