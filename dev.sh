@@ -14,9 +14,10 @@ cd "$(dirname "$0")"
 # conntrackd, conntrack and keepalived are the Linux-standard stack the demo
 # compares against (--peer-compare); coturn's turnserver and
 # turnutils_natdiscovery judge the NAT's RFC 5780 behaviour (nat_netns test);
-# rsyslog receives the security log in its UDP/TCP syslog test.
+# rsyslog receives the security log in its UDP/TCP syslog test; hping3 is
+# the SYN flood of the screen test, its bench and the lab's flood phase.
 APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables
-    iperf3 valgrind conntrackd conntrack keepalived iputils-ping iputils-tracepath traceroute coturn rsyslog)
+    iperf3 valgrind conntrackd conntrack keepalived iputils-ping iputils-tracepath traceroute coturn rsyslog hping3)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 

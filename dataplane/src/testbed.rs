@@ -17,7 +17,7 @@ use crate::config::{
     RethConfig, SnatRule,
 };
 use crate::core::CoreStats;
-use crate::delta::delta_queues;
+use crate::delta::{DeltaConsumer, delta_queues};
 use crate::fabric_hook::FabricForwarder;
 use crate::os;
 use crate::session::{self, InterfaceId, SessionTable, TableConfig, lock, monotonic_clock};
@@ -26,7 +26,7 @@ use crate::worker::Shared;
 use crate::xdp::PortMode;
 use arc_swap::ArcSwap;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_fabric::{FabricMap, FabricStats};
 use tandem_proto::{Epoch, RgId, RgRole, RoleMap};
@@ -347,6 +347,8 @@ pub struct Firewall {
     dataplane: Option<Dataplane>,
     pub table: session::SharedTable,
     pub shared: Arc<Shared>,
+    /// The per-RG delta queues: what would have gone to a peer.
+    pub deltas: Mutex<Vec<DeltaConsumer>>,
 }
 
 impl Firewall {
@@ -382,10 +384,10 @@ impl Firewall {
                     })
                     .collect::<RoleMap>(),
             ));
-            let (producer, consumers) = delta_queues(&rgs, 65536);
             // Nobody syncs here: the queues are kept (not drained) so that
-            // pushes succeed until they are full, then count as dropped.
-            std::mem::forget(consumers);
+            // pushes succeed until they are full, then count as dropped;
+            // a test may read what would have gone to the peer.
+            let (producer, consumers) = delta_queues(&rgs, 65536);
             let fabric_port = compiled
                 .ifaces
                 .iter()
@@ -424,21 +426,41 @@ impl Firewall {
                 hooks,
                 monotonic_clock(),
             );
-            (dp, shared)
+            (dp, shared, consumers)
         })
         .join()
         .expect("start dataplane");
-        let (dp, shared) = started;
+        let (dp, shared, deltas) = started;
         dp.wait_running(Duration::from_secs(30)).expect("AF_XDP up");
         Firewall {
             dataplane: Some(dp),
             table,
             shared,
+            deltas: Mutex::new(deltas),
         }
     }
 
     pub fn dataplane(&self) -> &Dataplane {
         self.dataplane.as_ref().expect("running")
+    }
+
+    /// Takes every key queued for the peer so far.
+    pub fn take_deltas(&self) -> Vec<session::SessionKey> {
+        let mut keys = Vec::new();
+        for c in self.deltas.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+            c.try_recv_many(&mut keys, usize::MAX);
+        }
+        keys
+    }
+
+    /// Frames the workers have received so far.
+    pub fn rx_frames(&self) -> u64 {
+        self.dataplane()
+            .health
+            .workers()
+            .iter()
+            .map(|w| w.core.rx.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// Stops the dataplane; the counters of every worker, summed.
@@ -451,3 +473,6 @@ impl Firewall {
         Arc::new(total)
     }
 }
+
+#[path = "testbed_flood.rs"]
+pub mod flood;
