@@ -200,7 +200,11 @@ async fn one(opts: &Opts, r: pb::ControlRequest) -> Result<Value, String> {
 /// The screens' counters (of one zone, or all), from the statistics:
 /// JSON, or one block per zone.
 async fn show_screen_statistics(opts: &Opts, zone: Option<&str>) -> Result<(), String> {
-    let v = one(opts, req(pb::control_request::Cmd::Statistics(pb::Empty {}))).await?;
+    let v = one(
+        opts,
+        req(pb::control_request::Cmd::Statistics(pb::Empty {})),
+    )
+    .await?;
     let screens: Vec<&Value> = v["screens"]
         .as_array()
         .into_iter()

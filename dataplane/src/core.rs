@@ -1417,7 +1417,13 @@ impl Core {
                     .store(tcp_tag(cx.env.roles.get(&owner)), &Default::default(), &w);
             }
         }
-        match self.forward(&mut v, &out_ip, cx) {
+        self.send_built(v, &out_ip, cx);
+    }
+
+    /// Routes and queues a frame the core built (or held): out of the
+    /// node, or over the fabric to the egress owner.
+    fn send_built(&self, mut v: Vec<u8>, ip: &Ip, cx: &mut Cx) {
+        match self.forward(&mut v, ip, cx) {
             Verdict::Tx { iface, len } => {
                 v.truncate(len);
                 self.queue(cx.fx, iface, v);
@@ -1450,9 +1456,20 @@ impl Core {
         let stats = self.cfg.screen(key.zone).map(|s| &s.state.stats);
         let seg = match tcp::Segment::parse(f, ip.l4, ip.end) {
             Some(seg) if ip.has_l4() && h.dir == Direction::Reverse => seg,
-            Some(_) => {
+            Some(seg) => {
+                // The client's first data (or FIN) waits for the server's
+                // handshake; anything else, or beyond one, is dropped.
+                let carries = seg.len > 0 || seg.flags & tcp::FIN != 0;
+                let held = carries
+                    && cx
+                        .table
+                        .exclusive()?
+                        .hold_proxy_segment(h.handle, &f[..ip.end]);
                 if let Some(st) = stats {
                     st.proxy_early_segments.fetch_add(1, Ordering::Relaxed);
+                }
+                if held {
+                    return Ok(Verdict::Held);
                 }
                 return Ok(self.drop(DropReason::SynProxyPending));
             }
@@ -1475,7 +1492,9 @@ impl Core {
             return Ok(self.drop(DropReason::SynProxyPending));
         }
         let t = cx.table.exclusive()?;
-        t.set_proxy(h.handle, Proxy::Shift(seg.seq.wrapping_sub(cookie)));
+        let shift = seg.seq.wrapping_sub(cookie);
+        t.set_proxy(h.handle, Proxy::Shift(shift));
+        let held = t.take_proxy_segment(h.handle);
         t.set_tcp_state(h.handle, TcpState::Established, now);
         t.touch(h.handle, h.dir, (ip.end - ip.l3) as u32, now);
         if owner.is_data() {
@@ -1504,8 +1523,23 @@ impl Core {
         if let Some(a) = tcp::Segment::parse(f, l4, len) {
             let _ = tcp::track(&mut w, TcpState::SynReceived, Direction::Forward, &a);
         }
+        // The client segment held while the server's handshake ran goes
+        // now, translated and tracked like every later one.
+        let released = held.and_then(|mut v| {
+            let ip = parse_ip(&v, packet::be16(&v, 12).ok()?).ok()?;
+            if packet::tcp_flags(&v, &ip) & tcp::ACK != 0 {
+                tcp::shift_u32(&mut v, ip.l4, 8, shift);
+            }
+            let s = tcp::Segment::parse(&v, ip.l4, ip.end)?;
+            let _ = tcp::track(&mut w, TcpState::Established, Direction::Forward, &s);
+            Some((v, ip))
+        });
         if let Some(r) = r {
             r.tcp.store(tag, &was, &w);
+        }
+        if let Some((mut v, mut ip)) = released {
+            translate(&mut v, &mut ip, Direction::Forward, &key, nat);
+            self.send_built(v, &ip, cx);
         }
         Ok(Verdict::Reply { len })
     }

@@ -288,10 +288,13 @@ fn a_cookie_handshake_opens_a_proxied_session_translated_both_ways_and_synced_wi
     };
     assert!(queued_deltas(&mut r).is_empty(), "pending: not synced");
 
-    // Data from the client before the server answered waits.
+    // Data from the client before the server answered is held (one
+    // segment); a second waits for the client's retransmission.
     let mut early = from_outside(40000, packet::TCP_ACK, client_isn + 1, cookie + 1, b"GET");
+    assert_eq!(run(&mut r, &mut early, U), Verdict::Held);
+    let mut more = from_outside(40000, packet::TCP_ACK, client_isn + 4, cookie + 1, b" /");
     assert_eq!(
-        run(&mut r, &mut early, U),
+        run(&mut r, &mut more, U),
         Verdict::Drop(DropReason::SynProxyPending)
     );
 
@@ -317,6 +320,16 @@ fn a_cookie_handshake_opens_a_proxied_session_translated_both_ways_and_synced_wi
         (packet::TCP_ACK, client_isn + 1, server_isn + 1)
     );
     let shift = server_isn.wrapping_sub(cookie);
+    // ... and the held segment follows it, in the server's numbering.
+    let out = std::mem::take(r.core.outbox());
+    assert_eq!(out.len(), 1);
+    let (iface, held) = &out[0];
+    assert_eq!(*iface, T);
+    verify_checksums(held).unwrap();
+    let ip = ip_of(held);
+    assert_eq!((Addr(ip.src), Addr(ip.dst)), (v4(OUTSIDE), v4(SERVER)));
+    let d = tcp_of(held);
+    assert_eq!((d.seq, d.ack, d.len), (client_isn + 1, server_isn + 1, 3));
     {
         let t = read(r.core.table());
         let h = t.lookup_forward(&key).unwrap();
@@ -355,7 +368,7 @@ fn a_cookie_handshake_opens_a_proxied_session_translated_both_ways_and_synced_wi
     let st = screen_stats(&r);
     assert_eq!(st.cookies_valid.load(Ordering::Relaxed), 1);
     assert_eq!(st.proxy_established.load(Ordering::Relaxed), 1);
-    assert_eq!(st.proxy_early_segments.load(Ordering::Relaxed), 1);
+    assert_eq!(st.proxy_early_segments.load(Ordering::Relaxed), 2);
     read(r.core.table()).verify_invariants().unwrap();
 }
 

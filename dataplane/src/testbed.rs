@@ -447,7 +447,12 @@ impl Firewall {
     /// Takes every key queued for the peer so far.
     pub fn take_deltas(&self) -> Vec<session::SessionKey> {
         let mut keys = Vec::new();
-        for c in self.deltas.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+        for c in self
+            .deltas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
             c.try_recv_many(&mut keys, usize::MAX);
         }
         keys

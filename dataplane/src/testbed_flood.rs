@@ -21,14 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The port forward's public face and the server behind it.
-pub const PUBLIC: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
-    8080,
-);
-pub const SERVER: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(Ipv4Addr::new(10, 1, 0, 10)),
-    80,
-);
+pub const PUBLIC: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 8080);
+pub const SERVER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 1, 0, 10)), 80);
 
 /// How hard to flood: as fast as hping3 can (`None`), or one SYN every
 /// `interval_us` microseconds.
@@ -61,6 +57,23 @@ pub struct FloodOutcome {
 impl FloodOutcome {
     pub fn success_rate(&self) -> f64 {
         f64::from(self.succeeded) / f64::from(self.attempts.max(1))
+    }
+
+    /// One line for logs (without the keys).
+    pub fn summary(&self) -> String {
+        format!(
+            "{}/{} connections ({:.0}/s, p50 {:.2} ms, p99 {:.2} ms), {:.0} frames/s in, \
+             at most {} sessions (high watermark {}), {} keys for the peer",
+            self.succeeded,
+            self.attempts,
+            self.per_s,
+            self.p50_ms,
+            self.p99_ms,
+            self.rx_per_s,
+            self.max_sessions,
+            self.high_watermark,
+            self.deltas.len()
+        )
     }
 }
 
@@ -109,22 +122,44 @@ impl Attacker {
         let ns = outside.replacen("tds", "tda", 1);
         sh(&["ip", "netns", "add", &ns]);
         let o = outside;
+        // The bridge stays in the untrust namespace between runs.
+        let bridged = Command::new("ip")
+            .args(["-n", o, "link", "show", "br0"])
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !bridged {
+            for c in [
+                vec!["ip", "-n", o, "link", "add", "br0", "type", "bridge"],
+                vec!["ip", "-n", o, "link", "set", "s0", "master", "br0"],
+                vec!["ip", "-n", o, "addr", "del", "192.0.2.100/24", "dev", "s0"],
+                vec!["ip", "-n", o, "addr", "add", "192.0.2.100/24", "dev", "br0"],
+                vec!["ip", "-n", o, "link", "set", "br0", "up"],
+                vec![
+                    "ip", "netns", "exec", o, "ethtool", "-K", "br0", "tx", "off",
+                ],
+            ] {
+                sh(&c);
+            }
+        }
         for c in [
-            vec!["ip", "-n", o, "link", "add", "br0", "type", "bridge"],
-            vec!["ip", "-n", o, "link", "set", "s0", "master", "br0"],
-            vec!["ip", "-n", o, "addr", "del", "192.0.2.100/24", "dev", "s0"],
-            vec!["ip", "-n", o, "addr", "add", "192.0.2.100/24", "dev", "br0"],
             vec![
                 "ip", "-n", o, "link", "add", "a1", "type", "veth", "peer", "name", "a0", "netns",
                 &ns,
             ],
             vec!["ip", "-n", o, "link", "set", "a1", "master", "br0"],
             vec!["ip", "-n", o, "link", "set", "a1", "up"],
-            vec!["ip", "-n", o, "link", "set", "br0", "up"],
-            vec!["ip", "netns", "exec", o, "ethtool", "-K", "br0", "tx", "off"],
             vec!["ip", "-n", &ns, "link", "set", "a0", "up"],
             vec!["ip", "-n", &ns, "link", "set", "lo", "up"],
-            vec!["ip", "-n", &ns, "addr", "add", "192.0.2.200/24", "dev", "a0"],
+            vec![
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                "192.0.2.200/24",
+                "dev",
+                "a0",
+            ],
         ] {
             sh(&c);
         }
@@ -172,7 +207,13 @@ pub fn run(topo: &Topo, fw: &Firewall, f: Flood) -> FloodOutcome {
     let attacker = Attacker::new(outside);
     // The service's SYN queue must not be what limits the run.
     sh(&[
-        "ip", "netns", "exec", inside, "sysctl", "-qw", "net.ipv4.tcp_syncookies=1",
+        "ip",
+        "netns",
+        "exec",
+        inside,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_syncookies=1",
     ]);
     let stop = Arc::new(AtomicBool::new(false));
     let server = serve(inside, stop.clone());

@@ -13,6 +13,12 @@ use tandem_dataplane::session::{Addr, TableConfig, read};
 use tandem_dataplane::testbed::flood::{self, Flood};
 use tandem_dataplane::testbed::{Firewall, FirewallSpec, Topo};
 
+/// One SYN every 50 µs asked of hping3 (it reaches 10-15k/s here): a
+/// flood the test build's firewall forwards without dropping at its rings,
+/// so what is measured is the screen, not the CPU (the bench floods the
+/// release build harder).
+const FLOOD_INTERVAL_US: u32 = 50;
+
 fn skip() -> bool {
     if let Err(why) = os::privileged() {
         eprintln!("SKIPPED: screen netns test needs root with CAP_NET_ADMIN/CAP_SYS_ADMIN: {why}");
@@ -56,8 +62,7 @@ fn firewall(topo: &Topo, screen: bool) -> Firewall {
 }
 
 #[test]
-fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_the_peer_untouched()
-{
+fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_the_peer_untouched() {
     if skip() {
         return;
     }
@@ -68,31 +73,43 @@ fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_th
         &fw,
         Flood {
             seconds: 4,
-            interval_us: None,
+            interval_us: Some(FLOOD_INTERVAL_US),
         },
     );
-    eprintln!("with the screen: {out:?}");
+    eprintln!("with the screen: {}", out.summary());
     let zone = fw.shared.cfg.iface_by_device("u0").unwrap().zone;
     let stats = &fw.shared.cfg.screen(zone).unwrap().state.stats;
     let sent = stats
         .cookies_sent
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(out.rx_per_s > 5_000.0, "a flood went through: {out:?}");
-    assert!(sent > 10_000, "the flood was answered with cookies: {sent}");
-    assert!(out.attempts >= 20, "the client kept trying: {out:?}");
+    assert!(
+        out.rx_per_s > 3_000.0,
+        "a flood went through: {}",
+        out.summary()
+    );
+    assert!(sent > 5_000, "the flood was answered with cookies: {sent}");
+    assert!(
+        out.attempts >= 20,
+        "the client kept trying: {}",
+        out.summary()
+    );
     assert!(
         out.success_rate() >= 0.99,
         "legitimate connections: {}/{}",
         out.succeeded,
         out.attempts
     );
-    assert!(out.max_sessions < out.high_watermark, "{out:?}");
+    assert!(out.max_sessions < out.high_watermark, "{}", out.summary());
     let client: Addr = std::net::Ipv4Addr::new(192, 0, 2, 100).into();
     assert!(
         out.deltas.iter().all(|k| k.src == client),
         "only the client's established connections are queued for the peer"
     );
-    assert!(out.deltas.len() <= 4 * out.attempts as usize, "{}", out.deltas.len());
+    assert!(
+        out.deltas.len() <= 4 * out.attempts as usize,
+        "{}",
+        out.deltas.len()
+    );
     read(&fw.table).verify_invariants().unwrap();
     fw.stop();
 
@@ -104,16 +121,27 @@ fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_th
         &fw,
         Flood {
             seconds: 4,
-            interval_us: None,
+            interval_us: Some(FLOOD_INTERVAL_US),
         },
     );
-    eprintln!("without a screen: {out:?}");
+    eprintln!("without a screen: {}", out.summary());
     let t = read(&fw.table);
-    assert!(t.counters().early_dropped > 0, "the table reached its watermark");
-    assert!(out.max_sessions <= out.high_watermark, "{out:?}");
+    assert!(
+        t.counters().early_dropped > 0,
+        "the table reached its watermark"
+    );
+    assert!(out.max_sessions <= out.high_watermark, "{}", out.summary());
     assert_eq!(t.counters().refused_capacity, 0);
-    assert!(out.deltas.iter().all(|k| k.src == client), "half-open sessions are not queued");
+    assert!(
+        out.deltas.iter().all(|k| k.src == client),
+        "half-open sessions are not queued"
+    );
     drop(t);
-    assert!(out.success_rate() >= 0.95, "{}/{}", out.succeeded, out.attempts);
+    assert!(
+        out.success_rate() >= 0.95,
+        "{}/{}",
+        out.succeeded,
+        out.attempts
+    );
     fw.stop();
 }

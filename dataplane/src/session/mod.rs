@@ -218,8 +218,13 @@ impl Default for Watermarks {
 }
 
 /// Slab slots an early drop looks at (sequentially from a rotating
-/// cursor), and unestablished candidates among them it compares by age.
+/// cursor) once it has a candidate, at most while it has none, and
+/// unestablished candidates it compares by age.
 pub const EARLY_DROP_PROBES: usize = 64;
+pub const EARLY_DROP_MAX_PROBES: usize = 4096;
+/// Client segments held for pending proxied sessions, table-wide (beyond:
+/// dropped, the client retransmits).
+pub const PROXY_HELD_LIMIT: usize = 4096;
 pub const EARLY_DROP_CANDIDATES: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,6 +440,9 @@ pub struct SessionTable {
     /// Sequence state of SYN-proxied sessions, by handle (a companion:
     /// removed with its session).
     proxies: FxHashMap<u32, Proxy>,
+    /// A client segment per pending proxied session, held until the
+    /// server's handshake completes (at most [`PROXY_HELD_LIMIT`]).
+    proxy_held: FxHashMap<u32, Vec<u8>>,
     /// Live sessions per address, when kept (`TableConfig::address_counts`).
     address_counts: Option<Box<AddressCounts>>,
     /// Above the high watermark (until back at the low one).
@@ -597,6 +605,7 @@ impl SessionTable {
             expiring: None,
             _written_below: LineOf(()),
             proxies: FxHashMap::default(),
+            proxy_held: FxHashMap::default(),
             address_counts: cfg.address_counts.then(Box::default),
             under_pressure: false,
             early_drop_at: 0,
@@ -663,6 +672,26 @@ impl SessionTable {
         }
     }
 
+    /// Holds `frame` (a client segment) until session `h`'s proxy
+    /// handshake completes; false if it is not pending, already holds one,
+    /// or the table holds [`PROXY_HELD_LIMIT`].
+    pub fn hold_proxy_segment(&mut self, h: SessionHandle, frame: &[u8]) -> bool {
+        let pending = matches!(self.proxy(h), Some(Proxy::Pending { .. }));
+        if !pending
+            || self.proxy_held.len() >= PROXY_HELD_LIMIT
+            || self.proxy_held.contains_key(&h.0)
+        {
+            return false;
+        }
+        self.proxy_held.insert(h.0, frame.to_vec());
+        true
+    }
+
+    /// The client segment held for session `h`, if any.
+    pub fn take_proxy_segment(&mut self, h: SessionHandle) -> Option<Vec<u8>> {
+        self.proxy_held.remove(&h.0)
+    }
+
     /// Session `h` in peer form: the one conversion, record and what the
     /// table keeps beside it.
     pub fn to_synced(&self, h: SessionHandle, now: Millis) -> Option<SyncedSession> {
@@ -680,13 +709,17 @@ impl SessionTable {
     /// Makes room for one session above the high watermark: evicts the
     /// oldest unestablished authoritative session among the first
     /// [`EARLY_DROP_CANDIDATES`] found in [`EARLY_DROP_PROBES`] slots from
-    /// a rotating cursor. Bounded work per insert; false when none was
+    /// a rotating cursor (looking on, up to [`EARLY_DROP_MAX_PROBES`],
+    /// while none is found). Bounded work per insert; false when none was
     /// found (the insert then proceeds up to capacity).
     fn early_drop(&mut self) -> bool {
         let slots = self.slab.capacity().max(1);
         let mut best: Option<(Millis, usize)> = None;
         let mut found = 0;
-        for _ in 0..EARLY_DROP_PROBES.min(slots) {
+        for probe in 0..EARLY_DROP_MAX_PROBES.min(slots) {
+            if probe >= EARLY_DROP_PROBES && found > 0 {
+                break;
+            }
             let i = self.early_drop_at % slots;
             self.early_drop_at = i + 1;
             let Some(r) = self.slab.get(i) else { continue };
@@ -1319,6 +1352,7 @@ impl SessionTable {
         let r = self.slab.remove(h as usize);
         if r.proxied() {
             self.proxies.remove(&h);
+            self.proxy_held.remove(&h);
         }
         if let Some(c) = &mut self.address_counts {
             c.remove(&r.key);
@@ -1962,6 +1996,13 @@ impl SessionTable {
                     "proxy state of slot {h} without its proxied session"
                 ));
             }
+        }
+        if let Some(h) = self
+            .proxy_held
+            .keys()
+            .find(|h| !matches!(self.proxies.get(h), Some(Proxy::Pending { .. })))
+        {
+            return Err(format!("segment held for slot {h}, not a pending proxy"));
         }
         let proxied = self.slab.iter().filter(|(_, r)| r.proxied()).count();
         if proxied != self.proxies.len() {

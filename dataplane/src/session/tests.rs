@@ -1286,7 +1286,9 @@ mod pressure {
     }
 
     fn half_open(t: &mut SessionTable, client: u32, at: Millis) -> SessionHandle {
-        let h = t.insert(plain_session::<V4>(RG1, client, 2000), at).unwrap();
+        let h = t
+            .insert(plain_session::<V4>(RG1, client, 2000), at)
+            .unwrap();
         assert!(!t.get(h).unwrap().is_replicated());
         h
     }
@@ -1305,7 +1307,10 @@ mod pressure {
         half_open(&mut t, 200, Millis(now().0 + 10));
         assert_eq!(t.len(), 8, "one out, one in");
         let gone = key::<V4>(100, 2000, 1, 443);
-        assert!(t.lookup_forward(&gone).is_none(), "the oldest half-open went");
+        assert!(
+            t.lookup_forward(&gone).is_none(),
+            "the oldest half-open went"
+        );
         assert!(t.lookup_forward(&key::<V4>(101, 2000, 1, 443)).is_some());
         assert_eq!(t.counters().early_dropped, 1);
         assert_eq!(t.counters().removed(RemoveReason::EarlyDropped), 1);
@@ -1424,14 +1429,24 @@ mod pressure {
         t.set_proxy(h, Proxy::Shift(12345));
         let s = t.to_synced(h, now()).unwrap();
         assert_eq!(s.seq_shift, Some(12345));
-        assert_eq!(t.export_synced(RG1, now()).next().unwrap().seq_shift, Some(12345));
+        assert_eq!(
+            t.export_synced(RG1, now()).next().unwrap().seq_shift,
+            Some(12345)
+        );
         let mut peer = small_table(10);
         peer.apply_peer_upsert(&s, now(), None).unwrap();
         let ph = peer.lookup_forward(&s.key).unwrap();
         assert_eq!(peer.proxy(ph), Some(Proxy::Shift(12345)));
         // An update without the shift clears it.
-        peer.apply_peer_upsert(&SyncedSession { seq_shift: None, ..s.clone() }, now(), None)
-            .unwrap();
+        peer.apply_peer_upsert(
+            &SyncedSession {
+                seq_shift: None,
+                ..s.clone()
+            },
+            now(),
+            None,
+        )
+        .unwrap();
         assert_eq!(peer.proxy(ph), None);
         ok(&peer);
         t.remove(h, RemoveReason::Closed);
