@@ -55,6 +55,8 @@ run_tests() {
     cargo run --release --locked -q -p tandem-dataplane --bin session-bench -- --sessions 100000 --rounds 1 --json
     log "bench smoke: fwd-bench (packet core, workers, fabric redirect; AF_XDP and TCP vs nftables when root)"
     cargo run --release --locked -q -p tandem-dataplane --bin fwd-bench -- --seconds 1 --json
+    log "bench smoke: screen-bench (real connections under an hping3 SYN flood; root)"
+    cargo run --release --locked -q -p tandem-dataplane --bin screen-bench -- --seconds 2 --json
     log "bench smoke: forwarding latency while the real sync applies and exports a 200k-session bulk"
     cargo run --release --locked -q -p tandem-cluster --bin sync-bench -- --only latency --bulk 200000 --json
 }

@@ -850,6 +850,29 @@ mod tests {
     }
 
     #[test]
+    fn a_screen_of_an_unknown_zone_or_a_second_one_for_a_zone_is_refused() {
+        let mut cfg = crate::testbed::sample_config();
+        cfg.screen.push(ScreenConfig::off("a", "dmz"));
+        let e = Compiled::new(&cfg).unwrap_err();
+        assert!(e.contains("screen a") && e.contains("dmz"), "{e}");
+        cfg.screen = vec![
+            ScreenConfig::off("a", "untrust"),
+            ScreenConfig::off("b", "untrust"),
+        ];
+        let e = Compiled::new(&cfg).unwrap_err();
+        assert!(
+            e.contains("screen b: zone untrust has screen a already"),
+            "{e}"
+        );
+        cfg.screen.pop();
+        let c = Compiled::new(&cfg).unwrap();
+        let untrust = c.iface_by_device("u0").unwrap().zone;
+        assert_eq!(c.screen(untrust).map(|s| s.name.as_str()), Some("a"));
+        assert!(c.screen(c.iface_by_device("t0").unwrap().zone).is_none());
+        assert!(!c.needs_address_counts());
+    }
+
+    #[test]
     fn prefix_parse_contains_and_family() {
         let p: Prefix = "10.1.0.1/24".parse().unwrap();
         assert!(p.contains(&"10.1.0.200".parse::<std::net::Ipv4Addr>().unwrap().into()));
