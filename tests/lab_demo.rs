@@ -54,6 +54,25 @@ fn lab_demo_keeps_every_tcp_connection_through_fabric_cut_failover_crash_and_rej
         Some(&7.0),
         "{figures:?}"
     );
+    // A SYN flood at the port forward: answered with cookies, its
+    // sessions under the threshold half-open on the primary, none synced.
+    assert!(
+        figures
+            .get("syn_flood_cookies_sent")
+            .is_some_and(|n| *n > 0.0),
+        "{figures:?}"
+    );
+    assert!(
+        figures
+            .get("syn_flood_half_open_on_primary")
+            .is_some_and(|n| *n > 0.0),
+        "{figures:?}"
+    );
+    assert_eq!(
+        figures.get("syn_flood_half_open_on_peer"),
+        Some(&0.0),
+        "{figures:?}"
+    );
     // The primary whose dataplane stopped gave the RG up to its peer.
     assert!(
         figures.contains_key("dataplane_stop_takeover_ms"),

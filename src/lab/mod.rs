@@ -417,6 +417,111 @@ fn security_log_phase(
     }
 }
 
+/// Half-open sessions of the port forward (192.0.2.1:8080) in node `n`'s
+/// export of RG1.
+fn half_open_to_port_forward(rt: &Runtime, n: usize) -> Result<u64, String> {
+    let q = pb::ControlRequest {
+        cmd: Some(pb::control_request::Cmd::Sessions(pb::SessionQuery {
+            rg: 1,
+            peer_diff: false,
+        })),
+    };
+    let mut count = 0;
+    rt.block_on(control::request(&socket(n), q, |chunk| {
+        for v in chunk
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            let half_open = v["state"] == "syn-sent" || v["state"] == "syn-received";
+            if half_open && v["destination"] == "192.0.2.1:8080" {
+                count += 1;
+            }
+        }
+    }))?;
+    Ok(count)
+}
+
+/// A SYN flood (hping3, random sources, 3 s) at the port forward from the
+/// untrust side: the primary answers it with cookies above the screen's
+/// threshold and holds the sessions under it as half-open; none of them
+/// reaches the peer.
+fn syn_flood_phase(rt: &Runtime, report: &mut Vec<Figure>) -> Result<(), String> {
+    let primary = if rt.block_on(status(0)).as_ref().is_ok_and(is_primary) {
+        0
+    } else {
+        1
+    };
+    let peer = 1 - primary;
+    step(&format!(
+        "SYN flood at the port forward (hping3 --rand-source, 3 s): node{primary} screens it, node{peer} must get none of it"
+    ));
+    let cookies = |rt: &Runtime| -> u64 {
+        rt.block_on(statistics(primary))
+            .ok()
+            .and_then(|v| {
+                v["screens"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["zone"] == "untrust")
+                    .and_then(|s| s["counters"]["syn-cookies-sent"].as_u64())
+            })
+            .unwrap_or(0)
+    };
+    let before = cookies(rt);
+    let flood = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "tl-server",
+            "timeout",
+            "3",
+            "hping3",
+            "-q",
+            "-S",
+            "--rand-source",
+            "-i",
+            "u200",
+            "-p",
+            "8080",
+            "192.0.2.1",
+        ])
+        .output()
+        .map_err(|e| format!("hping3: {e}"))?;
+    // `timeout` ends hping3 with status 124: the flood ran its time.
+    if !matches!(flood.status.code(), Some(0 | 124)) {
+        return Err(format!(
+            "hping3 failed ({}): {}",
+            flood.status,
+            String::from_utf8_lossy(&flood.stderr).trim()
+        ));
+    }
+    // Whatever the primary would sync has had time to arrive.
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = cookies(rt).saturating_sub(before);
+    let on_primary = half_open_to_port_forward(rt, primary)?;
+    let on_peer = half_open_to_port_forward(rt, peer)?;
+    step(&format!(
+        "flood: {sent} SYNs answered with cookies, {on_primary} half-open sessions on node{primary}, {on_peer} on node{peer}"
+    ));
+    for (name, value) in [
+        ("syn_flood_cookies_sent", sent),
+        ("syn_flood_half_open_on_primary", on_primary),
+        ("syn_flood_half_open_on_peer", on_peer),
+    ] {
+        report.push(Figure {
+            name,
+            value: value as f64,
+            unit: "count",
+        });
+    }
+    if on_peer > 0 {
+        return Err(format!(
+            "{on_peer} half-open sessions of the flood reached node{peer}"
+        ));
+    }
+    Ok(())
+}
+
 /// Starts node `n`'s daemon in its namespace, logging to `node<n>.log`.
 pub fn start_node(n: usize) -> Result<u32, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -729,6 +834,7 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
     stop.store(true, Ordering::Relaxed);
     let result = traffic.finish();
     security_log_phase(rt, first, &mut report)?;
+    syn_flood_phase(rt, &mut report)?;
     report.push(Figure {
         name: "tcp_connections_survived_pct",
         value: result.survived_pct,
