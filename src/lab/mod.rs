@@ -480,7 +480,7 @@ fn syn_flood_phase(rt: &Runtime, report: &mut Vec<Figure>) -> Result<(), String>
             "-S",
             "--rand-source",
             "-i",
-            "u200",
+            "u50",
             "-p",
             "8080",
             "192.0.2.1",
