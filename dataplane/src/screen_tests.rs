@@ -213,3 +213,44 @@ fn packet_screens_classify_what_no_endpoint_sends() {
         Some(ScreenKind::IcmpLarge)
     );
 }
+
+#[test]
+fn icmp_flood_counts_new_echo_sessions_per_destination() {
+    let s = screen(|c| c.icmp_flood = Some(2));
+    let echo = |dst: u8| key([203, 0, 113, 1], 7, [10, 1, 0, dst], 0, proto::ICMP);
+    let v: Vec<_> = (0..3).map(|_| s.check_new(&echo(10), None, NOW)).collect();
+    assert_eq!(v, [Ok(false), Ok(false), Err(ScreenKind::IcmpFlood)]);
+    assert_eq!(
+        s.check_new(&echo(11), None, NOW),
+        Ok(false),
+        "another destination"
+    );
+    // TCP and UDP are not metered by the ICMP screen.
+    let udp = key([203, 0, 113, 1], 7, [10, 1, 0, 10], 53, proto::UDP);
+    assert_eq!(s.check_new(&udp, None, NOW), Ok(false));
+}
+
+#[test]
+fn icmp_fragments_are_refused_by_the_icmp_fragment_screen() {
+    let s = screen(|c| c.icmp_fragment = true);
+    let f = build(
+        [0; 6],
+        [0; 6],
+        Ipv4Addr::new(1, 2, 3, 4).into(),
+        Ipv4Addr::new(192, 0, 2, 1).into(),
+        64,
+        &L4::IcmpError {
+            kind: 8,
+            code: 0,
+            quoted: vec![0; 64],
+        },
+    );
+    let mut frag = f.clone();
+    // More fragments: a first fragment of a larger echo.
+    frag[14 + 6] |= 0x20;
+    packet::ipv4_header_checksum(&mut frag, 14, 20);
+    let ip = parse_ipv4(&frag, 14).unwrap();
+    assert!(ip.frag.is_some());
+    assert_eq!(s.check_packet(&frag, &ip), Some(ScreenKind::IcmpFragment));
+    assert_eq!(s.check_packet(&f, &parse_ipv4(&f, 14).unwrap()), None);
+}
