@@ -303,6 +303,7 @@ impl Generator {
             n as u8,
         );
         let dnat = self.rng.random_bool(0.3);
+        let half_open = self.rng.random_bool(0.2);
         NewSession {
             key: SessionKey::new(
                 client,
@@ -327,7 +328,13 @@ impl Generator {
             egress_if: InterfaceId(2),
             owner_rg: rg,
             policy: PolicyId(1),
-            tcp_state: TcpState::SynSent,
+            // Most connections arrive established (their handshake seen);
+            // a fifth stay half-open, which the peer never gets.
+            tcp_state: if half_open {
+                TcpState::SynSent
+            } else {
+                TcpState::Established
+            },
         }
     }
 
