@@ -68,8 +68,10 @@ fn blind_rsts_with_guessed_sequence_numbers_leave_a_live_connection_working() {
     let topo = Topo::new("k");
     let fw = Firewall::start(&topo.ns[1]);
     let (peer_tx, peer_rx) = mpsc::channel::<SocketAddr>();
+    let (bound_tx, bound_rx) = mpsc::channel::<()>();
     let server = in_ns(&topo.ns[2], move || {
         let l = TcpListener::bind("0.0.0.0:7000").unwrap();
+        bound_tx.send(()).unwrap();
         let (mut s, from) = l.accept().unwrap();
         peer_tx.send(from).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -83,6 +85,9 @@ fn blind_rsts_with_guessed_sequence_numbers_leave_a_live_connection_working() {
     });
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    // The client connects only once the server listens (a SYN before
+    // that is refused by the server's kernel).
+    bound_rx.recv_timeout(Duration::from_secs(15)).unwrap();
     let client = in_ns(&topo.ns[0], move || {
         let mut s = TcpStream::connect_timeout(
             &"192.0.2.100:7000".parse().unwrap(),
