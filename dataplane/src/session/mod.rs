@@ -221,7 +221,11 @@ impl Default for Watermarks {
 /// cursor) once it has a candidate, at most while it has none, and
 /// unestablished candidates it compares by age.
 pub const EARLY_DROP_PROBES: usize = 64;
-pub const EARLY_DROP_MAX_PROBES: usize = 4096;
+pub const EARLY_DROP_MAX_PROBES: usize = 1024;
+/// Inserts that skip early drop after a scan found no candidate (a table
+/// above its watermark full of established sessions must not pay a full
+/// scan per insert).
+pub const EARLY_DROP_BACKOFF: u32 = 256;
 /// Client segments held for pending proxied sessions, table-wide (beyond:
 /// dropped, the client retransmits).
 pub const PROXY_HELD_LIMIT: usize = 4096;
@@ -449,6 +453,8 @@ pub struct SessionTable {
     under_pressure: bool,
     /// Where the next early drop and early-ageing pass look (slab slots).
     early_drop_at: usize,
+    /// Inserts left before early drop looks again (after a fruitless scan).
+    early_drop_backoff: u32,
     ageing_at: usize,
     counters: TableCounters,
 }
@@ -609,6 +615,7 @@ impl SessionTable {
             address_counts: cfg.address_counts.then(Box::default),
             under_pressure: false,
             early_drop_at: 0,
+            early_drop_backoff: 0,
             ageing_at: 0,
             cfg,
             counters: TableCounters::default(),
@@ -713,6 +720,10 @@ impl SessionTable {
     /// while none is found). Bounded work per insert; false when none was
     /// found (the insert then proceeds up to capacity).
     fn early_drop(&mut self) -> bool {
+        if self.early_drop_backoff > 0 {
+            self.early_drop_backoff -= 1;
+            return false;
+        }
         let slots = self.slab.capacity().max(1);
         let mut best: Option<(Millis, usize)> = None;
         let mut found = 0;
@@ -735,6 +746,7 @@ impl SessionTable {
             }
         }
         let Some((_, h)) = best else {
+            self.early_drop_backoff = EARLY_DROP_BACKOFF;
             return false;
         };
         self.remove_handle(h as u32, RemoveReason::EarlyDropped);
