@@ -589,6 +589,13 @@ fn big_table(n: u32, extra_capacity: usize) -> (Arc<Shared>, Vec<Vec<u8>>) {
         TableConfig {
             capacity: n as usize + extra_capacity,
             preallocate: true,
+            // A forwarding figure: the table is filled on purpose, no
+            // early drop of the (unanswered) flows.
+            watermarks: session::Watermarks {
+                high_pct: 100,
+                low_pct: 100,
+                ..session::Watermarks::default()
+            },
             ..TableConfig::default()
         },
     );
