@@ -195,6 +195,7 @@ pub fn statistics(node: &Node) -> Value {
             "pressure_entered": table.pressure_entered,
             "pressure_left": table.pressure_left,
             "early_dropped": table.early_dropped,
+            "closed_before_sync": table.closed_before_sync,
             "early_aged": table.early_aged,
         },
         "screens": screens(&node.compiled),

@@ -52,6 +52,10 @@ counters!(
         /// Sender: deltas of TCP sessions still in their handshake, not
         /// sent (their establishment sends them).
         deltas_unreplicated,
+        /// Sender: changes of sessions removed before a batch read them,
+        /// not sent (a session that closed before its create went out
+        /// costs nothing on the wire).
+        deltas_coalesced,
         /// Sender gauge: unacked batches and bytes held for replay.
         replay_depth_batches,
         replay_depth_bytes,

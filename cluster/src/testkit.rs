@@ -57,7 +57,7 @@ impl TestNode {
             t.remove(h, tandem_dataplane::session::RemoveReason::Closed);
             rg
         };
-        self.producer.push(rg, *key);
+        self.producer.push_delete(rg, *key);
     }
 
     /// The RG's sessions in peer form, sorted, ages zeroed (they differ by

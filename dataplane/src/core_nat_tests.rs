@@ -145,7 +145,7 @@ fn address_dependent_filtering_admits_only_addresses_the_endpoint_talked_to() {
     r.consumers[0].try_recv_many(&mut keys, 10);
     assert_eq!(keys.len(), 2);
     assert_eq!(
-        (keys[1].src, keys[1].dst, keys[1].dst_port),
+        (keys[1].key.src, keys[1].key.dst, keys[1].key.dst_port),
         (v4(A), v4(STUN), 3479)
     );
 }

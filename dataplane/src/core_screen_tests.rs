@@ -87,7 +87,9 @@ fn screen_stats(r: &Rig) -> &crate::screen::ScreenStats {
 fn queued_deltas(r: &mut Rig) -> Vec<SessionKey> {
     let mut keys = Vec::new();
     r.consumers[0].try_recv_many(&mut keys, 1024);
-    keys
+    keys.into_iter()
+        .map(|d: crate::delta::Delta| d.key)
+        .collect()
 }
 
 #[test]

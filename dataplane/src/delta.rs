@@ -2,11 +2,15 @@
 //! changed" without ever blocking on the network.
 //!
 //! One bounded queue per RG carries session keys, not session state: the
-//! sync sender reads the current record when it builds a batch (an absent
-//! record becomes a delete), so repeated updates of one session coalesce and
-//! a batch never carries state older than the table. A full queue drops the
-//! key, counts it and marks the RG for a bulk export, so a drop is repaired
-//! by reconciliation instead of diverging silently.
+//! sync sender reads the current record when it builds a batch, so repeated
+//! updates of one session coalesce and a batch never carries state older
+//! than the table. Each key says whether it is a change or a delete: a
+//! change whose record is gone by the time the sender reads it sends
+//! nothing (the removal queued a delete if, and only if, the peer may hold
+//! the session), so a short-lived session that closes before its create was
+//! sent costs nothing on the wire. A full queue drops the key, counts it and
+//! marks the RG for a bulk export, so a drop is repaired by reconciliation
+//! instead of diverging silently.
 
 use crate::session::SessionKey;
 use rustc_hash::FxHashMap;
@@ -15,8 +19,41 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tandem_proto::RgId;
 use tokio::sync::{Notify, mpsc};
 
-/// Default per-RG queue bound (keys). At 40 bytes a key, 2.6 MiB per RG.
+/// Default per-RG queue bound (deltas). At 42 bytes a delta, 2.8 MiB per RG.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
+
+/// What happened to a session, as the sender needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeltaKind {
+    /// Created or changed: send its current state, if it still exists.
+    Change,
+    /// Removed after the peer may have received it: send a delete (or the
+    /// current state, if the key was reused by a new session since).
+    Delete,
+}
+
+/// One queued delta: a key and what happened to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delta {
+    pub key: SessionKey,
+    pub kind: DeltaKind,
+}
+
+impl Delta {
+    pub fn change(key: SessionKey) -> Delta {
+        Delta {
+            key,
+            kind: DeltaKind::Change,
+        }
+    }
+
+    pub fn delete(key: SessionKey) -> Delta {
+        Delta {
+            key,
+            kind: DeltaKind::Delete,
+        }
+    }
+}
 
 /// Counters and the repair flag shared by both ends of one RG's queue.
 #[derive(Default, Debug)]
@@ -50,7 +87,7 @@ impl QueueStats {
 }
 
 /// The producing end of one RG's queue.
-type RgQueueTx = (mpsc::Sender<SessionKey>, Arc<QueueStats>);
+type RgQueueTx = (mpsc::Sender<Delta>, Arc<QueueStats>);
 
 /// The dataplane's end: cheap to clone, never blocks.
 #[derive(Clone, Default)]
@@ -63,11 +100,20 @@ impl DeltaProducer {
     /// Queues a change of `key` in `rg`. False when dropped (queue full, or
     /// an RG without a queue); a full queue marks the RG for bulk.
     pub fn push(&self, rg: RgId, key: SessionKey) -> bool {
+        self.push_delta(rg, Delta::change(key))
+    }
+
+    /// Queues the delete of `key` in `rg` (see [`DeltaKind::Delete`]).
+    pub fn push_delete(&self, rg: RgId, key: SessionKey) -> bool {
+        self.push_delta(rg, Delta::delete(key))
+    }
+
+    fn push_delta(&self, rg: RgId, delta: Delta) -> bool {
         let Some((tx, stats)) = self.queues.get(&rg) else {
             self.unknown_rg.fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        match tx.try_send(key) {
+        match tx.try_send(delta) {
             Ok(()) => {
                 stats.pushed.fetch_add(1, Ordering::Relaxed);
                 true
@@ -88,7 +134,7 @@ impl DeltaProducer {
 /// The sync layer's end for one RG.
 pub struct DeltaConsumer {
     rg: RgId,
-    rx: mpsc::Receiver<SessionKey>,
+    rx: mpsc::Receiver<Delta>,
     stats: Arc<QueueStats>,
 }
 
@@ -103,12 +149,12 @@ impl DeltaConsumer {
 
     /// Waits for at least one key, then takes up to `limit`. `0` means
     /// every producer is gone.
-    pub async fn recv_many(&mut self, buf: &mut Vec<SessionKey>, limit: usize) -> usize {
+    pub async fn recv_many(&mut self, buf: &mut Vec<Delta>, limit: usize) -> usize {
         self.rx.recv_many(buf, limit).await
     }
 
     /// Takes what is queued now, up to `limit`, without waiting.
-    pub fn try_recv_many(&mut self, buf: &mut Vec<SessionKey>, limit: usize) -> usize {
+    pub fn try_recv_many(&mut self, buf: &mut Vec<Delta>, limit: usize) -> usize {
         let mut n = 0;
         while n < limit {
             match self.rx.try_recv() {
@@ -188,7 +234,17 @@ mod tests {
         assert!(!c[1].take_needs_bulk());
         let mut buf = Vec::new();
         assert_eq!(c[0].try_recv_many(&mut buf, 10), 2);
-        assert_eq!(buf, vec![key(1), key(2)]);
+        assert_eq!(buf, vec![Delta::change(key(1)), Delta::change(key(2))]);
+    }
+
+    #[test]
+    fn deletes_queue_in_order_with_their_kind() {
+        let (p, mut c) = delta_queues(&[RgId(1)], 4);
+        assert!(p.push(RgId(1), key(1)));
+        assert!(p.push_delete(RgId(1), key(1)));
+        let mut buf = Vec::new();
+        assert_eq!(c[0].try_recv_many(&mut buf, 10), 2);
+        assert_eq!(buf, vec![Delta::change(key(1)), Delta::delete(key(1))]);
     }
 
     #[test]

@@ -444,8 +444,8 @@ impl Firewall {
         self.dataplane.as_ref().expect("running")
     }
 
-    /// Takes every key queued for the peer so far.
-    pub fn take_deltas(&self) -> Vec<session::SessionKey> {
+    /// Takes every delta queued for the peer so far.
+    pub fn take_deltas(&self) -> Vec<crate::delta::Delta> {
         let mut keys = Vec::new();
         for c in self
             .deltas

@@ -12,7 +12,7 @@
 //! after the other, for the flood's duration.
 
 use super::{Firewall, Topo, in_ns, sh};
-use crate::session::{SessionKey, read};
+use crate::session::read;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -51,7 +51,7 @@ pub struct FloodOutcome {
     pub max_sessions: usize,
     pub high_watermark: usize,
     /// Keys queued for the peer during the run.
-    pub deltas: Vec<SessionKey>,
+    pub deltas: Vec<crate::delta::Delta>,
 }
 
 impl FloodOutcome {

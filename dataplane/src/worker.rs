@@ -490,10 +490,11 @@ const AGEING_SLICE: usize = 256;
 /// Returns how many expired.
 pub fn expire(shared: &Shared, now: Millis) -> usize {
     let delete = |r: &session::SessionRecord| {
-        // Never-synced sessions (a TCP handshake) need no delete. A full
-        // queue marks the RG for a bulk, which repairs it.
-        if r.owner_rg.is_data() && r.is_replicated() {
-            let _ = shared.deltas.push(r.owner_rg, r.key);
+        // A session the peer cannot hold (a TCP handshake, or one that
+        // closed before the sender read it) needs no delete. A full queue
+        // marks the RG for a bulk, which repairs it.
+        if r.owner_rg.is_data() && r.sent_to_peer() {
+            let _ = shared.deltas.push_delete(r.owner_rg, r.key);
         }
     };
     let mut expired = 0;

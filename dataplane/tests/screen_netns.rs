@@ -102,7 +102,7 @@ fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_th
     assert!(out.max_sessions < out.high_watermark, "{}", out.summary());
     let client: Addr = std::net::Ipv4Addr::new(192, 0, 2, 100).into();
     assert!(
-        out.deltas.iter().all(|k| k.src == client),
+        out.deltas.iter().all(|d| d.key.src == client),
         "only the client's established connections are queued for the peer"
     );
     assert!(
@@ -136,7 +136,7 @@ fn a_syn_flood_leaves_the_service_reachable_the_table_below_its_watermark_and_th
     assert!(out.max_sessions < 16_384, "{}", out.summary());
     assert_eq!(t.counters().refused_capacity, 0);
     assert!(
-        out.deltas.iter().all(|k| k.src == client),
+        out.deltas.iter().all(|d| d.key.src == client),
         "half-open sessions are not queued"
     );
     drop(t);

@@ -342,6 +342,7 @@ impl Generator {
         let now = (self.clock)();
         let creates = self.rng.random_range(1..4);
         let mut changed = Vec::new();
+        let mut deleted = Vec::new();
         let fresh: Vec<NewSession> = (0..creates).map(|_| self.new_session(rg)).collect();
         {
             let table = self.table.clone();
@@ -366,16 +367,25 @@ impl Generator {
                     continue;
                 };
                 if i % 2 == 0 || len > TARGET_SESSIONS {
-                    t.remove(h, RemoveReason::Closed);
-                } else {
-                    t.touch(h, tandem_dataplane::session::Direction::Forward, 100, now);
-                    t.set_tcp_state(h, TcpState::Established, now);
+                    // As the expiry does: a delete only if the peer may
+                    // hold it (one never sent coalesces into nothing).
+                    if t.remove(h, RemoveReason::Closed)
+                        .is_some_and(|r| r.sent_to_peer())
+                    {
+                        deleted.push(k);
+                    }
+                    continue;
                 }
+                t.touch(h, tandem_dataplane::session::Direction::Forward, 100, now);
+                t.set_tcp_state(h, TcpState::Established, now);
                 changed.push(k);
             }
         }
         for k in changed {
             self.producer.push(rg, k);
+        }
+        for k in deleted {
+            self.producer.push_delete(rg, k);
         }
     }
 }

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tandem_dataplane::delta::DeltaConsumer;
-use tandem_dataplane::session::{Clock, SessionKey, SharedTable, Sliced, read};
+use tandem_dataplane::delta::{Delta, DeltaConsumer};
+use tandem_dataplane::session::{Clock, SharedTable, Sliced, read};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, FrameDecoder, FrameError, NodeId, PROTOCOL_VERSION, RgId, encode_frame};
 use tokio::sync::{Notify, mpsc, watch};
@@ -1052,7 +1052,7 @@ async fn send_rg(
             bulk_wanted = true;
         }
     }
-    let mut keys: Vec<SessionKey> = Vec::with_capacity(shared.cfg.batch_keys);
+    let mut keys: Vec<Delta> = Vec::with_capacity(shared.cfg.batch_keys);
     let mut out = BytesMut::new();
     loop {
         if bulk_wanted {
@@ -1090,7 +1090,7 @@ fn send_deltas(
     shared: &Shared,
     sender: &Mutex<RgSender>,
     stats: &RgSyncStats,
-    keys: &mut Vec<SessionKey>,
+    keys: &mut Vec<Delta>,
     out: &mut BytesMut,
 ) {
     if keys.is_empty() {
@@ -1103,6 +1103,7 @@ fn send_deltas(
     };
     keys.clear();
     add(&stats.deltas_unreplicated, info.unreplicated);
+    add(&stats.deltas_coalesced, info.coalesced);
     if info.deltas > 0 {
         add(&stats.deltas_sent, info.deltas);
         inc(&stats.batches_sent);
@@ -1116,7 +1117,7 @@ async fn run_bulk(
     sender: &Mutex<RgSender>,
     rg: RgId,
     consumer: &mut Option<tokio::sync::MutexGuard<'_, DeltaConsumer>>,
-    keys: &mut Vec<SessionKey>,
+    keys: &mut Vec<Delta>,
     send: &mut SendStream,
 ) -> Result<(), Close> {
     let stats = shared.stats.rg(rg);

@@ -334,7 +334,10 @@ impl RgReceiver {
             )
         });
         let mark = BulkMark(self.next_mark);
-        self.next_mark = self.next_mark.checked_add(1).unwrap_or(1);
+        // Ids wrap before SyncMark::SENT, which says "sent", not a bulk.
+        self.next_mark = Some(self.next_mark + 1)
+            .filter(|&m| m < tandem_dataplane::session::SyncMark::SENT)
+            .unwrap_or(1);
         self.bulk = Some(InBulk {
             id: b.bulk_id,
             mark,

@@ -9,6 +9,7 @@ use crate::wire::{MAX_RECORD, put_delete, put_upsert};
 use bytes::{Bytes, BytesMut};
 use rustc_hash::FxHashSet;
 use std::collections::VecDeque;
+use tandem_dataplane::delta::{Delta, DeltaKind};
 use tandem_dataplane::session::{ExportCursor, Millis, SessionKey, SessionTable, SyncedSession};
 use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, RgId, encode_frame};
@@ -62,6 +63,9 @@ pub struct BatchInfo {
     pub deletes: u64,
     /// Deltas of TCP sessions still in their handshake, not sent.
     pub unreplicated: u64,
+    /// Changes of sessions removed before this batch read them: nothing
+    /// sent (the removal queued a delete if the peer may hold them).
+    pub coalesced: u64,
     pub bytes: u64,
     /// Replay batches evicted to stay under the bound.
     pub evicted: u64,
@@ -162,25 +166,36 @@ impl RgSender {
     /// and keeps it for replay. A key whose session is gone becomes a
     /// delete; a session not locally owned by this RG is skipped (only the
     /// primary's authoritative copies are replicated).
+    /// Builds one batch of `deltas` from the table's current records: a
+    /// live record is sent once however often it is queued (and marked
+    /// sent), a delete once per key, and a change whose record is gone is
+    /// dropped (see [`tandem_dataplane::delta`]).
     pub fn build_batch(
         &mut self,
-        keys: &[SessionKey],
+        deltas: &[Delta],
         table: &SessionTable,
         now: Millis,
         out: &mut BytesMut,
     ) -> BatchInfo {
         let mut info = BatchInfo::default();
         let mut seen = FxHashSet::default();
+        let keys: Vec<SessionKey> = deltas.iter().map(|d| d.key).collect();
         let mut handles = vec![None; keys.len()];
-        table.lookup_forward_burst(keys, &mut handles);
+        table.lookup_forward_burst(&keys, &mut handles);
         let records = &mut self.records;
         records.clear();
         records.reserve(keys.len() * MAX_RECORD);
-        for (key, h) in keys.iter().zip(handles) {
+        for (d, h) in deltas.iter().zip(handles) {
+            let key = &d.key;
+            let record = h.and_then(|h| table.get(h));
+            if record.is_none() && d.kind == DeltaKind::Change {
+                info.coalesced += 1;
+                continue;
+            }
             if !seen.insert(*key) {
                 continue;
             }
-            match h.and_then(|h| table.get(h)) {
+            match record {
                 None => {
                     info.deletes += 1;
                     put_delete(records, key);
@@ -196,6 +211,7 @@ impl RgSender {
                         continue;
                     };
                     info.upserts += 1;
+                    r.mark_sent();
                     put_upsert(records, &s);
                 }
                 Some(_) => continue,
@@ -297,7 +313,11 @@ impl RgSender {
         sessions.clear();
         // A bulk carries only what this node is authoritative for.
         let more = table.export_chunk(cursor, max, now, &mut sessions, |r| {
-            table.is_authoritative(r) && r.is_replicated()
+            let send = table.is_authoritative(r) && r.is_replicated();
+            if send {
+                r.mark_sent();
+            }
+            send
         });
         let n = sessions.len() as u64;
         if n > 0 {

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use tandem_dataplane::delta::Delta;
 use tandem_dataplane::session::*;
 use tandem_proto::pb::envelope::Msg;
 use tandem_proto::{Epoch, FrameDecoder, RgId, pb};
@@ -75,10 +76,29 @@ impl Pair {
         self.primary.get(h).unwrap().key
     }
 
-    fn send_keys(&mut self, keys: &[SessionKey]) {
+    /// Sends changes of `keys` (as the dataplane queues them).
+    fn send_keys(&mut self, keys: &[SessionKey]) -> BatchInfo {
+        let deltas: Vec<Delta> = keys.iter().copied().map(Delta::change).collect();
+        self.send(&deltas)
+    }
+
+    fn send(&mut self, deltas: &[Delta]) -> BatchInfo {
         let mut out = BytesMut::new();
-        self.tx.build_batch(keys, &self.primary, NOW, &mut out);
+        let info = self.tx.build_batch(deltas, &self.primary, NOW, &mut out);
         self.wire.extend_from_slice(&out);
+        info
+    }
+
+    /// Removes a local session and sends what its removal queues (a
+    /// delete only if the peer may hold it, as the expiry does).
+    fn close(&mut self, key: &SessionKey) -> BatchInfo {
+        let h = self.primary.lookup_forward(key).unwrap();
+        let r = self.primary.remove(h, RemoveReason::Closed).unwrap();
+        if r.sent_to_peer() {
+            self.send(&[Delta::delete(*key)])
+        } else {
+            BatchInfo::default()
+        }
     }
 
     /// Delivers everything on the wire; feeds acks back to the sender.
@@ -172,17 +192,24 @@ fn deltas_are_acked_only_after_apply_and_converge() {
 fn delete_during_bulk_wins_over_older_bulk_entry() {
     let mut p = Pair::new(RG1);
     let keys: Vec<_> = (0..9).map(|i| p.insert(RG1, i)).collect();
-    let victim = keys[0];
-    let mut deleted = false;
+    let mut victim = None;
     p.bulk(RG1, |p| {
-        if !deleted {
-            // The first chunk carried `victim`; now it closes locally.
-            let h = p.primary.lookup_forward(&victim).unwrap();
-            p.primary.remove(h, RemoveReason::Closed);
-            p.send_keys(&[victim]);
-            deleted = true;
+        if victim.is_none() {
+            // A session the first chunk carried closes locally.
+            let carried = keys.iter().copied().find(|k| {
+                let h = p.primary.lookup_forward(k).unwrap();
+                p.primary.get(h).unwrap().sent_to_peer()
+            });
+            let k = carried.expect("the first chunk marked what it carried");
+            let info = p.close(&k);
+            assert_eq!(
+                info.deletes, 1,
+                "the bulk carried it: the peer is owed a delete"
+            );
+            victim = Some(k);
         }
     });
+    let victim = victim.expect("closed during the bulk");
     let replies = p.deliver();
     assert!(
         replies
@@ -386,7 +413,7 @@ fn stale_epoch_and_own_rg_deltas_are_dropped_and_counted() {
     // This node is primary for the RG: the peer's deltas are refused.
     let mut dec = FrameDecoder::default();
     let mut out = BytesMut::new();
-    newer.build_batch(&[k2], &p.primary, NOW, &mut out);
+    newer.build_batch(&[Delta::change(k2)], &p.primary, NOW, &mut out);
     dec.push(&out);
     let msg = dec.next_frame().unwrap().unwrap().msg.unwrap();
     assert!(
@@ -538,10 +565,8 @@ fn half_open_sessions_are_neither_sent_nor_bulked_until_established() {
         )
         .unwrap();
     let half = p.primary.get(h).unwrap().key;
-    let mut out = BytesMut::new();
-    let info = p.tx.build_batch(&[open, half], &p.primary, NOW, &mut out);
+    let info = p.send_keys(&[open, half]);
     assert_eq!((info.upserts, info.unreplicated, info.deletes), (1, 1, 0));
-    p.wire.extend_from_slice(&out);
     p.deliver();
     assert!(p.secondary.lookup_forward(&open).is_some());
     assert!(p.secondary.lookup_forward(&half).is_none());
@@ -555,4 +580,85 @@ fn half_open_sessions_are_neither_sent_nor_bulked_until_established() {
     p.deliver();
     assert!(p.secondary.lookup_forward(&half).is_some());
     assert!(p.converged(RG1));
+}
+
+#[test]
+fn session_closed_before_its_create_was_sent_costs_nothing_on_the_wire() {
+    let mut p = Pair::new(RG1);
+    let short = p.insert(RG1, 1);
+    let kept = p.insert(RG1, 2);
+    // Closed before the sender read its create: no delete is owed.
+    assert_eq!(p.close(&short), BatchInfo::default());
+    assert_eq!(p.primary.counters().closed_before_sync, 1);
+    // The queued create finds no record: nothing is written for it.
+    let info = p.send_keys(&[short, kept]);
+    assert_eq!(
+        (info.coalesced, info.upserts, info.deletes, info.deltas),
+        (1, 1, 0, 1)
+    );
+    p.deliver();
+    assert_eq!(p.secondary.lookup_forward(&short), None);
+    assert!(p.converged(RG1));
+    // A batch of nothing but such changes puts no frame on the wire.
+    let mut out = BytesMut::new();
+    let info =
+        p.tx.build_batch(&[Delta::change(short)], &p.primary, NOW, &mut out);
+    assert_eq!((info.coalesced, info.deltas), (1, 0));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn session_closed_after_it_was_sent_gets_exactly_one_delete() {
+    let mut p = Pair::new(RG1);
+    let k = p.insert(RG1, 1);
+    p.send_keys(&[k]);
+    p.deliver();
+    assert!(p.secondary.lookup_forward(&k).is_some());
+    let h = p.primary.lookup_forward(&k).unwrap();
+    assert!(p.primary.get(h).unwrap().sent_to_peer());
+    // A later change of it still queued, then its delete: one delete.
+    let h = p.primary.lookup_forward(&k).unwrap();
+    p.primary.remove(h, RemoveReason::Closed);
+    let info = p.send(&[Delta::change(k), Delta::delete(k), Delta::delete(k)]);
+    assert_eq!((info.coalesced, info.deletes, info.upserts), (1, 1, 0));
+    assert_eq!(p.primary.counters().closed_before_sync, 0);
+    p.deliver();
+    assert_eq!(p.secondary.lookup_forward(&k), None);
+    assert!(p.converged(RG1));
+}
+
+#[test]
+fn delete_of_a_reused_key_sends_the_new_session() {
+    let mut p = Pair::new(RG1);
+    let k = p.insert(RG1, 1);
+    p.send_keys(&[k]);
+    p.deliver();
+    let h = p.primary.lookup_forward(&k).unwrap();
+    p.primary.remove(h, RemoveReason::Closed);
+    // Same 5-tuple, a new session before the delete was read.
+    assert_eq!(p.insert(RG1, 1), k);
+    let info = p.send(&[Delta::delete(k)]);
+    assert_eq!((info.upserts, info.deletes), (1, 0));
+    p.deliver();
+    assert!(p.converged(RG1));
+}
+
+#[test]
+fn bulk_and_peer_copies_count_as_held_by_the_peer() {
+    let mut p = Pair::new(RG1);
+    let k = p.insert(RG1, 1);
+    let h = p.primary.lookup_forward(&k).unwrap();
+    assert!(!p.primary.get(h).unwrap().sent_to_peer());
+    p.bulk(RG1, |_| {});
+    p.deliver();
+    // The bulk carried it: its removal owes a delete.
+    assert!(p.primary.get(h).unwrap().sent_to_peer());
+    // The peer's copy too (a failover makes the peer authoritative).
+    let hp = p.secondary.lookup_forward(&k).unwrap();
+    assert!(p.secondary.get(hp).unwrap().sent_to_peer());
+    let k2 = p.insert(RG1, 2);
+    p.send_keys(&[k2]);
+    p.deliver();
+    let hp = p.secondary.lookup_forward(&k2).unwrap();
+    assert!(p.secondary.get(hp).unwrap().sent_to_peer());
 }

@@ -39,7 +39,7 @@ pub use addr_counts::AddressCounts;
 pub use key::{Addr, NatBinding, SessionKey, ZoneId, proto};
 pub use record::{
     Activity, Direction, FlowCounters, InterfaceId, Millis, Nat, Origin, PolicyId, SessionRecord,
-    TcpState, TcpTrack, Timeouts, establishes, nat_of, reverse_key,
+    SyncMark, TcpState, TcpTrack, Timeouts, establishes, nat_of, reverse_key,
 };
 pub use shared::{
     SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
@@ -336,6 +336,10 @@ pub struct TableCounters {
     /// one.
     pub pressure_entered: u64,
     pub pressure_left: u64,
+    /// Replicated sessions this node was authoritative for that were
+    /// removed before the sender ever sent them: their create and delete
+    /// coalesced into nothing on the control link.
+    pub closed_before_sync: u64,
 }
 
 impl TableCounters {
@@ -1204,7 +1208,7 @@ impl SessionTable {
             rg_slot: 0,
             wheel_due: 0,
             wheel_pos: NOT_QUEUED,
-            bulk_mark: 0,
+            bulk_mark: SyncMark::default(),
         };
         Ok(self.commit(rec, &probes, now))
     }
@@ -1362,6 +1366,13 @@ impl SessionTable {
         self.dequeue(h);
         self.counters.removed[reason as usize] += 1;
         let r = self.slab.remove(h as usize);
+        if r.owner_rg.is_data()
+            && r.is_replicated()
+            && !r.sent_to_peer()
+            && self.is_authoritative(&r)
+        {
+            self.counters.closed_before_sync += 1;
+        }
         if r.proxied() {
             self.proxies.remove(&h);
             self.proxy_held.remove(&h);
@@ -1678,7 +1689,7 @@ impl SessionTable {
                 r.created = created;
                 r.activity.set_last_seen(last_seen);
                 if let Some(m) = mark {
-                    r.bulk_mark = m.0;
+                    r.bulk_mark.set(m.0);
                 }
                 self.set_seq_shift(h, s.seq_shift);
                 self.reschedule_if_earlier(h, now);
@@ -1797,7 +1808,8 @@ impl SessionTable {
                 rg_slot: 0,
                 wheel_due: 0,
                 wheel_pos: NOT_QUEUED,
-                bulk_mark: mark.map_or(0, |m| m.0),
+                // A delta's copy is held by the peer as much as a bulk's.
+                bulk_mark: SyncMark::new(mark.map_or(SyncMark::SENT, |m| m.0)),
             },
             probes,
             now,
@@ -1821,7 +1833,7 @@ impl SessionTable {
     pub fn mark(&mut self, key: &SessionKey, mark: BulkMark) -> bool {
         match self.lookup_forward(key) {
             Some(SessionHandle(h)) => {
-                self.slab[h as usize].bulk_mark = mark.0;
+                self.slab[h as usize].bulk_mark.set(mark.0);
                 true
             }
             None => false,
@@ -1894,12 +1906,12 @@ impl SessionTable {
 
     /// Reconcile against the sessions stamped by bulk `mark`.
     pub fn reconcile_rg_marked(&mut self, rg: RgId, mark: BulkMark) -> ReconcileReport {
-        self.reconcile_rg(rg, |r| r.bulk_mark == mark.0)
+        self.reconcile_rg(rg, |r| r.bulk_mark.get() == mark.0)
     }
 
     /// Whether a session carries bulk `mark` (for [`SessionTable::reconcile_chunk`]).
     pub fn is_marked(r: &SessionRecord, mark: BulkMark) -> bool {
-        r.bulk_mark == mark.0
+        r.bulk_mark.get() == mark.0
     }
 
     fn export_handles(&self, rg: RgId) -> impl Iterator<Item = u32> + '_ {

@@ -247,6 +247,58 @@ impl PartialEq for Activity {
 
 impl Eq for Activity {}
 
+/// Whether the peer may hold a session, and which bulk carried it here.
+///
+/// 0: never sent (a local session the sender has not read yet). A bulk id
+/// (from 1): a peer copy the bulk with that id carried (what reconcile
+/// compares). [`SyncMark::SENT`]: a local session the sender put in a
+/// batch or a bulk, or a peer copy a delta brought. Nonzero means its
+/// removal owes the peer a delete; zero means the removal sends nothing.
+/// The sender stores `SENT` through a shared reference while it holds the
+/// table's read lock (an atomic, so no `&mut` is needed); removals read it
+/// under the write lock, so the lock orders the two.
+#[derive(Debug, Default)]
+pub struct SyncMark(AtomicU32);
+
+impl SyncMark {
+    /// Never a bulk id (the receiver's ids wrap before it).
+    pub const SENT: u32 = u32::MAX;
+
+    pub(super) fn new(v: u32) -> SyncMark {
+        SyncMark(AtomicU32::new(v))
+    }
+
+    pub(super) fn get(&self) -> u32 {
+        self.0.load(Relaxed)
+    }
+
+    pub(super) fn set(&mut self, v: u32) {
+        *self.0.get_mut() = v;
+    }
+
+    /// Marks a session as possibly held by the peer (a bulk id stays: it
+    /// already says so).
+    fn mark_sent(&self) {
+        if self.get() == 0 {
+            self.0.store(Self::SENT, Relaxed);
+        }
+    }
+}
+
+impl Clone for SyncMark {
+    fn clone(&self) -> SyncMark {
+        SyncMark::new(self.get())
+    }
+}
+
+impl PartialEq for SyncMark {
+    fn eq(&self, o: &SyncMark) -> bool {
+        self.get() == o.get()
+    }
+}
+
+impl Eq for SyncMark {}
+
 /// The session's TCP windows ([`crate::tcp::Windows`]) in 32 bytes,
 /// written by workers through a shared reference like [`Activity`]. Each
 /// side has one writer as long as each direction is handled by one worker:
@@ -414,8 +466,9 @@ pub struct SessionRecord {
     pub(super) rg_slot: u32,
     /// Due tick of this session's one timer-wheel entry (its bucket).
     pub(super) wheel_due: u32,
-    /// Bulk mark: the id of the last bulk that carried this session.
-    pub(super) bulk_mark: u32,
+    /// The id of the last bulk that carried this session here, or
+    /// [`SyncMark::SENT`] once the peer may hold it (see [`SyncMark`]).
+    pub(super) bulk_mark: SyncMark,
     /// Position of the wheel entry in its bucket.
     pub(super) wheel_pos: u32,
 }
@@ -438,7 +491,7 @@ impl SessionRecord {
             flags: 0,
             rg_slot: 0,
             wheel_due: 0,
-            bulk_mark: 0,
+            bulk_mark: SyncMark::default(),
             wheel_pos: super::wheel::NOT_QUEUED,
         }
     }
@@ -469,6 +522,19 @@ impl SessionRecord {
     /// control link; a failover keeps established sessions).
     pub fn is_replicated(&self) -> bool {
         self.flags & REPLICATED != 0
+    }
+
+    /// Whether the peer may hold this session: the sender has put it in a
+    /// batch or a bulk, or it came from the peer. Its removal owes the peer
+    /// a delete only then.
+    pub fn sent_to_peer(&self) -> bool {
+        self.bulk_mark.get() != 0
+    }
+
+    /// Records that the sender put this session in a batch or a bulk
+    /// (through a shared reference: the sender holds the read lock).
+    pub fn mark_sent(&self) {
+        self.bulk_mark.mark_sent();
     }
 
     /// A SYN proxy opened it ([`crate::screen`]): the table holds its
