@@ -12,6 +12,7 @@
 //! tandem witness --listen ADDR --key-file FILE --cluster-id N
 //! tandem lab up|down|demo [--peer-compare] [--json]
 //! tandem lab peer-compare [--json]
+//! tandem lab cps [--json]
 //! ```
 //! Show and request commands talk to the node's control socket
 //! (`--socket PATH`, default /run/tandem/tandem.sock).
@@ -45,7 +46,8 @@ const USAGE: &str = "usage:
   tandem request chassis dataplane stop|start|restart [--socket PATH]
   tandem witness --listen ADDR --key-file FILE --cluster-id N
   tandem lab up|down|demo [--peer-compare] [--json]
-  tandem lab peer-compare [--json]";
+  tandem lab peer-compare [--json]
+  tandem lab cps [--json]";
 
 /// Options that may appear anywhere on the command line.
 struct Opts {

@@ -19,6 +19,7 @@
 //! programs go with their interfaces), `demo` runs traffic through a manual
 //! failover, a crash of the primary and its rejoin, and reports.
 
+mod cps;
 mod peer;
 mod traffic;
 
@@ -91,6 +92,12 @@ pub fn main(cmd: &str, json: bool, peer_compare: bool, rt: &Runtime) -> Result<(
             down();
             r
         }
+        "cps" => {
+            install_cleanup(rt);
+            let r = cps_compare(rt, json);
+            down();
+            r
+        }
         "peer-compare" => {
             install_cleanup(rt);
             if NS.iter().any(|n| ns_exists(n)) || Path::new(DIR).exists() {
@@ -101,7 +108,7 @@ pub fn main(cmd: &str, json: bool, peer_compare: bool, rt: &Runtime) -> Result<(
             Ok(())
         }
         _ => Err(
-            "usage: tandem lab up|down|demo [--peer-compare] [--json] | peer-compare [--json]"
+            "usage: tandem lab up|down|demo [--peer-compare] [--json] | peer-compare [--json] | cps [--json]"
                 .into(),
         ),
     }
@@ -1119,6 +1126,56 @@ fn print_report(report: &[Figure], notes: &[String], json: bool) {
     for line in notes {
         println!("  note: {line}");
     }
+}
+
+/// Seconds of each stack's connection-rate run.
+const CPS_SECONDS: f64 = 5.0;
+
+/// The wire half of cps-bench: the generator through the Tandem pair,
+/// then through the peer stack in the same topology; sessions on each
+/// node 1 s after the generator stopped.
+fn cps_compare(rt: &Runtime, json: bool) -> Result<(), String> {
+    up(rt)?;
+    cps::prepare_client()?;
+    let primary = if is_primary(&rt.block_on(status(0))?) {
+        0
+    } else {
+        1
+    };
+    step(&format!(
+        "cps: {CPS_SECONDS} s of new TCP connections through the Tandem pair (node{primary} primary)"
+    ));
+    let tandem = cps::generate(CPS_SECONDS)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let t_primary = synced_sessions(rt, primary)?;
+    let t_peer = synced_sessions(rt, 1 - primary)?;
+    down();
+    let (peer, p_primary, p_peer) = peer::cps_run()?;
+    let mut report = Vec::new();
+    let mut fig = |name: &'static str, value: f64, unit: &'static str| {
+        report.push(Figure { name, value, unit });
+    };
+    for (stack, o, primary, peer) in [
+        ("tandem", &tandem, t_primary, t_peer),
+        ("conntrackd", &peer, p_primary, p_peer),
+    ] {
+        let n = |s: &'static str| -> &'static str {
+            Box::leak(format!("{stack}_{s}").into_boxed_str())
+        };
+        fig(n("connections_per_s"), o.per_second(), "conn/s");
+        fig(n("connections_failed"), o.failed as f64, "count");
+        fig(n("first_packet_latency_p50_us"), o.connect_p50_us, "us");
+        fig(n("first_packet_latency_p99_us"), o.connect_p99_us, "us");
+        fig(n("sessions_on_primary_1s_after"), primary as f64, "count");
+        fig(n("sessions_on_peer_1s_after"), peer as f64, "count");
+    }
+    fig(
+        "cps_tandem_vs_conntrackd",
+        tandem.per_second() / peer.per_second().max(1.0),
+        "ratio",
+    );
+    print_report(&report, &[], json);
+    Ok(())
 }
 
 fn synced_sessions(rt: &Runtime, n: usize) -> Result<u64, String> {

@@ -379,6 +379,37 @@ fn kernel_entries(n: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// The connection-rate run through the peer stack (the lab must be
+/// down; removes what it built): the outcome, then the master's kernel
+/// conntrack entries and the backup's external cache entries 1 s after.
+pub fn cps_run() -> Result<(super::cps::CpsOutcome, u64, u64), String> {
+    let missing = missing();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the peer comparison needs the Debian packages: {} (`./dev.sh demo` installs them)",
+            missing.join(" ")
+        ));
+    }
+    let r = (|| {
+        setup()?;
+        let _daemons = vec![start(0)?, start(1)?];
+        wait_until("a keepalived master", Duration::from_secs(10), || {
+            has_vip(0) || has_vip(1)
+        })?;
+        let master = if has_vip(0) { 0 } else { 1 };
+        super::cps::prepare_client()?;
+        step(&format!(
+            "cps: {} s of new TCP connections through nftables conntrack + conntrackd FTFW (node{master} master)",
+            super::CPS_SECONDS
+        ));
+        let out = super::cps::generate(super::CPS_SECONDS)?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok((out, kernel_entries(master), external_entries(1 - master)))
+    })();
+    down();
+    r
+}
+
 /// Runs the comparison; the lab must be down. Removes what it built.
 pub fn run() -> Result<Vec<Figure>, String> {
     let missing = missing();

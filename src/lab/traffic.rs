@@ -108,7 +108,7 @@ fn largest_gap(rx: &Mutex<Vec<Instant>>, t: Instant) -> f64 {
     gap
 }
 
-fn in_ns(ns: &'static str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+pub(super) fn in_ns(ns: &'static str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::spawn(move || {
         if let Err(e) = enter_netns(ns) {
             eprintln!("[lab] cannot enter {ns}: {e}");
