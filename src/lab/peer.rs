@@ -392,7 +392,7 @@ pub fn cps_run() -> Result<(super::cps::CpsOutcome, u64, u64), String> {
     }
     let r = (|| {
         setup()?;
-        let _daemons = vec![start(0)?, start(1)?];
+        let _daemons = [start(0)?, start(1)?];
         wait_until("a keepalived master", Duration::from_secs(10), || {
             has_vip(0) || has_vip(1)
         })?;
