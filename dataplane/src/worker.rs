@@ -139,7 +139,7 @@ impl TableLock for SharedTable {
     }
 
     fn write(&self) -> impl DerefMut<Target = SessionTable> + '_ {
-        session::lock(self)
+        session::lock_upgrade(self)
     }
 }
 

@@ -57,9 +57,9 @@ static GLOBAL: TandemAlloc = TandemAlloc;
 
 const RG1: RgId = RgId(1);
 const WORKERS: usize = 2;
-/// Source hosts per worker (10.1.0.10 + i), each SNATed to its own pool
-/// address (192.0.2.10 + i): 16 × 64,000 ports.
-const HOSTS_PER_WORKER: u32 = 8;
+/// Source hosts (10.1.0.10 + i), each SNATed to its own pool address
+/// (192.0.2.10 + i): 64,000 ports each per protocol.
+const HOSTS: u32 = 16;
 const PORTS_PER_HOST: u32 = 64_000;
 const BURST: usize = 32;
 const TCP_FRAMES: usize = 8;
@@ -88,7 +88,7 @@ fn parse_args() -> Result<Args, String> {
         only: None,
         rate: None,
     };
-    let max = WORKERS as u32 * HOSTS_PER_WORKER * PORTS_PER_HOST;
+    let max = 1_000_000;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -101,8 +101,10 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or(format!("--connections needs 10000..={max}"))?
             }
             "--only" => match it.next().as_deref() {
-                Some(part @ ("nosync" | "sync" | "paced")) => a.only = Some(part.into()),
-                _ => return Err("--only needs nosync, sync or paced".into()),
+                Some(part @ ("nosync" | "nosync1" | "sync" | "paced")) => {
+                    a.only = Some(part.into())
+                }
+                _ => return Err("--only needs nosync, nosync1, sync or paced".into()),
             },
             "--rate" => {
                 a.rate = Some(
@@ -151,7 +153,7 @@ const SERVER: [u8; 4] = [192, 0, 2, 100];
 fn dataplane_config() -> Compiled {
     let mut cfg = sample_config();
     let template = cfg.snat[0].clone();
-    cfg.snat = (0..WORKERS as u32 * HOSTS_PER_WORKER)
+    cfg.snat = (0..HOSTS)
         .map(|h| SnatRule {
             name: format!("host{h}"),
             source: vec![
@@ -188,7 +190,7 @@ fn dataplane(table: SharedTable, deltas: DeltaProducer) -> Arc<Shared> {
         roles,
         deltas,
     ));
-    for h in 0..WORKERS as u32 * HOSTS_PER_WORKER {
+    for h in 0..HOSTS {
         shared
             .neighbors
             .insert(InterfaceId(0), v4(client_ip(h)), CLIENT_MAC);
@@ -226,8 +228,9 @@ impl Script {
         self.len.len() / BURST
     }
 
-    /// Builds worker `w`'s `n` connections (a multiple of 32).
-    fn build(w: u32, n: u32) -> Script {
+    /// Builds `n` connections (a multiple of 32) from the hosts from
+    /// `first_host` on (see [`hosts_for`]).
+    fn build(first_host: u32, n: u32) -> Script {
         let mut s = Script {
             buf: Vec::with_capacity(n as usize * TCP_FRAMES * STRIDE),
             len: Vec::new(),
@@ -244,7 +247,7 @@ impl Script {
             *idx += BURST as u32;
             let ends: Vec<(u32, u16)> = (first..first + BURST as u32)
                 .map(|i| {
-                    let host = w * HOSTS_PER_WORKER + i / PORTS_PER_HOST;
+                    let host = first_host + i / PORTS_PER_HOST;
                     (host, 1024 + (i % PORTS_PER_HOST) as u16)
                 })
                 .collect();
@@ -408,15 +411,28 @@ fn table_cfg(n: u32) -> TableConfig {
     }
 }
 
-fn scripts(n: u32) -> Vec<Script> {
-    let per = n / WORKERS as u32 / BURST as u32 * BURST as u32;
-    (0..WORKERS as u32).map(|w| Script::build(w, per)).collect()
+/// Hosts `n` connections need (TCP, 3 of 4, uses the most ports).
+fn hosts_for(n: u32) -> u32 {
+    (n * 3 / 4).div_ceil(PORTS_PER_HOST) + 1
+}
+
+/// The connections split over `workers` scripts, each from its own hosts.
+fn scripts(n: u32, workers: u32) -> Vec<Script> {
+    let per = n / workers / BURST as u32 * BURST as u32;
+    let hosts = hosts_for(per);
+    assert!(
+        hosts * workers <= HOSTS,
+        "{n} connections need more than {HOSTS} hosts"
+    );
+    (0..workers)
+        .map(|w| Script::build(w * hosts, per))
+        .collect()
 }
 
 /// Runs the scripts on the workers; returns the seconds they took.
 fn forward_all(shared: &Arc<Shared>, scripts: Vec<Script>, rate: Option<f64>) -> f64 {
     let start = Instant::now();
-    let per_worker = rate.map(|r| r / WORKERS as f64);
+    let per_worker = rate.map(|r| r / scripts.len() as f64);
     let handles: Vec<_> = scripts
         .into_iter()
         .enumerate()
@@ -447,20 +463,25 @@ fn check_table(t: &SessionTable, n: usize, who: &str) {
     }
 }
 
-fn nosync(args: &Args) {
-    let scripts = scripts(args.connections);
+fn nosync(args: &Args, workers: u32) {
+    let scripts = scripts(args.connections, workers);
     let n: u32 = scripts.iter().map(|s| s.connections).sum();
     let table = shared(SessionTable::new(table_cfg(n)));
     let shared = dataplane(table.clone(), DeltaProducer::default());
     let secs = forward_all(&shared, scripts, None);
     check_table(&read(&table), n as usize, "standalone");
-    emit(
-        args.json,
-        "nosync_new_sessions_per_s",
-        f64::from(n) / secs,
-        "sessions/s",
-    );
-    emit(args.json, "connections", f64::from(n), "count");
+    let rate = f64::from(n) / secs;
+    if workers == 1 {
+        emit(
+            args.json,
+            "nosync_new_sessions_per_s_1_worker",
+            rate,
+            "sessions/s",
+        );
+    } else {
+        emit(args.json, "nosync_new_sessions_per_s", rate, "sessions/s");
+        emit(args.json, "connections", f64::from(n), "count");
+    }
 }
 
 /// A primary with its peer on loopback, in sync for RG1 (empty).
@@ -537,7 +558,7 @@ fn differing_sessions(p: &Pair) -> usize {
 }
 
 async fn sync_run(args: &Args) {
-    let scripts = scripts(args.connections);
+    let scripts = scripts(args.connections, WORKERS as u32);
     let n: u32 = scripts.iter().map(|s| s.connections).sum();
     let p = pair(n).await;
     let shared = dataplane(p.nodes[0].table.clone(), p.nodes[0].producer.clone());
@@ -594,7 +615,7 @@ async fn sync_run(args: &Args) {
 }
 
 async fn paced(args: &Args, rate: f64) {
-    let scripts = scripts(args.connections);
+    let scripts = scripts(args.connections, WORKERS as u32);
     let n: u32 = scripts.iter().map(|s| s.connections).sum();
     let p = pair(n).await;
     let shared = dataplane(p.nodes[0].table.clone(), p.nodes[0].producer.clone());
@@ -717,7 +738,15 @@ fn main() {
     };
     match args.only.as_deref() {
         None => {
+            let one = run_part("nosync1", &[], None);
             let off = run_part("nosync", &[], None);
+            emit(
+                args.json,
+                "nosync_worker_scaling_2",
+                value_of(&off, "nosync_new_sessions_per_s")
+                    / value_of(&one, "nosync_new_sessions_per_s_1_worker"),
+                "ratio",
+            );
             let on = run_part("sync", &[], None);
             let (off_rate, on_rate) = (
                 value_of(&off, "nosync_new_sessions_per_s"),
@@ -741,7 +770,8 @@ fn main() {
                 );
             }
         }
-        Some("nosync") => nosync(&args),
+        Some("nosync") => nosync(&args, WORKERS as u32),
+        Some("nosync1") => nosync(&args, 1),
         Some(part) => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             rt.worker_threads(2).enable_all();

@@ -42,7 +42,8 @@ pub use record::{
     SyncMark, TcpState, TcpTrack, Timeouts, establishes, nat_of, reverse_key,
 };
 pub use shared::{
-    SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, read, shared,
+    SLICE, SharedTable, Sliced, Slices, TableCell, lock, lock_between_bursts, lock_upgrade, read,
+    shared,
 };
 
 use crate::events::{CloseReason, EventKind, FlowEvent};

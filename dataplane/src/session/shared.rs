@@ -5,7 +5,8 @@
 //!
 //! * Workers hold the read side for one burst ([`read`]) and take the write
 //!   side only from the first frame of a burst that creates a session or
-//!   changes one's state ([`lock`]).
+//!   changes one's state ([`lock_upgrade`]: announced and spun for, like a
+//!   slice writer's).
 //! * Every other writer — the sync receiver, reconcile, expiry — works in
 //!   slices of at most [`SLICE`] sessions and takes the write side through
 //!   [`lock_between_bursts`]: it lets waiting workers go first, announces
@@ -79,6 +80,20 @@ pub fn lock_between_bursts(t: &SharedTable) -> RwLockWriteGuard<'_, SessionTable
     while t.readers_waiting.load(Ordering::Relaxed) > 0 && start.elapsed() < READER_YIELD_MAX {
         std::hint::spin_loop();
     }
+    announce_and_spin(t, start)
+}
+
+/// A worker's upgrade from the read side to the write side in mid-burst:
+/// like [`lock_between_bursts`] it announces itself and spins (another
+/// worker's burst ends within microseconds; a futex sleep and wake-up per
+/// upgrade made two workers creating sessions slower than one), but it
+/// does not yield to waiting readers first (they are workers too, and it
+/// is already in its burst).
+pub fn lock_upgrade(t: &SharedTable) -> RwLockWriteGuard<'_, SessionTable> {
+    announce_and_spin(t, Instant::now())
+}
+
+fn announce_and_spin(t: &SharedTable, start: Instant) -> RwLockWriteGuard<'_, SessionTable> {
     t.writer_waiting.store(true, Ordering::Relaxed);
     let g = loop {
         match t.rw.try_write() {
