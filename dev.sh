@@ -59,6 +59,15 @@ run_tests() {
     cargo run --release --locked -q -p tandem-dataplane --bin screen-bench -- --seconds 2 --json
     log "bench smoke: forwarding latency while the real sync applies and exports a 200k-session bulk"
     cargo run --release --locked -q -p tandem-cluster --bin sync-bench -- --only latency --bulk 200000 --json
+    log "bench smoke: cps-bench at 100k connections (core, sync sender, QUIC, peer table; checks both tables)"
+    cargo run --release --locked -q -p tandem-cluster --bin cps-bench -- --connections 100000 --json
+    if [[ $(id -u) -eq 0 ]]; then
+        log "bench smoke: tandem lab cps (new TCP connections/s on the wire: the Tandem pair vs conntrack + conntrackd)"
+        cargo build --release --locked -q --bin tandem
+        ./target/release/tandem lab cps --json
+    else
+        log "skipping tandem lab cps: it builds network namespaces and needs root"
+    fi
 }
 
 run_demo() {

@@ -481,3 +481,38 @@ impl Firewall {
 
 #[path = "testbed_flood.rs"]
 pub mod flood;
+
+/// Instructions the running binary executes when run again with `args`
+/// under callgrind (`valgrind --tool=callgrind`, Debian package valgrind):
+/// deterministic, so a bench compares hosts that differ 2x in speed by it.
+/// `tag` names the temporary output file.
+pub fn callgrind_instructions(tag: &str, args: &[&str]) -> Result<u64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::env::temp_dir().join(format!(
+        "{tag}-cg-{}-{}.out",
+        std::process::id(),
+        args.join("_").replace('-', "")
+    ));
+    let status = std::process::Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(&exe)
+        .args(args)
+        .output()
+        .map_err(|e| format!("valgrind (apt package valgrind): {e}"))?;
+    if !status.status.success() {
+        return Err(format!(
+            "valgrind failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        ));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&out);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no totals in the callgrind output".into())
+}

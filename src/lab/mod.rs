@@ -1150,6 +1150,18 @@ fn cps_compare(rt: &Runtime, json: bool) -> Result<(), String> {
     let t_primary = synced_sessions(rt, primary)?;
     let t_peer = synced_sessions(rt, 1 - primary)?;
     down();
+    // What the run must show for its figures to mean anything.
+    if tandem.completed == 0 || tandem.failed * 100 > tandem.completed {
+        return Err(format!(
+            "cps: {} connections completed through the Tandem pair, {} failed",
+            tandem.completed, tandem.failed
+        ));
+    }
+    if t_peer * 100 < t_primary * 99 {
+        return Err(format!(
+            "cps: the peer held {t_peer} sessions 1 s after the run, the primary {t_primary}"
+        ));
+    }
     let (peer, p_primary, p_peer) = peer::cps_run()?;
     let mut report = Vec::new();
     let mut fig = |name: &'static str, value: f64, unit: &'static str| {

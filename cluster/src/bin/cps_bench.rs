@@ -79,6 +79,8 @@ struct Args {
     only: Option<String>,
     /// Paced runs: connections per second (total over both workers).
     rate: Option<f64>,
+    /// Count the core's instructions per connection under callgrind.
+    instructions: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -87,12 +89,14 @@ fn parse_args() -> Result<Args, String> {
         connections: 1_000_000,
         only: None,
         rate: None,
+        instructions: false,
     };
     let max = 1_000_000;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--json" => a.json = true,
+            "--instructions" => a.instructions = true,
             "--connections" => {
                 a.connections = it
                     .next()
@@ -101,10 +105,10 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or(format!("--connections needs 10000..={max}"))?
             }
             "--only" => match it.next().as_deref() {
-                Some(part @ ("nosync" | "nosync1" | "sync" | "paced")) => {
+                Some(part @ ("nosync" | "nosync1" | "sync" | "paced" | "count" | "build")) => {
                     a.only = Some(part.into())
                 }
-                _ => return Err("--only needs nosync, nosync1, sync or paced".into()),
+                _ => return Err("--only needs nosync, nosync1, sync, paced, count or build".into()),
             },
             "--rate" => {
                 a.rate = Some(
@@ -116,7 +120,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: cps-bench [--connections N] [--only nosync|sync|paced --rate R] [--json]"
+                    "usage: cps-bench [--connections N] [--instructions] [--only nosync|nosync1|sync|paced --rate R] [--json]"
                         .into(),
                 );
             }
@@ -484,6 +488,40 @@ fn nosync(args: &Args, workers: u32) {
     }
 }
 
+/// What `--instructions` runs under callgrind: the 1-worker scripts
+/// built and, unless `build_only`, forwarded (no checks after).
+fn count(args: &Args, build_only: bool) {
+    let scripts = scripts(args.connections, 1);
+    let n: u32 = scripts.iter().map(|s| s.connections).sum();
+    let table = shared(SessionTable::new(table_cfg(n)));
+    let shared = dataplane(table, DeltaProducer::default());
+    if !build_only {
+        forward_all(&shared, scripts, None);
+    }
+}
+
+/// Instructions per connection of the packet core (one worker, sync
+/// off): callgrind over 10,016 and 30,016 connections, minus what building
+/// their frames costs (counted the same way), over the 20,000 more.
+fn instruction_count(json: bool) -> Result<(), String> {
+    let (few, many) = ("10016", "30016");
+    let run = |part: &str, n: &str| {
+        tandem_dataplane::testbed::callgrind_instructions(
+            "cps-bench",
+            &["--only", part, "--connections", n],
+        )
+    };
+    let forwarded = run("count", many)? as f64 - run("count", few)? as f64;
+    let built = run("build", many)? as f64 - run("build", few)? as f64;
+    emit(
+        json,
+        "core_instructions_per_connection",
+        (forwarded - built) / 20_000.0,
+        "instructions",
+    );
+    Ok(())
+}
+
 /// A primary with its peer on loopback, in sync for RG1 (empty).
 async fn pair(n: u32) -> Pair {
     let mut p = Pair::new(
@@ -737,6 +775,12 @@ fn main() {
         }
     };
     match args.only.as_deref() {
+        None if args.instructions => {
+            if let Err(e) = instruction_count(args.json) {
+                eprintln!("cps-bench --instructions: {e}");
+                std::process::exit(1);
+            }
+        }
         None => {
             let one = run_part("nosync1", &[], None);
             let off = run_part("nosync", &[], None);
@@ -770,6 +814,8 @@ fn main() {
                 );
             }
         }
+        Some("count") => count(&args, false),
+        Some("build") => count(&args, true),
         Some("nosync") => nosync(&args, WORKERS as u32),
         Some("nosync1") => nosync(&args, 1),
         Some(part) => {

@@ -707,34 +707,7 @@ fn callgrind_instructions(n: u64, tcp: bool) -> Result<u64, String> {
 
 /// Instructions of this binary run with `args` under callgrind.
 fn callgrind_run(args: &[&str]) -> Result<u64, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = std::env::temp_dir().join(format!(
-        "fwd-bench-cg-{}-{}.out",
-        std::process::id(),
-        args.join("_").replace('-', "")
-    ));
-    let status = Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(&exe)
-        .args(args)
-        .output()
-        .map_err(|e| format!("valgrind (apt package valgrind): {e}"))?;
-    if !status.status.success() {
-        return Err(format!(
-            "valgrind failed: {}",
-            String::from_utf8_lossy(&status.stderr)
-        ));
-    }
-    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_file(&out);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary:")
-                .or_else(|| l.strip_prefix("totals:"))
-        })
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| "no totals in the callgrind output".into())
+    tandem_dataplane::testbed::callgrind_instructions("fwd-bench", args)
 }
 
 fn instruction_bench(a: &Args) -> Result<(), String> {
