@@ -434,6 +434,9 @@ fn supervise(
                 if pin && let Err(e) = os::pin_to_cpu(w % os::cpus()) {
                     warn!(worker = w, error = %e, "pinning");
                 }
+                if let Err(e) = os::raise_priority(os::WORKER_NICE) {
+                    warn!(worker = w, error = %e, "worker priority (needs CAP_SYS_NICE)");
+                }
                 let _exit = ExitGuard {
                     health: health.clone(),
                     worker: w,
