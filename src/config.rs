@@ -235,10 +235,18 @@ pub struct WitnessSection {
     pub peer: SocketAddr,
     #[serde(default = "default_lease")]
     pub lease_ms: u32,
+    /// Where this node's own voter records whom it granted each RG's lease
+    /// (fsync'd before a grant to a new holder is answered).
+    #[serde(default = "default_voter_state")]
+    pub state_file: std::path::PathBuf,
 }
 
 fn default_lease() -> u32 {
     1000
+}
+
+fn default_voter_state() -> std::path::PathBuf {
+    "/var/lib/tandem/voter.state".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use tandem_cluster::election::driver::{
 use tandem_cluster::election::{ElectionConfig, MonitorConfig, Path as HbPath, RgConfig};
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, TlsIdentity};
-use tandem_cluster::witness::WitnessConfig;
+use tandem_cluster::witness::{FileStore, WitnessConfig};
 use tandem_dataplane::afxdp::FabricHook;
 use tandem_dataplane::config::Compiled;
 use tandem_dataplane::delta::{DeltaConsumer, DeltaProducer, delta_queues};
@@ -302,6 +302,7 @@ async fn start_cluster(
                     witness: w.address,
                     peer: w.peer,
                     lease_ms: w.lease_ms,
+                    store: Arc::new(FileStore::new(&w.state_file)?),
                 },
             ))
         }

@@ -9,7 +9,7 @@
 //! tandem request chassis cluster failover redundancy-group N node M
 //! tandem request chassis cluster failover reset redundancy-group N
 //! tandem request chassis dataplane stop|start|restart
-//! tandem witness --listen ADDR --key-file FILE --cluster-id N
+//! tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--max-lease-ms MS]
 //! tandem lab up|down|demo [--peer-compare] [--json]
 //! tandem lab peer-compare [--json]
 //! tandem lab cps [--json]
@@ -44,7 +44,7 @@ const USAGE: &str = "usage:
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
-  tandem witness --listen ADDR --key-file FILE --cluster-id N
+  tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--max-lease-ms MS]
   tandem lab up|down|demo [--peer-compare] [--json]
   tandem lab peer-compare [--json]
   tandem lab cps [--json]";
@@ -608,15 +608,35 @@ async fn witness(opts: &Opts) -> Result<(), String> {
         .ok_or("tandem witness needs --cluster-id N")?
         .parse()
         .map_err(|e| format!("--cluster-id: {e}"))?;
+    let max_lease_ms: u32 = opts
+        .flags
+        .get("max-lease-ms")
+        .map_or(Ok(5000), |v| v.parse())
+        .map_err(|e| format!("--max-lease-ms: {e}"))?;
+    let state_dir = opts
+        .flags
+        .get("state-dir")
+        .map_or("/var/lib/tandem/witness", String::as_str);
+    let store = tandem_cluster::witness::FileStore::new(
+        std::path::Path::new(state_dir).join("voter.state"),
+    )?;
     let sock = tokio::net::UdpSocket::bind(listen)
         .await
         .map_err(|e| format!("{listen}: {e}"))?;
-    tracing::info!(%listen, cluster_id, "witness running");
+    let clock = tandem_dataplane::session::monotonic_clock();
+    let voter = tandem_cluster::witness::LeaseVoter::start(
+        tandem_cluster::witness::WITNESS_VOTER,
+        cluster_id,
+        max_lease_ms,
+        std::sync::Arc::new(store),
+        clock(),
+    );
+    tracing::info!(%listen, cluster_id, state_dir, max_lease_ms, start = ?voter.started, "witness running");
     tandem_cluster::witness::serve(
         std::sync::Arc::new(sock),
         tandem_cluster::election::driver::ClusterKey::new(&key),
-        cluster_id,
-        tandem_dataplane::session::monotonic_clock(),
+        voter,
+        clock,
     )
     .await;
     Err("witness socket failed".into())

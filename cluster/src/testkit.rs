@@ -284,11 +284,22 @@ impl ClusterPair {
                 ));
             }
             let w: Arc<dyn crate::election::driver::DatagramSocket> = lease_socks[2].clone();
+            let clock = monotonic_clock();
+            let voter = crate::witness::LeaseVoter::start(
+                crate::witness::WITNESS_VOTER,
+                7,
+                1000,
+                Arc::new(crate::witness::MemoryStore::formatted(
+                    7,
+                    crate::witness::WITNESS_VOTER,
+                )),
+                clock(),
+            );
             witness_task = Some(tokio::spawn(crate::witness::serve(
                 w,
                 key.clone(),
-                7,
-                monotonic_clock(),
+                voter,
+                clock,
             )));
         }
         let mut clusters = [None, None];
@@ -352,6 +363,7 @@ impl ClusterPair {
                             witness: lease_socks[2].local_addr().expect("addr"),
                             peer: lease_socks[1 - n].local_addr().expect("addr"),
                             lease_ms: 1000,
+                            store: Arc::new(crate::witness::MemoryStore::formatted(7, n as u32)),
                         };
                         (sock, cfg)
                     }),

@@ -6,6 +6,7 @@
 
 pub mod net;
 pub mod scenario;
+pub mod timeline;
 pub mod world;
 
 pub use scenario::{Outcome, Scenario, all, run};

@@ -14,7 +14,7 @@ use tandem_cluster::election::driver::{
 use tandem_cluster::election::{ElectionConfig, Path, RgConfig};
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, GeneratedPki};
-use tandem_cluster::witness::WitnessConfig;
+use tandem_cluster::witness::{LeaseVoter, MemoryStore, VoterStore, WITNESS_VOTER, WitnessConfig};
 use tandem_dataplane::delta::{DeltaProducer, delta_queues};
 use tandem_dataplane::session::{
     Clock, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey, SessionTable,
@@ -45,14 +45,23 @@ pub struct World {
     pub witness: bool,
     /// Clock offset per node (clock skew scenario).
     pub skew_ms: [u64; 2],
+    /// Clock rate error per node, parts per million (drift scenario).
+    pub rate_ppm: [i64; 2],
     pub nodes: Mutex<[Option<NodeView>; 2]>,
     /// Starts per node (a restart is a new generation: new incarnation,
     /// fresh table, new session address space).
     pub generation: Mutex<[u64; 2]>,
+    /// Each party's disk for its voter record (node0, node1, witness): it
+    /// survives the party's crash and restart, as a file would.
+    pub disks: [MemoryStore; 3],
+    /// See `Scenario::voter_amnesia`.
+    pub voter_amnesia: bool,
 }
 
 impl World {
-    pub fn new(seed: u64, witness: bool, skew_ms: [u64; 2]) -> Arc<World> {
+    pub fn new(seed: u64, sc: &crate::scenario::Scenario) -> Arc<World> {
+        let (witness, skew_ms, rate_ppm, voter_amnesia) =
+            (sc.witness, sc.skew_ms, sc.rate_ppm, sc.voter_amnesia);
         Arc::new(World {
             seed,
             links: Arc::default(),
@@ -60,9 +69,22 @@ impl World {
             key: ClusterKey::new(b"simulation key"),
             witness,
             skew_ms,
+            rate_ppm,
             nodes: Mutex::new([None, None]),
             generation: Mutex::new([0, 0]),
+            disks: Default::default(),
+            voter_amnesia,
         })
+    }
+
+    /// Party `n`'s voter disk as it starts (sabotage: wiped to an empty
+    /// record, so the voter neither remembers nor waits).
+    fn voter_disk(&self, n: usize) -> Arc<MemoryStore> {
+        let voter = if n == 2 { WITNESS_VOTER } else { n as u32 };
+        if self.voter_amnesia {
+            self.disks[n].put(MemoryStore::formatted(1, voter).load().expect("memory"));
+        }
+        Arc::new(self.disks[n].clone())
     }
 
     pub fn view(&self, n: usize) -> Option<NodeView> {
@@ -104,9 +126,16 @@ fn addr(n: u8, port: u16) -> SocketAddr {
 }
 
 /// Simulated time (tokio's paused clock) plus this node's skew.
-fn sim_clock(skew_ms: u64) -> Clock {
+/// A clock running `rate_ppm` fast (or slow, negative) reads durations that
+/// much longer (shorter): the lease arithmetic sees the drift. (Tokio's
+/// timers, which pace heartbeats, keep the true rate.)
+fn sim_clock(skew_ms: u64, rate_ppm: i64) -> Clock {
     let base = tokio::time::Instant::now();
-    Arc::new(move || Millis(1_000 + skew_ms + base.elapsed().as_millis() as u64))
+    Arc::new(move || {
+        let us = base.elapsed().as_micros() as i128;
+        let read = us * (1_000_000 + i128::from(rate_ppm)) / 1_000_000_000;
+        Millis(1_000 + skew_ms + read.max(0) as u64)
+    })
 }
 
 fn election_config(me: u8, incarnation: u64) -> ElectionConfig {
@@ -144,7 +173,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
         .seed
         .wrapping_mul(31)
         .wrapping_add(u64::from(me) * 1000 + generation);
-    let clock = sim_clock(world.skew_ms[me as usize]);
+    let clock = sim_clock(world.skew_ms[me as usize], world.rate_ppm[me as usize]);
     let table: SharedTable = shared(SessionTable::new(TableConfig::default()));
     let (producer, consumers) = delta_queues(&RGS, 65_536);
     let id = tls::identity_from_generated(&world.pki, &host_name(me), &host_name(1 - me))?;
@@ -221,6 +250,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
                 witness: addr(2, LEASE_PORT),
                 peer: addr(1 - me, LEASE_PORT),
                 lease_ms: 1000,
+                store: world.voter_disk(me as usize),
             },
         ))
     } else {
@@ -267,7 +297,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
 
 /// `tandem witness` on its own host.
 pub async fn run_witness(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
-    let s = turmoil::net::UdpSocket::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), LEASE_PORT)).await?;
+    let s = bind(LEASE_PORT).await?;
     let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
         s,
         world.links.clone(),
@@ -275,7 +305,9 @@ pub async fn run_witness(world: Arc<World>) -> Result<(), Box<dyn std::error::Er
         2,
         resolver(),
     ));
-    tandem_cluster::witness::serve(socket, world.key.clone(), 1, sim_clock(0)).await;
+    let clock = sim_clock(0, 0);
+    let voter = LeaseVoter::start(WITNESS_VOTER, 1, 1000, world.voter_disk(2), clock());
+    tandem_cluster::witness::serve(socket, world.key.clone(), voter, clock).await;
     Ok(())
 }
 

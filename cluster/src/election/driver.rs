@@ -317,10 +317,12 @@ pub fn spawn(
     let stats = Arc::new(DriverStats::default());
     let interval = Duration::from_millis(cfg.election.heartbeat_interval_ms.max(1));
     let witness = cfg.witness.map(|(socket, wcfg)| WitnessState {
-        leases: crate::witness::LeaseClient::new(
+        leases: crate::witness::LeaseClient::start(
             cfg.election.node,
             cfg.election.cluster_id,
             wcfg.lease_ms,
+            wcfg.store.clone(),
+            clock(),
         ),
         socket,
         cfg: wcfg,
@@ -563,6 +565,12 @@ impl Driver {
 
     async fn send_heartbeats(&mut self) {
         self.request_leases().await;
+        if let Some(w) = &self.witness {
+            let now = self.now();
+            for rg in self.election.roles().keys() {
+                self.election.set_lease_held(*rg, w.leases.held(*rg, now));
+            }
+        }
         let hb = self.election.heartbeat(Path::Control);
         if self.sync.send_datagram(Msg::Heartbeat(hb)) {
             self.stats.heartbeats_sent[Path::Control as usize].fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 
 use super::{Action, Election, ElectionConfig, Path, RgState};
 use tandem_dataplane::session::Millis;
-use tandem_proto::pb::envelope::Msg;
+use tandem_proto::pb::{self, envelope::Msg};
 use tandem_proto::{Epoch, RgId};
 
 /// What happened, in order, for assertions and reports.
@@ -48,7 +48,14 @@ pub struct Duo {
     next_hb: [Millis; 2],
     /// Sync readiness the sync layer would report, per node and RG.
     pub synced: [bool; 2],
+    /// A paused node (SIGSTOP) neither ticks nor sends; what reaches it
+    /// waits in its socket buffer, bounded like one.
+    pub paused: [bool; 2],
+    buffered: [Vec<(pb::Heartbeat, Path)>; 2],
 }
+
+/// Heartbeats a paused node's socket buffer holds; later ones are dropped.
+const PAUSED_BUFFER: usize = 64;
 
 impl Duo {
     pub fn new(cfg0: ElectionConfig, cfg1: ElectionConfig, start: Millis) -> Duo {
@@ -63,6 +70,25 @@ impl Duo {
             inflight: Vec::new(),
             next_hb: [start; 2],
             synced: [true; 2],
+            paused: [false; 2],
+            buffered: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// SIGSTOP: the node keeps its state and stops running.
+    pub fn pause(&mut self, n: usize) {
+        self.paused[n] = true;
+    }
+
+    /// SIGCONT: the node first runs its timers on its stale view (time
+    /// jumped), then reads what queued in its socket buffer, oldest first.
+    pub fn resume(&mut self, n: usize) {
+        self.paused[n] = false;
+        let a = self.nodes[n].tick(self.now);
+        self.handle(n, a);
+        for (hb, p) in std::mem::take(&mut self.buffered[n]) {
+            let a = self.nodes[n].on_heartbeat(&hb, p, self.now);
+            self.handle(n, a);
         }
     }
 
@@ -94,7 +120,7 @@ impl Duo {
     /// Which nodes forward `rg` now.
     pub fn forwarders(&self, rg: RgId) -> Vec<usize> {
         (0..2)
-            .filter(|&n| self.up[n] && self.state(n, rg).forwards())
+            .filter(|&n| self.up[n] && !self.paused[n] && self.state(n, rg).forwards())
             .collect()
     }
 
@@ -191,8 +217,12 @@ impl Duo {
             self.inflight = rest;
             due
         };
-        for (_, to, msg) in due {
+        for (at, to, msg) in due {
             if !self.up[to] {
+                continue;
+            }
+            if self.paused[to] {
+                self.inflight.push((at, to, msg));
                 continue;
             }
             let actions = match &msg {
@@ -203,7 +233,7 @@ impl Duo {
             self.handle(to, actions);
         }
         for n in 0..2 {
-            if !self.up[n] {
+            if !self.up[n] || self.paused[n] {
                 continue;
             }
             let rgs: Vec<RgId> = self.cfgs[n].rgs.iter().map(|r| r.rg).collect();
@@ -216,7 +246,14 @@ impl Duo {
                 self.next_hb[n] = Millis(now.0 + self.cfgs[n].heartbeat_interval_ms);
                 for p in Path::ALL {
                     let hb = self.nodes[n].heartbeat(p);
-                    if self.links[n][p as usize] && self.up[1 - n] {
+                    if !self.links[n][p as usize] || !self.up[1 - n] {
+                        continue;
+                    }
+                    if self.paused[1 - n] {
+                        if self.buffered[1 - n].len() < PAUSED_BUFFER {
+                            self.buffered[1 - n].push((hb, p));
+                        }
+                    } else {
                         let a = self.nodes[1 - n].on_heartbeat(&hb, p, now);
                         self.handle(1 - n, a);
                     }

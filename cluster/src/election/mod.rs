@@ -23,9 +23,10 @@
 //!    (the peer may have claimed it meanwhile: no dual primary at start).
 //! 5. A manual override (from a committed manual failover) holds until
 //!    reset or until its node fails (ineligible or lost).
-//! 6. Two primaries (after a partition): the higher effective priority
-//!    wins, then the lower node id; the winner re-announces with a new
-//!    epoch.
+//! 6. Two primaries (after a partition, or when a paused or restarted
+//!    node resumes): the newer epoch keeps the RG and the other node
+//!    yields, whatever the priorities; preempt may take it back by rule 7.
+//!    In witness mode a primary holding a lease beats one without.
 //! 7. With preempt, a secondary with higher effective priority that is
 //!    synced and past hold-down takes the RG ("import state, then claim").
 //!    Without preempt the incumbent keeps it.
@@ -731,6 +732,15 @@ impl Election {
                 rg: Some(rg),
                 text: format!("{} ({reason})", want.name()),
             });
+        }
+    }
+
+    /// Witness mode: whether this node holds a majority lease for `rg`
+    /// (reported in heartbeats, so that a claim without one yields to the
+    /// forwarding primary). Changes no role by itself.
+    pub fn set_lease_held(&mut self, rg: RgId, held: bool) {
+        if let Some(r) = self.rgs.get_mut(&rg) {
+            r.awaiting_lease = !held;
         }
     }
 

@@ -201,6 +201,9 @@ pub(super) struct RgElection {
     /// eligible): what the peer reported before then describes a world in
     /// which this node could not compete.
     pub eligible_since: Option<Millis>,
+    /// Witness mode: primary here, but without a majority lease (so not
+    /// forwarding). Always false without a witness.
+    pub awaiting_lease: bool,
 }
 
 impl RgElection {
@@ -236,6 +239,7 @@ impl RgElection {
             failovers: 0,
             monitors,
             eligible_since: None,
+            awaiting_lease: false,
         }
     }
 
@@ -414,10 +418,24 @@ impl RgElection {
         }
         let i_win = eff > peer_eff || (eff == peer_eff && me < peer_node);
         if self.state.forwards() && peer_primary {
-            return if i_win {
+            // The newer claim keeps the RG: it is the one the network was
+            // last told about (its gratuitous ARP came last), and the node
+            // with the older epoch was partitioned, paused or restarted
+            // meanwhile. Preference (preempt) may take it back afterwards,
+            // by rule 7: synced first, then past hold-down. Epochs are
+            // node-distinct, so both nodes agree on who yields.
+            // In witness mode a claim without a lease forwards nothing:
+            // the one that forwards keeps the RG.
+            let (mine_live, peer_live) = (!self.awaiting_lease, !p.awaiting_lease);
+            let keep = if mine_live != peer_live {
+                mine_live
+            } else {
+                self.epoch.0 > p.epoch
+            };
+            return if keep {
                 (
                     Primary,
-                    "both primary: this node wins (priority, then node id)".into(),
+                    "both primary: this node's claim is newer or the one with a lease".into(),
                 )
             } else if !peer_fresh {
                 // Yielding on a view older than our own claim could leave
@@ -429,7 +447,7 @@ impl RgElection {
             } else {
                 (
                     Secondary,
-                    "both primary: peer wins (priority, then node id)".into(),
+                    "both primary: the peer's claim is newer or the one with a lease".into(),
                 )
             };
         }
@@ -555,6 +573,7 @@ impl RgElection {
             preempt: self.cfg.preempt,
             manual: self.manual.is_some() && self.state.forwards(),
             ready: self.synced,
+            awaiting_lease: self.state.forwards() && self.awaiting_lease,
         }
     }
 

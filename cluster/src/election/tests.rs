@@ -396,13 +396,12 @@ fn manual_override_is_cleared_when_its_node_fails() {
     assert_eq!(d.nodes[0].status(d.now).rgs[0].manual, None);
 }
 
-#[test]
-fn dual_primary_after_partition_resolves_to_priority_winner_with_new_epoch() {
-    let mut d = duo(false);
+/// Cuts every path for `ms`: both nodes end up primary in distinct epochs.
+fn partition(d: &mut Duo, ms: u64) -> (Epoch, Epoch) {
     for p in Path::ALL {
         d.set_path(p, false);
     }
-    d.run(1000);
+    d.run(ms);
     assert_eq!(
         d.forwarders(RG1),
         vec![0, 1],
@@ -416,21 +415,103 @@ fn dual_primary_after_partition_resolves_to_priority_winner_with_new_epoch() {
         e0, e1,
         "node-distinct epochs: never two primaries in one epoch"
     );
-    let healed = d.now;
     for p in Path::ALL {
         d.set_path(p, true);
     }
-    d.run(500);
-    assert_eq!(d.state(0, RG1), RgState::Primary, "higher priority wins");
-    assert_eq!(d.state(1, RG1), RgState::Secondary);
-    let e = d.nodes[0].epoch(RG1).unwrap();
-    assert!(e > e0 && e > e1, "winner re-announced above both: {e:?}");
-    assert!(d.promoted_at(0, RG1, healed).is_some());
-    assert_eq!(
-        d.nodes[1].epoch(RG1),
-        Some(e),
-        "loser adopted the new epoch"
+    (e0, e1)
+}
+
+#[test]
+fn dual_primary_after_partition_resolves_to_the_newer_epoch() {
+    let mut d = duo(false);
+    let (e0, e1) = partition(&mut d, 1000);
+    assert!(
+        e1 > e0,
+        "node1 claimed during the partition: {e1:?} > {e0:?}"
     );
+    let healed = d.now;
+    d.run(500);
+    assert_eq!(
+        d.state(1, RG1),
+        RgState::Primary,
+        "the newer claim keeps the RG although node0 has the higher priority"
+    );
+    assert_eq!(d.state(0, RG1), RgState::Secondary);
+    assert_eq!(d.nodes[1].epoch(RG1), Some(e1), "no new epoch was needed");
+    assert_eq!(d.promoted_at(1, RG1, healed), None, "no second claim");
+    assert_eq!(d.nodes[0].epoch(RG1), Some(e1), "loser adopted the epoch");
+    assert_single_forwarder(&d);
+    d.run(5000);
+    assert_eq!(
+        d.state(1, RG1),
+        RgState::Primary,
+        "without preempt it stays"
+    );
+}
+
+#[test]
+fn dual_primary_with_preempt_yields_first_then_takes_back_after_sync_and_hold_down() {
+    let mut d = duo(true);
+    let (_, e1) = partition(&mut d, 1000);
+    d.synced[0] = false;
+    let healed = d.now;
+    d.run(100);
+    assert_eq!(
+        d.state(0, RG1),
+        RgState::Secondary,
+        "the older claim yields"
+    );
+    assert_eq!(d.state(1, RG1), RgState::Primary);
+    d.run(3000);
+    assert_eq!(
+        d.state(0, RG1),
+        RgState::Secondary,
+        "preempt waits for the sessions to sync"
+    );
+    d.synced[0] = true;
+    let synced = d.now;
+    d.run(1500);
+    assert_eq!(d.state(0, RG1), RgState::Primary, "then preempt claims");
+    let at = d.promoted_at(0, RG1, healed).unwrap();
+    assert!(at >= synced, "not before the sync: {at:?} < {synced:?}");
+    assert!(d.nodes[0].epoch(RG1).unwrap() > e1);
+    assert_single_forwarder(&d);
+}
+
+#[test]
+fn paused_primary_yields_to_the_newer_epoch_on_resume() {
+    // The lab's SIGSTOP of the primary's daemon for 1.5 s: the peer takes
+    // over; the resumed node, still primary on its stale view, must not
+    // take the RG back (a second failover and two primaries).
+    let mut d = duo(false);
+    let e0 = d.nodes[0].epoch(RG1).unwrap();
+    d.pause(0);
+    d.run(1500);
+    assert_eq!(d.state(1, RG1), RgState::Primary, "peer took over");
+    let e1 = d.nodes[1].epoch(RG1).unwrap();
+    assert!(e1 > e0);
+    let resumed = d.now;
+    d.resume(0);
+    let overlap = d.run_until(1000, |d| d.state(0, RG1) == RgState::Secondary);
+    assert!(overlap.is_some(), "the resumed node yielded");
+    d.run(3000);
+    assert_eq!(
+        d.state(1, RG1),
+        RgState::Primary,
+        "no takeback without preempt"
+    );
+    assert_eq!(d.nodes[1].epoch(RG1), Some(e1), "no further epoch");
+    assert_eq!(
+        d.promoted_at(0, RG1, resumed),
+        None,
+        "node0 never re-claimed"
+    );
+    assert_eq!(
+        d.promoted_at(1, RG1, resumed),
+        None,
+        "node1 never re-claimed"
+    );
+    assert_single_forwarder(&d);
 }
 
 #[test]
