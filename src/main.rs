@@ -375,6 +375,38 @@ pub fn format_status(v: &Value) -> String {
     if let Some(e) = v["dataplane_error"].as_str() {
         let _ = writeln!(s, "Dataplane not serving: {e}");
     }
+    let w = &v["witness"];
+    if w.is_object() {
+        let heard = w["witness_heard_ms_ago"]
+            .as_u64()
+            .map_or("never answered".to_string(), |ms| {
+                format!("answered {ms} ms ago")
+            });
+        let quarantine = w["own_voter_quarantine_left_ms"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "Witness: {} ({heard})    Lease: {} ms    Own voter: {}{}",
+            w["witness"].as_str().unwrap_or("?"),
+            w["lease_ms"],
+            match &w["own_voter_start"] {
+                Value::Object(o) if o.contains_key("Recovered") => {
+                    format!("recovered {} RG grant(s)", o["Recovered"]["rgs"])
+                }
+                Value::Object(o) if o.contains_key("Unreadable") => {
+                    format!(
+                        "record unreadable ({})",
+                        o["Unreadable"].as_str().unwrap_or("?")
+                    )
+                }
+                _ => "started with no record".to_string(),
+            },
+            if quarantine > 0 {
+                format!(", granting nothing for {quarantine} ms")
+            } else {
+                String::new()
+            }
+        );
+    }
     let _ = writeln!(s);
     for rg in v["rgs"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -429,6 +461,32 @@ pub fn format_status(v: &Value) -> String {
             "  Sessions in sync: {}",
             if rg["in_sync"] == true { "yes" } else { "no" }
         );
+        if let Some(l) = w["rgs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["rg"] == rg["rg"]))
+        {
+            let votes: Vec<String> = l["votes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{} {} ms", v[0].as_str().unwrap_or("?"), v[1]))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  Lease: {}    Votes: {}    Own vote for: {}",
+                if l["held"] == true {
+                    format!("held, {} ms left", l["remaining_ms"])
+                } else {
+                    "not held".into()
+                },
+                if votes.is_empty() {
+                    "none".into()
+                } else {
+                    votes.join(", ")
+                },
+                l["own_vote_for"].as_str().unwrap_or("nobody")
+            );
+        }
         let _ = writeln!(s);
     }
     s

@@ -94,6 +94,7 @@ fn empty_status(node: &Node) -> tandem_cluster::election::ClusterStatus {
         in_startup_grace: false,
         paths: Vec::new(),
         rgs: Vec::new(),
+        witness: None,
     }
 }
 

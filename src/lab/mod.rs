@@ -845,6 +845,8 @@ fn demo(rt: &Runtime, json: bool, peer_compare: bool) -> Result<(), String> {
         unit: "ms",
     });
     dataplane_phase(rt, &traffic, first, second, &mut report)?;
+    // The dataplane phase left RG1 on `second`.
+    pause_phase(rt, &traffic, second, first, &mut report)?;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let result = traffic.finish();
@@ -980,6 +982,94 @@ fn dataplane_phase(
         },
     )?;
     traffic.check_flowing("after the dataplane restart")?;
+    Ok(())
+}
+
+fn signal_node(n: usize, sig: libc::c_int) {
+    if let Some(pid) = std::fs::read_to_string(format!("{DIR}/node{n}.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        // SAFETY: signalling the daemon we started.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The primary's daemon is paused (SIGSTOP, as a VM freeze or a debugger
+/// would) for longer than the detection time, then resumed: the peer takes
+/// over once, and the resumed node, still primary on its stale view, must
+/// yield to the newer epoch instead of taking RG1 back (a second failover).
+fn pause_phase(
+    rt: &Runtime,
+    traffic: &Traffic,
+    primary: usize,
+    other: usize,
+    report: &mut Vec<Figure>,
+) -> Result<(), String> {
+    step(&format!(
+        "pausing node{primary}'s daemon (SIGSTOP) for 1.5 s while it is primary, then SIGCONT"
+    ));
+    let t = Instant::now();
+    signal_node(primary, libc::SIGSTOP);
+    // Only the running node answers its control socket meanwhile.
+    let mut claimed = None;
+    while t.elapsed() < Duration::from_millis(1500) {
+        if claimed.is_none()
+            && let Ok(o) = rt.block_on(status(other))
+            && is_primary(&o)
+        {
+            claimed = Some(rg1(&o)["epoch"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal_node(primary, libc::SIGCONT);
+    let Some(claimed) = claimed else {
+        return Err(format!(
+            "node{other} did not take over within 1.5 s of node{primary}'s pause"
+        ));
+    };
+    let resumed = Instant::now();
+    // Watch both for 3 s: how long both say primary, and whether the
+    // resumed node ever claims a newer epoch.
+    let mut both_ms = 0u64;
+    let mut first_both: Option<Instant> = None;
+    while resumed.elapsed() < Duration::from_secs(3) {
+        let (a, b) = rt.block_on(async { tokio::join!(status(primary), status(other)) });
+        if let (Ok(p), Ok(o)) = (&a, &b)
+            && is_primary(p)
+            && is_primary(o)
+        {
+            let at = *first_both.get_or_insert_with(Instant::now);
+            both_ms = at.elapsed().as_millis() as u64 + 20;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (p, o) = (rt.block_on(status(primary))?, rt.block_on(status(other))?);
+    if is_primary(&p) || !is_primary(&o) || rg1(&o)["epoch"] != claimed {
+        return Err(format!(
+            "after the pause RG1 moved again: node{primary} {} e{}, node{other} {} e{} (took over at e{claimed})",
+            rg1(&p)["state"],
+            rg1(&p)["epoch"],
+            rg1(&o)["state"],
+            rg1(&o)["epoch"]
+        ));
+    }
+    traffic.check_flowing("after the pause and resume")?;
+    let gap = traffic.largest_gap_since(t);
+    step(&format!(
+        "node{other} took over at e{claimed} and keeps RG1; node{primary} resumed and yielded ({}); both said primary for {both_ms} ms; largest probe gap {gap:.1} ms",
+        rg1(&p)["reason"].as_str().unwrap_or("")
+    ));
+    report.push(Figure {
+        name: "pause_failover_gap_ms",
+        value: gap,
+        unit: "ms",
+    });
+    report.push(Figure {
+        name: "pause_resume_both_primary_ms",
+        value: both_ms as f64,
+        unit: "ms",
+    });
     Ok(())
 }
 

@@ -632,10 +632,12 @@ impl Driver {
                 }
             },
             Command::Status { reply } => {
-                let _ = reply.send((
-                    self.election.status(now),
-                    self.events.iter().cloned().collect(),
-                ));
+                let mut status = self.election.status(now);
+                if let Some(w) = &self.witness {
+                    let rgs: Vec<RgId> = self.election.roles().keys().copied().collect();
+                    status.witness = Some(w.leases.status(w.cfg.witness, &rgs, now));
+                }
+                let _ = reply.send((status, self.events.iter().cloned().collect()));
             }
             Command::Monitor { name, up } => {
                 let actions = self.election.on_monitor(&name, up, now);

@@ -161,6 +161,8 @@ pub struct ClusterStatus {
     pub in_startup_grace: bool,
     pub paths: Vec<PathStatus>,
     pub rgs: Vec<RgStatus>,
+    /// Witness mode only (filled in by the driver).
+    pub witness: Option<crate::witness::LeaseStatus>,
 }
 
 pub struct Election {
@@ -831,6 +833,7 @@ impl Election {
                 .iter()
                 .map(|(rg, r)| r.status(*rg, now, self.peer_rg(*rg, now).as_ref(), peer_alive))
                 .collect(),
+            witness: None,
         }
     }
 }

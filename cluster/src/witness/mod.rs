@@ -12,13 +12,15 @@
 //! lease from when it *sent* the request (earlier), minus a safety margin,
 //! so the holder always stops first (clock rates are assumed equal within
 //! the margin; offsets do not matter, as each side only measures durations).
+//! docs/ARCHITECTURE.md "Witness mode" has the argument and its bound.
 //!
-//! Why not raft-rs: a raft group would give the same guarantee, but raft-rs
-//! 0.7 brings protobuf 2 (with an open advisory), a second prost, slog and
-//! an unseedable RNG that breaks simulation determinism; a per-RG lease
-//! register is a few hundred lines and fits the turmoil simulations as is.
+//! Restarts: each voter persists whom it granted each RG to (`store`)
+//! before it tells a new holder, and after a start treats what it may have
+//! granted as running one whole `max_lease_ms` (see `LeaseVoter`).
+//!
 //! Cost: after a crash of the holder, the survivor waits for the lease
-//! (default 1 s) to expire at the voters before it can take over.
+//! (default 1 s) to expire at the voters before it can take over. The raft
+//! group the design card asks for is not built yet (ARCHITECTURE.md).
 //!
 //! The node pair without a witness stays the default.
 
@@ -254,6 +256,40 @@ impl LeaseVoter {
     }
 }
 
+/// One RG's lease as this node counts it (`show chassis cluster status`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RgLeaseStatus {
+    pub rg: u16,
+    /// This node holds a majority lease: it may forward the RG.
+    pub held: bool,
+    /// Until the majority lapses without renewal (0 when not held).
+    pub remaining_ms: u64,
+    /// The voters whose grant still runs, with the ms left of each.
+    pub votes: Vec<(String, u64)>,
+    /// What this node's own voter grants the RG to now.
+    pub own_vote_for: Option<String>,
+}
+
+/// Witness mode as this node sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LeaseStatus {
+    pub witness: String,
+    pub lease_ms: u32,
+    /// ms since the witness last answered (None: never).
+    pub witness_heard_ms_ago: Option<u64>,
+    pub own_voter_start: VoterStart,
+    pub own_voter_quarantine_left_ms: u64,
+    pub own_voter_store_failures: u64,
+    pub rgs: Vec<RgLeaseStatus>,
+}
+
+fn voter_name(v: u32) -> String {
+    match v {
+        WITNESS_VOTER => "witness".into(),
+        n => format!("node{n}"),
+    }
+}
+
 /// A node's side: which RGs it holds a majority lease for.
 pub struct LeaseClient {
     node: NodeId,
@@ -267,6 +303,8 @@ pub struct LeaseClient {
     grants: BTreeMap<RgId, BTreeMap<u32, Millis>>,
     /// This node's own voter (it votes for itself, and for its peer).
     pub voter: LeaseVoter,
+    /// When each voter last answered.
+    last_reply: BTreeMap<u32, Millis>,
 }
 
 impl LeaseClient {
@@ -289,6 +327,7 @@ impl LeaseClient {
             sent: HashMap::new(),
             grants: BTreeMap::new(),
             voter: LeaseVoter::start(u32::from(node.0), cluster_id, duration_ms, store, now),
+            last_reply: BTreeMap::new(),
         }
     }
 
@@ -319,6 +358,7 @@ impl LeaseClient {
         let Some((rg, sent)) = self.sent.get(&reply.request_id).copied() else {
             return;
         };
+        self.last_reply.insert(reply.voter, now);
         let g = self.grants.entry(rg).or_default();
         if reply.granted {
             let deadline =
@@ -339,6 +379,44 @@ impl LeaseClient {
         self.grants
             .get(&rg)
             .is_some_and(|g| g.values().filter(|&&d| d > now).count() >= 2)
+    }
+
+    /// What `show chassis cluster status` shows of witness mode.
+    pub fn status(&self, witness: SocketAddr, rgs: &[RgId], now: Millis) -> LeaseStatus {
+        LeaseStatus {
+            witness: witness.to_string(),
+            lease_ms: self.duration_ms,
+            witness_heard_ms_ago: self
+                .last_reply
+                .get(&WITNESS_VOTER)
+                .map(|t| now.saturating_sub(*t)),
+            own_voter_start: self.voter.started.clone(),
+            own_voter_quarantine_left_ms: self.voter.quarantine_left_ms(now),
+            own_voter_store_failures: self.voter.store_failures,
+            rgs: rgs
+                .iter()
+                .map(|&rg| {
+                    let mut left: Vec<(u32, u64)> = self
+                        .grants
+                        .get(&rg)
+                        .into_iter()
+                        .flatten()
+                        .filter(|(_, d)| **d > now)
+                        .map(|(v, d)| (*v, d.saturating_sub(now)))
+                        .collect();
+                    left.sort_by(|a, b| b.1.cmp(&a.1));
+                    let held = self.held(rg, now);
+                    RgLeaseStatus {
+                        rg: rg.0,
+                        held,
+                        // The majority lapses with its second-longest vote.
+                        remaining_ms: if held { left[1].1 } else { 0 },
+                        votes: left.iter().map(|(v, ms)| (voter_name(*v), *ms)).collect(),
+                        own_vote_for: self.voter.holder(rg, now).map(voter_name),
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// Gives up `rg` (demoted): stops counting its grants, frees this
