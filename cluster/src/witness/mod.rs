@@ -404,7 +404,7 @@ impl LeaseClient {
                         .filter(|(_, d)| **d > now)
                         .map(|(v, d)| (*v, d.saturating_sub(now)))
                         .collect();
-                    left.sort_by(|a, b| b.1.cmp(&a.1));
+                    left.sort_by_key(|v| std::cmp::Reverse(v.1));
                     let held = self.held(rg, now);
                     RgLeaseStatus {
                         rg: rg.0,
