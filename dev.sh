@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Build and test prerequisites. clang/llvm/libelf/zlib/m4/pkg-config build
-# the XDP program and libxdp (see docs/ARCHITECTURE.md); iproute2 builds the
+# the XDP program and libxdp (see docs/ARCHITECTURE.md); protobuf-compiler's
+# protoc builds raft-rs's message types (witness mode); iproute2 builds the
 # network-namespace topologies of the root tests and the lab; nftables is
 # fwd-bench's kernel baseline and iperf3 its TCP bulk sender; valgrind counts
 # the packet core's instructions (fwd-bench --instructions); nftables,
@@ -16,7 +17,7 @@ cd "$(dirname "$0")"
 # turnutils_natdiscovery judge the NAT's RFC 5780 behaviour (nat_netns test);
 # rsyslog receives the security log in its UDP/TCP syslog test; hping3 is
 # the SYN flood of the screen test, its bench and the lab's flood phase.
-APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make iproute2 ethtool nftables
+APT_PACKAGES=(build-essential pkg-config clang llvm libelf-dev zlib1g-dev m4 make protobuf-compiler iproute2 ethtool nftables
     iperf3 valgrind conntrackd conntrack keepalived iputils-ping iputils-tracepath traceroute coturn rsyslog hping3)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }

@@ -24,7 +24,10 @@
 //!
 //! The node pair without a witness stays the default.
 
+mod group;
 mod store;
+
+pub use group::{GroupStart, GroupStatus, Outgoing, OwnershipGroup, RgOwnership, TICK_MS};
 
 pub use store::{FileStore, MemoryStore, VoterRecord, VoterStore};
 
