@@ -9,7 +9,7 @@
 //! tandem request chassis cluster failover redundancy-group N node M
 //! tandem request chassis cluster failover reset redundancy-group N
 //! tandem request chassis dataplane stop|start|restart
-//! tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--max-lease-ms MS]
+//! tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--lease-ms MS] [--init]
 //! tandem lab up|down|demo [--peer-compare] [--json]
 //! tandem lab peer-compare [--json]
 //! tandem lab cps [--json]
@@ -44,7 +44,7 @@ const USAGE: &str = "usage:
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
-  tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--max-lease-ms MS]
+  tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--lease-ms MS] [--init]
   tandem lab up|down|demo [--peer-compare] [--json]
   tandem lab peer-compare [--json]
   tandem lab cps [--json]";
@@ -74,6 +74,10 @@ fn parse_opts() -> Result<Opts, String> {
             "--json" => o.json = true,
             "--peer-diff" => o.peer_diff = true,
             "--peer-compare" => o.peer_compare = true,
+            // A switch without a value.
+            "--init" => {
+                o.flags.insert("init".into(), String::new());
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             f if f.starts_with("--") => {
                 let v = it.next().ok_or_else(|| format!("{f} needs a value"))?;
@@ -376,35 +380,28 @@ pub fn format_status(v: &Value) -> String {
         let _ = writeln!(s, "Dataplane not serving: {e}");
     }
     let w = &v["witness"];
+    let raft = &w["raft"];
     if w.is_object() {
-        let heard = w["witness_heard_ms_ago"]
-            .as_u64()
-            .map_or("never answered".to_string(), |ms| {
-                format!("answered {ms} ms ago")
-            });
-        let quarantine = w["own_voter_quarantine_left_ms"].as_u64().unwrap_or(0);
+        let member = if let Some(e) = w["error"].as_str() {
+            format!("not running ({e})")
+        } else {
+            format!(
+                "{} of term {}, leader {}, commit {}, applied {}{}",
+                raft["role"].as_str().unwrap_or("?"),
+                raft["term"],
+                raft["leader"].as_str().unwrap_or("none"),
+                raft["commit_index"],
+                raft["applied_index"],
+                raft["failed"]
+                    .as_str()
+                    .map_or(String::new(), |f| format!(", STOPPED: {f}"))
+            )
+        };
         let _ = writeln!(
             s,
-            "Witness: {} ({heard})    Lease: {} ms    Own voter: {}{}",
+            "Witness: {}    Lease: {} ms    Raft: {member}",
             w["witness"].as_str().unwrap_or("?"),
             w["lease_ms"],
-            match &w["own_voter_start"] {
-                Value::Object(o) if o.contains_key("Recovered") => {
-                    format!("recovered {} RG grant(s)", o["Recovered"]["rgs"])
-                }
-                Value::Object(o) if o.contains_key("Unreadable") => {
-                    format!(
-                        "record unreadable ({})",
-                        o["Unreadable"].as_str().unwrap_or("?")
-                    )
-                }
-                _ => "started with no record".to_string(),
-            },
-            if quarantine > 0 {
-                format!(", granting nothing for {quarantine} ms")
-            } else {
-                String::new()
-            }
         );
     }
     let _ = writeln!(s);
@@ -461,30 +458,21 @@ pub fn format_status(v: &Value) -> String {
             "  Sessions in sync: {}",
             if rg["in_sync"] == true { "yes" } else { "no" }
         );
-        if let Some(l) = w["rgs"]
+        if let Some(l) = raft["rgs"]
             .as_array()
             .and_then(|a| a.iter().find(|l| l["rg"] == rg["rg"]))
         {
-            let votes: Vec<String> = l["votes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| format!("{} {} ms", v[0].as_str().unwrap_or("?"), v[1]))
-                .collect();
+            let left = l["lease_left_ms"].as_u64().unwrap_or(0);
             let _ = writeln!(
                 s,
-                "  Lease: {}    Votes: {}    Own vote for: {}",
-                if l["held"] == true {
-                    format!("held, {} ms left", l["remaining_ms"])
+                "  Owner (raft log): {} at e{}    Lease: {}",
+                l["owner"].as_str().unwrap_or("none"),
+                l["epoch"],
+                if left > 0 {
+                    format!("held, {left} ms left")
                 } else {
-                    "not held".into()
-                },
-                if votes.is_empty() {
-                    "none".into()
-                } else {
-                    votes.join(", ")
-                },
-                l["own_vote_for"].as_str().unwrap_or("nobody")
+                    "not held here".into()
+                }
             );
         }
         let _ = writeln!(s);
@@ -666,30 +654,36 @@ async fn witness(opts: &Opts) -> Result<(), String> {
         .ok_or("tandem witness needs --cluster-id N")?
         .parse()
         .map_err(|e| format!("--cluster-id: {e}"))?;
-    let max_lease_ms: u32 = opts
+    let lease_ms: u32 = opts
         .flags
-        .get("max-lease-ms")
-        .map_or(Ok(5000), |v| v.parse())
-        .map_err(|e| format!("--max-lease-ms: {e}"))?;
+        .get("lease-ms")
+        .map_or(Ok(1000), |v| v.parse())
+        .map_err(|e| format!("--lease-ms: {e}"))?;
     let state_dir = opts
         .flags
         .get("state-dir")
         .map_or("/var/lib/tandem/witness", String::as_str);
-    let store = tandem_cluster::witness::FileStore::new(
-        std::path::Path::new(state_dir).join("voter.state"),
-    )?;
+    let state_file = std::path::Path::new(state_dir).join("raft.state");
+    if !state_file.exists() && !opts.flags.contains_key("init") {
+        return Err(format!(
+            "{}: no raft state. On the first start of a new cluster's witness pass --init; never after this directory was lost (a voter that forgot its votes can elect a leader without the committed log: rebuild the cluster instead, docs/OPERATIONS.md)",
+            state_file.display()
+        ));
+    }
+    let store = tandem_cluster::witness::FileStore::new(&state_file)?;
     let sock = tokio::net::UdpSocket::bind(listen)
         .await
         .map_err(|e| format!("{listen}: {e}"))?;
     let clock = tandem_dataplane::session::monotonic_clock();
-    let voter = tandem_cluster::witness::LeaseVoter::start(
+    let voter = tandem_cluster::witness::OwnershipGroup::start(
         tandem_cluster::witness::WITNESS_VOTER,
         cluster_id,
-        max_lease_ms,
+        lease_ms,
         std::sync::Arc::new(store),
         clock(),
-    );
-    tracing::info!(%listen, cluster_id, state_dir, max_lease_ms, start = ?voter.started, "witness running");
+    )
+    .map_err(|e| format!("{state_dir}/raft.state: {e}"))?;
+    tracing::info!(%listen, cluster_id, state_dir, lease_ms, start = ?voter.started, "witness running");
     tandem_cluster::witness::serve(
         std::sync::Arc::new(sock),
         tandem_cluster::election::driver::ClusterKey::new(&key),

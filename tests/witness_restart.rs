@@ -1,17 +1,21 @@
-//! The real `tandem witness` process keeps its grants across a restart:
-//! node0 holds RG1 at the witness, the witness is killed and started again
-//! on the same state directory, and node1's request is refused while
-//! node0's renewal is granted. Without its record (a wiped state
-//! directory) the restarted witness grants nothing for one lease. Runs
-//! unprivileged on loopback.
+//! The real `tandem witness` process as the third raft member: two node
+//! members run in this test over loopback UDP with it; node0 owns RG1.
+//! Then node1 is stopped and the witness process is killed and started
+//! again on its state directory: node0 and the recovered witness are a
+//! majority and node0's lease never lapses. A witness with no state refuses
+//! to start without `--init`. Runs unprivileged.
 
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_cluster::election::driver::ClusterKey;
-use tandem_proto::pb::{self, envelope::Msg};
+use tandem_cluster::witness::{MemoryStore, OwnershipGroup, TICK_MS};
+use tandem_dataplane::session::Millis;
+use tandem_proto::{Epoch, RgId};
 
 const KEY: &[u8] = b"witness restart test key";
-const LEASE_MS: u32 = 1500;
+const RG1: RgId = RgId(1);
 
 struct Witness(Child);
 
@@ -22,19 +26,26 @@ impl Drop for Witness {
     }
 }
 
-fn start(dir: &std::path::Path, port: u16) -> Witness {
+fn witness(dir: &std::path::Path, addr: SocketAddr, init: bool) -> std::process::Command {
     let key_file = dir.join("hb.key");
     std::fs::write(&key_file, KEY).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["witness", "--listen", &format!("127.0.0.1:{port}")])
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.args(["witness", "--listen", &addr.to_string()])
         .args([
             "--key-file",
             key_file.to_str().unwrap(),
             "--cluster-id",
             "3",
         ])
-        .args(["--state-dir", dir.join("state").to_str().unwrap()])
-        .args(["--max-lease-ms", &LEASE_MS.to_string()])
+        .args(["--state-dir", dir.join("state").to_str().unwrap()]);
+    if init {
+        c.arg("--init");
+    }
+    c
+}
+
+fn start(dir: &std::path::Path, addr: SocketAddr, init: bool) -> Witness {
+    let child = witness(dir, addr, init)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -42,84 +53,139 @@ fn start(dir: &std::path::Path, port: u16) -> Witness {
     Witness(child)
 }
 
-fn request(candidate: u32, epoch: u64, id: u64) -> pb::LeaseRequest {
-    pb::LeaseRequest {
-        rg: 1,
-        epoch,
-        candidate,
-        duration_ms: LEASE_MS,
-        request_id: id,
-        cluster_id: 3,
-    }
+/// node0 and node1 as in-process raft members on their own sockets.
+struct Nodes {
+    members: [Option<OwnershipGroup>; 2],
+    socks: [UdpSocket; 2],
+    witness: SocketAddr,
+    key: ClusterKey,
+    epoch: Instant,
 }
 
-/// Sends one request and waits for its reply (retrying while the witness
-/// starts up).
-fn ask(sock: &std::net::UdpSocket, port: u16, req: pb::LeaseRequest) -> pb::LeaseReply {
-    let key = ClusterKey::new(KEY);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut buf = [0u8; 2048];
-    loop {
-        sock.send_to(&key.seal_msg(Msg::LeaseRequest(req)), ("127.0.0.1", port))
-            .unwrap();
-        if let Ok((n, _)) = sock.recv_from(&mut buf)
-            && let Some(Msg::LeaseReply(r)) = key.open_msg(&buf[..n])
-            && r.request_id == req.request_id
-        {
-            return r;
+impl Nodes {
+    fn now(&self) -> Millis {
+        Millis(1_000 + self.epoch.elapsed().as_millis() as u64)
+    }
+
+    fn addr(&self, v: u32) -> SocketAddr {
+        match v {
+            2 => self.witness,
+            n => self.socks[n as usize].local_addr().unwrap(),
         }
-        assert!(Instant::now() < deadline, "the witness never answered");
     }
-}
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    /// Runs for `ms`, node0 wanting RG1; `check` sees node0's lease.
+    fn run(&mut self, ms: u64, mut check: impl FnMut(bool, Millis)) {
+        let until = Instant::now() + Duration::from_millis(ms);
+        let mut last_tick = 0;
+        let mut buf = [0u8; 65536];
+        while Instant::now() < until {
+            let now = self.now();
+            for n in 0..2 {
+                let mut out = Vec::new();
+                while let Ok((len, _)) = self.socks[n].recv_from(&mut buf) {
+                    if let (Some(g), Some(msg)) =
+                        (self.members[n].as_mut(), self.key.open_msg(&buf[..len]))
+                    {
+                        out.extend(g.on_message(&msg, now));
+                    }
+                }
+                if let Some(g) = self.members[n].as_mut()
+                    && now.0 >= last_tick + TICK_MS
+                {
+                    out.extend(g.tick(now));
+                    if n == 0 {
+                        out.extend(g.claim(RG1, Epoch(2), now));
+                    }
+                }
+                for o in out {
+                    let to = self.addr(o.to);
+                    let _ = self.socks[n].send_to(&self.key.seal_msg(o.msg), to);
+                }
+            }
+            if now.0 >= last_tick + TICK_MS {
+                last_tick = now.0;
+            }
+            let held = self.members[0].as_ref().is_some_and(|g| g.held(RG1, now));
+            check(held, now);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 #[test]
-fn restarted_witness_process_refuses_the_other_node_and_renews_the_holder() {
+fn restarted_witness_process_keeps_its_raft_state_and_the_owners_lease() {
     let dir = std::env::temp_dir().join(format!("tandem-witness-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-
-    let w = start(&dir, port);
-    // First start with no record: one lease of quarantine, then node0 gets
-    // RG1.
-    let first = ask(&sock, port, request(0, 2, 1));
-    assert!(!first.granted, "a witness with no record waits one lease");
-    std::thread::sleep(Duration::from_millis(u64::from(LEASE_MS) + 100));
-    assert!(ask(&sock, port, request(0, 2, 2)).granted);
-    drop(w);
-
-    // Restarted on the same state directory, within node0's lease.
-    let _w = start(&dir, port);
-    let r = ask(&sock, port, request(1, 3, 3));
-    assert!(!r.granted, "node1 refused: the record says node0 holds RG1");
-    assert_eq!(r.holder, 0);
-    assert!(ask(&sock, port, request(0, 2, 4)).granted, "node0 renews");
-    let mode = {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(dir.join("state/voter.state"))
-            .unwrap()
-            .permissions()
-            .mode()
+    let waddr: SocketAddr = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
     };
-    assert_eq!(mode & 0o777, 0o600, "the record is private");
-    drop(_w);
 
-    // A corrupted record: nothing is granted for one lease.
-    std::fs::write(dir.join("state/voter.state"), b"torn").unwrap();
-    let _w = start(&dir, port);
-    assert!(!ask(&sock, port, request(0, 2, 5)).granted);
-    assert!(!ask(&sock, port, request(1, 3, 6)).granted);
+    // No state and no --init: refused with the reason.
+    let out = witness(&dir, waddr, false).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--init"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let w = start(&dir, waddr, true);
+    let socks = [0, 1].map(|_| {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    });
+    let disks = [MemoryStore::default(), MemoryStore::default()];
+    let mut nodes = Nodes {
+        members: [None, None],
+        socks,
+        witness: waddr,
+        key: ClusterKey::new(KEY),
+        epoch: Instant::now(),
+    };
+    let now = nodes.now();
+    for (n, disk) in disks.iter().enumerate() {
+        nodes.members[n] =
+            Some(OwnershipGroup::start(n as u32, 3, 1000, Arc::new(disk.clone()), now).unwrap());
+    }
+    let mut got = None;
+    nodes.run(4000, |held, now| {
+        if held && got.is_none() {
+            got = Some(now);
+        }
+    });
+    assert!(got.is_some(), "node0 got RG1 through the log");
+
+    // node1 stops; the witness restarts: node0 + witness must carry on.
+    nodes.members[1] = None;
+    nodes.run(500, |held, _| {
+        assert!(held, "node0 lost RG1 with node1 gone")
+    });
+    drop(w);
+    let _w = start(&dir, waddr, false);
+    let mut lapsed = 0u32;
+    nodes.run(4000, |held, _| lapsed += u32::from(!held));
+    // The lease (1 s) outlives a witness restart of a few hundred ms; the
+    // renewals go through node0 + the recovered witness afterwards.
+    assert!(
+        nodes.members[0].as_ref().unwrap().held(RG1, nodes.now()),
+        "node0 holds RG1 with the restarted witness"
+    );
+    assert!(lapsed < 1000, "node0's lease lapsed for {lapsed} ms");
+    let st = nodes.members[0]
+        .as_ref()
+        .unwrap()
+        .status(&[RG1], nodes.now());
+    assert_eq!(st.rgs[0].owner.as_deref(), Some("node0"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("state/raft.state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the raft state is private");
     drop(_w);
     std::fs::remove_dir_all(&dir).unwrap();
 }

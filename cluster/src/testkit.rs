@@ -285,16 +285,14 @@ impl ClusterPair {
             }
             let w: Arc<dyn crate::election::driver::DatagramSocket> = lease_socks[2].clone();
             let clock = monotonic_clock();
-            let voter = crate::witness::LeaseVoter::start(
+            let voter = crate::witness::OwnershipGroup::start(
                 crate::witness::WITNESS_VOTER,
                 7,
                 1000,
-                Arc::new(crate::witness::MemoryStore::formatted(
-                    7,
-                    crate::witness::WITNESS_VOTER,
-                )),
+                Arc::new(crate::witness::MemoryStore::default()),
                 clock(),
-            );
+            )
+            .expect("a fresh raft member");
             witness_task = Some(tokio::spawn(crate::witness::serve(
                 w,
                 key.clone(),
@@ -363,7 +361,7 @@ impl ClusterPair {
                             witness: lease_socks[2].local_addr().expect("addr"),
                             peer: lease_socks[1 - n].local_addr().expect("addr"),
                             lease_ms: 1000,
-                            store: Arc::new(crate::witness::MemoryStore::formatted(7, n as u32)),
+                            store: Arc::new(crate::witness::MemoryStore::default()),
                         };
                         (sock, cfg)
                     }),

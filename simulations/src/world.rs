@@ -14,7 +14,7 @@ use tandem_cluster::election::driver::{
 use tandem_cluster::election::{ElectionConfig, Path, RgConfig};
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, GeneratedPki};
-use tandem_cluster::witness::{LeaseVoter, MemoryStore, VoterStore, WITNESS_VOTER, WitnessConfig};
+use tandem_cluster::witness::{MemoryStore, OwnershipGroup, WITNESS_VOTER, WitnessConfig};
 use tandem_dataplane::delta::{DeltaProducer, delta_queues};
 use tandem_dataplane::session::{
     Clock, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey, SessionTable,
@@ -77,12 +77,11 @@ impl World {
         })
     }
 
-    /// Party `n`'s voter disk as it starts (sabotage: wiped to an empty
-    /// record, so the voter neither remembers nor waits).
+    /// Party `n`'s raft disk as it starts (sabotage: wiped, so the member
+    /// forgets its votes and log).
     fn voter_disk(&self, n: usize) -> Arc<MemoryStore> {
-        let voter = if n == 2 { WITNESS_VOTER } else { n as u32 };
         if self.voter_amnesia {
-            self.disks[n].put(MemoryStore::formatted(1, voter).load().expect("memory"));
+            self.disks[n].put(None);
         }
         Arc::new(self.disks[n].clone())
     }
@@ -306,7 +305,7 @@ pub async fn run_witness(world: Arc<World>) -> Result<(), Box<dyn std::error::Er
         resolver(),
     ));
     let clock = sim_clock(0, 0);
-    let voter = LeaseVoter::start(WITNESS_VOTER, 1, 1000, world.voter_disk(2), clock());
+    let voter = OwnershipGroup::start(WITNESS_VOTER, 1, 1000, world.voter_disk(2), clock())?;
     tandem_cluster::witness::serve(socket, world.key.clone(), voter, clock).await;
     Ok(())
 }

@@ -298,7 +298,39 @@ struct Driver {
 struct WitnessState {
     socket: Arc<dyn DatagramSocket>,
     cfg: crate::witness::WitnessConfig,
-    leases: crate::witness::LeaseClient,
+    /// This node's raft member; an error when its stored state could not
+    /// be read (the node then never forwards in witness mode).
+    group: Result<crate::witness::OwnershipGroup, String>,
+}
+
+impl WitnessState {
+    fn held(&self, rg: RgId, now: Millis) -> bool {
+        self.group.as_ref().is_ok_and(|g| g.held(rg, now))
+    }
+
+    /// Seals and sends what the raft member wants sent.
+    fn send(&self, key: &ClusterKey, out: Vec<crate::witness::Outgoing>, me: NodeId) {
+        if out.is_empty() {
+            return;
+        }
+        let pkts: Vec<(Vec<u8>, SocketAddr)> = out
+            .into_iter()
+            .filter_map(|o| {
+                let to = match o.to {
+                    crate::witness::WITNESS_VOTER => self.cfg.witness,
+                    v if v == u32::from(me.peer().0) => self.cfg.peer,
+                    _ => return None,
+                };
+                Some((key.seal_msg(o.msg), to))
+            })
+            .collect();
+        let socket = self.socket.clone();
+        tokio::spawn(async move {
+            for (pkt, to) in pkts {
+                let _ = socket.send_to(&pkt, to).await;
+            }
+        });
+    }
 }
 
 /// Starts the election. `roles_tx` is the channel the sync node was given;
@@ -316,16 +348,22 @@ pub fn spawn(
     let (changes, _) = broadcast::channel(256);
     let stats = Arc::new(DriverStats::default());
     let interval = Duration::from_millis(cfg.election.heartbeat_interval_ms.max(1));
-    let witness = cfg.witness.map(|(socket, wcfg)| WitnessState {
-        leases: crate::witness::LeaseClient::start(
-            cfg.election.node,
+    let witness = cfg.witness.map(|(socket, wcfg)| {
+        let group = crate::witness::OwnershipGroup::start(
+            u32::from(cfg.election.node.0),
             cfg.election.cluster_id,
             wcfg.lease_ms,
             wcfg.store.clone(),
             clock(),
-        ),
-        socket,
-        cfg: wcfg,
+        );
+        if let Err(e) = &group {
+            warn!(error = %e, "witness mode: this node's raft state is unreadable; it will not forward");
+        }
+        WitnessState {
+            group,
+            socket,
+            cfg: wcfg,
+        }
     });
     let mut d = Driver {
         election: Election::new(cfg.election),
@@ -455,6 +493,7 @@ impl Driver {
             actions.extend(self.election.on_sync_ready(rg, ready, now));
         }
         self.apply(actions);
+        self.drive_witness(now);
         // A lease can lapse between events.
         self.publish_if_changed();
     }
@@ -496,81 +535,67 @@ impl Driver {
         self.apply(actions);
     }
 
-    /// A lease request from the peer (this node votes) or a reply to ours.
+    /// Raft traffic from the peer or the witness.
     fn lease_traffic(&mut self, pkt: &[u8]) {
         let now = self.now();
+        let me = self.election.config().node;
         let Some(w) = self.witness.as_mut() else {
             return;
         };
-        match self.key.open_msg(pkt) {
-            Some(Msg::LeaseRequest(req)) => {
-                let reply = w.leases.voter.on_request(&req, now);
-                let pkt = self.key.seal_msg(Msg::LeaseReply(reply));
-                let (socket, peer) = (w.socket.clone(), w.cfg.peer);
-                tokio::spawn(async move {
-                    let _ = socket.send_to(&pkt, peer).await;
-                });
-            }
-            Some(Msg::LeaseReply(reply)) => {
-                w.leases.on_reply(&reply, now);
-                self.publish_if_changed();
-            }
+        let msg = match self.key.open_msg(pkt) {
+            Some(m @ (Msg::RaftMessage(_) | Msg::OwnershipRequest(_))) => m,
             _ => {
                 self.stats
                     .heartbeats_rejected
                     .fetch_add(1, Ordering::Relaxed);
+                return;
             }
-        }
+        };
+        let Ok(g) = w.group.as_mut() else { return };
+        let out = g.on_message(&msg, now);
+        w.send(&self.key, out, me);
+        self.publish_if_changed();
     }
 
-    /// Witness mode: give `rg`'s lease back at once (this node's voter and
-    /// the others), so the node taking over need not wait for it to expire.
+    /// Witness mode: give `rg` back at once, so the node taking over need
+    /// not wait for the lease to run out.
     fn release_lease(&mut self, rg: RgId, epoch: Epoch) {
         let now = self.now();
+        let me = self.election.config().node;
         let Some(w) = self.witness.as_mut() else {
             return;
         };
-        let req = w.leases.release(rg, epoch, now);
-        let pkt = self.key.seal_msg(Msg::LeaseRequest(req));
-        let (socket, targets) = (w.socket.clone(), [w.cfg.witness, w.cfg.peer]);
-        tokio::spawn(async move {
-            for to in targets {
-                let _ = socket.send_to(&pkt, to).await;
-            }
-        });
+        let Ok(g) = w.group.as_mut() else { return };
+        let out = g.release(rg, epoch, now);
+        w.send(&self.key, out, me);
     }
 
-    /// Witness mode: ask for (or renew) a lease on every RG the election
-    /// wants this node to forward.
-    async fn request_leases(&mut self) {
-        let now = self.now();
+    /// Witness mode: ticks the raft member, asks the log for (or renews)
+    /// every RG the election wants this node to forward, and lets the
+    /// election claim above any epoch the log committed to another node.
+    fn drive_witness(&mut self, now: Millis) {
+        let me = self.election.config().node;
         let Some(w) = self.witness.as_mut() else {
             return;
         };
-        let wanted: Vec<(RgId, Epoch)> = self
-            .election
-            .roles()
-            .iter()
-            .filter(|(_, r)| r.primary)
-            .map(|(rg, r)| (*rg, r.epoch))
-            .collect();
-        for (rg, epoch) in wanted {
-            let req = w.leases.request(rg, epoch, now);
-            let pkt = self.key.seal_msg(Msg::LeaseRequest(req));
-            for to in [w.cfg.witness, w.cfg.peer] {
-                let _ = w.socket.send_to(&pkt, to).await;
+        let Ok(g) = w.group.as_mut() else { return };
+        let mut out = g.tick(now);
+        let roles = self.election.roles();
+        for (rg, role) in roles.iter() {
+            if let Some((owner, epoch)) = g.owner(*rg)
+                && owner != me
+            {
+                self.election.raise_epoch_floor(*rg, epoch);
             }
+            if role.primary {
+                out.extend(g.claim(*rg, role.epoch, now));
+            }
+            self.election.set_lease_held(*rg, g.held(*rg, now));
         }
+        w.send(&self.key, out, me);
     }
 
     async fn send_heartbeats(&mut self) {
-        self.request_leases().await;
-        if let Some(w) = &self.witness {
-            let now = self.now();
-            for rg in self.election.roles().keys() {
-                self.election.set_lease_held(*rg, w.leases.held(*rg, now));
-            }
-        }
         let hb = self.election.heartbeat(Path::Control);
         if self.sync.send_datagram(Msg::Heartbeat(hb)) {
             self.stats.heartbeats_sent[Path::Control as usize].fetch_add(1, Ordering::Relaxed);
@@ -635,7 +660,12 @@ impl Driver {
                 let mut status = self.election.status(now);
                 if let Some(w) = &self.witness {
                     let rgs: Vec<RgId> = self.election.roles().keys().copied().collect();
-                    status.witness = Some(w.leases.status(w.cfg.witness, &rgs, now));
+                    status.witness = Some(crate::witness::WitnessStatus {
+                        witness: w.cfg.witness.to_string(),
+                        lease_ms: w.cfg.lease_ms,
+                        error: w.group.as_ref().err().cloned(),
+                        raft: w.group.as_ref().ok().map(|g| g.status(&rgs, now)),
+                    });
                 }
                 let _ = reply.send((status, self.events.iter().cloned().collect()));
             }
@@ -793,7 +823,7 @@ impl Driver {
         let mut roles = self.election.roles();
         if let Some(w) = &self.witness {
             for (rg, r) in roles.iter_mut() {
-                r.primary &= w.leases.held(*rg, now);
+                r.primary &= w.held(*rg, now);
             }
         }
         roles

@@ -162,7 +162,7 @@ pub struct ClusterStatus {
     pub paths: Vec<PathStatus>,
     pub rgs: Vec<RgStatus>,
     /// Witness mode only (filled in by the driver).
-    pub witness: Option<crate::witness::LeaseStatus>,
+    pub witness: Option<crate::witness::WitnessStatus>,
 }
 
 pub struct Election {
@@ -617,7 +617,8 @@ impl Election {
             .as_ref()
             .and_then(|p| p.rgs.get(&rg))
             .map_or(0, |r| r.epoch);
-        let mut e = mine.max(peer) + 1;
+        let floor = self.rgs.get(&rg).map_or(0, |r| r.epoch_floor);
+        let mut e = mine.max(peer).max(floor) + 1;
         if e % 2 != u64::from(self.cfg.node.0 % 2) {
             e += 1;
         }
@@ -708,7 +709,7 @@ impl Election {
         // above it, or the peer would fence this node's stream as stale.
         let bump = want == RgState::Primary
             && r.state == RgState::Primary
-            && peer.as_ref().is_some_and(|p| p.epoch > r.epoch.0);
+            && (peer.as_ref().is_some_and(|p| p.epoch > r.epoch.0) || r.epoch_floor > r.epoch.0);
         if want == r.state && !bump {
             return;
         }
@@ -743,6 +744,15 @@ impl Election {
     pub fn set_lease_held(&mut self, rg: RgId, held: bool) {
         if let Some(r) = self.rgs.get_mut(&rg) {
             r.awaiting_lease = !held;
+        }
+    }
+
+    /// Witness mode: the ownership log committed `rg` to the other node in
+    /// `epoch`; this node's next claim goes above it (a claim at or below
+    /// it would never be logged). Takes effect at the next evaluation.
+    pub fn raise_epoch_floor(&mut self, rg: RgId, epoch: Epoch) {
+        if let Some(r) = self.rgs.get_mut(&rg) {
+            r.epoch_floor = r.epoch_floor.max(epoch.0);
         }
     }
 

@@ -204,6 +204,9 @@ pub(super) struct RgElection {
     /// Witness mode: primary here, but without a majority lease (so not
     /// forwarding). Always false without a witness.
     pub awaiting_lease: bool,
+    /// Witness mode: the highest epoch the ownership log committed to the
+    /// other node; a claim must go above it.
+    pub epoch_floor: u64,
 }
 
 impl RgElection {
@@ -240,6 +243,7 @@ impl RgElection {
             monitors,
             eligible_since: None,
             awaiting_lease: false,
+            epoch_floor: 0,
         }
     }
 

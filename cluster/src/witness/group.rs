@@ -44,9 +44,19 @@ const ELECTION_TICKS: usize = 10;
 /// Applied entries kept before the log is compacted into a snapshot.
 const COMPACT_AFTER: u64 = 128;
 /// At most this many bytes of entries per append message (datagrams).
-const MAX_MSG_BYTES: u64 = 16 * 1024;
+const MAX_MSG_BYTES: u64 = 8 * 1024;
 /// A non-owner retries its claim this often while it is refused.
 const CLAIM_RETRY_MS: u64 = 50;
+
+/// Which voter sent `msg` (as it claims; the HMAC already vouched for
+/// the cluster).
+pub fn sender_of(msg: &Msg) -> Option<u32> {
+    match msg {
+        Msg::RaftMessage(m) => voter_of(RaftMsg::decode(&m.message[..]).ok()?.from),
+        Msg::OwnershipRequest(r) => Some(r.node),
+        _ => None,
+    }
+}
 
 fn raft_id(voter: u32) -> u64 {
     u64::from(voter) + 1
@@ -366,7 +376,9 @@ impl OwnershipGroup {
         }
         while self.last_tick.0 + TICK_MS <= now.0 {
             self.last_tick = Millis(self.last_tick.0 + TICK_MS);
-            self.node.tick();
+            if self.guard(|n| n.tick()).is_none() {
+                return out;
+            }
         }
         self.drive(now, &mut out);
         out
@@ -386,7 +398,7 @@ impl OwnershipGroup {
                         if rm.to == raft_id(self.voter)
                             && voter_of(rm.from).is_some_and(|v| v != self.voter) =>
                     {
-                        if let Err(e) = self.node.step(rm) {
+                        if let Some(Err(e)) = self.guard(|n| n.step(rm)) {
                             debug!(error = %e, "raft: message not stepped");
                         }
                     }
@@ -603,8 +615,9 @@ impl OwnershipGroup {
             request_id: r.request_id,
             kind: r.kind,
         };
-        match self.node.propose(vec![], entry.encode_to_vec()) {
-            Ok(()) => {
+        match self.guard(|n| n.propose(vec![], entry.encode_to_vec())) {
+            None => {}
+            Some(Ok(())) => {
                 if !release {
                     self.claim_seen_at.insert((r.rg, r.node), now);
                 }
@@ -612,14 +625,16 @@ impl OwnershipGroup {
                     apply_entry(x, &entry);
                 }
             }
-            Err(e) => debug!(error = %e, "raft: proposal dropped"),
+            Some(Err(e)) => debug!(error = %e, "raft: proposal dropped"),
         }
     }
 
     /// Handles every pending `Ready`: persist, send, apply.
     fn drive(&mut self, now: Millis, out: &mut Vec<Outgoing>) {
         while self.failed.is_none() && self.node.has_ready() {
-            let mut rd = self.node.ready();
+            let Some(mut rd) = self.guard(|n| n.ready()) else {
+                return;
+            };
             self.send(rd.take_messages(), out);
             let mut dirty = false;
             if !rd.snapshot().is_empty() {
@@ -647,7 +662,9 @@ impl OwnershipGroup {
             }
             self.send(rd.take_persisted_messages(), out);
             self.apply(committed, now);
-            let mut light = self.node.advance(rd);
+            let Some(mut light) = self.guard(|n| n.advance(rd)) else {
+                return;
+            };
             if let Some(c) = light.commit_index() {
                 self.node.mut_store().hard.commit = c;
                 if !self.persist() {
@@ -656,13 +673,36 @@ impl OwnershipGroup {
             }
             self.send(light.take_messages(), out);
             self.apply(light.take_committed_entries(), now);
-            self.node.advance_apply();
+            if self.guard(|n| n.advance_apply()).is_none() {
+                return;
+            }
         }
         if !self.is_leader() {
             self.leader_ready_at = None;
             self.expected = None;
         }
         self.compact();
+    }
+
+    /// Runs `f` on the raft node; raft-rs panics on state it cannot
+    /// reconcile (a member whose log was lost hearing the leader's commit
+    /// index): the member then stops, as a crashed voter would, with the
+    /// reason in its status, instead of taking the daemon down.
+    fn guard<T>(&mut self, f: impl FnOnce(&mut RawNode<DiskLog>) -> T) -> Option<T> {
+        let node = &mut self.node;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(node))) {
+            Ok(v) => Some(v),
+            Err(p) => {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "raft-rs panicked".into());
+                warn!(voter = self.voter, reason = %why, "raft member stopped: its state does not fit the cluster's (was its state file lost?)");
+                self.failed = Some(format!("raft state inconsistent with the cluster: {why}"));
+                None
+            }
+        }
     }
 
     fn persist(&mut self) -> bool {
