@@ -235,8 +235,8 @@ pub struct WitnessSection {
     pub peer: SocketAddr,
     #[serde(default = "default_lease")]
     pub lease_ms: u32,
-    /// Where this node's own voter records whom it granted each RG's lease
-    /// (fsync'd before a grant to a new holder is answered).
+    /// This node's raft member state (votes, log, snapshot) for witness mode
+    /// (fsync'd before anything it implies is sent).
     #[serde(default = "default_voter_state")]
     pub state_file: std::path::PathBuf,
 }
@@ -246,7 +246,7 @@ fn default_lease() -> u32 {
 }
 
 fn default_voter_state() -> std::path::PathBuf {
-    "/var/lib/tandem/voter.state".into()
+    "/var/lib/tandem/raft.state".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

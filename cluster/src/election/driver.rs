@@ -817,7 +817,7 @@ impl Driver {
     }
 
     /// The roles to publish: the election's, and in witness mode only the
-    /// RGs this node also holds a majority lease for.
+    /// RGs this node also holds a lease from the ownership log for.
     fn forwarding_roles(&self) -> RoleMap {
         let now = self.now();
         let mut roles = self.election.roles();

@@ -738,7 +738,7 @@ impl Election {
         }
     }
 
-    /// Witness mode: whether this node holds a majority lease for `rg`
+    /// Witness mode: whether this node holds the ownership log's lease for `rg`
     /// (reported in heartbeats, so that a claim without one yields to the
     /// forwarding primary). Changes no role by itself.
     pub fn set_lease_held(&mut self, rg: RgId, held: bool) {

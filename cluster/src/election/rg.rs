@@ -201,7 +201,7 @@ pub(super) struct RgElection {
     /// eligible): what the peer reported before then describes a world in
     /// which this node could not compete.
     pub eligible_since: Option<Millis>,
-    /// Witness mode: primary here, but without a majority lease (so not
+    /// Witness mode: primary here, but without a lease from the log (so not
     /// forwarding). Always false without a witness.
     pub awaiting_lease: bool,
     /// Witness mode: the highest epoch the ownership log committed to the
