@@ -304,8 +304,13 @@ struct WitnessState {
 }
 
 impl WitnessState {
-    fn held(&self, rg: RgId, now: Millis) -> bool {
-        self.group.as_ref().is_ok_and(|g| g.held(rg, now))
+    /// Whether this node may forward `rg` in `epoch`: it holds the lease,
+    /// and the log committed the RG to it in that very epoch (the epoch
+    /// the dataplane and the sync stream are fenced with).
+    fn forwards(&self, rg: RgId, epoch: Epoch, now: Millis) -> bool {
+        self.group
+            .as_ref()
+            .is_ok_and(|g| g.held(rg, now) && g.committed_epoch(rg) == epoch)
     }
 
     /// Seals and sends what the raft member wants sent.
@@ -590,7 +595,8 @@ impl Driver {
             if role.primary {
                 out.extend(g.claim(*rg, role.epoch, now));
             }
-            self.election.set_lease_held(*rg, g.held(*rg, now));
+            let held = g.held(*rg, now) && g.committed_epoch(*rg) == role.epoch;
+            self.election.set_lease_held(*rg, held);
         }
         w.send(&self.key, out, me);
     }
@@ -823,7 +829,7 @@ impl Driver {
         let mut roles = self.election.roles();
         if let Some(w) = &self.witness {
             for (rg, r) in roles.iter_mut() {
-                r.primary &= w.held(*rg, now);
+                r.primary &= w.forwards(*rg, r.epoch, now);
             }
         }
         roles
