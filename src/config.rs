@@ -241,6 +241,9 @@ pub struct WitnessSection {
     pub state_file: std::path::PathBuf,
 }
 
+/// The shortest witness lease: twice the longest raft election.
+pub const MIN_WITNESS_LEASE_MS: u32 = 600;
+
 fn default_lease() -> u32 {
     1000
 }
@@ -379,6 +382,17 @@ impl NodeConfig {
             return bad(
                 "heartbeat",
                 "interval_ms and threshold must be positive".into(),
+            );
+        }
+        if let Some(w) = &self.witness
+            && w.lease_ms < MIN_WITNESS_LEASE_MS
+        {
+            return bad(
+                "witness.lease_ms",
+                format!(
+                    "{} ms is shorter than {MIN_WITNESS_LEASE_MS} ms: an owner must be able to renew through a new raft leader (elections take up to 300 ms) before its lease runs out",
+                    w.lease_ms
+                ),
             );
         }
         let mut fabrics = std::collections::BTreeSet::new();
@@ -524,6 +538,22 @@ mod tests {
         let cfg = NodeConfig::parse(SAMPLE, Path::new("node0.toml")).unwrap();
         assert_eq!(cfg.node.id, 0);
         assert_eq!(cfg.rgs().len(), 1);
+    }
+
+    #[test]
+    fn witness_lease_shorter_than_two_raft_elections_is_refused() {
+        let text = format!(
+            "{SAMPLE}\n[witness]\naddress = \"10.9.0.3:4790\"\nlocal = \"10.9.0.1:4790\"\npeer = \"10.9.0.2:4790\"\nlease_ms = 300\n"
+        );
+        let e = NodeConfig::parse(&text, Path::new("n.toml")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("witness.lease_ms"), "{e}");
+        assert!(e.message.contains("raft leader"), "{e}");
+        let ok = text.replace("lease_ms = 300", "lease_ms = 1000");
+        let cfg = NodeConfig::parse(&ok, Path::new("n.toml")).unwrap();
+        assert_eq!(
+            cfg.witness.unwrap().state_file,
+            std::path::PathBuf::from("/var/lib/tandem/raft.state")
+        );
     }
 
     #[test]

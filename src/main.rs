@@ -659,6 +659,12 @@ async fn witness(opts: &Opts) -> Result<(), String> {
         .get("lease-ms")
         .map_or(Ok(1000), |v| v.parse())
         .map_err(|e| format!("--lease-ms: {e}"))?;
+    if lease_ms < config::MIN_WITNESS_LEASE_MS {
+        return Err(format!(
+            "--lease-ms {lease_ms}: at least {} ms (an owner renews through a new raft leader within a lease)",
+            config::MIN_WITNESS_LEASE_MS
+        ));
+    }
     let state_dir = opts
         .flags
         .get("state-dir")
