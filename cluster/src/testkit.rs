@@ -116,11 +116,15 @@ pub const NAMES: [&str; 2] = ["node0", "node1"];
 /// A name the cluster CA also certifies but neither node accepts as peer.
 pub const INTRUDER: &str = "node7";
 
+/// The witness's certificate name.
+pub const WITNESS_NAME: &str = "witness";
+
 impl Pair {
     /// Binds two endpoints on 127.0.0.1 with a fresh PKI; nodes are not
     /// started yet. `rgs` get delta queues of `queue` keys on both nodes.
     pub fn new(rgs: &[RgId], queue: usize, table: TableConfig) -> Pair {
-        let pki = tls::generate_pki("test", &[NAMES[0], NAMES[1], INTRUDER]).expect("pki");
+        let pki =
+            tls::generate_pki("test", &[NAMES[0], NAMES[1], INTRUDER, WITNESS_NAME]).expect("pki");
         let ids = [0, 1]
             .map(|i| tls::identity_from_generated(&pki, NAMES[i], NAMES[1 - i]).expect("identity"));
         let endpoints = [0, 1].map(|i| {
@@ -272,16 +276,44 @@ impl ClusterPair {
         }
         let addr = |i: usize| socks[i].local_addr().expect("addr");
         let key = ClusterKey::new(b"test key");
-        // Witness mode: one lease socket per node plus the witness's.
-        let mut lease_socks = Vec::new();
+        // Witness mode: one mutual-TLS QUIC link per node plus the
+        // witness's (it dials no one and accepts the two nodes).
+        let mut lease_socks: Vec<Arc<crate::witness::QuicLink>> = Vec::new();
         let mut witness_task = None;
         if witness {
-            for _ in 0..3 {
-                lease_socks.push(Arc::new(
-                    tokio::net::UdpSocket::bind("127.0.0.1:0")
-                        .await
-                        .expect("udp"),
-                ));
+            let lease_ids = [
+                pair.ids[0].clone(),
+                pair.ids[1].clone(),
+                tls::identity_from_generated(&pair.pki, WITNESS_NAME, NAMES[0]).expect("identity"),
+            ];
+            let endpoints = lease_ids.clone().map(|id| {
+                let sc = tls::server_config(&id, IDLE_TIMEOUT).expect("server config");
+                quinn::Endpoint::server(sc, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                    .expect("bind")
+            });
+            let lease_addr = |i: usize| endpoints[i].local_addr().expect("addr");
+            let addrs = [lease_addr(0), lease_addr(1), lease_addr(2)];
+            for (i, ep) in endpoints.into_iter().enumerate() {
+                let link = if i == 2 {
+                    crate::witness::QuicLink::new(
+                        ep,
+                        None,
+                        Vec::new(),
+                        vec![NAMES[0].into(), NAMES[1].into()],
+                    )
+                } else {
+                    let client = tls::client_config(&lease_ids[i], IDLE_TIMEOUT).expect("client");
+                    crate::witness::QuicLink::new(
+                        ep,
+                        Some(client),
+                        vec![
+                            (addrs[2], WITNESS_NAME.into()),
+                            (addrs[1 - i], NAMES[1 - i].into()),
+                        ],
+                        vec![NAMES[1 - i].into()],
+                    )
+                };
+                lease_socks.push(Arc::new(link));
             }
             let w: Arc<dyn crate::election::driver::DatagramSocket> = lease_socks[2].clone();
             let clock = monotonic_clock();

@@ -18,9 +18,11 @@
 //! The node pair without a witness stays the default.
 
 mod group;
+mod link;
 mod store;
 
 pub use group::{GroupStart, GroupStatus, Outgoing, OwnershipGroup, RgOwnership, TICK_MS};
+pub use link::{LinkStats, QuicLink};
 pub use store::{FileStore, MemoryStore, VoterStore};
 
 use crate::election::driver::{ClusterKey, DatagramSocket};
