@@ -239,6 +239,13 @@ pub struct WitnessSection {
     /// (fsync'd before anything it implies is sent).
     #[serde(default = "default_voter_state")]
     pub state_file: std::path::PathBuf,
+    /// Name on the witness's certificate (issued by the cluster CA).
+    #[serde(default = "default_witness_name")]
+    pub witness_name: String,
+}
+
+fn default_witness_name() -> String {
+    "witness".into()
 }
 
 /// The shortest witness lease: twice the longest raft election.

@@ -292,10 +292,26 @@ async fn start_cluster(
     let witness = match &cfg.witness {
         None => None,
         Some(w) => {
-            let sock = tokio::net::UdpSocket::bind(w.local)
-                .await
-                .map_err(|e| format!("witness lease socket {}: {e}", w.local))?;
-            let sock: Arc<dyn DatagramSocket> = Arc::new(sock);
+            // Raft traffic to the witness and the peer: QUIC with this
+            // node's certificate, the witness's and the peer's names
+            // checked.
+            // Idle timeout a third of the lease: a restarted party's dead
+            // connection is noticed and redialled before a lease runs out.
+            let link_idle = Duration::from_millis(u64::from(w.lease_ms / 3));
+            let server = tls::server_config(&id, link_idle).map_err(|e| e.to_string())?;
+            let client = tls::client_config(&id, link_idle).map_err(|e| e.to_string())?;
+            let ep = quinn::Endpoint::server(server, w.local)
+                .map_err(|e| format!("witness link on {}: {e}", w.local))?;
+            let link = tandem_cluster::witness::QuicLink::new(
+                ep,
+                Some(client),
+                vec![
+                    (w.address, w.witness_name.clone()),
+                    (w.peer, cfg.control.peer_name.clone()),
+                ],
+                vec![cfg.control.peer_name.clone()],
+            );
+            let sock: Arc<dyn DatagramSocket> = Arc::new(link);
             Some((
                 sock,
                 WitnessConfig {

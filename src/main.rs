@@ -9,7 +9,7 @@
 //! tandem request chassis cluster failover redundancy-group N node M
 //! tandem request chassis cluster failover reset redundancy-group N
 //! tandem request chassis dataplane stop|start|restart
-//! tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--lease-ms MS] [--init]
+//! tandem witness --listen ADDR --key-file FILE --cluster-id N --ca FILE --cert FILE --key FILE [--node-names node0,node1] [--state-dir DIR] [--lease-ms MS] [--init]
 //! tandem lab up|down|demo [--peer-compare] [--json]
 //! tandem lab peer-compare [--json]
 //! tandem lab cps [--json]
@@ -44,7 +44,7 @@ const USAGE: &str = "usage:
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
   tandem request chassis cluster failover reset redundancy-group N [--socket PATH]
   tandem request chassis dataplane stop|start|restart [--socket PATH]
-  tandem witness --listen ADDR --key-file FILE --cluster-id N [--state-dir DIR] [--lease-ms MS] [--init]
+  tandem witness --listen ADDR --key-file FILE --cluster-id N --ca FILE --cert FILE --key FILE [--node-names node0,node1] [--state-dir DIR] [--lease-ms MS] [--init]
   tandem lab up|down|demo [--peer-compare] [--json]
   tandem lab peer-compare [--json]
   tandem lab cps [--json]";
@@ -677,9 +677,32 @@ async fn witness(opts: &Opts) -> Result<(), String> {
         ));
     }
     let store = tandem_cluster::witness::FileStore::new(&state_file)?;
-    let sock = tokio::net::UdpSocket::bind(listen)
-        .await
-        .map_err(|e| format!("{listen}: {e}"))?;
+    // Its own certificate from the cluster CA; only the nodes' names are
+    // accepted on the link.
+    let path = |f: &str| -> Result<std::path::PathBuf, String> {
+        opts.flags
+            .get(f)
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| format!("tandem witness needs --{f} FILE (PEM)"))
+    };
+    let nodes: Vec<String> = opts
+        .flags
+        .get("node-names")
+        .map_or("node0,node1", String::as_str)
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let id = tandem_cluster::tls::TlsIdentity::load(
+        &path("ca")?,
+        &path("cert")?,
+        &path("key")?,
+        &nodes[0],
+    )
+    .map_err(|e| e.to_string())?;
+    let link_idle = std::time::Duration::from_millis(u64::from(lease_ms / 3));
+    let server = tandem_cluster::tls::server_config(&id, link_idle).map_err(|e| e.to_string())?;
+    let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| format!("{listen}: {e}"))?;
+    let sock = tandem_cluster::witness::QuicLink::new(endpoint, None, Vec::new(), nodes);
     let clock = tandem_dataplane::session::monotonic_clock();
     let voter = tandem_cluster::witness::OwnershipGroup::start(
         tandem_cluster::witness::WITNESS_VOTER,

@@ -119,6 +119,9 @@ pub const INTRUDER: &str = "node7";
 /// The witness's certificate name.
 pub const WITNESS_NAME: &str = "witness";
 
+/// The witness links' idle timeout: a third of the 1 s lease.
+const LEASE_LINK_IDLE: Duration = Duration::from_millis(333);
+
 impl Pair {
     /// Binds two endpoints on 127.0.0.1 with a fresh PKI; nodes are not
     /// started yet. `rgs` get delta queues of `queue` keys on both nodes.
@@ -287,7 +290,7 @@ impl ClusterPair {
                 tls::identity_from_generated(&pair.pki, WITNESS_NAME, NAMES[0]).expect("identity"),
             ];
             let endpoints = lease_ids.clone().map(|id| {
-                let sc = tls::server_config(&id, IDLE_TIMEOUT).expect("server config");
+                let sc = tls::server_config(&id, LEASE_LINK_IDLE).expect("server config");
                 quinn::Endpoint::server(sc, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
                     .expect("bind")
             });
@@ -302,7 +305,8 @@ impl ClusterPair {
                         vec![NAMES[0].into(), NAMES[1].into()],
                     )
                 } else {
-                    let client = tls::client_config(&lease_ids[i], IDLE_TIMEOUT).expect("client");
+                    let client =
+                        tls::client_config(&lease_ids[i], LEASE_LINK_IDLE).expect("client");
                     crate::witness::QuicLink::new(
                         ep,
                         Some(client),

@@ -5,10 +5,12 @@
 //!   witness mode any overlap is a violation; without a witness a partition
 //!   may give two primaries, but never in one epoch (a violation), and the
 //!   overlap's length is reported as a figure;
-//! - **epochs**: every claim a node makes (it starts forwarding, or takes a
-//!   new epoch while forwarding) is in an epoch above every epoch that node
-//!   forwarded under before, and the epoch a running node publishes never
-//!   goes down.
+//! - **epochs**: whenever a node starts forwarding (or takes a new epoch
+//!   while forwarding) it is in the newest epoch it forwarded under or a
+//!   newer one (resuming its claim after a lapse keeps its epoch); in
+//!   witness mode, where claims are totally ordered, in the newest epoch
+//!   anyone forwarded under, and its own. The epoch a running node
+//!   publishes never goes down.
 //!
 //! Pure: the runner feeds it what each node publishes, tests feed it
 //! made-up timelines to see each check fail.
@@ -20,9 +22,11 @@ use tandem_proto::{Epoch, RgId, RgRole};
 struct RgTrack {
     /// Per node: what it published at the last observation (None: down).
     last: [Option<RgRole>; 2],
-    /// Per node: the highest epoch it ever forwarded under (across
-    /// restarts: an epoch names one claim for the whole cluster's life).
-    highest_claim: [Option<Epoch>; 2],
+    /// The last node to start forwarding and its epoch (across restarts:
+    /// an epoch names one claim for the whole cluster's life).
+    last_forwarder: Option<(usize, Epoch)>,
+    /// Per node: the newest epoch it forwarded under.
+    own_last: [Option<Epoch>; 2],
     /// The current overlap: since when, and whether already reported.
     overlap_since: Option<u64>,
     overlap_reported: bool,
@@ -90,19 +94,35 @@ impl Timeline {
                     b.epoch, a.epoch
                 ));
             }
-            let claim = now
+            // Forwarding (re)starts, or its epoch changes: it must be in
+            // the newest epoch anyone forwarded under, and that epoch must
+            // be this node's (resuming its own claim after a lapse is fine;
+            // an older epoch, or another node's, is not).
+            let start = now
                 .filter(|r| r.primary)
                 .filter(|r| before.is_none_or(|b| !b.primary || b.epoch != r.epoch));
-            if let Some(r) = claim {
-                if let Some(h) = tr.highest_claim[n]
-                    && r.epoch <= h
+            if let Some(r) = start {
+                // Without a witness, partitioned nodes claim concurrently:
+                // the order holds per node only.
+                let last = if witness {
+                    tr.last_forwarder
+                } else {
+                    tr.own_last[n].map(|e| (n, e))
+                };
+                if let Some((m, h)) = last
+                    && (r.epoch < h || (r.epoch == h && m != n))
                 {
                     violations.push(format!(
-                        "{rg}: node{n} claimed {} after having forwarded under {h}",
+                        "{rg}: node{n} forwards under {} after node{m} forwarded under {h}",
                         r.epoch
                     ));
                 }
-                tr.highest_claim[n] = Some(tr.highest_claim[n].map_or(r.epoch, |h| h.max(r.epoch)));
+                if tr.last_forwarder.is_none_or(|(_, h)| r.epoch >= h) {
+                    tr.last_forwarder = Some((n, r.epoch));
+                }
+                if tr.own_last[n].is_none_or(|h| r.epoch >= h) {
+                    tr.own_last[n] = Some(r.epoch);
+                }
             }
             tr.last[n] = now;
         }
@@ -203,23 +223,45 @@ mod tests {
     #[test]
     fn overlap_in_one_epoch_is_a_violation_even_without_witness() {
         let tl = run(false, &[(0, [p(2), s(2)]), (7, [p(2), p(2)])]);
-        assert_eq!(tl.violations.len(), 1);
-        assert!(tl.violations[0].1.contains("one epoch"));
-    }
-
-    #[test]
-    fn a_claim_in_an_epoch_not_above_the_nodes_earlier_ones_is_a_violation() {
-        // node0 forwarded under 4, restarted (down), then claimed 2 again.
-        let tl = run(
-            false,
-            &[(0, [p(4), s(4)]), (5, [None, s(4)]), (9, [p(2), s(4)])],
-        );
         assert_eq!(tl.violations.len(), 1, "{:?}", tl.violations);
         assert!(
             tl.violations[0]
                 .1
-                .contains("claimed e2 after having forwarded under e4")
+                .contains("both nodes forward in one epoch, e2")
         );
+    }
+
+    #[test]
+    fn forwarding_in_an_epoch_older_than_one_already_used_is_a_violation() {
+        // node0 forwarded under 4, restarted (down), then claimed 2 again.
+        let steps = [(0, [p(4), s(4)]), (5, [None, s(4)]), (9, [p(2), s(4)])];
+        let tl = run(false, &steps);
+        assert_eq!(tl.violations.len(), 1, "{:?}", tl.violations);
+        let want = "node0 forwards under e2 after node0 forwarded under e4";
+        assert!(tl.violations[0].1.contains(want), "{:?}", tl.violations);
+    }
+
+    #[test]
+    fn in_witness_mode_a_node_taking_the_others_epoch_is_a_violation() {
+        let steps = [(0, [p(2), s(2)]), (5, [s(2), s(2)]), (9, [s(2), p(2)])];
+        let tl = run(true, &steps);
+        assert_eq!(tl.violations.len(), 1, "{:?}", tl.violations);
+        let want = "node1 forwards under e2 after node0 forwarded under e2";
+        assert!(tl.violations[0].1.contains(want), "{:?}", tl.violations);
+    }
+
+    #[test]
+    fn resuming_ones_own_claim_is_fine_but_not_after_the_other_node_used_the_epoch() {
+        // node0's lease lapses and comes back, same epoch: fine.
+        let steps = [(0, [p(2), s(2)]), (5, [s(2), s(2)]), (9, [p(2), s(2)])];
+        let tl = run(true, &steps);
+        assert!(tl.violations.is_empty(), "{:?}", tl.violations);
+        // node1 takes over in e3, then node0 forwards again in e2.
+        let steps = [(0, [p(2), s(2)]), (5, [s(2), p(3)]), (9, [p(2), s(3)])];
+        let tl = run(true, &steps);
+        assert_eq!(tl.violations.len(), 1, "{:?}", tl.violations);
+        let want = "node0 forwards under e2 after node1 forwarded under e3";
+        assert!(tl.violations[0].1.contains(want), "{:?}", tl.violations);
     }
 
     #[test]

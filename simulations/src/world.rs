@@ -14,7 +14,9 @@ use tandem_cluster::election::driver::{
 use tandem_cluster::election::{ElectionConfig, Path, RgConfig};
 use tandem_cluster::sync::{SyncConfig, SyncHandle, SyncIo, SyncNode};
 use tandem_cluster::tls::{self, GeneratedPki};
-use tandem_cluster::witness::{MemoryStore, OwnershipGroup, WITNESS_VOTER, WitnessConfig};
+use tandem_cluster::witness::{
+    MemoryStore, OwnershipGroup, QuicLink, WITNESS_VOTER, WitnessConfig,
+};
 use tandem_dataplane::delta::{DeltaProducer, delta_queues};
 use tandem_dataplane::session::{
     Clock, InterfaceId, Millis, NewSession, PolicyId, RemoveReason, SessionKey, SessionTable,
@@ -65,7 +67,7 @@ impl World {
         Arc::new(World {
             seed,
             links: Arc::default(),
-            pki: tls::generate_pki("sim", &["node0", "node1"]).expect("pki"),
+            pki: tls::generate_pki("sim", &["node0", "node1", "witness"]).expect("pki"),
             key: ClusterKey::new(b"simulation key"),
             witness,
             skew_ms,
@@ -122,6 +124,53 @@ async fn bind(port: u16) -> std::io::Result<turmoil::net::UdpSocket> {
 
 fn addr(n: u8, port: u16) -> SocketAddr {
     SocketAddr::new(turmoil::lookup(host_name(n).as_str()), port)
+}
+
+/// The witness link of party `me` (0, 1: nodes; 2: witness) on the lease
+/// port: QUIC with mutual TLS over simulated UDP on the control path (cut
+/// with it), as the daemon and `tandem witness` run it.
+async fn witness_link(
+    world: &World,
+    me: u8,
+) -> Result<Arc<dyn DatagramSocket>, Box<dyn std::error::Error>> {
+    let peer = if me == 2 {
+        host_name(0)
+    } else {
+        host_name(1 - me)
+    };
+    let id = tls::identity_from_generated(&world.pki, &host_name(me), &peer)?;
+    // A third of the lease: a dead connection (a restarted party) is
+    // noticed and redialled before the owner's lease runs out.
+    let idle = Duration::from_millis(333);
+    let seed_byte = (world.seed as u8).wrapping_add(me).wrapping_add(100);
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &[seed_byte; 64],
+    )));
+    ep_cfg.rng_seed(Some([seed_byte; 32]));
+    let sock = bind(LEASE_PORT).await?;
+    let udp = SimUdp::new(sock, world.links.clone(), Path::Control, me, resolver());
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        ep_cfg,
+        Some(tls::server_config(&id, idle)?),
+        Arc::new(udp),
+        Arc::new(SimRuntime),
+    )?;
+    let link = if me == 2 {
+        QuicLink::new(endpoint, None, Vec::new(), vec![host_name(0), host_name(1)])
+    } else {
+        let client = tls::client_config(&id, idle)?;
+        QuicLink::new(
+            endpoint,
+            Some(client),
+            vec![
+                (addr(2, LEASE_PORT), host_name(2)),
+                (addr(1 - me, LEASE_PORT), host_name(1 - me)),
+            ],
+            vec![host_name(1 - me)],
+        )
+    };
+    Ok(Arc::new(link))
 }
 
 /// Simulated time (tokio's paused clock) plus this node's skew.
@@ -234,15 +283,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
         });
     }
     let witness = if world.witness {
-        let s = bind(LEASE_PORT).await?;
-        // Lease traffic travels the control path (cut with it).
-        let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
-            s,
-            world.links.clone(),
-            Path::Control,
-            me,
-            resolver(),
-        ));
+        let socket = witness_link(&world, me).await?;
         Some((
             socket,
             WitnessConfig {
@@ -296,14 +337,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
 
 /// `tandem witness` on its own host.
 pub async fn run_witness(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
-    let s = bind(LEASE_PORT).await?;
-    let socket: Arc<dyn DatagramSocket> = Arc::new(SimDatagram::new(
-        s,
-        world.links.clone(),
-        Path::Control,
-        2,
-        resolver(),
-    ));
+    let socket = witness_link(&world, 2).await?;
     let clock = sim_clock(0, 0);
     let voter = OwnershipGroup::start(WITNESS_VOTER, 1, 1000, world.voter_disk(2), clock())?;
     tandem_cluster::witness::serve(socket, world.key.clone(), voter, clock).await;
