@@ -126,6 +126,31 @@ fn addr(n: u8, port: u16) -> SocketAddr {
     SocketAddr::new(turmoil::lookup(host_name(n).as_str()), port)
 }
 
+/// A quinn endpoint on simulated UDP (control path) at `port`, seeded from
+/// the world's seed, party and `salt` (deterministic handshakes).
+async fn sim_endpoint(
+    world: &World,
+    me: u8,
+    port: u16,
+    salt: u8,
+    server: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, Box<dyn std::error::Error>> {
+    let seed_byte = (world.seed as u8).wrapping_add(me).wrapping_add(salt);
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &[seed_byte; 64],
+    )));
+    ep_cfg.rng_seed(Some([seed_byte; 32]));
+    let sock = bind(port).await?;
+    let udp = SimUdp::new(sock, world.links.clone(), Path::Control, me, resolver());
+    Ok(quinn::Endpoint::new_with_abstract_socket(
+        ep_cfg,
+        Some(server),
+        Arc::new(udp),
+        Arc::new(SimRuntime),
+    )?)
+}
+
 /// The witness link of party `me` (0, 1: nodes; 2: witness) on the lease
 /// port: QUIC with mutual TLS over simulated UDP on the control path (cut
 /// with it), as the daemon and `tandem witness` run it.
@@ -142,20 +167,8 @@ async fn witness_link(
     // A third of the lease: a dead connection (a restarted party) is
     // noticed and redialled before the owner's lease runs out.
     let idle = Duration::from_millis(333);
-    let seed_byte = (world.seed as u8).wrapping_add(me).wrapping_add(100);
-    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &[seed_byte; 64],
-    )));
-    ep_cfg.rng_seed(Some([seed_byte; 32]));
-    let sock = bind(LEASE_PORT).await?;
-    let udp = SimUdp::new(sock, world.links.clone(), Path::Control, me, resolver());
-    let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        ep_cfg,
-        Some(tls::server_config(&id, idle)?),
-        Arc::new(udp),
-        Arc::new(SimRuntime),
-    )?;
+    let server = tls::server_config(&id, idle)?;
+    let endpoint = sim_endpoint(world, me, LEASE_PORT, 100, server).await?;
     let link = if me == 2 {
         QuicLink::new(endpoint, None, Vec::new(), vec![host_name(0), host_name(1)])
     } else {
@@ -228,20 +241,7 @@ pub async fn run_node(world: Arc<World>, me: u8) -> Result<(), Box<dyn std::erro
     let idle = Duration::from_secs(3);
     let server = tls::server_config(&id, idle)?;
     let client = tls::client_config(&id, idle)?;
-    let seed_byte = (world.seed as u8).wrapping_add(me);
-    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &[seed_byte; 64],
-    )));
-    ep_cfg.rng_seed(Some([seed_byte; 32]));
-    let sock = bind(QUIC_PORT).await?;
-    let udp = SimUdp::new(sock, world.links.clone(), Path::Control, me, resolver());
-    let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        ep_cfg,
-        Some(server),
-        Arc::new(udp),
-        Arc::new(SimRuntime),
-    )?;
+    let endpoint = sim_endpoint(&world, me, QUIC_PORT, 0, server).await?;
     let (roles_tx, roles_rx) = tokio::sync::watch::channel(Arc::new(tandem_proto::RoleMap::new()));
     let (sink_tx, sink_rx) = tokio::sync::mpsc::channel(1024);
     let mut cfg = SyncConfig::new(
