@@ -121,12 +121,31 @@ async fn handle(mut s: UnixStream, node: Arc<Node>) -> std::io::Result<()> {
         Some(Cmd::Sessions(q)) => return export_sessions(&mut s, &node, q).await,
         Some(Cmd::Dataplane(d)) => dataplane_command(&node, d.action()).await,
         Some(Cmd::SecurityLog(_)) => Ok(views::security_log(&node).to_string()),
+        Some(Cmd::ClearSessions(q)) => clear_sessions(&node, &q).await,
         None => Err("empty request".into()),
     };
     match result {
         Ok(json) => write_reply(&mut s, json, String::new(), true).await,
         Err(e) => write_reply(&mut s, String::new(), e, true).await,
     }
+}
+
+/// `clear security flow session`: blocking table work off the runtime.
+async fn clear_sessions(node: &Arc<Node>, q: &pb::SessionQuery) -> Result<String, String> {
+    let filter = crate::sessions::SessionFilter::from_query(q)?;
+    let n = node.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let roles = n.cluster.roles();
+        crate::sessions::clear(&n.table, &n.deltas, &roles, &filter)
+    })
+    .await
+    .map_err(|e| format!("clear: {e}"))?;
+    tracing::info!(
+        cleared = out.cleared,
+        deletes_synced = out.deletes_synced,
+        "sessions cleared by operator"
+    );
+    serde_json::to_string(&out).map_err(|e| e.to_string())
 }
 
 /// Stops, starts or restarts the dataplane (blocking work off the runtime).
@@ -171,21 +190,17 @@ async fn export_sessions(
     if q.peer_diff {
         return write_reply(s, String::new(), "--peer-diff needs both nodes' sockets: use `tandem show security flow session --peer-diff --peer-socket PATH`".into(), true).await;
     }
-    let rgs: Vec<RgId> = if q.rg == 0 {
-        tandem_dataplane::session::read(&node.table).rgs()
-    } else {
-        match u16::try_from(q.rg) {
-            Ok(rg) => vec![RgId(rg)],
-            Err(_) => {
-                return write_reply(
-                    s,
-                    String::new(),
-                    format!("redundancy group {} out of range", q.rg),
-                    true,
-                )
-                .await;
-            }
-        }
+    let filter = match crate::sessions::SessionFilter::from_query(&q) {
+        Ok(f) => f,
+        Err(e) => return write_reply(s, String::new(), e, true).await,
+    };
+    if q.summary {
+        let v = crate::sessions::summary(&tandem_dataplane::session::read(&node.table), &filter);
+        return write_reply(s, v.to_string(), String::new(), true).await;
+    }
+    let rgs: Vec<RgId> = match filter.rg {
+        None => tandem_dataplane::session::read(&node.table).rgs(),
+        Some(rg) => vec![rg],
     };
     let mut total = 0u64;
     for rg in rgs {
@@ -197,7 +212,9 @@ async fn export_sessions(
                 let t = tandem_dataplane::session::read(&node.table);
                 let now = (node.clock)();
                 let mut out = Vec::with_capacity(EXPORT_CHUNK);
-                let more = t.export_chunk(&mut cursor, EXPORT_CHUNK, now, &mut out, |_| true);
+                let more = t.export_chunk(&mut cursor, EXPORT_CHUNK, now, &mut out, |r| {
+                    filter.matches(r)
+                });
                 let lines: Vec<String> = out
                     .iter()
                     .map(|synced| {

@@ -23,6 +23,7 @@ mod daemon;
 mod fabric;
 mod lab;
 mod logging;
+mod sessions;
 mod views;
 
 use serde_json::Value;
@@ -38,7 +39,8 @@ const USAGE: &str = "usage:
   tandem node --config FILE
   tandem config check FILE
   tandem show chassis cluster status|statistics|interfaces|information [--json] [--socket PATH]
-  tandem show security flow session [redundancy-group N] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
+  tandem show security flow session [redundancy-group N] [source-prefix P] [destination-prefix P] [protocol X] [destination-port N] [summary] [--peer-diff --peer-socket PATH] [--json] [--socket PATH]
+  tandem clear security flow session [redundancy-group N] [source-prefix P] [destination-prefix P] [protocol X] [destination-port N] | all [--json] [--socket PATH]
   tandem show security log [--follow] [--json] [--socket PATH]
   tandem show security screen statistics [zone Z] [--json] [--socket PATH]
   tandem request chassis cluster failover redundancy-group N node M [--socket PATH]
@@ -151,6 +153,9 @@ fn main() -> ExitCode {
         }
         ["show", "security", "flow", "session", rest @ ..] => {
             rt.block_on(show_sessions(&opts, rest))
+        }
+        ["clear", "security", "flow", "session", rest @ ..] => {
+            rt.block_on(clear_sessions(&opts, rest))
         }
         [
             "request",
@@ -481,20 +486,33 @@ pub fn format_status(v: &Value) -> String {
 }
 
 async fn show_sessions(opts: &Opts, rest: &[&str]) -> Result<(), String> {
-    let rg = match rest {
-        [] => 0,
-        ["redundancy-group", n] => n
-            .parse::<u32>()
-            .map_err(|_| format!("bad redundancy group {n:?}"))?,
-        _ => return Err(USAGE.into()),
-    };
-    if opts.peer_diff {
-        return peer_diff(opts, rg).await;
+    let (query, all) = sessions::parse_words(rest)?;
+    if all {
+        return Err("`all` is for clear security flow session".into());
     }
-    let q = req(pb::control_request::Cmd::Sessions(pb::SessionQuery {
-        rg,
-        peer_diff: false,
-    }));
+    if opts.peer_diff {
+        return peer_diff(opts, query.rg).await;
+    }
+    let summary = query.summary;
+    let q = req(pb::control_request::Cmd::Sessions(query));
+    if summary {
+        let v = one(opts, q).await?;
+        if opts.json {
+            println!("{v}");
+        } else {
+            println!("Sessions: {}", v["sessions"]);
+            for (axis, counts) in v["by"].as_object().into_iter().flatten() {
+                let parts: Vec<String> = counts
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!("  {axis}: {}", parts.join(", "));
+            }
+        }
+        return Ok(());
+    }
     let json = opts.json;
     control::request(&opts.socket, q, |chunk| {
         for line in chunk.lines() {
@@ -525,6 +543,38 @@ async fn show_sessions(opts: &Opts, rest: &[&str]) -> Result<(), String> {
     .await
 }
 
+/// `clear security flow session FILTERS|all`: on the primary of each RG,
+/// with companions; the deletes are synced to the peer.
+async fn clear_sessions(opts: &Opts, rest: &[&str]) -> Result<(), String> {
+    let (query, all) = sessions::parse_words(rest)?;
+    let filter = sessions::SessionFilter::from_query(&query)?;
+    if filter.is_empty() && !all {
+        return Err("clear security flow session needs a filter (redundancy-group, source-prefix, destination-prefix, protocol, destination-port) or `all`".into());
+    }
+    let v = one(opts, req(pb::control_request::Cmd::ClearSessions(query))).await?;
+    if opts.json {
+        println!("{v}");
+    } else {
+        println!(
+            "{} sessions cleared ({} deletes synced to the peer{})",
+            v["cleared"],
+            v["deletes_synced"],
+            match v["deletes_dropped"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} left to the next bulk: delta queue full"),
+                _ => String::new(),
+            }
+        );
+        if let Some(rgs) = v["not_primary"].as_array().filter(|a| !a.is_empty()) {
+            let names: Vec<String> = rgs.iter().map(|r| format!("rg{r}")).collect();
+            println!(
+                "not primary here, left alone: {} (clear them on the peer)",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Compares this node's export of an RG with the peer's (both sockets
 /// reachable from here, as in the lab): sessions only on one side, and
 /// sessions whose NAT or state differ.
@@ -539,7 +589,7 @@ async fn peer_diff(opts: &Opts, rg: u32) -> Result<(), String> {
         let mut m = std::collections::BTreeMap::new();
         let q = req(pb::control_request::Cmd::Sessions(pb::SessionQuery {
             rg,
-            peer_diff: false,
+            ..Default::default()
         }));
         control::request(path, q, |chunk| {
             for line in chunk.lines() {

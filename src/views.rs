@@ -12,7 +12,7 @@ use tandem_dataplane::core::{CoreStats, DropReason};
 use tandem_dataplane::session::{Origin, RemoveReason, SyncedSession, proto, read};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn proto_name(p: u8) -> String {
+pub fn proto_name(p: u8) -> String {
     match p {
         proto::TCP => "tcp".into(),
         proto::UDP => "udp".into(),

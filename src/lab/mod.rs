@@ -430,7 +430,7 @@ fn half_open_to_port_forward(rt: &Runtime, n: usize) -> Result<u64, String> {
     let q = pb::ControlRequest {
         cmd: Some(pb::control_request::Cmd::Sessions(pb::SessionQuery {
             rg: 1,
-            peer_diff: false,
+            ..Default::default()
         })),
     };
     let mut count = 0;
