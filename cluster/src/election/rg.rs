@@ -127,6 +127,18 @@ impl RgState {
         }
     }
 
+    /// The inverse of [`RgState::to_wire`].
+    pub fn from_wire(s: pb::RgState) -> RgState {
+        match s {
+            pb::RgState::Init => RgState::Init,
+            pb::RgState::Secondary => RgState::Secondary,
+            pb::RgState::Primary => RgState::Primary,
+            pb::RgState::SecondaryHold => RgState::SecondaryHold,
+            pb::RgState::Ineligible => RgState::Ineligible,
+            pb::RgState::Disabled => RgState::Disabled,
+        }
+    }
+
     pub fn to_wire(self) -> pb::RgState {
         match self {
             RgState::Init => pb::RgState::Init,
@@ -622,7 +634,8 @@ impl RgElection {
             transfer_blockers: self.transfer_blockers(now, peer_alive, peer),
             peer_state: peer.map(|p| {
                 pb::RgState::try_from(p.state)
-                    .map_or("unknown".into(), |s| s.as_str_name().to_lowercase())
+                    .map_or("unknown", |s| RgState::from_wire(s).name())
+                    .to_string()
             }),
             peer_priority: peer.map(|p| p.effective_priority),
         }

@@ -647,3 +647,30 @@ fn dead_dataplane_makes_the_node_ineligible_at_once() {
     d.run(300);
     assert_eq!(d.state(1, RG1), RgState::Primary);
 }
+
+#[test]
+fn status_names_the_peer_state_as_the_operator_reads_it() {
+    let d = duo(false);
+    let st = d.nodes[1].status(d.now);
+    assert_eq!(
+        st.rgs[0].peer_state.as_deref(),
+        Some("primary"),
+        "not the wire enum's name"
+    );
+    let st = d.nodes[0].status(d.now);
+    assert_eq!(st.rgs[0].peer_state.as_deref(), Some("secondary"));
+    for s in [
+        RgState::Init,
+        RgState::Secondary,
+        RgState::Primary,
+        RgState::SecondaryHold,
+        RgState::Ineligible,
+        RgState::Disabled,
+    ] {
+        assert_eq!(
+            RgState::from_wire(s.to_wire()),
+            s,
+            "one round trip per state"
+        );
+    }
+}
