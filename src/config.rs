@@ -237,7 +237,7 @@ pub struct WitnessSection {
     pub lease_ms: u32,
     /// This node's raft member state (votes, log, snapshot) for witness mode
     /// (fsync'd before anything it implies is sent).
-    #[serde(default = "default_voter_state")]
+    #[serde(default = "default_raft_state")]
     pub state_file: std::path::PathBuf,
     /// Name on the witness's certificate (issued by the cluster CA).
     #[serde(default = "default_witness_name")]
@@ -255,7 +255,7 @@ fn default_lease() -> u32 {
     1000
 }
 
-fn default_voter_state() -> std::path::PathBuf {
+fn default_raft_state() -> std::path::PathBuf {
     "/var/lib/tandem/raft.state".into()
 }
 

@@ -198,10 +198,7 @@ async fn export_sessions(
         let v = crate::sessions::summary(&tandem_dataplane::session::read(&node.table), &filter);
         return write_reply(s, v.to_string(), String::new(), true).await;
     }
-    let rgs: Vec<RgId> = match filter.rg {
-        None => tandem_dataplane::session::read(&node.table).rgs(),
-        Some(rg) => vec![rg],
-    };
+    let rgs: Vec<RgId> = filter.rgs(&tandem_dataplane::session::read(&node.table));
     let mut total = 0u64;
     for rg in rgs {
         let epoch_before = node.cluster.roles().get(&rg).map(|r| r.epoch.0);

@@ -67,6 +67,11 @@ impl SessionFilter {
     pub fn matches(&self, r: &SessionRecord) -> bool {
         self.matches_key(r.owner_rg, &r.key)
     }
+
+    /// The RGs the filter covers: its one RG, or every RG of the table.
+    pub fn rgs(&self, t: &SessionTable) -> Vec<RgId> {
+        self.rg.map_or_else(|| t.rgs(), |r| vec![r])
+    }
 }
 
 /// Parses the CLI words after `flow session` into a query: `redundancy-group
@@ -137,7 +142,7 @@ pub fn parse_words(words: &[&str]) -> Result<(pb::SessionQuery, bool), String> {
 pub fn summary(t: &SessionTable, filter: &SessionFilter) -> Value {
     let mut by: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
     let mut total = 0u64;
-    let rgs = filter.rg.map_or_else(|| t.rgs(), |r| vec![r]);
+    let rgs = filter.rgs(t);
     for rg in rgs {
         for r in t.export_rg(rg).filter(|r| filter.matches(r)) {
             total += 1;
@@ -190,7 +195,7 @@ pub fn clear(
     filter: &SessionFilter,
 ) -> Cleared {
     let mut out = Cleared::default();
-    let rgs = filter.rg.map_or_else(|| read(table).rgs(), |r| vec![r]);
+    let rgs = filter.rgs(&read(table));
     for rg in rgs {
         if !roles.get(&rg).is_some_and(|r| r.primary) {
             out.not_primary.push(rg.0);

@@ -552,12 +552,17 @@ pub fn start_node(n: usize) -> Result<u32, String> {
 }
 
 pub fn kill_node(n: usize) {
+    signal_node(n, libc::SIGKILL);
+}
+
+/// Sends `sig` to node `n`'s daemon (the pid the lab recorded at start).
+fn signal_node(n: usize, sig: libc::c_int) {
     if let Some(pid) = std::fs::read_to_string(format!("{DIR}/node{n}.pid"))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
     {
         // SAFETY: signalling the daemon we started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        unsafe { libc::kill(pid, sig) };
     }
 }
 
@@ -983,16 +988,6 @@ fn dataplane_phase(
     )?;
     traffic.check_flowing("after the dataplane restart")?;
     Ok(())
-}
-
-fn signal_node(n: usize, sig: libc::c_int) {
-    if let Some(pid) = std::fs::read_to_string(format!("{DIR}/node{n}.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    {
-        // SAFETY: signalling the daemon we started.
-        unsafe { libc::kill(pid, sig) };
-    }
 }
 
 /// The primary's daemon is paused (SIGSTOP, as a VM freeze or a debugger

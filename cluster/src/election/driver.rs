@@ -304,13 +304,10 @@ struct WitnessState {
 }
 
 impl WitnessState {
-    /// Whether this node may forward `rg` in `epoch`: it holds the lease,
-    /// and the log committed the RG to it in that very epoch (the epoch
-    /// the dataplane and the sync stream are fenced with).
     fn forwards(&self, rg: RgId, epoch: Epoch, now: Millis) -> bool {
         self.group
             .as_ref()
-            .is_ok_and(|g| g.held(rg, now) && g.committed_epoch(rg) == epoch)
+            .is_ok_and(|g| g.forwards(rg, epoch, now))
     }
 
     /// Seals and sends what the raft member wants sent.
@@ -595,8 +592,8 @@ impl Driver {
             if role.primary {
                 out.extend(g.claim(*rg, role.epoch, now));
             }
-            let held = g.held(*rg, now) && g.committed_epoch(*rg) == role.epoch;
-            self.election.set_lease_held(*rg, held);
+            self.election
+                .set_lease_held(*rg, g.forwards(*rg, role.epoch, now));
         }
         w.send(&self.key, out, me);
     }

@@ -244,8 +244,12 @@ pub struct GroupStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub started: GroupStart,
-    /// The member stopped: its state could not be written.
+    /// The member stopped: its state could not be written, or did not fit
+    /// the cluster's.
     pub failed: Option<String>,
+    /// Messages dropped as not valid (wrong cluster, sender or recipient,
+    /// undecodable).
+    pub rejected_messages: u64,
     pub rgs: Vec<RgOwnership>,
 }
 
@@ -281,8 +285,6 @@ pub struct OwnershipGroup {
     sent: HashMap<u64, (u32, Millis)>,
     /// Per RG: until when this node may forward (its lease).
     lease_until: BTreeMap<u32, Millis>,
-    /// Per RG: when we last sent a claim.
-    last_sent: BTreeMap<u32, Millis>,
     // ---- as the leader ----
     /// When this member, as leader, had applied an entry of its own term.
     leader_ready_at: Option<Millis>,
@@ -293,8 +295,8 @@ pub struct OwnershipGroup {
     /// (it is the only proposer of its term, and when it became ready
     /// every earlier entry was applied). Requests are judged against it.
     expected: Option<BTreeMap<u32, Owner>>,
-    /// Drops of input that was not valid, for statistics.
-    pub rejected: u64,
+    /// Drops of input that was not valid (`GroupStatus::rejected_messages`).
+    rejected: u64,
 }
 
 impl OwnershipGroup {
@@ -356,16 +358,11 @@ impl OwnershipGroup {
             next_request: 1,
             sent: HashMap::new(),
             lease_until: BTreeMap::new(),
-            last_sent: BTreeMap::new(),
             leader_ready_at: None,
             claim_seen_at: BTreeMap::new(),
             expected: None,
             rejected: 0,
         })
-    }
-
-    pub fn lease_ms(&self) -> u64 {
-        self.lease_ms
     }
 
     /// Advances raft time; call every `TICK_MS`.
@@ -426,7 +423,14 @@ impl OwnershipGroup {
             .owners
             .get(&rg32)
             .is_some_and(|o| o.node == Some(self.voter) && o.epoch == epoch.0);
-        let last = self.last_sent.get(&rg32).copied();
+        // Since the last request for the RG (older ones than a lease are
+        // pruned: they count as long ago).
+        let last = self
+            .sent
+            .values()
+            .filter(|(r, _)| *r == rg32)
+            .map(|(_, t)| *t)
+            .max();
         let since = last.map_or(u64::MAX, |t| now.saturating_sub(t));
         let due = if mine {
             // Renew once a quarter of the lease is used, no faster than an
@@ -458,7 +462,6 @@ impl OwnershipGroup {
         let mut out = Vec::new();
         let rg32 = u32::from(rg.0);
         self.lease_until.remove(&rg32);
-        self.last_sent.remove(&rg32);
         // A renewal still in the log must not give the lease back.
         self.sent.retain(|_, (r, _)| *r != rg32);
         if self.failed.is_some() || self.voter > 1 {
@@ -492,6 +495,13 @@ impl OwnershipGroup {
             && self.lease_until.get(&rg32).is_some_and(|u| *u > now)
     }
 
+    /// Whether this node may forward `rg` in `epoch`: it holds the lease,
+    /// and the log committed the RG to it in that very epoch (the epoch
+    /// the dataplane and the sync stream are fenced with).
+    pub fn forwards(&self, rg: RgId, epoch: Epoch, now: Millis) -> bool {
+        self.held(rg, now) && self.committed_epoch(rg) == epoch
+    }
+
     /// The committed owner and epoch of `rg`.
     pub fn owner(&self, rg: RgId) -> Option<(NodeId, Epoch)> {
         let o = self.owners.get(&u32::from(rg.0))?;
@@ -515,6 +525,7 @@ impl OwnershipGroup {
             applied_index: self.applied,
             started: self.started.clone(),
             failed: self.failed.clone(),
+            rejected_messages: self.rejected,
             rgs: rgs
                 .iter()
                 .map(|&rg| {
@@ -549,7 +560,6 @@ impl OwnershipGroup {
         let id = self.next_request;
         self.next_request += 1;
         self.sent.insert(id, (rg, now));
-        self.last_sent.insert(rg, now);
         // Requests older than a lease can no longer give a lease.
         let horizon = self.lease_ms;
         self.sent
@@ -666,10 +676,10 @@ impl OwnershipGroup {
                 return;
             };
             if let Some(c) = light.commit_index() {
+                // Written with the next persisted Ready, not fsync'd on its
+                // own: a commit index is recomputed from the leader after a
+                // restart, so a stale one on disk costs nothing but replay.
                 self.node.mut_store().hard.commit = c;
-                if !self.persist() {
-                    return;
-                }
             }
             self.send(light.take_messages(), out);
             self.apply(light.take_committed_entries(), now);
